@@ -1,0 +1,2 @@
+pub mod definition;
+pub mod guard;
