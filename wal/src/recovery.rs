@@ -1,0 +1,228 @@
+//! Start-up recovery: replay every record of a shard's WAL in order, repair a
+//! torn tail, refuse real corruption.
+//!
+//! Rules (DESIGN.md, DECISIONS D14):
+//! * Records are replayed in segment order, then file order; offsets must
+//!   strictly increase.
+//! * An invalid record in the **newest** segment with no valid record after
+//!   it is a torn tail (a write interrupted by a crash; never acknowledged):
+//!   the log ends there. If the torn bytes share a block with acknowledged
+//!   records, that block is not rewritten: a *repair record* naming the
+//!   torn position is written at the next block boundary, so later scans know
+//!   the bytes in between are dead. All bytes after the resume point are then
+//!   zeroed (they hold only unacknowledged data) and the segment is extended
+//!   back to its full size.
+//! * An invalid record anywhere else (an older segment, or followed by a
+//!   valid record that is not the matching repair record) is corruption:
+//!   recovery fails naming the file and byte position. Nothing is skipped.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::record::{self, Decoded, RecordRef};
+use crate::segment::{self, align_up, BLOCK};
+use crate::{WalError, REPAIR_KIND};
+
+/// What recovery needs to know.
+#[derive(Debug, Clone)]
+pub struct RecoveryOptions {
+    /// The shard's WAL directory (created if missing).
+    pub dir: PathBuf,
+    /// Shard number, checked against segment headers.
+    pub shard: u32,
+    /// Full size of a segment in bytes (multiple of 4096).
+    pub segment_size: u64,
+}
+
+/// A torn tail that recovery cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// Segment file.
+    pub path: PathBuf,
+    /// Byte position where the invalid data started.
+    pub position: u64,
+    /// Why the bytes there were not a record.
+    pub reason: String,
+}
+
+/// The state of the log after recovery, handed to the writer.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Segment ids present, ascending.
+    pub segments: Vec<u64>,
+    /// Bytes in use per segment (position after its last block of data),
+    /// same order as `segments`.
+    pub used_bytes: Vec<u64>,
+    /// Highest record offset seen (0 when the log is empty).
+    pub last_offset: u64,
+    /// Number of records replayed.
+    pub records: u64,
+    /// Where the next write goes: (segment id, block-aligned position).
+    pub resume: Option<(u64, u64)>,
+    /// Set when a torn tail was cut off.
+    pub torn: Option<TornTail>,
+    /// Bytes read during recovery.
+    pub bytes_read: u64,
+    /// Read calls made during recovery.
+    pub reads: u64,
+}
+
+/// How the scan of one segment ended.
+enum ScanEnd {
+    /// Log data ends cleanly at `end` (first unused byte).
+    Clean { end: u64 },
+    /// Invalid bytes at `pos` with no valid record after them.
+    Torn { pos: u64, reason: String },
+}
+
+/// Replays the WAL in `opts.dir`, calling `visit` for every record in order.
+/// A visitor error stops recovery (the record passed its CRC, so a payload
+/// the caller cannot apply is a bug or corruption, never something to skip).
+pub fn recover<F>(opts: &RecoveryOptions, mut visit: F) -> Result<Recovered, WalError>
+where
+    F: FnMut(RecordRef<'_>) -> Result<(), String>,
+{
+    assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size % BLOCK == 0);
+    fs::create_dir_all(&opts.dir).map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
+    let ids = segment::list(&opts.dir)?;
+    let mut out = Recovered { segments: ids.clone(), ..Recovered::default() };
+    for (i, &id) in ids.iter().enumerate() {
+        let newest = i + 1 == ids.len();
+        let path = opts.dir.join(segment::file_name(id));
+        let buf = fs::read(&path).map_err(|e| WalError::io("reading segment", &path, e))?;
+        out.bytes_read += buf.len() as u64;
+        out.reads += 1;
+        segment::check_header(&buf, opts.shard, id)
+            .map_err(|reason| WalError::BadSegment { path: path.clone(), reason })?;
+        let end = scan(&buf, &path, &mut out, &mut visit)?;
+        let used = match end {
+            ScanEnd::Clean { end } => {
+                let resume = align_up(end);
+                if newest {
+                    finish_newest(&path, &buf, resume, None, opts.segment_size)?;
+                    out.resume = Some((id, resume));
+                }
+                resume
+            }
+            ScanEnd::Torn { pos, reason } => {
+                if !newest {
+                    return Err(WalError::Corrupt { path, position: pos, reason });
+                }
+                let resume = if pos % BLOCK == 0 {
+                    finish_newest(&path, &buf, pos, None, opts.segment_size)?;
+                    pos
+                } else {
+                    let repair_at = align_up(pos);
+                    finish_newest(&path, &buf, repair_at + BLOCK, Some((repair_at, pos, out.last_offset)), opts.segment_size)?;
+                    repair_at + BLOCK
+                };
+                tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
+                out.torn = Some(TornTail { path: path.clone(), position: pos, reason });
+                out.resume = Some((id, resume));
+                resume
+            }
+        };
+        out.used_bytes.push(used);
+    }
+    Ok(out)
+}
+
+/// Scans one segment from its first record.
+fn scan<F>(buf: &[u8], path: &Path, out: &mut Recovered, visit: &mut F) -> Result<ScanEnd, WalError>
+where
+    F: FnMut(RecordRef<'_>) -> Result<(), String>,
+{
+    let len = buf.len() as u64;
+    let mut pos = BLOCK;
+    loop {
+        if pos >= len {
+            return Ok(ScanEnd::Clean { end: len });
+        }
+        if buf[pos as usize] == 0 {
+            if pos % BLOCK == 0 {
+                return Ok(ScanEnd::Clean { end: pos });
+            }
+            pos = align_up(pos);
+            continue;
+        }
+        let failure = match record::decode(&buf[pos as usize..]) {
+            Decoded::Record(r, n) if r.kind == REPAIR_KIND => {
+                // Reached in order: the torn bytes before it were zeros.
+                pos += n as u64;
+                continue;
+            }
+            Decoded::Record(r, n) if r.offset > out.last_offset => {
+                visit(r).map_err(|reason| WalError::Replay { path: path.to_path_buf(), position: pos, reason })?;
+                out.last_offset = r.offset;
+                out.records += 1;
+                pos += n as u64;
+                continue;
+            }
+            Decoded::Record(r, _) => {
+                format!("offset {} does not follow {}", r.offset, out.last_offset)
+            }
+            Decoded::Invalid(reason) => reason,
+        };
+        // Invalid bytes at `pos`: find the next record at a block boundary.
+        let mut q = align_up(pos + 1);
+        let mut next = None;
+        while q + record::HEADER_LEN as u64 <= len {
+            if let Decoded::Record(r, n) = record::decode(&buf[q as usize..]) {
+                next = Some((q, r, n));
+                break;
+            }
+            q += BLOCK;
+        }
+        match next {
+            None => return Ok(ScanEnd::Torn { pos, reason: failure }),
+            Some((q, r, n)) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes() => {
+                pos = q + n as u64;
+            }
+            Some(_) => {
+                return Err(WalError::Corrupt { path: path.to_path_buf(), position: pos, reason: failure });
+            }
+        }
+    }
+}
+
+/// Makes the newest segment ready for appends at `resume`: optionally writes
+/// the repair record `(at, torn_pos, offset)`, zeroes every non-zero byte
+/// from `resume` on, restores the full segment size, and syncs.
+fn finish_newest(
+    path: &Path,
+    buf: &[u8],
+    resume: u64,
+    repair: Option<(u64, u64, u64)>,
+    segment_size: u64,
+) -> Result<(), WalError> {
+    let io = |op, e| WalError::io(op, path, e);
+    let len = buf.len() as u64;
+    let dirty_end = buf
+        .iter()
+        .rposition(|&b| b != 0)
+        .map(|i| i as u64 + 1)
+        .filter(|&e| e > resume);
+    let target_len = segment_size.max(align_up(len)).max(resume);
+    if repair.is_none() && dirty_end.is_none() && len == target_len {
+        return Ok(());
+    }
+    let mut f = OpenOptions::new().write(true).open(path).map_err(|e| io("opening segment for repair", e))?;
+    if let Some((at, torn_pos, offset)) = repair {
+        let mut block = Vec::with_capacity(BLOCK as usize);
+        record::encode(&mut block, offset.max(1), REPAIR_KIND, &torn_pos.to_le_bytes());
+        block.resize(BLOCK as usize, 0);
+        f.seek(SeekFrom::Start(at)).map_err(|e| io("seeking", e))?;
+        f.write_all(&block).map_err(|e| io("writing repair record", e))?;
+    }
+    if let Some(end) = dirty_end {
+        let zeros = vec![0u8; (end - resume) as usize];
+        f.seek(SeekFrom::Start(resume)).map_err(|e| io("seeking", e))?;
+        f.write_all(&zeros).map_err(|e| io("zeroing torn tail", e))?;
+    }
+    if f.metadata().map_err(|e| io("stat", e))?.len() < target_len {
+        f.set_len(target_len).map_err(|e| io("extending segment", e))?;
+    }
+    f.sync_all().map_err(|e| io("syncing repaired segment", e))?;
+    Ok(())
+}
