@@ -67,13 +67,13 @@ fn newest_segment(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn records_survive_reopen_and_rotation() {
     let tmp = tempfile::tempdir().unwrap();
-    let fsyncs = write(tmp.path(), 1, &[1, 5, 64, 200, 3], true);
+    let fsyncs = write(tmp.path(), 1, &[1, 5, 64, 400, 3], true);
     assert!(fsyncs >= 5, "one fsync per commit at least");
-    assert_eq!(read_all(tmp.path()).unwrap(), (1..=273).collect::<Vec<_>>());
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=473).collect::<Vec<_>>());
     assert!(segment::list(tmp.path()).unwrap().len() >= 2, "small segments must rotate");
     // Continue after reopening: offsets keep increasing, nothing lost.
-    write(tmp.path(), 274, &[10, 10], true);
-    assert_eq!(read_all(tmp.path()).unwrap(), (1..=293).collect::<Vec<_>>());
+    write(tmp.path(), 474, &[10, 10], true);
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=493).collect::<Vec<_>>());
 }
 
 #[test]
