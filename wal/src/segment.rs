@@ -121,6 +121,9 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
     let final_path = dir.join(file_name(id));
     let tmp = dir.join(format!("{}.tmp", file_name(id)));
     let io = |op, e| WalError::io(op, &tmp, e);
+    if final_path.exists() {
+        return Err(WalError::BadSegment { path: final_path, reason: "segment already exists".into() });
+    }
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)

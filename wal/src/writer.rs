@@ -154,8 +154,8 @@ impl WalWriter {
         // Create every segment this commit needs before writing anything.
         let rotations = chunks.len() - 1;
         let mut new_files = Vec::with_capacity(rotations);
-        for _ in 0..rotations {
-            match self.take_next_segment().await {
+        for i in 0..rotations {
+            match self.take_next_segment(self.seg_id + 1 + i as u64).await {
                 Ok(f) => new_files.push(f),
                 Err(e) => {
                     self.discard_staged();
@@ -173,12 +173,18 @@ impl WalWriter {
                     break;
                 }
             }
+            if start == end {
+                continue;
+            }
             if let Err(e) = self.write_block(&staging[start..end]).await {
                 result = Err(e);
                 break;
             }
         }
         self.staging = staging;
+        if rotations > 0 && self.next_segment.is_none() {
+            self.prepare_next();
+        }
         if result.is_ok() && sync {
             result = self.sync().await;
         }
@@ -237,7 +243,9 @@ impl WalWriter {
         self.last_offset
     }
 
-    /// Splits the staged bytes into per-segment chunks at record boundaries.
+    /// Splits the staged bytes into chunks at record boundaries: the first
+    /// goes to the current segment (it may be empty when nothing fits
+    /// there), each later one to a fresh segment.
     fn plan(&self) -> Vec<(usize, usize)> {
         let mut chunks = Vec::new();
         let mut pos = self.write_pos;
@@ -249,9 +257,7 @@ impl WalWriter {
             // extend that segment.
             let alone_in_fresh = pos == BLOCK && end == start;
             if !fits && !alone_in_fresh {
-                if end > start {
-                    chunks.push((start, end));
-                }
+                chunks.push((start, end));
                 start = end;
                 pos = BLOCK;
             }
@@ -292,7 +298,6 @@ impl WalWriter {
         self.seg_id += 1;
         self.write_pos = BLOCK;
         self.segments.push((self.seg_id, BLOCK));
-        self.prepare_next();
         Ok(())
     }
 
@@ -304,34 +309,37 @@ impl WalWriter {
         ));
     }
 
-    /// Waits for the prepared next segment (retrying its creation once, as
-    /// the background attempt may have failed for a passing reason such as
-    /// a full disk) and opens it.
-    async fn take_next_segment(&mut self) -> Result<DmaFile, WalError> {
-        let pending = self.next_segment.take();
+    /// Returns segment `id`, opened: the one prepared in the background when
+    /// it is the next one (retrying its creation once, as the background
+    /// attempt may have failed for a passing reason such as a full disk),
+    /// else created now (a commit spanning several segments).
+    async fn take_next_segment(&mut self, id: u64) -> Result<DmaFile, WalError> {
+        let pending = if id == self.seg_id + 1 { self.next_segment.take() } else { None };
         let created = match pending {
             Some(p) => p.await,
-            None => Err(WalError::BadSegment { path: self.cfg.dir.clone(), reason: "no segment prepared".into() }),
+            None => self.create_segment(id).await,
         };
         let path = match created {
             Ok(p) => p,
             Err(first) => {
-                tracing::warn!(error = %first, "creating the next WAL segment failed; retrying");
-                let (dir, shard, size, id) =
-                    (self.cfg.dir.clone(), self.cfg.shard, self.cfg.segment_size, self.seg_id + 1);
-                let retried = glommio::executor()
-                    .spawn_blocking(move || segment::create(&dir, shard, id, size))
-                    .await;
-                match retried {
+                tracing::warn!(error = %first, "creating WAL segment {id} failed; retrying");
+                match self.create_segment(id).await {
                     Ok(p) => p,
                     Err(e) => {
-                        self.prepare_next();
+                        if self.next_segment.is_none() {
+                            self.prepare_next();
+                        }
                         return Err(e);
                     }
                 }
             }
         };
         open_dma(&path).await
+    }
+
+    async fn create_segment(&self, id: u64) -> Result<PathBuf, WalError> {
+        let (dir, shard, size) = (self.cfg.dir.clone(), self.cfg.shard, self.cfg.segment_size);
+        glommio::executor().spawn_blocking(move || segment::create(&dir, shard, id, size)).await
     }
 
     fn poison(&mut self, op: &'static str, e: std::io::Error) -> WalError {
