@@ -15,13 +15,12 @@
 //!
 //! The checksum must stay stable forever (stored checksums are compared with
 //! recomputed ones on every re-put, also after upgrades), so the canonical
-//! serialization is written here by hand — key order, string escaping and
-//! float formatting — instead of depending on a serializer's defaults.
+//! serialization is written here explicitly — key order, string escaping and
+//! float layout (ryu digits) — instead of depending on a serializer's
+//! defaults; property tests check it still agrees with serde_json.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
@@ -73,7 +72,7 @@ impl MachineDef {
     /// Parses and validates a definition (§2.1–2.2, including the positional
     /// array forms), then computes its normal form (§2.3) and checksum (§2.4).
     pub fn from_json(definition: &Value) -> Result<MachineDef, DefinitionError> {
-        let raw = RawDefinition::deserialize(definition)
+        let raw = raw::MachineDefinitionRaw::deserialize(definition)
             .map_err(|e| DefinitionError::Json(e.to_string()))?;
         let states: HashSet<&str> = raw.states.iter().map(String::as_str).collect();
         if !states.contains(raw.initial.as_str()) {
@@ -126,33 +125,43 @@ impl MachineDef {
     }
 }
 
-/// The input shape. The serde name is the reference's, because it appears in
-/// shape-error messages (`expected struct MachineDefinitionRaw`).
-#[derive(Deserialize)]
-#[serde(rename = "MachineDefinitionRaw")]
-struct RawDefinition {
-    states: Vec<String>,
-    initial: String,
-    transitions: Vec<RawTransition>,
-    /// `null` and absent are the same; `default` also makes the 3-element
-    /// positional form valid.
-    #[serde(default)]
-    meta: Option<Value>,
-}
+/// The input shape, read with serde derive. Serde names a struct by its Rust
+/// identifier in shape errors (`expected struct MachineDefinitionRaw`,
+/// `expected struct Transition`), so these carry the reference's names and
+/// live in their own module to keep clear of the public [`Transition`].
+mod raw {
+    use std::fmt;
 
-#[derive(Deserialize)]
-#[serde(rename = "Transition")]
-struct RawTransition {
-    #[serde(deserialize_with = "string_or_list")]
-    from: Vec<String>,
-    event: String,
-    to: String,
-    #[serde(default)]
-    guard: Option<String>,
-}
+    use serde::de::{self, Deserializer, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::Value;
 
-/// `from` may be one string (a one-element list) or an array of strings.
-fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    pub(super) struct MachineDefinitionRaw {
+        pub(super) states: Vec<String>,
+        pub(super) initial: String,
+        pub(super) transitions: Vec<Transition>,
+        /// `null` and absent are the same; `default` also makes the
+        /// 3-element positional form valid.
+        #[serde(default)]
+        pub(super) meta: Option<Value>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Transition {
+        #[serde(deserialize_with = "string_or_list")]
+        pub(super) from: Vec<String>,
+        pub(super) event: String,
+        pub(super) to: String,
+        #[serde(default)]
+        pub(super) guard: Option<String>,
+    }
+
+    /// `from` may be one string (a one-element list) or an array of strings.
+    fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+        deserializer.deserialize_any(StringOrList)
+    }
+
     struct StringOrList;
 
     impl<'de> Visitor<'de> for StringOrList {
@@ -178,8 +187,6 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
             Ok(out)
         }
     }
-
-    deserializer.deserialize_any(StringOrList)
 }
 
 type TransitionIndex = HashMap<String, HashMap<String, usize>>;
@@ -188,7 +195,7 @@ type TransitionIndex = HashMap<String, HashMap<String, usize>>;
 /// element (membership, then duplicate) in turn — the first failure wins.
 fn validate_transitions(
     states: &HashSet<&str>,
-    raw: Vec<RawTransition>,
+    raw: Vec<raw::Transition>,
 ) -> Result<(Vec<Transition>, TransitionIndex), DefinitionError> {
     let mut index: TransitionIndex = HashMap::new();
     let mut transitions = Vec::with_capacity(raw.len());
@@ -380,77 +387,30 @@ fn write_number(out: &mut String, n: &Number) {
     }
 }
 
-/// The reference's float format: shortest round-trip digits; plain notation
-/// when the decimal exponent is in -5..=15 (`0.00001`, `1000000000000000.0`,
-/// `.0` kept on integral values, `-0.0` kept), otherwise `d[.ddd]e±N`
-/// (`1e-6`, `1e+16`, `5e-324`).
+/// The reference's float format: shortest round-trip digits (ties to even);
+/// plain notation when the decimal exponent is in -5..=15 (`0.00001`,
+/// `1000000000000000.0`, `.0` kept on integral values, `-0.0` kept),
+/// otherwise `d[.ddd]e±N` (`1e-6`, `1e+16`, `5e-324`).
+///
+/// `ryu` produces exactly that layout except for the `+` of positive
+/// exponents. Its digit choice on exact ties differs from std's `{:e}`
+/// (`2065881979800817.2`, not `.3`), which is why std is not used here.
 fn write_f64(out: &mut String, f: f64) {
     if !f.is_finite() {
         // JSON cannot carry these; serde_json writes null for them too.
         out.push_str("null");
         return;
     }
-    // `{:e}` gives the shortest round-trip digits as `d[.ddd]eN`.
-    let sci = format!("{:e}", f.abs());
-    let parsed = sci
-        .split_once('e')
-        .and_then(|(mantissa, exp)| Some((mantissa, exp.parse::<i32>().ok()?)));
-    let Some((mantissa, exp)) = parsed else {
-        // Unreachable: std always writes an exponent. Still valid JSON.
-        out.push_str(&sci);
-        return;
-    };
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    if f.is_sign_negative() {
-        out.push('-');
-    }
-    if (-5..=15).contains(&exp) {
-        write_plain(out, &digits, exp);
-    } else {
-        write_exponent(out, &digits, exp);
-    }
-}
-
-/// `digits` × 10^(exp − len + 1) in positional notation, with at least one
-/// fractional digit.
-fn write_plain(out: &mut String, digits: &str, exp: i32) {
-    match usize::try_from(exp) {
-        Ok(exp) => {
-            let int_len = exp + 1;
-            if digits.len() <= int_len {
-                out.push_str(digits);
-                out.extend(std::iter::repeat_n('0', int_len - digits.len()));
-                out.push_str(".0");
-            } else {
-                let (int_part, frac_part) = digits.split_at(int_len);
-                out.push_str(int_part);
-                out.push('.');
-                out.push_str(frac_part);
-            }
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(f);
+    match text.split_once('e') {
+        Some((mantissa, exp)) if !exp.starts_with('-') => {
+            out.push_str(mantissa);
+            out.push_str("e+");
+            out.push_str(exp);
         }
-        Err(_) => {
-            let zeros = exp.unsigned_abs() as usize - 1;
-            out.push_str("0.");
-            out.extend(std::iter::repeat_n('0', zeros));
-            out.push_str(digits);
-        }
+        _ => out.push_str(text),
     }
-}
-
-/// `d[.ddd]e+N` / `d[.ddd]e-N`.
-fn write_exponent(out: &mut String, digits: &str, exp: i32) {
-    let mut chars = digits.chars();
-    if let Some(first) = chars.next() {
-        out.push(first);
-    }
-    let rest = chars.as_str();
-    if !rest.is_empty() {
-        out.push('.');
-        out.push_str(rest);
-    }
-    out.push('e');
-    out.push(if exp < 0 { '-' } else { '+' });
-    out.push_str(&exp.unsigned_abs().to_string());
 }
 
 #[cfg(test)]
@@ -478,7 +438,8 @@ mod tests {
             }
             (Value::Object(x), Value::Object(y)) => {
                 x.len() == y.len()
-                    && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| strict_eq(v, w)))
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| strict_eq(v, w)))
             }
             _ => a == b,
         }
@@ -494,7 +455,10 @@ mod tests {
     }
 
     fn version_of(entry: &Value, default: u64) -> u64 {
-        entry.get("version").and_then(Value::as_u64).unwrap_or(default)
+        entry
+            .get("version")
+            .and_then(Value::as_u64)
+            .unwrap_or(default)
     }
 
     /// Replays one definitions.jsonl case at the logic level; `Err` describes
@@ -502,7 +466,12 @@ mod tests {
     fn check_definition_case(case: &Value) -> Result<(), String> {
         let version = version_of(case, 1);
         let mut stored: BTreeMap<u64, String> = BTreeMap::new();
-        for setup in case.get("setup").and_then(Value::as_array).into_iter().flatten() {
+        for setup in case
+            .get("setup")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let def = MachineDef::from_json(&input_of(setup))
                 .map_err(|e| format!("setup definition rejected: {e}"))?;
             stored.insert(version_of(setup, version), def.checksum().to_owned());
@@ -571,13 +540,20 @@ mod tests {
             }
         }
         assert!(count >= 73, "only {count} definition cases read");
-        assert!(failures.is_empty(), "failing definition cases:\n{}", failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "failing definition cases:\n{}",
+            failures.join("\n")
+        );
     }
 
     #[test]
     fn checksum_examples_from_semantics() {
         let minimal = json!({"states": ["a"], "initial": "a", "transitions": []});
-        assert_eq!(MachineDef::from_json(&minimal).unwrap().checksum(), "6b16bc3e");
+        assert_eq!(
+            MachineDef::from_json(&minimal).unwrap().checksum(),
+            "6b16bc3e"
+        );
         let order = json!({
             "states": ["created", "paid", "shipped"],
             "initial": "created",
@@ -605,7 +581,7 @@ mod tests {
             "meta": {"z": [1.0, -0.0, 1e16, 1e-6, 0.00001], "a": "\u{1}é/"},
             "initial": "a", "states": ["a", "b"], "extra": 1
         });
-        let raw = RawDefinition::deserialize(&def).unwrap();
+        let raw = raw::MachineDefinitionRaw::deserialize(&def).unwrap();
         let states: HashSet<&str> = raw.states.iter().map(String::as_str).collect();
         let (transitions, _) = validate_transitions(&states, raw.transitions).unwrap();
         let text = canonical_json(&raw.states, &raw.initial, &transitions, raw.meta.as_ref());
@@ -615,6 +591,26 @@ mod tests {
              \"event\":\"E\",\"to\":\"b\",\"guard\":\"ctx.ok\"}],\"meta\":{\"a\":\"\\u0001é/\",\
              \"z\":[1.0,-0.0,1e+16,1e-6,0.00001]}}"
         );
+    }
+
+    #[test]
+    fn float_format_edge_cases() {
+        let fmt = |f: f64| {
+            let mut out = String::new();
+            write_f64(&mut out, f);
+            out
+        };
+        // An exact tie between two 17-digit candidates: ties go to even.
+        // 8263527919203269 / 4 = 2065881979800817.25 exactly.
+        assert_eq!(fmt(8263527919203269.0 / 4.0), "2065881979800817.2");
+        assert_eq!(fmt(1e15), "1000000000000000.0");
+        assert_eq!(fmt(1e16), "1e+16");
+        assert_eq!(fmt(1.5e300), "1.5e+300");
+        assert_eq!(fmt(0.00001), "0.00001");
+        assert_eq!(fmt(1e-6), "1e-6");
+        assert_eq!(fmt(5e-324), "5e-324");
+        assert_eq!(fmt(-0.0), "-0.0");
+        assert_eq!(fmt(1.2345678901234568e16), "1.2345678901234568e+16");
     }
 
     #[test]
@@ -660,25 +656,41 @@ mod tests {
         /// duplicates; sources and targets are drawn from the states.
         fn arb_definition() -> impl Strategy<Value = Value> {
             let states = prop::collection::vec("[a-cé\n]{0,2}", 1..5);
-            (states, any::<prop::sample::Index>(), prop::collection::vec(
-                (prop::collection::vec(any::<prop::sample::Index>(), 0..3),
-                 any::<prop::sample::Index>(), any::<bool>(), any::<bool>()),
-                0..5), prop::option::of(arb_json()))
+            (
+                states,
+                any::<prop::sample::Index>(),
+                prop::collection::vec(
+                    (
+                        prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+                        any::<prop::sample::Index>(),
+                        any::<bool>(),
+                        any::<bool>(),
+                    ),
+                    0..5,
+                ),
+                prop::option::of(arb_json()),
+            )
                 .prop_map(|(states, initial, transitions, meta)| {
                     let pick = |i: &prop::sample::Index| states[i.index(states.len())].clone();
-                    let transitions: Vec<Value> = transitions.iter().enumerate().map(
-                        |(n, (from, to, single, guarded))| {
-                            let from: Vec<String> = from.iter().map(pick).collect();
+                    let transitions: Vec<Value> = transitions
+                        .iter()
+                        .enumerate()
+                        .map(|(n, (from, to, single, guarded))| {
+                            let mut seen = std::collections::HashSet::new();
+                            let mut from: Vec<String> = from.iter().map(pick).collect();
+                            from.retain(|s| seen.insert(s.clone()));
                             let from = match (single, from.as_slice()) {
                                 (true, [one]) => json!(one),
                                 _ => json!(from),
                             };
-                            let mut t = json!({"from": from, "event": format!("E{n}"), "to": pick(to)});
+                            let mut t =
+                                json!({"from": from, "event": format!("E{n}"), "to": pick(to)});
                             if *guarded {
                                 t["guard"] = json!("ctx.a == \"x\" || !ctx.b");
                             }
                             t
-                        }).collect();
+                        })
+                        .collect();
                     let mut def = json!({"states": states, "initial": pick(&initial),
                                          "transitions": transitions, "ignored": 1});
                     if let Some(meta) = meta {
@@ -740,7 +752,7 @@ mod tests {
                     out.push_str(rng.ws());
                     out.push('}');
                 }
-                Value::Number(n) if n.is_f64() && rng.next() % 2 == 0 => {
+                Value::Number(n) if n.is_f64() && rng.next().is_multiple_of(2) => {
                     out.push_str(&format!("{:e}", n.as_f64().unwrap()));
                 }
                 other => out.push_str(&other.to_string()),

@@ -266,7 +266,9 @@ fn literal_equals(value: &Value, lit: &Literal) -> bool {
         (Value::Null, Literal::Null) => true,
         (Value::Bool(a), Literal::Bool(b)) => a == b,
         (Value::String(a), Literal::Str(b)) => a == b,
-        (Value::Number(n), Literal::Num(b)) => n.as_f64().is_some_and(|a| (a - b).abs() < f64::EPSILON),
+        (Value::Number(n), Literal::Num(b)) => {
+            n.as_f64().is_some_and(|a| (a - b).abs() < f64::EPSILON)
+        }
         _ => false,
     }
 }
@@ -281,7 +283,11 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn new(src: &'a str) -> Self {
-        Parser { src, pos: 0, depth: 0 }
+        Parser {
+            src,
+            pos: 0,
+            depth: 0,
+        }
     }
 
     fn rest(&self) -> &'a str {
@@ -623,27 +629,52 @@ mod tests {
             }
         }
         assert!(count >= 271, "only {count} guard cases read");
-        assert!(failures.is_empty(), "failing guard cases:\n{}", failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "failing guard cases:\n{}",
+            failures.join("\n")
+        );
     }
 
     #[test]
     fn deep_parentheses_are_rejected_without_overflow() {
         let text = format!("{}ctx.a{}", "(".repeat(100_000), ")".repeat(100_000));
         // Longer than the byte limit: rejected before parsing.
-        assert!(matches!(Guard::parse(&text), Err(GuardError::TooLong { .. })));
+        assert!(matches!(
+            Guard::parse(&text),
+            Err(GuardError::TooLong { .. })
+        ));
+        // The depth check alone (byte limit bypassed) stops the descent.
+        assert!(matches!(
+            Parser::new(&text).parse_guard(),
+            Err(GuardError::TooDeep { pos: 64, .. })
+        ));
         // Within the byte limit, the depth check must fire instead.
         let text = format!("{}ctx.a{}", "(".repeat(4000), ")".repeat(4000));
-        assert!(matches!(Guard::parse(&text), Err(GuardError::TooDeep { pos: 64, .. })));
+        assert!(matches!(
+            Guard::parse(&text),
+            Err(GuardError::TooDeep { pos: 64, .. })
+        ));
     }
 
     #[test]
     fn deep_negation_is_rejected_without_overflow() {
         let text = format!("{}ctx.a", "!".repeat(100_000));
         assert!(Guard::parse(&text).is_err());
+        assert!(matches!(
+            Parser::new(&text).parse_guard(),
+            Err(GuardError::TooDeep { pos: 64, .. })
+        ));
         let text = format!("{}ctx.a", "!".repeat(8000));
-        assert!(matches!(Guard::parse(&text), Err(GuardError::TooDeep { .. })));
+        assert!(matches!(
+            Guard::parse(&text),
+            Err(GuardError::TooDeep { .. })
+        ));
         let text = format!("{}ctx.a", "! ".repeat(4000));
-        assert!(matches!(Guard::parse(&text), Err(GuardError::TooDeep { .. })));
+        assert!(matches!(
+            Guard::parse(&text),
+            Err(GuardError::TooDeep { .. })
+        ));
     }
 
     #[test]
@@ -669,7 +700,10 @@ mod tests {
         assert_eq!(over.len(), 9000);
         assert_eq!(
             Guard::parse(&over).unwrap_err(),
-            GuardError::TooLong { len: 9000, limit: MAX_GUARD_BYTES }
+            GuardError::TooLong {
+                len: 9000,
+                limit: MAX_GUARD_BYTES
+            }
         );
     }
 
@@ -682,7 +716,10 @@ mod tests {
         assert_eq!(err("ctx.$a"), "empty field name at byte 4");
         assert_eq!(err("ctx.a = 1"), "unexpected text at byte 6");
         assert_eq!(err("(ctx.a"), "expected ')' at byte 6");
-        assert_eq!(err("ctx.a == \"x\\"), "unterminated string starting at byte 9");
+        assert_eq!(
+            err("ctx.a == \"x\\"),
+            "unterminated string starting at byte 9"
+        );
         assert_eq!(err("ctx.a == -."), "invalid number: '-.' at byte 9");
         assert_eq!(err("ctx.a == 1e400"), "invalid number: '1e400' at byte 9");
         assert_eq!(
@@ -706,7 +743,12 @@ mod tests {
     #[test]
     fn whitespace_set_is_exactly_unicode_white_space() {
         for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
-            assert_eq!(is_guard_whitespace(c), c.is_whitespace(), "U+{:04X}", c as u32);
+            assert_eq!(
+                is_guard_whitespace(c),
+                c.is_whitespace(),
+                "U+{:04X}",
+                c as u32
+            );
         }
     }
 

@@ -1,2 +1,17 @@
+//! The shard engine: machine definitions, guards, instances, idempotency,
+//! and the shard loop that group-commits them to the WAL.
+//!
+//! Knows nothing of sockets or the wire protocol: it receives typed
+//! [`commands::Command`]s in batches over flume channels and answers with
+//! [`commands::Reply`]s.
+
+pub mod commands;
 pub mod definition;
+pub mod engine;
+pub mod error;
 pub mod guard;
+pub mod idempotency;
+pub mod recovery;
+pub mod routing;
+pub mod shard;
+pub mod wal_entry;

@@ -1,0 +1,186 @@
+//! What the frontend sends a shard and what the shard answers.
+//!
+//! Requests are parsed and validated by the frontend (it must decode them to
+//! route anyway); a shard receives typed commands in batches and answers each
+//! batch with one message.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::definition::MachineDef;
+use crate::error::ApiError;
+
+/// One operation for a shard.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Register a machine version (sent to every shard).
+    PutMachine {
+        /// Name.
+        machine: String,
+        /// Version.
+        version: u32,
+        /// Parsed definition, or why it is invalid (reported after the
+        /// version-limit check, as the reference orders them).
+        def: Result<Arc<MachineDef>, ApiError>,
+        /// The definition as submitted (logged verbatim).
+        raw: Arc<Value>,
+        /// `storage.max_machine_versions` (0 = unlimited).
+        max_versions: u32,
+    },
+    /// Read a machine version.
+    GetMachine {
+        /// Name.
+        machine: String,
+        /// Version.
+        version: u32,
+    },
+    /// List machine names and versions.
+    ListMachines,
+    /// Create an instance.
+    CreateInstance {
+        /// Id (given, generated or derived from the idempotency key).
+        instance_id: String,
+        /// Machine name.
+        machine: String,
+        /// Machine version.
+        version: u32,
+        /// Initial context (an object, D1).
+        initial_ctx: Value,
+        /// Idempotency key.
+        idempotency_key: Option<String>,
+        /// `storage.allow_instance_recreate`.
+        allow_recreate: bool,
+    },
+    /// Read an instance.
+    GetInstance {
+        /// Id.
+        instance_id: String,
+    },
+    /// This shard's share of a LIST_INSTANCES page.
+    ListInstances {
+        /// Machine filter.
+        machine: Option<String>,
+        /// State filter.
+        state: Option<String>,
+        /// How many of the smallest matching ids to return (offset + limit).
+        take: usize,
+    },
+    /// Soft-delete an instance.
+    DeleteInstance {
+        /// Id.
+        instance_id: String,
+        /// Idempotency key (logged only).
+        idempotency_key: Option<String>,
+    },
+    /// Apply an event.
+    ApplyEvent(ApplyEvent),
+    /// WAL figures of this shard.
+    WalStats,
+}
+
+/// APPLY_EVENT parameters.
+#[derive(Debug, Clone)]
+pub struct ApplyEvent {
+    /// Target instance.
+    pub instance_id: String,
+    /// Event name.
+    pub event: String,
+    /// Payload (null when absent).
+    pub payload: Value,
+    /// Optimistic check on the state.
+    pub expected_state: Option<String>,
+    /// Optimistic check on last_wal_offset.
+    pub expected_wal_offset: Option<u64>,
+    /// Stored as last_event_id and echoed.
+    pub event_id: Option<String>,
+    /// Per-instance dedupe key.
+    pub idempotency_key: Option<String>,
+}
+
+impl Command {
+    /// Whether the command may append a WAL record (used to reserve offsets).
+    pub fn may_write(&self) -> bool {
+        matches!(
+            self,
+            Command::PutMachine { .. }
+                | Command::CreateInstance { .. }
+                | Command::DeleteInstance { .. }
+                | Command::ApplyEvent(_)
+        )
+    }
+}
+
+/// A shard's answer to one command.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// The finished `result` object, serialized.
+    Json(Vec<u8>),
+    /// An error answer.
+    Error(ApiError),
+    /// PUT_MACHINE outcome on this shard (merged by the frontend).
+    PutMachine {
+        /// Newly stored here.
+        created: bool,
+        /// Stored checksum.
+        checksum: String,
+    },
+    /// This shard's matches for LIST_INSTANCES, sorted by id.
+    Instances {
+        /// All matches on this shard.
+        total: u64,
+        /// The `take` smallest ids.
+        items: Vec<InstanceSummary>,
+    },
+    /// This shard's WAL figures.
+    WalStats(ShardWalStats),
+}
+
+/// One LIST_INSTANCES item (fields in the reference's alphabetical order).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InstanceSummary {
+    /// Created, Unix ms.
+    pub created_at: i64,
+    /// Instance id.
+    pub id: String,
+    /// Offset of the latest record.
+    pub last_wal_offset: u64,
+    /// Machine name.
+    pub machine: String,
+    /// Current state.
+    pub state: String,
+    /// Last change, Unix ms.
+    pub updated_at: i64,
+    /// Machine version.
+    pub version: u32,
+}
+
+/// WAL figures of one shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardWalStats {
+    /// Records written over the log's life.
+    pub entries: u64,
+    /// Segments present.
+    pub segments: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// I/O counters.
+    pub io: rstmdb_wal::IoStats,
+}
+
+/// A batch of commands from one connection's read cycle.
+pub struct Batch {
+    /// (slot, command): the slot is echoed in the answer.
+    pub commands: Vec<(u32, Command)>,
+    /// Where to send the answers.
+    pub reply_to: flume::Sender<BatchReply>,
+}
+
+/// The answers to one [`Batch`], in its order.
+pub struct BatchReply {
+    /// Which shard answered.
+    pub shard: usize,
+    /// (slot, reply).
+    pub replies: Vec<(u32, Reply)>,
+}

@@ -1,0 +1,643 @@
+//! The state of one shard and the semantics of every operation on it
+//! (SEMANTICS.md §2–§8, §13 with the DECISIONS). Pure and synchronous: no
+//! I/O here. Executing a write stages a WAL entry and records how to undo
+//! it; the shard loop commits the entries and, if the commit fails, rolls
+//! the state back with the undo log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply};
+use crate::definition::MachineDef;
+use crate::error::{ApiError, ErrorCode};
+use crate::idempotency::{Cached, IdempotencyWindow};
+use crate::wal_entry::WalEntry;
+
+/// One instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// Machine name.
+    pub machine: String,
+    /// Machine version.
+    pub version: u32,
+    /// Current state.
+    pub state: String,
+    /// Context (an object for every instance created by this server).
+    pub ctx: Value,
+    /// `event_id` of the latest apply, if it had one.
+    pub last_event_id: Option<String>,
+    /// Offset of the latest record (create, apply or delete).
+    pub last_wal_offset: u64,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+    /// Soft-deleted.
+    pub deleted: bool,
+}
+
+/// How to reverse one staged change.
+#[derive(Debug)]
+enum Undo {
+    /// Restore the instance's previous value (None: it did not exist).
+    Instance(String, Option<Instance>),
+    /// Remove a machine version stored in this drain.
+    Machine(String, u32),
+    /// Restore an idempotency entry.
+    Idempotency(String, String, Option<Cached>, i64),
+}
+
+/// A WAL record staged by an operation.
+#[derive(Debug)]
+pub struct Staged {
+    /// Record offset.
+    pub offset: u64,
+    /// Record kind byte.
+    pub kind: u8,
+    /// Serialized entry.
+    pub bytes: Vec<u8>,
+}
+
+/// Offsets reserved from the global sequencer for one drain.
+#[derive(Debug)]
+pub struct Offsets {
+    next: u64,
+    end: u64,
+}
+
+impl Offsets {
+    /// The range `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
+        assert!(start >= 1 && start <= end);
+        Offsets { next: start, end }
+    }
+
+    fn take(&mut self) -> u64 {
+        assert!(self.next < self.end, "more WAL records than reserved offsets");
+        let o = self.next;
+        self.next += 1;
+        o
+    }
+}
+
+/// Limits that shape engine behaviour.
+#[derive(Debug, Clone)]
+pub struct EngineLimits {
+    /// Idempotency window: entries per shard.
+    pub idempotency_entries: usize,
+    /// Idempotency window: max age in ms (0 = none).
+    pub idempotency_max_age_ms: i64,
+}
+
+/// Everything one shard owns in memory.
+pub struct Engine {
+    machines: HashMap<String, BTreeMap<u32, Arc<MachineDef>>>,
+    instances: HashMap<String, Instance>,
+    idempotency: IdempotencyWindow,
+    undo: Vec<Undo>,
+    staged: Vec<Staged>,
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn json<T: Serialize>(v: &T) -> Reply {
+    Reply::Json(serde_json::to_vec(v).expect("result serialization cannot fail"))
+}
+
+fn instance_not_found(id: &str) -> ApiError {
+    ApiError::core(ErrorCode::InstanceNotFound, format!("instance not found: {id}"))
+}
+
+fn machine_not_found(m: &str, v: u32) -> ApiError {
+    ApiError::core(ErrorCode::MachineNotFound, format!("machine version not found: {m} v{v}"))
+}
+
+/// Shallow merge (SEMANTICS.md §5): only when both are objects.
+pub fn merge_ctx(ctx: &Value, payload: &Value) -> Value {
+    match (ctx, payload) {
+        (Value::Object(c), Value::Object(p)) => {
+            let mut merged: Map<String, Value> = c.clone();
+            for (k, v) in p {
+                merged.insert(k.clone(), v.clone());
+            }
+            Value::Object(merged)
+        }
+        _ => ctx.clone(),
+    }
+}
+
+impl Engine {
+    /// An empty shard.
+    pub fn new(limits: &EngineLimits) -> Self {
+        Engine {
+            machines: HashMap::new(),
+            instances: HashMap::new(),
+            idempotency: IdempotencyWindow::new(limits.idempotency_entries, limits.idempotency_max_age_ms),
+            undo: Vec::new(),
+            staged: Vec::new(),
+        }
+    }
+
+    /// Number of active instances.
+    pub fn active_instances(&self) -> usize {
+        self.instances.values().filter(|i| !i.deleted).count()
+    }
+
+    /// Every machine version held, for the start-up union across shards.
+    pub fn machine_defs(&self) -> Vec<(String, u32, Arc<MachineDef>)> {
+        let mut out = Vec::new();
+        for (name, versions) in &self.machines {
+            for (v, d) in versions {
+                out.push((name.clone(), *v, d.clone()));
+            }
+        }
+        out
+    }
+
+    /// Installs a definition found on another shard during recovery (not
+    /// logged here: recovery unions definitions from every shard again).
+    pub fn adopt_machine(&mut self, name: String, version: u32, def: Arc<MachineDef>) {
+        self.machines.entry(name).or_default().entry(version).or_insert(def);
+    }
+
+    fn machine(&self, name: &str, version: u32) -> Option<&Arc<MachineDef>> {
+        self.machines.get(name)?.get(&version)
+    }
+
+    /// Takes the entries staged since the last call.
+    pub fn take_staged(&mut self) -> Vec<Staged> {
+        std::mem::take(&mut self.staged)
+    }
+
+    /// Forgets the undo log: the staged entries are durable.
+    pub fn commit_done(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Reverses every change made since the last [`Engine::commit_done`].
+    pub fn rollback(&mut self) {
+        self.staged.clear();
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Instance(id, Some(prev)) => {
+                    self.instances.insert(id, prev);
+                }
+                Undo::Instance(id, None) => {
+                    self.instances.remove(&id);
+                }
+                Undo::Machine(name, v) => {
+                    if let Some(vs) = self.machines.get_mut(&name) {
+                        vs.remove(&v);
+                        if vs.is_empty() {
+                            self.machines.remove(&name);
+                        }
+                    }
+                }
+                Undo::Idempotency(id, key, prev, at) => self.idempotency.restore(&id, &key, prev, at),
+            }
+        }
+    }
+
+    /// Serializes and stages `entry`; refuses an entry too large for a WAL
+    /// record before the caller has changed any state.
+    fn stage(&mut self, offsets: &mut Offsets, entry: WalEntry) -> Result<u64, ApiError> {
+        let bytes = serde_json::to_vec(&entry).expect("WAL entry serialization cannot fail");
+        if bytes.len() > rstmdb_wal::MAX_RECORD_PAYLOAD {
+            return Err(ApiError::bad_request(format!(
+                "the change would need a WAL record of {} bytes (limit {})",
+                bytes.len(),
+                rstmdb_wal::MAX_RECORD_PAYLOAD
+            )));
+        }
+        let offset = offsets.take();
+        self.staged.push(Staged { offset, kind: entry.kind(), bytes });
+        Ok(offset)
+    }
+
+    /// Executes one command. Writes stage a WAL entry (see
+    /// [`Engine::take_staged`]); the reply must not be released before the
+    /// entry is committed.
+    pub fn execute(&mut self, cmd: Command, offsets: &mut Offsets, now: i64) -> Reply {
+        let result = match cmd {
+            Command::PutMachine { machine, version, def, raw, max_versions } => {
+                self.put_machine(machine, version, def, raw, max_versions, offsets)
+            }
+            Command::GetMachine { machine, version } => self.get_machine(&machine, version),
+            Command::ListMachines => Ok(self.list_machines()),
+            Command::CreateInstance { instance_id, machine, version, initial_ctx, idempotency_key, allow_recreate } => {
+                self.create_instance(instance_id, machine, version, initial_ctx, idempotency_key, allow_recreate, offsets, now)
+            }
+            Command::GetInstance { instance_id } => self.get_instance(&instance_id),
+            Command::ListInstances { machine, state, take } => Ok(self.list_instances(machine.as_deref(), state.as_deref(), take)),
+            Command::DeleteInstance { instance_id, idempotency_key } => {
+                self.delete_instance(instance_id, idempotency_key, offsets, now)
+            }
+            Command::ApplyEvent(a) => self.apply_event(a, offsets, now),
+            Command::WalStats => unreachable!("WAL_STATS is answered by the shard loop"),
+        };
+        result.unwrap_or_else(Reply::Error)
+    }
+
+    fn put_machine(
+        &mut self,
+        machine: String,
+        version: u32,
+        def: Result<Arc<MachineDef>, ApiError>,
+        raw: Arc<Value>,
+        max_versions: u32,
+        offsets: &mut Offsets,
+    ) -> Result<Reply, ApiError> {
+        let existing = self.machine(&machine, version).cloned();
+        if max_versions > 0 && existing.is_none() {
+            let have = self.machines.get(&machine).map_or(0, |v| v.len());
+            if have >= max_versions as usize {
+                return Err(ApiError::new(
+                    ErrorCode::MachineVersionLimitExceeded,
+                    format!(
+                        "machine version limit exceeded: machine '{machine}' already has {have} versions (limit: {max_versions})"
+                    ),
+                ));
+            }
+        }
+        let def = def?;
+        if let Some(old) = existing {
+            if old.checksum() == def.checksum() {
+                return Ok(Reply::PutMachine { created: false, checksum: def.checksum().to_owned() });
+            }
+            return Err(ApiError::core(
+                ErrorCode::MachineVersionExists,
+                format!("machine version already exists: {machine} v{version}"),
+            ));
+        }
+        let checksum = def.checksum().to_owned();
+        self.stage(
+            offsets,
+            WalEntry::PutMachine {
+                machine: machine.clone(),
+                version,
+                definition_hash: checksum.clone(),
+                definition: (*raw).clone(),
+            },
+        )?;
+        self.machines.entry(machine.clone()).or_default().insert(version, def);
+        self.undo.push(Undo::Machine(machine, version));
+        Ok(Reply::PutMachine { created: true, checksum })
+    }
+
+    fn get_machine(&self, machine: &str, version: u32) -> Result<Reply, ApiError> {
+        let def = self.machine(machine, version).ok_or_else(|| machine_not_found(machine, version))?;
+        #[derive(Serialize)]
+        struct R<'a> {
+            checksum: &'a str,
+            definition: &'a Value,
+        }
+        Ok(json(&R { checksum: def.checksum(), definition: def.normalized() }))
+    }
+
+    fn list_machines(&self) -> Reply {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            machine: &'a str,
+            versions: Vec<u32>,
+        }
+        #[derive(Serialize)]
+        struct R<'a> {
+            items: Vec<Item<'a>>,
+        }
+        let mut items: Vec<Item<'_>> = self
+            .machines
+            .iter()
+            .map(|(name, vs)| Item { machine: name, versions: vs.keys().copied().collect() })
+            .collect();
+        items.sort_unstable_by(|a, b| a.machine.as_bytes().cmp(b.machine.as_bytes()));
+        json(&R { items })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_instance(
+        &mut self,
+        id: String,
+        machine: String,
+        version: u32,
+        initial_ctx: Value,
+        idempotency_key: Option<String>,
+        allow_recreate: bool,
+        offsets: &mut Offsets,
+        now: i64,
+    ) -> Result<Reply, ApiError> {
+        #[derive(Serialize)]
+        struct R<'a> {
+            instance_id: &'a str,
+            state: &'a str,
+            wal_offset: u64,
+        }
+        if let Some(key) = &idempotency_key {
+            if let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(&id, key, now) {
+                return Ok(json(&R { instance_id: &id, state, wal_offset: *wal_offset }));
+            }
+        }
+        if let Some(existing) = self.instances.get(&id) {
+            if !existing.deleted || !allow_recreate {
+                return Err(ApiError::core(ErrorCode::InstanceExists, format!("instance already exists: {id}")));
+            }
+        }
+        let def = self.machine(&machine, version).ok_or_else(|| machine_not_found(&machine, version))?;
+        let state = def.initial().to_owned();
+        let offset = self.stage(
+            offsets,
+            WalEntry::CreateInstance {
+                instance_id: id.clone(),
+                machine: machine.clone(),
+                version,
+                initial_state: state.clone(),
+                initial_ctx: initial_ctx.clone(),
+                idempotency_key: idempotency_key.clone(),
+                ts: now,
+            },
+        )?;
+        let reply = json(&R { instance_id: &id, state: &state, wal_offset: offset });
+        if let Some(key) = idempotency_key {
+            let prev = self.idempotency.insert(&id, &key, Cached::Create { state: state.clone(), wal_offset: offset }, now);
+            self.undo.push(Undo::Idempotency(id.clone(), key, prev, now));
+        }
+        let inst = Instance {
+            machine,
+            version,
+            state,
+            ctx: initial_ctx,
+            last_event_id: None,
+            last_wal_offset: offset,
+            created_at: now,
+            updated_at: now,
+            deleted: false,
+        };
+        let prev = self.instances.insert(id.clone(), inst);
+        self.undo.push(Undo::Instance(id, prev));
+        Ok(reply)
+    }
+
+    fn get_instance(&self, id: &str) -> Result<Reply, ApiError> {
+        let inst = self.instances.get(id).filter(|i| !i.deleted).ok_or_else(|| instance_not_found(id))?;
+        #[derive(Serialize)]
+        struct R<'a> {
+            ctx: &'a Value,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            last_event_id: Option<&'a str>,
+            last_wal_offset: u64,
+            machine: &'a str,
+            state: &'a str,
+            version: u32,
+        }
+        Ok(json(&R {
+            ctx: &inst.ctx,
+            last_event_id: inst.last_event_id.as_deref(),
+            last_wal_offset: inst.last_wal_offset,
+            machine: &inst.machine,
+            state: &inst.state,
+            version: inst.version,
+        }))
+    }
+
+    fn list_instances(&self, machine: Option<&str>, state: Option<&str>, take: usize) -> Reply {
+        let mut matches: Vec<(&String, &Instance)> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                !i.deleted && machine.is_none_or(|m| i.machine == m) && state.is_none_or(|s| i.state == s)
+            })
+            .collect();
+        let total = matches.len() as u64;
+        let take = take.min(matches.len());
+        if take < matches.len() {
+            matches.select_nth_unstable_by(take, |a, b| a.0.cmp(b.0));
+            matches.truncate(take);
+        }
+        matches.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let items = matches
+            .into_iter()
+            .map(|(id, i)| InstanceSummary {
+                created_at: i.created_at,
+                id: id.clone(),
+                last_wal_offset: i.last_wal_offset,
+                machine: i.machine.clone(),
+                state: i.state.clone(),
+                updated_at: i.updated_at,
+                version: i.version,
+            })
+            .collect();
+        Reply::Instances { total, items }
+    }
+
+    fn delete_instance(
+        &mut self,
+        id: String,
+        idempotency_key: Option<String>,
+        offsets: &mut Offsets,
+        now: i64,
+    ) -> Result<Reply, ApiError> {
+        #[derive(Serialize)]
+        struct R<'a> {
+            deleted: bool,
+            instance_id: &'a str,
+            wal_offset: u64,
+        }
+        let inst = self.instances.get(&id).ok_or_else(|| instance_not_found(&id))?;
+        if inst.deleted {
+            return Ok(json(&R { deleted: true, instance_id: &id, wal_offset: inst.last_wal_offset }));
+        }
+        let prev = inst.clone();
+        let offset = self.stage(offsets, WalEntry::DeleteInstance { instance_id: id.clone(), idempotency_key, ts: now })?;
+        let inst = self.instances.get_mut(&id).expect("checked above");
+        inst.deleted = true;
+        inst.last_wal_offset = offset;
+        inst.updated_at = now;
+        let reply = json(&R { deleted: true, instance_id: &id, wal_offset: offset });
+        self.undo.push(Undo::Instance(id, Some(prev)));
+        Ok(reply)
+    }
+
+    fn apply_event(&mut self, a: ApplyEvent, offsets: &mut Offsets, now: i64) -> Result<Reply, ApiError> {
+        #[derive(Serialize)]
+        struct R<'a> {
+            applied: bool,
+            ctx: &'a Value,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            event_id: Option<&'a str>,
+            from_state: &'a str,
+            to_state: &'a str,
+            wal_offset: u64,
+        }
+        let inst = self.instances.get(&a.instance_id).filter(|i| !i.deleted).ok_or_else(|| instance_not_found(&a.instance_id))?;
+        if let Some(key) = &a.idempotency_key {
+            if let Some(Cached::Apply { from_state, to_state, ctx, wal_offset }) = self.idempotency.get(&a.instance_id, key, now) {
+                return Ok(json(&R {
+                    applied: false,
+                    ctx,
+                    event_id: a.event_id.as_deref(),
+                    from_state,
+                    to_state,
+                    wal_offset: *wal_offset,
+                }));
+            }
+        }
+        if let Some(exp) = &a.expected_state {
+            if *exp != inst.state {
+                return Err(ApiError::core(
+                    ErrorCode::Conflict,
+                    format!("state conflict: expected '{exp}', actual '{}'", inst.state),
+                ));
+            }
+        }
+        if let Some(exp) = a.expected_wal_offset {
+            if exp != inst.last_wal_offset {
+                return Err(ApiError::core(
+                    ErrorCode::Conflict,
+                    format!("WAL offset conflict: expected {exp}, actual {}", inst.last_wal_offset),
+                ));
+            }
+        }
+        let def = self.machine(&inst.machine, inst.version).ok_or_else(|| machine_not_found(&inst.machine, inst.version))?;
+        let t = def.transition(&inst.state, &a.event).ok_or_else(|| {
+            ApiError::core(
+                ErrorCode::InvalidTransition,
+                format!("invalid transition: cannot apply '{}' in state '{}'", a.event, inst.state),
+            )
+        })?;
+        if let Some(g) = &t.guard {
+            if !g.eval(&inst.ctx) {
+                return Err(ApiError::core(
+                    ErrorCode::GuardFailed,
+                    format!(
+                        "guard failed: guard failed for transition '{}' -> '{}' on event '{}'",
+                        inst.state, t.to, a.event
+                    ),
+                ));
+            }
+        }
+        let to_state = t.to.clone();
+        let new_ctx = merge_ctx(&inst.ctx, &a.payload);
+        let from_state = inst.state.clone();
+        let offset = self.stage(
+            offsets,
+            WalEntry::ApplyEvent {
+                instance_id: a.instance_id.clone(),
+                event: a.event,
+                from_state: from_state.clone(),
+                to_state: to_state.clone(),
+                payload: a.payload,
+                ctx: new_ctx.clone(),
+                event_id: a.event_id.clone(),
+                idempotency_key: a.idempotency_key.clone(),
+                ts: now,
+            },
+        )?;
+        let reply = json(&R {
+            applied: true,
+            ctx: &new_ctx,
+            event_id: a.event_id.as_deref(),
+            from_state: &from_state,
+            to_state: &to_state,
+            wal_offset: offset,
+        });
+        if let Some(key) = a.idempotency_key {
+            let cached = Cached::Apply {
+                from_state: from_state.clone(),
+                to_state: to_state.clone(),
+                ctx: new_ctx.clone(),
+                wal_offset: offset,
+            };
+            let prev = self.idempotency.insert(&a.instance_id, &key, cached, now);
+            self.undo.push(Undo::Idempotency(a.instance_id.clone(), key, prev, now));
+        }
+        let inst = self.instances.get_mut(&a.instance_id).expect("looked up above");
+        let prev = Instance {
+            machine: inst.machine.clone(),
+            version: inst.version,
+            state: std::mem::replace(&mut inst.state, to_state),
+            ctx: std::mem::replace(&mut inst.ctx, new_ctx),
+            last_event_id: std::mem::replace(&mut inst.last_event_id, a.event_id),
+            last_wal_offset: std::mem::replace(&mut inst.last_wal_offset, offset),
+            created_at: inst.created_at,
+            updated_at: std::mem::replace(&mut inst.updated_at, now),
+            deleted: false,
+        };
+        self.undo.push(Undo::Instance(a.instance_id, Some(prev)));
+        Ok(reply)
+    }
+
+    /// Applies one recovered WAL entry (no validation beyond what keeps the
+    /// maps consistent: the entry was validated when it was logged).
+    pub fn replay(&mut self, offset: u64, entry: WalEntry) -> Result<(), String> {
+        match entry {
+            WalEntry::PutMachine { machine, version, definition, .. } => match MachineDef::from_json(&definition) {
+                Ok(def) => {
+                    self.machines.entry(machine).or_default().entry(version).or_insert_with(|| Arc::new(def));
+                }
+                Err(e) => tracing::warn!(%machine, version, error = %e, "skipping invalid logged definition"),
+            },
+            WalEntry::CreateInstance { instance_id, machine, version, initial_state, initial_ctx, idempotency_key, ts } => {
+                if let Some(key) = idempotency_key {
+                    self.idempotency.insert(
+                        &instance_id,
+                        &key,
+                        Cached::Create { state: initial_state.clone(), wal_offset: offset },
+                        ts,
+                    );
+                }
+                self.instances.insert(
+                    instance_id,
+                    Instance {
+                        machine,
+                        version,
+                        state: initial_state,
+                        ctx: initial_ctx,
+                        last_event_id: None,
+                        last_wal_offset: offset,
+                        created_at: ts,
+                        updated_at: ts,
+                        deleted: false,
+                    },
+                );
+            }
+            WalEntry::ApplyEvent { instance_id, from_state, to_state, ctx, event_id, idempotency_key, ts, .. } => {
+                let inst = self
+                    .instances
+                    .get_mut(&instance_id)
+                    .ok_or_else(|| format!("apply_event for unknown instance {instance_id}"))?;
+                if let Some(key) = idempotency_key {
+                    self.idempotency.insert(
+                        &instance_id,
+                        &key,
+                        Cached::Apply { from_state, to_state: to_state.clone(), ctx: ctx.clone(), wal_offset: offset },
+                        ts,
+                    );
+                }
+                inst.state = to_state;
+                inst.ctx = ctx;
+                inst.last_event_id = event_id;
+                inst.last_wal_offset = offset;
+                inst.updated_at = ts;
+            }
+            WalEntry::DeleteInstance { instance_id, ts, .. } => {
+                let inst = self
+                    .instances
+                    .get_mut(&instance_id)
+                    .ok_or_else(|| format!("delete_instance for unknown instance {instance_id}"))?;
+                inst.deleted = true;
+                inst.last_wal_offset = offset;
+                inst.updated_at = ts;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! The idempotency window of one shard (DECISIONS D6–D8).
+//!
+//! Keyed by (instance id, key). Bounded two ways, both configurable: at most
+//! `max_entries` entries (oldest evicted first) and, if `max_age_ms` > 0, an
+//! entry older than that no longer matches. Entries are rebuilt from WAL
+//! records on recovery, with the record's own timestamp, so a client retrying
+//! after a crash within the window is not applied twice.
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use serde_json::Value;
+
+/// What a retry with the same key gets back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached {
+    /// The original CREATE_INSTANCE result.
+    Create {
+        /// State right after creation.
+        state: String,
+        /// Offset of the create record.
+        wal_offset: u64,
+    },
+    /// The original APPLY_EVENT result.
+    Apply {
+        /// State before.
+        from_state: String,
+        /// State after.
+        to_state: String,
+        /// Context after the merge.
+        ctx: Value,
+        /// Offset of the apply record.
+        wal_offset: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    cached: Cached,
+    at_ms: i64,
+    seq: u64,
+}
+
+/// Bounded map (instance id, key) → original result.
+#[derive(Debug)]
+pub struct IdempotencyWindow {
+    map: HashMap<(String, String), Entry>,
+    order: VecDeque<((String, String), u64)>,
+    next_seq: u64,
+    max_entries: usize,
+    max_age_ms: i64,
+}
+
+impl IdempotencyWindow {
+    /// A window of at most `max_entries` entries no older than `max_age_ms`
+    /// (0 = no age limit).
+    pub fn new(max_entries: usize, max_age_ms: i64) -> Self {
+        assert!(max_entries > 0);
+        IdempotencyWindow { map: HashMap::new(), order: VecDeque::new(), next_seq: 0, max_entries, max_age_ms }
+    }
+
+    /// The cached result for (id, key), if present and not expired.
+    pub fn get(&self, id: &str, key: &str, now_ms: i64) -> Option<&Cached> {
+        let e = self.map.get(&(id.to_owned(), key.to_owned()))?;
+        if self.max_age_ms > 0 && now_ms - e.at_ms > self.max_age_ms {
+            return None;
+        }
+        Some(&e.cached)
+    }
+
+    /// Records a result; returns the entry it replaced, for rollback.
+    pub fn insert(&mut self, id: &str, key: &str, cached: Cached, at_ms: i64) -> Option<Cached> {
+        let k = (id.to_owned(), key.to_owned());
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((k.clone(), seq));
+        let old = self.map.insert(k, Entry { cached, at_ms, seq }).map(|e| e.cached);
+        while self.map.len() > self.max_entries {
+            self.evict_oldest();
+        }
+        // Keep the order queue from growing without bound when keys repeat.
+        while self.order.len() > 2 * self.max_entries {
+            self.evict_oldest();
+        }
+        old
+    }
+
+    /// Removes (id, key), restoring `previous` if given (rollback).
+    pub fn restore(&mut self, id: &str, key: &str, previous: Option<Cached>, at_ms: i64) {
+        let k = (id.to_owned(), key.to_owned());
+        match previous {
+            Some(c) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.order.push_back((k.clone(), seq));
+                self.map.insert(k, Entry { cached: c, at_ms, seq });
+            }
+            None => {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    /// Number of live entries.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((k, seq)) = self.order.pop_front() {
+            if self.map.get(&k).is_some_and(|e| e.seq == seq) {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(o: u64) -> Cached {
+        Cached::Create { state: "s".into(), wal_offset: o }
+    }
+
+    #[test]
+    fn bounded_by_entries() {
+        let mut w = IdempotencyWindow::new(2, 0);
+        w.insert("a", "k", c(1), 0);
+        w.insert("b", "k", c(2), 0);
+        w.insert("c", "k", c(3), 0);
+        assert_eq!(w.len(), 2);
+        assert!(w.get("a", "k", 0).is_none());
+        assert_eq!(w.get("c", "k", 0), Some(&c(3)));
+    }
+
+    #[test]
+    fn bounded_by_age() {
+        let mut w = IdempotencyWindow::new(10, 1000);
+        w.insert("a", "k", c(1), 0);
+        assert!(w.get("a", "k", 1000).is_some());
+        assert!(w.get("a", "k", 1001).is_none());
+    }
+
+    #[test]
+    fn same_key_other_instance_is_independent() {
+        let mut w = IdempotencyWindow::new(10, 0);
+        w.insert("a", "k", c(1), 0);
+        assert!(w.get("b", "k", 0).is_none());
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_queue_bounded() {
+        let mut w = IdempotencyWindow::new(3, 0);
+        for i in 0..100 {
+            w.insert("a", "k", c(i), 0);
+        }
+        assert_eq!(w.len(), 1);
+        assert!(w.order.len() <= 6);
+        assert_eq!(w.get("a", "k", 0), Some(&c(99)));
+    }
+}

@@ -1,0 +1,230 @@
+//! The shard loop: drain the channel, execute, group-commit, reply.
+//!
+//! One shard runs on one pinned glommio executor and owns its [`Engine`] and
+//! [`WalWriter`]; nothing else touches them. Each turn of the loop takes
+//! every batch waiting in the channel (up to a bound), executes the commands
+//! in arrival order (later ones see the effects of earlier ones), writes all
+//! staged records with one aligned write and at most one `fdatasync`, and
+//! only then releases the replies — reads included, so no reply reveals
+//! state a crash could take back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use rstmdb_wal::{Recovered, WalError, WalWriter, WriterConfig};
+
+use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
+use crate::engine::{now_ms, Engine, Offsets};
+use crate::error::ApiError;
+
+/// When to `fdatasync` (config `storage.fsync_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every reply (group commit makes this affordable).
+    EveryWrite,
+    /// After every N records.
+    EveryN(u64),
+    /// At most N ms after a write (a real timer, DECISIONS D13).
+    EveryMs(u64),
+    /// Only at shutdown.
+    Never,
+}
+
+/// Settings of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// Shard number.
+    pub id: usize,
+    /// WAL writer settings.
+    pub wal: WriterConfig,
+    /// Fsync policy.
+    pub fsync: FsyncPolicy,
+    /// Most commands executed in one group commit.
+    pub max_drain_commands: usize,
+}
+
+/// The global WAL offset sequencer (DESIGN.md "WAL offsets"): each shard
+/// reserves a contiguous range per group commit, so offsets are unique,
+/// increase within every shard and order all shards. The only state shared
+/// between shards besides the channels.
+#[derive(Debug, Clone)]
+pub struct Sequencer(Arc<AtomicU64>);
+
+impl Sequencer {
+    /// A sequencer whose next offset is `next` (>= 1).
+    pub fn new(next: u64) -> Self {
+        assert!(next >= 1);
+        Sequencer(Arc::new(AtomicU64::new(next)))
+    }
+
+    /// Reserves `n` offsets; returns the first.
+    pub fn reserve(&self, n: u64) -> u64 {
+        self.0.fetch_add(n, Ordering::SeqCst)
+    }
+
+    /// The offset the next reservation would start at.
+    pub fn peek(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Messages a shard accepts.
+pub enum ShardMsg {
+    /// Commands from one connection's read cycle.
+    Batch(Batch),
+}
+
+/// Runs the shard until every sender of `rx` is gone, then syncs the WAL.
+pub async fn run(
+    cfg: ShardConfig,
+    mut engine: Engine,
+    recovered: Recovered,
+    rx: flume::Receiver<ShardMsg>,
+    seq: Sequencer,
+) -> Result<(), WalError> {
+    let mut writer = WalWriter::open(cfg.wal.clone(), &recovered).await?;
+    drop(recovered);
+    let mut unsynced_records: u64 = 0;
+    let mut dirty_since: Option<Instant> = None;
+    let mut drain: Vec<Batch> = Vec::new();
+    loop {
+        let first = match next_message(&rx, &cfg, &mut writer, &mut dirty_since).await {
+            Some(m) => m,
+            None => break,
+        };
+        let ShardMsg::Batch(b) = first;
+        let mut commands = b.commands.len();
+        drain.push(b);
+        while commands < cfg.max_drain_commands {
+            match rx.try_recv() {
+                Ok(ShardMsg::Batch(b)) => {
+                    commands += b.commands.len();
+                    drain.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let writes: u64 = drain.iter().flat_map(|b| b.commands.iter()).filter(|(_, c)| c.may_write()).count() as u64;
+        let base = if writes > 0 { seq.reserve(writes) } else { seq.peek() };
+        let mut offsets = Offsets::new(base, base + writes);
+        let now = now_ms();
+
+        let mut answers: Vec<(flume::Sender<BatchReply>, Vec<(u32, Reply)>)> = Vec::with_capacity(drain.len());
+        let mut stats_wanted = false;
+        for b in drain.drain(..) {
+            let mut replies = Vec::with_capacity(b.commands.len());
+            for (slot, cmd) in b.commands {
+                let reply = if matches!(cmd, Command::WalStats) {
+                    stats_wanted = true;
+                    Reply::WalStats(ShardWalStats::default())
+                } else {
+                    engine.execute(cmd, &mut offsets, now)
+                };
+                replies.push((slot, reply));
+            }
+            answers.push((b.reply_to, replies));
+        }
+
+        let staged = engine.take_staged();
+        let mut result = Ok(());
+        if !staged.is_empty() {
+            for s in &staged {
+                if let Err(e) = writer.stage(s.offset, s.kind, &s.bytes) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if result.is_ok() {
+                let sync = match cfg.fsync {
+                    FsyncPolicy::EveryWrite => true,
+                    FsyncPolicy::EveryN(n) => {
+                        unsynced_records += staged.len() as u64;
+                        unsynced_records >= n
+                    }
+                    FsyncPolicy::EveryMs(_) | FsyncPolicy::Never => false,
+                };
+                result = writer.commit(sync).await;
+                if result.is_ok() {
+                    if sync {
+                        unsynced_records = 0;
+                        dirty_since = None;
+                    } else if dirty_since.is_none() {
+                        dirty_since = Some(Instant::now());
+                    }
+                }
+            } else {
+                writer.discard_staged();
+            }
+        }
+        match &result {
+            Ok(()) => engine.commit_done(),
+            Err(e) => {
+                tracing::error!(shard = cfg.id, error = %e, "group commit failed; rolling back the drain");
+                engine.rollback();
+            }
+        }
+        let failure = result.err().map(|e| ApiError::wal(e));
+        let stats = stats_wanted.then(|| ShardWalStats {
+            entries: writer.records(),
+            segments: writer.segments().len() as u64,
+            used_bytes: writer.used_bytes(),
+            io: writer.io_stats(),
+        });
+        for (to, mut replies) in answers {
+            for (_, r) in replies.iter_mut() {
+                if let Reply::WalStats(s) = r {
+                    *s = stats.expect("stats computed when requested");
+                } else if let Some(err) = &failure {
+                    if !matches!(r, Reply::Error(_)) {
+                        *r = Reply::Error(err.clone());
+                    }
+                }
+            }
+            // A vanished connection is not the shard's problem.
+            let _ = to.send_async(BatchReply { shard: cfg.id, replies }).await;
+        }
+    }
+    writer.sync().await?;
+    tracing::info!(shard = cfg.id, "shard stopped; WAL synced");
+    Ok(())
+}
+
+/// Waits for the next message, running the `every_ms` timer meanwhile.
+/// `None` when every sender is gone.
+async fn next_message(
+    rx: &flume::Receiver<ShardMsg>,
+    cfg: &ShardConfig,
+    writer: &mut WalWriter,
+    dirty_since: &mut Option<Instant>,
+) -> Option<ShardMsg> {
+    loop {
+        let deadline = match (cfg.fsync, *dirty_since) {
+            (FsyncPolicy::EveryMs(ms), Some(since)) => Some(since + Duration::from_millis(ms)),
+            _ => None,
+        };
+        let Some(deadline) = deadline else {
+            return rx.recv_async().await.ok();
+        };
+        enum Woke {
+            Msg(Option<ShardMsg>),
+            Timer,
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let woke = future::or(async { Woke::Msg(rx.recv_async().await.ok()) }, async {
+            glommio::timer::sleep(wait).await;
+            Woke::Timer
+        })
+        .await;
+        match woke {
+            Woke::Msg(m) => return m,
+            Woke::Timer => {
+                if let Err(e) = writer.sync().await {
+                    tracing::error!(shard = cfg.id, error = %e, "timed fdatasync failed");
+                }
+                *dirty_since = None;
+            }
+        }
+    }
+}

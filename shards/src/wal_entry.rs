@@ -1,0 +1,101 @@
+//! The JSON payloads of WAL records (SEMANTICS.md §11.2, the reference's
+//! entry shapes, so WAL_READ can return them unchanged), plus the timestamps
+//! our server keeps across restarts (DECISIONS D22).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Record kind bytes (the reference's type numbers).
+pub mod kind {
+    /// `put_machine`
+    pub const PUT_MACHINE: u8 = 1;
+    /// `create_instance`
+    pub const CREATE_INSTANCE: u8 = 2;
+    /// `apply_event`
+    pub const APPLY_EVENT: u8 = 3;
+    /// `delete_instance`
+    pub const DELETE_INSTANCE: u8 = 4;
+}
+
+/// One logged change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WalEntry {
+    /// A machine definition registered (logged by every shard).
+    PutMachine {
+        /// Machine name.
+        machine: String,
+        /// Version.
+        version: u32,
+        /// Checksum of the normalized definition.
+        definition_hash: String,
+        /// The definition as submitted.
+        definition: Value,
+    },
+    /// An instance created.
+    CreateInstance {
+        /// Instance id.
+        instance_id: String,
+        /// Machine name.
+        machine: String,
+        /// Machine version.
+        version: u32,
+        /// The machine's initial state.
+        initial_state: String,
+        /// Initial context (always an object, D1).
+        initial_ctx: Value,
+        /// Idempotency key of the create, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+        /// Creation time, Unix ms.
+        #[serde(default)]
+        ts: i64,
+    },
+    /// An event applied.
+    ApplyEvent {
+        /// Instance id.
+        instance_id: String,
+        /// Event name.
+        event: String,
+        /// State before.
+        from_state: String,
+        /// State after.
+        to_state: String,
+        /// The request's payload (null when absent).
+        payload: Value,
+        /// Context after the merge.
+        ctx: Value,
+        /// The request's event id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event_id: Option<String>,
+        /// Idempotency key, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+        /// Apply time, Unix ms.
+        #[serde(default)]
+        ts: i64,
+    },
+    /// An instance soft-deleted.
+    DeleteInstance {
+        /// Instance id.
+        instance_id: String,
+        /// Idempotency key, if any (only logged, as the reference does).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+        /// Delete time, Unix ms.
+        #[serde(default)]
+        ts: i64,
+    },
+}
+
+impl WalEntry {
+    /// The record kind byte for this entry.
+    pub fn kind(&self) -> u8 {
+        match self {
+            WalEntry::PutMachine { .. } => kind::PUT_MACHINE,
+            WalEntry::CreateInstance { .. } => kind::CREATE_INSTANCE,
+            WalEntry::ApplyEvent { .. } => kind::APPLY_EVENT,
+            WalEntry::DeleteInstance { .. } => kind::DELETE_INSTANCE,
+        }
+    }
+}
