@@ -1,1 +1,232 @@
-fn main() {}
+//! `rstmdb`: a thread-per-core state-machine database server speaking RCP,
+//! wire-compatible with rstmdb 0.3.0.
+//!
+//! Start-up: configuration → data directory (lock, shard count) → every
+//! shard's WAL recovered in parallel → machine definitions unioned across
+//! shards → one pinned glommio executor per shard and one for the frontend
+//! → serve until SIGINT/SIGTERM → stop accepting, finish in-flight cycles,
+//! sync every WAL, exit 0. A second signal exits at once.
+
+mod config;
+mod datadir;
+mod ops;
+mod protocol;
+mod router;
+mod server;
+mod session;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use glommio::{LocalExecutorBuilder, Placement};
+use rstmdb_shards::engine::{Engine, EngineLimits};
+use rstmdb_shards::recovery::recover_shard;
+use rstmdb_shards::shard::{self, FsyncPolicy, Sequencer, ShardConfig, ShardMsg};
+use rstmdb_wal::{Recovered, RecoveryOptions, WriterConfig};
+
+use crate::config::Config;
+use crate::datadir::DataDir;
+
+/// Bound of each shard's inbound channel (batches, not requests): a full
+/// channel makes frontends wait, which is the backpressure we want.
+const SHARD_CHANNEL_BATCHES: usize = 4096;
+/// Most commands one group commit executes.
+const MAX_DRAIN_COMMANDS: usize = 8192;
+
+fn main() -> ExitCode {
+    let cli = config::Cli::parse();
+    if cli.print_default_config {
+        let _ = std::io::stdout().write_all(config::EMBEDDED_DEFAULT.as_bytes());
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let cfg = match config::load(&cli, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("configuration error: {e}");
+            eprintln!("rstmdb: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("rstmdb: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
+    match p {
+        config::FsyncPolicy::EveryWrite => FsyncPolicy::EveryWrite,
+        config::FsyncPolicy::EveryN(n) => FsyncPolicy::EveryN(n),
+        config::FsyncPolicy::EveryMs(n) => FsyncPolicy::EveryMs(n),
+        config::FsyncPolicy::Never => FsyncPolicy::Never,
+    }
+}
+
+fn run(cfg: Config) -> Result<(), String> {
+    cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
+    let shards = cfg.server.shard_count();
+    let data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
+    let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
+    let limits = EngineLimits {
+        idempotency_entries: cfg.storage.idempotency_window,
+        idempotency_max_age_ms: cfg.storage.idempotency_max_age().map_or(0, |d| d.as_millis() as i64),
+    };
+
+    // Recover every shard in parallel (blocking reads), then union the
+    // machine definitions so a PUT_MACHINE cut short by a crash on some
+    // shards is complete everywhere.
+    let started = std::time::Instant::now();
+    let results: Vec<Result<(Engine, Recovered), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..shards)
+            .map(|i| {
+                let opts = RecoveryOptions { dir: data.wal_dir(i), shard: i as u32, segment_size };
+                let limits = limits.clone();
+                s.spawn(move || recover_shard(&opts, &limits).map_err(|e| format!("shard {i}: WAL recovery failed: {e}")))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("recovery thread panicked".into()))).collect()
+    });
+    let mut recovered = Vec::with_capacity(shards);
+    for r in results {
+        recovered.push(r?);
+    }
+    let all_machines: Vec<_> = recovered.iter().flat_map(|(e, _)| e.machine_defs()).collect();
+    for (engine, _) in recovered.iter_mut() {
+        for (name, v, def) in &all_machines {
+            engine.adopt_machine(name.clone(), *v, def.clone());
+        }
+    }
+    let next_offset = recovered.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0) + 1;
+    let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
+    tracing::info!(
+        shards,
+        instances,
+        next_offset,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovery complete"
+    );
+    let seq = Sequencer::new(next_offset);
+
+    // Executors: the frontend on the first CPU, shards on the following ones,
+    // wrapping around when there are more executors than CPUs.
+    let cpus: Vec<usize> = glommio::CpuSet::online()
+        .map(|set| set.into_iter().map(|l| l.cpu).collect())
+        .unwrap_or_else(|_| vec![0]);
+    let cpu_for = |i: usize| cpus[i % cpus.len()];
+    let io_memory = cfg.server.io_memory_kib * 1024;
+
+    let mut senders = Vec::with_capacity(shards);
+    let mut shard_handles = Vec::with_capacity(shards);
+    for (i, (engine, rec)) in recovered.into_iter().enumerate() {
+        let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
+        senders.push(tx);
+        let scfg = ShardConfig {
+            id: i,
+            wal: WriterConfig { dir: data.wal_dir(i), shard: i as u32, segment_size },
+            fsync: fsync_policy(cfg.storage.fsync_policy),
+            max_drain_commands: MAX_DRAIN_COMMANDS,
+        };
+        let seq = seq.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
+            .name(&format!("shard-{i}"))
+            .io_memory(io_memory)
+            .spawn(move || async move { shard::run(scfg, engine, rec, rx, seq).await })
+            .map_err(|e| format!("starting shard {i} executor: {e}"))?;
+        shard_handles.push(handle);
+    }
+
+    let (shutdown_tx, shutdown_rx) = flume::bounded::<()>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<std::net::SocketAddr, String>>();
+    let bind = cfg.network.bind_addr;
+    let fcfg = server::FrontendConfig {
+        ops: ops::OpSettings {
+            max_machine_versions: cfg.storage.max_machine_versions,
+            allow_instance_recreate: cfg.storage.allow_instance_recreate,
+            allow_flush_all: cfg.storage.allow_flush_all,
+            shards,
+        },
+        max_connections: cfg.network.max_connections,
+        idle_timeout: cfg.network.idle_timeout(),
+    };
+    let router = router::Router::new(senders, seq);
+    let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
+        .name("frontend")
+        .io_memory(io_memory)
+        .spawn(move || async move {
+            let listener = match glommio::net::TcpListener::bind(bind) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("cannot listen on {bind}: {e}")));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
+            server::serve(listener, router, fcfg, shutdown_rx).await;
+        })
+        .map_err(|e| format!("starting frontend executor: {e}"))?;
+
+    match ready_rx.recv() {
+        Ok(Ok(addr)) => tracing::info!(%addr, shards, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening"),
+        Ok(Err(e)) => {
+            drop(shutdown_tx);
+            let _ = frontend.join();
+            return Err(e);
+        }
+        Err(_) => return Err("frontend executor exited during start-up".into()),
+    }
+
+    // Signals: the first starts a graceful shutdown, a second exits at once.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "shutting down: no new connections, finishing in-flight requests");
+                    let _ = shutdown_tx.send(());
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting immediately");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+
+    frontend.join().map_err(|e| format!("frontend executor failed: {e}"))?;
+    let mut failed = None;
+    for (i, h) in shard_handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(format!("shard {i}: {e}")),
+            Err(e) => failed = Some(format!("shard {i} executor failed: {e}")),
+        }
+    }
+    drop(data);
+    std::thread::sleep(Duration::from_millis(1));
+    match failed {
+        None => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}

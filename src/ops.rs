@@ -1,0 +1,310 @@
+//! Per-operation parameter parsing: turns a request into what the frontend
+//! must do with it — answer locally, send to one shard, or fan out.
+//!
+//! Parameter errors follow the reference: `BAD_REQUEST` with
+//! `invalid request: <serde message>`; the connection stays open.
+
+use std::sync::Arc;
+
+use rstmdb_shards::commands::{ApplyEvent, Command};
+use rstmdb_shards::definition::MachineDef;
+use rstmdb_shards::error::{ApiError, ErrorCode};
+use rstmdb_shards::routing;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::session::{Session, WireMode};
+
+/// Server version reported by HELLO and INFO (DECISIONS "Identity").
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Features the server announces.
+pub const FEATURES: [&str; 3] = ["idempotency", "batch", "wal_read"];
+/// Largest LIST_INSTANCES page returned at once (DECISIONS D21).
+pub const MAX_LIST_PAGE: usize = 100_000;
+
+/// Settings the op parsers need.
+#[derive(Debug, Clone)]
+pub struct OpSettings {
+    /// `storage.max_machine_versions`.
+    pub max_machine_versions: u32,
+    /// `storage.allow_instance_recreate`.
+    pub allow_instance_recreate: bool,
+    /// `storage.allow_flush_all`.
+    pub allow_flush_all: bool,
+    /// Number of shards.
+    pub shards: usize,
+}
+
+/// What to do with one request.
+pub enum Action {
+    /// Answer right away.
+    Local(Result<Vec<u8>, ApiError>),
+    /// Answer, then close the connection (BYE).
+    Bye,
+    /// Send to one shard.
+    Shard(usize, Command),
+    /// PUT_MACHINE: every shard logs it.
+    PutMachine(Command),
+    /// LIST_INSTANCES: merge every shard's sorted share.
+    ListInstances {
+        /// Machine filter.
+        machine: Option<String>,
+        /// State filter.
+        state: Option<String>,
+        /// Items to skip.
+        offset: usize,
+        /// Items to return.
+        limit: usize,
+    },
+    /// WAL_STATS: sum every shard's figures.
+    WalStats,
+}
+
+fn params<T: DeserializeOwned>(p: Value) -> Result<T, ApiError> {
+    serde_json::from_value(p).map_err(ApiError::bad_request)
+}
+
+fn local<T: Serialize>(v: &T) -> Action {
+    Action::Local(Ok(serde_json::to_vec(v).expect("result serialization cannot fail")))
+}
+
+/// Parses one request into an [`Action`].
+pub fn plan(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Action {
+    match plan_inner(op, p, session, s) {
+        Ok(a) => a,
+        Err(e) => Action::Local(Err(e)),
+    }
+}
+
+fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Result<Action, ApiError> {
+    Ok(match op {
+        "HELLO" => hello(p, session)?,
+        "AUTH" => auth(p)?,
+        "PING" => local(&serde_json::json!({"pong": true})),
+        "BYE" => Action::Bye,
+        "INFO" => local(&serde_json::json!({
+            "features": FEATURES,
+            "max_batch_ops": 100,
+            "max_frame_bytes": crate::protocol::frame::MAX_PAYLOAD,
+            "protocol_version": 1,
+            "server_name": "rstmdb",
+            "server_version": SERVER_VERSION,
+        })),
+        "REPLICATION_STATUS" => local(&serde_json::json!({"role": "standalone"})),
+        "PUT_MACHINE" => put_machine(p, s)?,
+        "GET_MACHINE" => {
+            #[derive(Deserialize)]
+            struct GetMachineParams {
+                machine: String,
+                version: u32,
+            }
+            let q: GetMachineParams = params(p)?;
+            Action::Shard(0, Command::GetMachine { machine: q.machine, version: q.version })
+        }
+        "LIST_MACHINES" => Action::Shard(0, Command::ListMachines),
+        "CREATE_INSTANCE" => create_instance(p, s)?,
+        "GET_INSTANCE" => {
+            #[derive(Deserialize)]
+            struct GetInstanceParams {
+                instance_id: String,
+            }
+            let q: GetInstanceParams = params(p)?;
+            Action::Shard(routing::shard_for(&q.instance_id, s.shards), Command::GetInstance { instance_id: q.instance_id })
+        }
+        "LIST_INSTANCES" => list_instances(p)?,
+        "DELETE_INSTANCE" => {
+            let id = match p.get("instance_id") {
+                Some(Value::String(id)) => id.clone(),
+                _ => return Err(ApiError::bad_request("missing instance_id")),
+            };
+            let key = p.get("idempotency_key").and_then(Value::as_str).map(str::to_owned);
+            Action::Shard(
+                routing::shard_for(&id, s.shards),
+                Command::DeleteInstance { instance_id: id, idempotency_key: key },
+            )
+        }
+        "APPLY_EVENT" => apply_event(p, s)?,
+        "WAL_STATS" => Action::WalStats,
+        "FLUSH_ALL" if !s.allow_flush_all => {
+            return Err(ApiError::bad_request(
+                "FLUSH_ALL is disabled. Set storage.allow_flush_all=true in config to enable.",
+            ))
+        }
+        "REPLICATE" | "REPLICATE_ACK" => {
+            return Err(ApiError::bad_request("replication operations are handled internally"))
+        }
+        "BATCH" | "SNAPSHOT_INSTANCE" | "WAL_READ" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH"
+        | "FLUSH_ALL" => {
+            return Err(ApiError::bad_request(format!("operation {op} is not supported by this server yet")))
+        }
+        other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
+    })
+}
+
+fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct HelloParams {
+        protocol_version: u16,
+        #[serde(default)]
+        #[allow(dead_code)]
+        client_name: Option<String>,
+        #[serde(default)]
+        wire_modes: Vec<String>,
+        #[serde(default)]
+        features: Vec<String>,
+    }
+    let h: HelloParams = params(p)?;
+    if h.protocol_version != 1 {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedProtocol,
+            format!("unsupported protocol version: {} (this server speaks 1)", h.protocol_version),
+        ));
+    }
+    session.wire_mode = if h.wire_modes.iter().any(|m| m == "binary_json") {
+        WireMode::Binary
+    } else if h.wire_modes.iter().any(|m| m == "jsonl") {
+        WireMode::Jsonl
+    } else {
+        WireMode::Binary
+    };
+    let features: Vec<&str> = FEATURES.iter().copied().filter(|f| h.features.iter().any(|r| r == f)).collect();
+    Ok(local(&serde_json::json!({
+        "features": features,
+        "protocol_version": 1,
+        "server_name": "rstmdb",
+        "server_version": SERVER_VERSION,
+        "wire_mode": session.wire_mode.name(),
+    })))
+}
+
+fn auth(p: Value) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct AuthParams {
+        method: String,
+        token: String,
+    }
+    let a: AuthParams = params(p)?;
+    if a.method != "bearer" {
+        return Err(ApiError::new(
+            ErrorCode::AuthFailed,
+            format!("authentication failed: unsupported auth method: {}", a.method),
+        ));
+    }
+    if a.token.is_empty() {
+        return Err(ApiError::new(ErrorCode::AuthFailed, "authentication failed: empty token"));
+    }
+    Ok(local(&serde_json::json!({"authenticated": true})))
+}
+
+fn put_machine(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct PutMachineParams {
+        machine: String,
+        version: u32,
+        definition: Value,
+        #[serde(default)]
+        #[allow(dead_code)]
+        checksum: Option<IgnoredAny>,
+    }
+    let q: PutMachineParams = params(p)?;
+    let def = MachineDef::from_json(&q.definition)
+        .map(Arc::new)
+        .map_err(|e| ApiError::core(ErrorCode::BadRequest, e));
+    Ok(Action::PutMachine(Command::PutMachine {
+        machine: q.machine,
+        version: q.version,
+        def,
+        raw: Arc::new(q.definition),
+        max_versions: s.max_machine_versions,
+    }))
+}
+
+fn create_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct CreateInstanceParams {
+        #[serde(default)]
+        instance_id: Option<String>,
+        machine: String,
+        version: u32,
+        #[serde(default)]
+        initial_ctx: Option<Value>,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    }
+    let q: CreateInstanceParams = params(p)?;
+    // DECISIONS D1: absent or null → {}, any other non-object is refused.
+    let ctx = match q.initial_ctx {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => return Err(ApiError::bad_request("initial_ctx must be a JSON object")),
+    };
+    let id = match (q.instance_id, &q.idempotency_key) {
+        (Some(id), _) => id,
+        (None, Some(key)) => routing::id_from_idempotency_key(key),
+        (None, None) => uuid::Uuid::new_v4().to_string(),
+    };
+    Ok(Action::Shard(
+        routing::shard_for(&id, s.shards),
+        Command::CreateInstance {
+            instance_id: id,
+            machine: q.machine,
+            version: q.version,
+            initial_ctx: ctx,
+            idempotency_key: q.idempotency_key,
+            allow_recreate: s.allow_instance_recreate,
+        },
+    ))
+}
+
+fn list_instances(p: Value) -> Result<Action, ApiError> {
+    #[derive(Deserialize, Default)]
+    struct ListInstancesParams {
+        #[serde(default)]
+        machine: Option<String>,
+        #[serde(default)]
+        state: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+        #[serde(default)]
+        offset: Option<u32>,
+    }
+    let q: ListInstancesParams = if p.is_null() { ListInstancesParams::default() } else { params(p)? };
+    Ok(Action::ListInstances {
+        machine: q.machine,
+        state: q.state,
+        offset: q.offset.unwrap_or(0) as usize,
+        limit: (q.limit.unwrap_or(100) as usize).min(MAX_LIST_PAGE),
+    })
+}
+
+fn apply_event(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct ApplyEventParams {
+        instance_id: String,
+        event: String,
+        #[serde(default)]
+        payload: Value,
+        #[serde(default)]
+        expected_state: Option<String>,
+        #[serde(default)]
+        expected_wal_offset: Option<u64>,
+        #[serde(default)]
+        event_id: Option<String>,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    }
+    let q: ApplyEventParams = params(p)?;
+    Ok(Action::Shard(
+        routing::shard_for(&q.instance_id, s.shards),
+        Command::ApplyEvent(ApplyEvent {
+            instance_id: q.instance_id,
+            event: q.event,
+            payload: q.payload,
+            expected_state: q.expected_state,
+            expected_wal_offset: q.expected_wal_offset,
+            event_id: q.event_id,
+            idempotency_key: q.idempotency_key,
+        }),
+    ))
+}

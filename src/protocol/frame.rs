@@ -1,0 +1,168 @@
+//! Binary frames (PROTOCOL.md §2): an 18-byte big-endian header, an ignored
+//! header extension, and a JSON payload protected by CRC32C.
+
+/// Frame magic `RCPX`.
+pub const MAGIC: [u8; 4] = *b"RCPX";
+/// Fixed header length.
+pub const HEADER_LEN: usize = 18;
+/// Largest payload accepted or sent: 16 MiB.
+pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+/// Flag: the CRC field is valid and must be checked.
+pub const FLAG_CRC: u16 = 0x0001;
+/// Every defined flag bit; any other set bit is fatal.
+pub const KNOWN_FLAGS: u16 = 0x000F;
+
+/// A framing error: the connection is closed without a response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Magic is not `RCPX`.
+    #[error("bad frame magic")]
+    BadMagic,
+    /// Version is not 1.
+    #[error("unsupported frame version {0}")]
+    BadVersion(u16),
+    /// Reserved flag bits set.
+    #[error("reserved frame flags set: {0:#06x}")]
+    BadFlags(u16),
+    /// Declared payload over 16 MiB.
+    #[error("frame payload of {0} bytes exceeds 16 MiB")]
+    TooLarge(u32),
+    /// CRC flag set and CRC wrong.
+    #[error("frame CRC mismatch")]
+    BadCrc,
+}
+
+/// Tries to decode one frame at the start of `buf`, in the reference's
+/// order (magic, version, flags, size as soon as the header is there; CRC
+/// once the whole frame is). `Ok(None)`: more bytes needed; `Ok(Some((payload
+/// range, total length)))` otherwise.
+pub fn decode(buf: &[u8]) -> Result<Option<(std::ops::Range<usize>, usize)>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    if buf[0..4] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let version = u16::from_be_bytes([buf[4], buf[5]]);
+    if version != 1 {
+        return Err(FrameError::BadVersion(version));
+    }
+    let flags = u16::from_be_bytes([buf[6], buf[7]]);
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(FrameError::BadFlags(flags));
+    }
+    let header_len = u16::from_be_bytes([buf[8], buf[9]]) as usize;
+    let payload_len = u32::from_be_bytes([buf[10], buf[11], buf[12], buf[13]]);
+    if payload_len as usize > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(payload_len));
+    }
+    let start = HEADER_LEN + header_len;
+    let total = start + payload_len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    if flags & FLAG_CRC != 0 {
+        let crc = u32::from_be_bytes([buf[14], buf[15], buf[16], buf[17]]);
+        if crc32c::crc32c(&buf[start..total]) != crc {
+            return Err(FrameError::BadCrc);
+        }
+    }
+    Ok(Some((start..total, total)))
+}
+
+/// Bytes still needed before `buf` can hold a whole frame, when its header
+/// is complete (lets the reader size its buffer once).
+pub fn frame_len_hint(buf: &[u8]) -> Option<usize> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    let header_len = u16::from_be_bytes([buf[8], buf[9]]) as usize;
+    let payload_len = u32::from_be_bytes([buf[10], buf[11], buf[12], buf[13]]) as usize;
+    Some(HEADER_LEN + header_len + payload_len.min(MAX_PAYLOAD))
+}
+
+/// Appends a server frame (version 1, CRC flag, no extension) to `out`.
+pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
+    assert!(payload.len() <= MAX_PAYLOAD, "caller must keep responses within the frame limit");
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&FLAG_CRC.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PING: &[u8] = br#"{"type":"request","id":"1","op":"PING","params":{}}"#;
+
+    #[test]
+    fn protocol_worked_examples() {
+        // PROTOCOL.md §9.1
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+        let mut f = Vec::new();
+        encode(PING, &mut f);
+        assert_eq!(&f[..18], &[0x52, 0x43, 0x50, 0x58, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0x33, 0xc3, 0x20, 0x09, 0xc4]);
+        // §9.2
+        let reply = br#"{"type":"response","id":"1","status":"ok","result":{"pong":true}}"#;
+        assert_eq!(crc32c::crc32c(reply), 0x4B7B_432F);
+    }
+
+    #[test]
+    fn decodes_and_waits_for_more() {
+        let mut f = Vec::new();
+        encode(PING, &mut f);
+        for n in 0..f.len() {
+            assert_eq!(decode(&f[..n]), Ok(None), "prefix {n}");
+        }
+        let (range, total) = decode(&f).unwrap().unwrap();
+        assert_eq!(&f[range], PING);
+        assert_eq!(total, f.len());
+    }
+
+    #[test]
+    fn crc_flag_clear_skips_the_check() {
+        let mut f = Vec::new();
+        encode(PING, &mut f);
+        f[7] = 0; // flags 0
+        f[14..18].copy_from_slice(&[0, 0, 0, 0]);
+        assert!(decode(&f).unwrap().is_some());
+    }
+
+    #[test]
+    fn framing_errors() {
+        let mut f = Vec::new();
+        encode(PING, &mut f);
+        let mut bad = f.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad), Err(FrameError::BadMagic));
+        let mut bad = f.clone();
+        bad[5] = 2;
+        assert_eq!(decode(&bad), Err(FrameError::BadVersion(2)));
+        let mut bad = f.clone();
+        bad[6] = 0x80;
+        assert_eq!(decode(&bad), Err(FrameError::BadFlags(0x8001)));
+        let mut bad = f.clone();
+        bad[10..14].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
+        assert_eq!(decode(&bad[..18]), Err(FrameError::TooLarge(MAX_PAYLOAD as u32 + 1)));
+        let mut bad = f.clone();
+        *bad.last_mut().unwrap() = b']';
+        assert_eq!(decode(&bad), Err(FrameError::BadCrc));
+    }
+
+    #[test]
+    fn header_extension_is_skipped() {
+        let mut f = Vec::new();
+        f.extend_from_slice(&MAGIC);
+        f.extend_from_slice(&[0, 1, 0, 1, 0, 3]);
+        f.extend_from_slice(&(PING.len() as u32).to_be_bytes());
+        f.extend_from_slice(&crc32c::crc32c(PING).to_be_bytes());
+        f.extend_from_slice(b"ext");
+        f.extend_from_slice(PING);
+        let (range, _) = decode(&f).unwrap().unwrap();
+        assert_eq!(&f[range], PING);
+    }
+}

@@ -1,0 +1,252 @@
+//! Routing a read cycle's requests to shards and merging the answers.
+//!
+//! A connection hands the router every request it decoded in one read
+//! cycle. The router groups shard commands per shard (keeping request
+//! order inside each shard's list, so per-shard order is the connection's
+//! order), sends one [`Batch`] per shard, waits for one [`BatchReply`] per
+//! shard, and merges fan-out answers (PUT_MACHINE, LIST_INSTANCES,
+//! WAL_STATS) into single results.
+
+use rstmdb_shards::commands::{Batch, BatchReply, Command, InstanceSummary, Reply, ShardWalStats};
+use rstmdb_shards::error::ApiError;
+use rstmdb_shards::shard::{Sequencer, ShardMsg};
+use serde::Serialize;
+
+use crate::ops::Action;
+
+/// Byte budget of one LIST_INSTANCES result: a response must fit a frame
+/// (DECISIONS D21), with room for the envelope.
+const LIST_BYTES_BUDGET: usize = 15 * 1024 * 1024;
+
+/// Senders to every shard, owned by the frontend executor.
+#[derive(Clone)]
+pub struct Router {
+    shards: Vec<flume::Sender<ShardMsg>>,
+    seq: Sequencer,
+}
+
+/// The outcome of one request in a cycle.
+pub enum Outcome {
+    /// Answered.
+    Done(Result<Vec<u8>, ApiError>),
+    /// Answered; close the connection after writing it.
+    Bye,
+}
+
+/// Per-request merge state while shard answers come in.
+enum Slot {
+    Done(Result<Vec<u8>, ApiError>),
+    Bye,
+    Single,
+    Put { machine: String, version: u32, first_error: Option<(usize, ApiError)>, created: bool, checksum: Option<String> },
+    List { offset: usize, limit: usize, total: u64, parts: Vec<Vec<InstanceSummary>> },
+    Stats(ShardWalStats),
+}
+
+impl Router {
+    /// A router over the given shard channels.
+    pub fn new(shards: Vec<flume::Sender<ShardMsg>>, seq: Sequencer) -> Self {
+        assert!(!shards.is_empty());
+        Router { shards, seq }
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Executes one cycle's actions and returns their outcomes in order.
+    /// `replies` is the connection's reply channel (capacity ≥ shard count).
+    pub async fn run(
+        &self,
+        actions: Vec<Action>,
+        replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
+    ) -> Vec<Outcome> {
+        let n = self.shards.len();
+        let mut per_shard: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
+        let mut slots = Vec::with_capacity(actions.len());
+        for (i, action) in actions.into_iter().enumerate() {
+            let slot = i as u32;
+            slots.push(match action {
+                Action::Local(r) => Slot::Done(r),
+                Action::Bye => Slot::Bye,
+                Action::Shard(s, cmd) => {
+                    per_shard[s].push((slot, cmd));
+                    Slot::Single
+                }
+                Action::PutMachine(cmd) => {
+                    let Command::PutMachine { machine, version, .. } = &cmd else {
+                        unreachable!("PutMachine action carries a PutMachine command")
+                    };
+                    let (machine, version) = (machine.clone(), *version);
+                    for list in per_shard.iter_mut() {
+                        list.push((slot, cmd.clone()));
+                    }
+                    Slot::Put { machine, version, first_error: None, created: false, checksum: None }
+                }
+                Action::ListInstances { machine, state, offset, limit } => {
+                    let take = offset.saturating_add(limit);
+                    for list in per_shard.iter_mut() {
+                        list.push((slot, Command::ListInstances { machine: machine.clone(), state: state.clone(), take }));
+                    }
+                    Slot::List { offset, limit, total: 0, parts: Vec::with_capacity(n) }
+                }
+                Action::WalStats => {
+                    for list in per_shard.iter_mut() {
+                        list.push((slot, Command::WalStats));
+                    }
+                    Slot::Stats(ShardWalStats::default())
+                }
+            });
+        }
+        let mut waiting = 0;
+        for (shard, commands) in per_shard.into_iter().enumerate() {
+            if commands.is_empty() {
+                continue;
+            }
+            let batch = Batch { commands, reply_to: replies.0.clone() };
+            if self.shards[shard].send_async(ShardMsg::Batch(batch)).await.is_err() {
+                tracing::error!(shard, "shard channel closed");
+                continue;
+            }
+            waiting += 1;
+        }
+        while waiting > 0 {
+            let Ok(reply) = replies.1.recv_async().await else { break };
+            waiting -= 1;
+            for (slot, r) in reply.replies {
+                merge(&mut slots[slot as usize], reply.shard, r);
+            }
+        }
+        slots.into_iter().map(|s| self.finish(s)).collect()
+    }
+
+    fn finish(&self, slot: Slot) -> Outcome {
+        match slot {
+            Slot::Done(r) => Outcome::Done(r),
+            Slot::Bye => Outcome::Bye,
+            Slot::Single => Outcome::Done(Err(ApiError::new(
+                rstmdb_shards::error::ErrorCode::InternalError,
+                "shard unavailable (server shutting down)",
+            ))),
+            Slot::Put { first_error: Some((_, e)), .. } => Outcome::Done(Err(e)),
+            Slot::Put { machine, version, created, checksum, .. } => {
+                let Some(checksum) = checksum else {
+                    return Outcome::Done(Err(ApiError::new(
+                        rstmdb_shards::error::ErrorCode::InternalError,
+                        "shard unavailable (server shutting down)",
+                    )));
+                };
+                Outcome::Done(Ok(put_result(&machine, version, created, &checksum)))
+            }
+            Slot::List { offset, limit, total, parts } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
+            Slot::Stats(s) => Outcome::Done(Ok(self.stats_result(&s))),
+        }
+    }
+
+    fn stats_result(&self, s: &ShardWalStats) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Io {
+            bytes_read: u64,
+            bytes_written: u64,
+            fsyncs: u64,
+            reads: u64,
+            writes: u64,
+        }
+        #[derive(Serialize)]
+        struct R {
+            entry_count: u64,
+            io_stats: Io,
+            latest_offset: u64,
+            segment_count: u64,
+            total_size_bytes: u64,
+        }
+        serde_json::to_vec(&R {
+            entry_count: s.entries,
+            io_stats: Io {
+                bytes_read: s.io.bytes_read,
+                bytes_written: s.io.bytes_written,
+                fsyncs: s.io.fsyncs,
+                reads: s.io.reads,
+                writes: s.io.writes,
+            },
+            latest_offset: self.seq.peek(),
+            segment_count: s.segments,
+            total_size_bytes: s.used_bytes,
+        })
+        .expect("serialization cannot fail")
+    }
+}
+
+/// PUT_MACHINE result: created if any shard stored it now (a retry after a
+/// partial failure completes the registration on the remaining shards).
+fn put_result(machine: &str, version: u32, created: bool, checksum: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "created": created,
+        "machine": machine,
+        "stored_checksum": checksum,
+        "version": version,
+    }))
+    .expect("serialization cannot fail")
+}
+
+fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
+    match (slot, reply) {
+        (s @ Slot::Single, Reply::Json(b)) => *s = Slot::Done(Ok(b)),
+        (s @ Slot::Single, Reply::Error(e)) => *s = Slot::Done(Err(e)),
+        (Slot::Put { first_error, created, checksum, .. }, r) => match r {
+            Reply::PutMachine { created: c, checksum: sum } => {
+                *created |= c;
+                *checksum = Some(sum);
+            }
+            Reply::Error(e) => {
+                if first_error.as_ref().is_none_or(|(s, _)| shard < *s) {
+                    *first_error = Some((shard, e));
+                }
+            }
+            _ => unreachable!("PUT_MACHINE answered with another reply kind"),
+        },
+        (Slot::List { total, parts, .. }, Reply::Instances { total: t, items }) => {
+            *total += t;
+            parts.push(items);
+        }
+        (Slot::Stats(acc), Reply::WalStats(s)) => {
+            acc.entries += s.entries;
+            acc.segments += s.segments;
+            acc.used_bytes += s.used_bytes;
+            acc.io.bytes_read += s.io.bytes_read;
+            acc.io.bytes_written += s.io.bytes_written;
+            acc.io.reads += s.io.reads;
+            acc.io.writes += s.io.writes;
+            acc.io.fsyncs += s.io.fsyncs;
+        }
+        (_, r) => unreachable!("unexpected shard reply {r:?}"),
+    }
+}
+
+/// Merges the shards' id-sorted shares into one page in instance-id order,
+/// so consecutive pages neither overlap nor leave gaps while nothing
+/// changes.
+fn list_result(offset: usize, limit: usize, total: u64, parts: Vec<Vec<InstanceSummary>>) -> Vec<u8> {
+    let mut all: Vec<InstanceSummary> = parts.into_iter().flatten().collect();
+    all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    let page: Vec<InstanceSummary> = all.into_iter().skip(offset).take(limit).collect();
+    // Keep the response within a frame: return fewer items, has_more says so.
+    let mut items = Vec::with_capacity(page.len());
+    let mut bytes = 0usize;
+    for it in page {
+        bytes += 200 + it.id.len() + it.machine.len() + it.state.len();
+        if bytes > LIST_BYTES_BUDGET {
+            break;
+        }
+        items.push(it);
+    }
+    #[derive(Serialize)]
+    struct R {
+        has_more: bool,
+        instances: Vec<InstanceSummary>,
+        total: u64,
+    }
+    let has_more = (offset + items.len()) < total as usize;
+    serde_json::to_vec(&R { has_more, instances: items, total }).expect("serialization cannot fail")
+}

@@ -1,0 +1,211 @@
+//! The frontend: accepts connections, decodes frames, keeps sessions,
+//! routes requests to shards and writes answers in request order.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use rstmdb_shards::commands::BatchReply;
+use rstmdb_shards::error::{ApiError, ErrorCode};
+
+use crate::ops::{self, Action, OpSettings};
+use crate::protocol::{envelope, frame};
+use crate::router::{Outcome, Router};
+use crate::session::{Session, WireMode};
+
+/// Most requests decoded and dispatched in one cycle; more complete frames
+/// wait for the next cycle (bounds per-connection memory and latency).
+const MAX_REQUESTS_PER_CYCLE: usize = 1024;
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long shutdown waits for connections to finish their current cycle.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Frontend settings.
+#[derive(Clone)]
+pub struct FrontendConfig {
+    /// Operation settings.
+    pub ops: OpSettings,
+    /// `network.max_connections`.
+    pub max_connections: usize,
+    /// `network.idle_timeout_secs` (None = never): a connection that sends
+    /// nothing for this long is closed silently (D18).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Runs the accept loop until `shutdown` fires (or its sender is dropped),
+/// then lets open connections finish their current cycle.
+pub async fn serve(listener: TcpListener, router: Router, cfg: FrontendConfig, shutdown: flume::Receiver<()>) {
+    let active = Rc::new(Cell::new(0usize));
+    // Dropping this sender tells every connection to stop after its cycle.
+    let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = shutdown.recv_async().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if active.get() >= cfg.max_connections {
+            // Over the limit: close without sending a byte (D18).
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        active.set(active.get() + 1);
+        let (router, cfg, active, stop) = (router.clone(), cfg.clone(), active.clone(), stop_rx.clone());
+        glommio::spawn_local(async move {
+            if let Err(e) = connection(stream, router, &cfg, stop).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            active.set(active.get() - 1);
+        })
+        .detach();
+    }
+    tracing::info!("stopped accepting; finishing open connections");
+    drop(stop_tx);
+    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+    while active.get() > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Serves one connection until EOF, BYE, a fatal framing/envelope error, or
+/// shutdown.
+async fn connection(
+    mut stream: TcpStream,
+    router: Router,
+    cfg: &FrontendConfig,
+    stop: flume::Receiver<()>,
+) -> std::io::Result<()> {
+    let mut session = Session::default();
+    let mut rbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut start = 0usize; // first unconsumed byte of rbuf
+    let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let replies = flume::bounded::<BatchReply>(router.shard_count());
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        // Decode every complete frame already buffered.
+        let mut requests: Vec<(String, Action)> = Vec::new();
+        let mut close = false;
+        while requests.len() < MAX_REQUESTS_PER_CYCLE {
+            match frame::decode(&rbuf[start..]) {
+                Ok(Some((range, total))) => {
+                    let payload = &rbuf[start + range.start..start + range.end];
+                    let Some(req) = envelope::parse(payload) else {
+                        close = true; // envelope errors are fatal, silently
+                        break;
+                    };
+                    start += total;
+                    let action = ops::plan(&req.op, req.params, &mut session, &cfg.ops);
+                    let bye = matches!(action, Action::Bye);
+                    requests.push((req.id, action));
+                    if bye {
+                        close = true; // requests pipelined after BYE are discarded
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "framing error; closing connection");
+                    close = true;
+                    break;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            let (ids, actions): (Vec<String>, Vec<Action>) = requests.into_iter().unzip();
+            let outcomes = router.run(actions, &replies).await;
+            wbuf.clear();
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                let mut payload = Vec::new();
+                match outcome {
+                    Outcome::Done(Ok(result)) => envelope::ok_response(id, &result, &mut payload),
+                    Outcome::Done(Err(e)) => envelope::error_response(id, &e, &mut payload),
+                    Outcome::Bye => envelope::ok_response(id, br#"{"goodbye":true}"#, &mut payload),
+                }
+                if payload.len() > frame::MAX_PAYLOAD {
+                    payload.clear();
+                    let e = ApiError::new(
+                        ErrorCode::InternalError,
+                        "response exceeds the 16 MiB frame limit; read less at once",
+                    );
+                    envelope::error_response(id, &e, &mut payload);
+                }
+                write_message(&mut wbuf, &payload, session.wire_mode);
+            }
+            stream.write_all(&wbuf).await?;
+            if wbuf.capacity() > 4 * READ_CHUNK {
+                wbuf = Vec::with_capacity(READ_CHUNK);
+            }
+        }
+        if close {
+            let _ = stream.flush().await;
+            return Ok(());
+        }
+        // Compact the read buffer, then read more unless a full cycle's worth
+        // of frames is still waiting.
+        if start > 0 {
+            rbuf.drain(..start);
+            start = 0;
+        }
+        if frame::decode(&rbuf).ok().flatten().is_some() {
+            continue;
+        }
+        if stop.is_disconnected() {
+            return Ok(());
+        }
+        let want = frame::frame_len_hint(&rbuf).unwrap_or(0).max(rbuf.len() + 1);
+        if rbuf.capacity() < want {
+            rbuf.reserve(want - rbuf.len());
+        }
+        let idle = cfg.idle_timeout;
+        let read = futures_lite::future::or(
+            async { Some(stream.read(&mut chunk).await) },
+            futures_lite::future::or(
+                async {
+                    let _ = stop.recv_async().await;
+                    None
+                },
+                async move {
+                    match idle {
+                        Some(d) => glommio::timer::sleep(d).await,
+                        None => futures_lite::future::pending::<()>().await,
+                    }
+                    None
+                },
+            ),
+        )
+        .await;
+        match read {
+            None => return Ok(()),
+            Some(Ok(0)) => return Ok(()),
+            Some(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            Some(Err(e)) => return Err(e.into()),
+        }
+        if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {
+            rbuf.shrink_to(READ_CHUNK);
+        }
+    }
+}
+
+/// Appends one outgoing message in the session's wire mode.
+fn write_message(out: &mut Vec<u8>, payload: &[u8], mode: WireMode) {
+    match mode {
+        WireMode::Binary => frame::encode(payload, out),
+        WireMode::Jsonl => {
+            out.extend_from_slice(payload);
+            out.push(b'\n');
+        }
+    }
+}
