@@ -74,7 +74,11 @@ impl DataDir {
     /// Creates (if needed) and locks `root`, and checks or records the shard
     /// count.
     pub fn open(root: &Path, shards: usize) -> Result<DataDir, DataDirError> {
-        let io = |what, path: &Path, source| DataDirError::Io { what, path: path.to_path_buf(), source };
+        let io = |what, path: &Path, source| DataDirError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
         fs::create_dir_all(root).map_err(|e| io("creating data directory", root, e))?;
         let lock_path = root.join("LOCK");
         let lock = OpenOptions::new()
@@ -90,8 +94,11 @@ impl DataDir {
         let meta_path = root.join("meta.json");
         match fs::read(&meta_path) {
             Ok(bytes) => {
-                let meta: Meta = serde_json::from_slice(&bytes)
-                    .map_err(|e| DataDirError::BadMeta { path: meta_path.clone(), reason: e.to_string() })?;
+                let meta: Meta =
+                    serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
+                        path: meta_path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if meta.format != FORMAT {
                     return Err(DataDirError::BadMeta {
                         path: meta_path,
@@ -107,12 +114,19 @@ impl DataDir {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let bytes = serde_json::to_vec(&Meta { format: FORMAT, shards }).expect("serializable");
+                let bytes = serde_json::to_vec(&Meta {
+                    format: FORMAT,
+                    shards,
+                })
+                .expect("serializable");
                 write_atomically(root, "meta.json", &bytes)?;
             }
             Err(e) => return Err(io("reading", &meta_path, e)),
         }
-        Ok(DataDir { root: root.to_path_buf(), _lock: lock })
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// WAL directory of shard `i`.
@@ -123,14 +137,20 @@ impl DataDir {
 
 /// Writes `name` in `dir` atomically: temp file, fsync, rename, fsync dir.
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DataDirError> {
-    let io = |what, path: &Path, source| DataDirError::Io { what, path: path.to_path_buf(), source };
+    let io = |what, path: &Path, source| DataDirError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
     f.write_all(bytes).map_err(|e| io("writing", &tmp, e))?;
     f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
     fs::rename(&tmp, &dst).map_err(|e| io("renaming", &dst, e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing", dir, e))?;
     Ok(())
 }
 
@@ -143,14 +163,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         drop(DataDir::open(tmp.path(), 3).unwrap());
         assert!(DataDir::open(tmp.path(), 3).is_ok());
-        let err = DataDir::open(tmp.path(), 2).err().expect("mismatch refused").to_string();
-        assert!(err.contains("created with 3 shard(s)") && err.contains("--shards 3"), "{err}");
+        let err = DataDir::open(tmp.path(), 2)
+            .err()
+            .expect("mismatch refused")
+            .to_string();
+        assert!(
+            err.contains("created with 3 shard(s)") && err.contains("--shards 3"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_second_opener_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let _held = DataDir::open(tmp.path(), 1).unwrap();
-        assert!(matches!(DataDir::open(tmp.path(), 1), Err(DataDirError::Locked(_))));
+        assert!(matches!(
+            DataDir::open(tmp.path(), 1),
+            Err(DataDirError::Locked(_))
+        ));
     }
 }

@@ -66,7 +66,10 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
@@ -85,7 +88,10 @@ fn run(cfg: Config) -> Result<(), String> {
     let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
     let limits = EngineLimits {
         idempotency_entries: cfg.storage.idempotency_window,
-        idempotency_max_age_ms: cfg.storage.idempotency_max_age().map_or(0, |d| d.as_millis() as i64),
+        idempotency_max_age_ms: cfg
+            .storage
+            .idempotency_max_age()
+            .map_or(0, |d| d.as_millis() as i64),
     };
 
     // Recover every shard in parallel (blocking reads), then union the
@@ -95,24 +101,45 @@ fn run(cfg: Config) -> Result<(), String> {
     let results: Vec<Result<(Engine, Recovered), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..shards)
             .map(|i| {
-                let opts = RecoveryOptions { dir: data.wal_dir(i), shard: i as u32, segment_size };
+                let opts = RecoveryOptions {
+                    dir: data.wal_dir(i),
+                    shard: i as u32,
+                    segment_size,
+                };
                 let limits = limits.clone();
-                s.spawn(move || recover_shard(&opts, &limits).map_err(|e| format!("shard {i}: WAL recovery failed: {e}")))
+                s.spawn(move || {
+                    recover_shard(&opts, &limits)
+                        .map_err(|e| format!("shard {i}: WAL recovery failed: {e}"))
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("recovery thread panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("recovery thread panicked".into()))
+            })
+            .collect()
     });
     let mut recovered = Vec::with_capacity(shards);
     for r in results {
         recovered.push(r?);
     }
-    let all_machines: Vec<_> = recovered.iter().flat_map(|(e, _)| e.machine_defs()).collect();
+    let all_machines: Vec<_> = recovered
+        .iter()
+        .flat_map(|(e, _)| e.machine_defs())
+        .collect();
     for (engine, _) in recovered.iter_mut() {
         for (name, v, def) in &all_machines {
             engine.adopt_machine(name.clone(), *v, def.clone());
         }
     }
-    let next_offset = recovered.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0) + 1;
+    let next_offset = recovered
+        .iter()
+        .map(|(_, r)| r.last_offset)
+        .max()
+        .unwrap_or(0)
+        + 1;
     let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
     tracing::info!(
         shards,
@@ -138,7 +165,11 @@ fn run(cfg: Config) -> Result<(), String> {
         senders.push(tx);
         let scfg = ShardConfig {
             id: i,
-            wal: WriterConfig { dir: data.wal_dir(i), shard: i as u32, segment_size },
+            wal: WriterConfig {
+                dir: data.wal_dir(i),
+                shard: i as u32,
+                segment_size,
+            },
             fsync: fsync_policy(cfg.storage.fsync_policy),
             max_drain_commands: MAX_DRAIN_COMMANDS,
         };
@@ -182,7 +213,9 @@ fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("starting frontend executor: {e}"))?;
 
     match ready_rx.recv() {
-        Ok(Ok(addr)) => tracing::info!(%addr, shards, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening"),
+        Ok(Ok(addr)) => {
+            tracing::info!(%addr, shards, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening")
+        }
         Ok(Err(e)) => {
             drop(shutdown_tx);
             let _ = frontend.join();
@@ -192,8 +225,11 @@ fn run(cfg: Config) -> Result<(), String> {
     }
 
     // Signals: the first starts a graceful shutdown, a second exits at once.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -201,7 +237,10 @@ fn run(cfg: Config) -> Result<(), String> {
             for sig in signals.forever() {
                 seen += 1;
                 if seen == 1 {
-                    tracing::info!(signal = sig, "shutting down: no new connections, finishing in-flight requests");
+                    tracing::info!(
+                        signal = sig,
+                        "shutting down: no new connections, finishing in-flight requests"
+                    );
                     let _ = shutdown_tx.send(());
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting immediately");
@@ -211,7 +250,9 @@ fn run(cfg: Config) -> Result<(), String> {
         })
         .map_err(|e| format!("starting the signal thread: {e}"))?;
 
-    frontend.join().map_err(|e| format!("frontend executor failed: {e}"))?;
+    frontend
+        .join()
+        .map_err(|e| format!("frontend executor failed: {e}"))?;
     let mut failed = None;
     for (i, h) in shard_handles.into_iter().enumerate() {
         match h.join() {

@@ -66,7 +66,9 @@ fn params<T: DeserializeOwned>(p: Value) -> Result<T, ApiError> {
 }
 
 fn local<T: Serialize>(v: &T) -> Action {
-    Action::Local(Ok(serde_json::to_vec(v).expect("result serialization cannot fail")))
+    Action::Local(Ok(
+        serde_json::to_vec(v).expect("result serialization cannot fail")
+    ))
 }
 
 /// Parses one request into an [`Action`].
@@ -77,7 +79,12 @@ pub fn plan(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Action
     }
 }
 
-fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Result<Action, ApiError> {
+fn plan_inner(
+    op: &str,
+    p: Value,
+    session: &mut Session,
+    s: &OpSettings,
+) -> Result<Action, ApiError> {
     Ok(match op {
         "HELLO" => hello(p, session)?,
         "AUTH" => auth(p)?,
@@ -100,7 +107,13 @@ fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Resu
                 version: u32,
             }
             let q: GetMachineParams = params(p)?;
-            Action::Shard(0, Command::GetMachine { machine: q.machine, version: q.version })
+            Action::Shard(
+                0,
+                Command::GetMachine {
+                    machine: q.machine,
+                    version: q.version,
+                },
+            )
         }
         "LIST_MACHINES" => Action::Shard(0, Command::ListMachines),
         "CREATE_INSTANCE" => create_instance(p, s)?,
@@ -110,7 +123,12 @@ fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Resu
                 instance_id: String,
             }
             let q: GetInstanceParams = params(p)?;
-            Action::Shard(routing::shard_for(&q.instance_id, s.shards), Command::GetInstance { instance_id: q.instance_id })
+            Action::Shard(
+                routing::shard_for(&q.instance_id, s.shards),
+                Command::GetInstance {
+                    instance_id: q.instance_id,
+                },
+            )
         }
         "LIST_INSTANCES" => list_instances(p)?,
         "DELETE_INSTANCE" => {
@@ -118,10 +136,16 @@ fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Resu
                 Some(Value::String(id)) => id.clone(),
                 _ => return Err(ApiError::bad_request("missing instance_id")),
             };
-            let key = p.get("idempotency_key").and_then(Value::as_str).map(str::to_owned);
+            let key = p
+                .get("idempotency_key")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             Action::Shard(
                 routing::shard_for(&id, s.shards),
-                Command::DeleteInstance { instance_id: id, idempotency_key: key },
+                Command::DeleteInstance {
+                    instance_id: id,
+                    idempotency_key: key,
+                },
             )
         }
         "APPLY_EVENT" => apply_event(p, s)?,
@@ -132,11 +156,15 @@ fn plan_inner(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Resu
             ))
         }
         "REPLICATE" | "REPLICATE_ACK" => {
-            return Err(ApiError::bad_request("replication operations are handled internally"))
+            return Err(ApiError::bad_request(
+                "replication operations are handled internally",
+            ))
         }
-        "BATCH" | "SNAPSHOT_INSTANCE" | "WAL_READ" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH"
-        | "FLUSH_ALL" => {
-            return Err(ApiError::bad_request(format!("operation {op} is not supported by this server yet")))
+        "BATCH" | "SNAPSHOT_INSTANCE" | "WAL_READ" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL"
+        | "UNWATCH" | "FLUSH_ALL" => {
+            return Err(ApiError::bad_request(format!(
+                "operation {op} is not supported by this server yet"
+            )))
         }
         other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
     })
@@ -158,7 +186,10 @@ fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
     if h.protocol_version != 1 {
         return Err(ApiError::new(
             ErrorCode::UnsupportedProtocol,
-            format!("unsupported protocol version: {} (this server speaks 1)", h.protocol_version),
+            format!(
+                "unsupported protocol version: {} (this server speaks 1)",
+                h.protocol_version
+            ),
         ));
     }
     session.wire_mode = if h.wire_modes.iter().any(|m| m == "binary_json") {
@@ -168,7 +199,11 @@ fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
     } else {
         WireMode::Binary
     };
-    let features: Vec<&str> = FEATURES.iter().copied().filter(|f| h.features.iter().any(|r| r == f)).collect();
+    let features: Vec<&str> = FEATURES
+        .iter()
+        .copied()
+        .filter(|f| h.features.iter().any(|r| r == f))
+        .collect();
     Ok(local(&serde_json::json!({
         "features": features,
         "protocol_version": 1,
@@ -188,11 +223,17 @@ fn auth(p: Value) -> Result<Action, ApiError> {
     if a.method != "bearer" {
         return Err(ApiError::new(
             ErrorCode::AuthFailed,
-            format!("authentication failed: unsupported auth method: {}", a.method),
+            format!(
+                "authentication failed: unsupported auth method: {}",
+                a.method
+            ),
         ));
     }
     if a.token.is_empty() {
-        return Err(ApiError::new(ErrorCode::AuthFailed, "authentication failed: empty token"));
+        return Err(ApiError::new(
+            ErrorCode::AuthFailed,
+            "authentication failed: empty token",
+        ));
     }
     Ok(local(&serde_json::json!({"authenticated": true})))
 }
@@ -269,7 +310,11 @@ fn list_instances(p: Value) -> Result<Action, ApiError> {
         #[serde(default)]
         offset: Option<u32>,
     }
-    let q: ListInstancesParams = if p.is_null() { ListInstancesParams::default() } else { params(p)? };
+    let q: ListInstancesParams = if p.is_null() {
+        ListInstancesParams::default()
+    } else {
+        params(p)?
+    };
     Ok(Action::ListInstances {
         machine: q.machine,
         state: q.state,

@@ -38,8 +38,19 @@ enum Slot {
     Done(Result<Vec<u8>, ApiError>),
     Bye,
     Single,
-    Put { machine: String, version: u32, first_error: Option<(usize, ApiError)>, created: bool, checksum: Option<String> },
-    List { offset: usize, limit: usize, total: u64, parts: Vec<Vec<InstanceSummary>> },
+    Put {
+        machine: String,
+        version: u32,
+        first_error: Option<(usize, ApiError)>,
+        created: bool,
+        checksum: Option<String>,
+    },
+    List {
+        offset: usize,
+        limit: usize,
+        total: u64,
+        parts: Vec<Vec<InstanceSummary>>,
+    },
     Stats(ShardWalStats),
 }
 
@@ -75,21 +86,47 @@ impl Router {
                     Slot::Single
                 }
                 Action::PutMachine(cmd) => {
-                    let Command::PutMachine { machine, version, .. } = &cmd else {
+                    let Command::PutMachine {
+                        machine, version, ..
+                    } = &cmd
+                    else {
                         unreachable!("PutMachine action carries a PutMachine command")
                     };
                     let (machine, version) = (machine.clone(), *version);
                     for list in per_shard.iter_mut() {
                         list.push((slot, cmd.clone()));
                     }
-                    Slot::Put { machine, version, first_error: None, created: false, checksum: None }
+                    Slot::Put {
+                        machine,
+                        version,
+                        first_error: None,
+                        created: false,
+                        checksum: None,
+                    }
                 }
-                Action::ListInstances { machine, state, offset, limit } => {
+                Action::ListInstances {
+                    machine,
+                    state,
+                    offset,
+                    limit,
+                } => {
                     let take = offset.saturating_add(limit);
                     for list in per_shard.iter_mut() {
-                        list.push((slot, Command::ListInstances { machine: machine.clone(), state: state.clone(), take }));
+                        list.push((
+                            slot,
+                            Command::ListInstances {
+                                machine: machine.clone(),
+                                state: state.clone(),
+                                take,
+                            },
+                        ));
                     }
-                    Slot::List { offset, limit, total: 0, parts: Vec::with_capacity(n) }
+                    Slot::List {
+                        offset,
+                        limit,
+                        total: 0,
+                        parts: Vec::with_capacity(n),
+                    }
                 }
                 Action::WalStats => {
                     for list in per_shard.iter_mut() {
@@ -104,15 +141,24 @@ impl Router {
             if commands.is_empty() {
                 continue;
             }
-            let batch = Batch { commands, reply_to: replies.0.clone() };
-            if self.shards[shard].send_async(ShardMsg::Batch(batch)).await.is_err() {
+            let batch = Batch {
+                commands,
+                reply_to: replies.0.clone(),
+            };
+            if self.shards[shard]
+                .send_async(ShardMsg::Batch(batch))
+                .await
+                .is_err()
+            {
                 tracing::error!(shard, "shard channel closed");
                 continue;
             }
             waiting += 1;
         }
         while waiting > 0 {
-            let Ok(reply) = replies.1.recv_async().await else { break };
+            let Ok(reply) = replies.1.recv_async().await else {
+                break;
+            };
             waiting -= 1;
             for (slot, r) in reply.replies {
                 merge(&mut slots[slot as usize], reply.shard, r);
@@ -129,8 +175,17 @@ impl Router {
                 rstmdb_shards::error::ErrorCode::InternalError,
                 "shard unavailable (server shutting down)",
             ))),
-            Slot::Put { first_error: Some((_, e)), .. } => Outcome::Done(Err(e)),
-            Slot::Put { machine, version, created, checksum, .. } => {
+            Slot::Put {
+                first_error: Some((_, e)),
+                ..
+            } => Outcome::Done(Err(e)),
+            Slot::Put {
+                machine,
+                version,
+                created,
+                checksum,
+                ..
+            } => {
                 let Some(checksum) = checksum else {
                     return Outcome::Done(Err(ApiError::new(
                         rstmdb_shards::error::ErrorCode::InternalError,
@@ -139,7 +194,12 @@ impl Router {
                 };
                 Outcome::Done(Ok(put_result(&machine, version, created, &checksum)))
             }
-            Slot::List { offset, limit, total, parts } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
+            Slot::List {
+                offset,
+                limit,
+                total,
+                parts,
+            } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
             Slot::Stats(s) => Outcome::Done(Ok(self.stats_result(&s))),
         }
     }
@@ -194,8 +254,19 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
     match (slot, reply) {
         (s @ Slot::Single, Reply::Json(b)) => *s = Slot::Done(Ok(b)),
         (s @ Slot::Single, Reply::Error(e)) => *s = Slot::Done(Err(e)),
-        (Slot::Put { first_error, created, checksum, .. }, r) => match r {
-            Reply::PutMachine { created: c, checksum: sum } => {
+        (
+            Slot::Put {
+                first_error,
+                created,
+                checksum,
+                ..
+            },
+            r,
+        ) => match r {
+            Reply::PutMachine {
+                created: c,
+                checksum: sum,
+            } => {
                 *created |= c;
                 *checksum = Some(sum);
             }
@@ -227,7 +298,12 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
 /// Merges the shards' id-sorted shares into one page in instance-id order,
 /// so consecutive pages neither overlap nor leave gaps while nothing
 /// changes.
-fn list_result(offset: usize, limit: usize, total: u64, parts: Vec<Vec<InstanceSummary>>) -> Vec<u8> {
+fn list_result(
+    offset: usize,
+    limit: usize,
+    total: u64,
+    parts: Vec<Vec<InstanceSummary>>,
+) -> Vec<u8> {
     let mut all: Vec<InstanceSummary> = parts.into_iter().flatten().collect();
     all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     let page: Vec<InstanceSummary> = all.into_iter().skip(offset).take(limit).collect();
@@ -248,5 +324,10 @@ fn list_result(offset: usize, limit: usize, total: u64, parts: Vec<Vec<InstanceS
         total: u64,
     }
     let has_more = (offset + items.len()) < total as usize;
-    serde_json::to_vec(&R { has_more, instances: items, total }).expect("serialization cannot fail")
+    serde_json::to_vec(&R {
+        has_more,
+        instances: items,
+        total,
+    })
+    .expect("serialization cannot fail")
 }

@@ -37,7 +37,12 @@ pub struct FrontendConfig {
 
 /// Runs the accept loop until `shutdown` fires (or its sender is dropped),
 /// then lets open connections finish their current cycle.
-pub async fn serve(listener: TcpListener, router: Router, cfg: FrontendConfig, shutdown: flume::Receiver<()>) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cfg: FrontendConfig,
+    shutdown: flume::Receiver<()>,
+) {
     let active = Rc::new(Cell::new(0usize));
     // Dropping this sender tells every connection to stop after its cycle.
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
@@ -63,7 +68,8 @@ pub async fn serve(listener: TcpListener, router: Router, cfg: FrontendConfig, s
         }
         let _ = stream.set_nodelay(true);
         active.set(active.get() + 1);
-        let (router, cfg, active, stop) = (router.clone(), cfg.clone(), active.clone(), stop_rx.clone());
+        let (router, cfg, active, stop) =
+            (router.clone(), cfg.clone(), active.clone(), stop_rx.clone());
         glommio::spawn_local(async move {
             if let Err(e) = connection(stream, router, &cfg, stop).await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -165,7 +171,9 @@ async fn connection(
         if stop.is_disconnected() {
             return Ok(());
         }
-        let want = frame::frame_len_hint(&rbuf).unwrap_or(0).max(rbuf.len() + 1);
+        let want = frame::frame_len_hint(&rbuf)
+            .unwrap_or(0)
+            .max(rbuf.len() + 1);
         if rbuf.capacity() < want {
             rbuf.reserve(want - rbuf.len());
         }
@@ -191,7 +199,7 @@ async fn connection(
             None => return Ok(()),
             Some(Ok(0)) => return Ok(()),
             Some(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
-            Some(Err(e)) => return Err(e.into()),
+            Some(Err(e)) => return Err(e),
         }
         if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {
             rbuf.shrink_to(READ_CHUNK);

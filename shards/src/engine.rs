@@ -77,7 +77,10 @@ impl Offsets {
     }
 
     fn take(&mut self) -> u64 {
-        assert!(self.next < self.end, "more WAL records than reserved offsets");
+        assert!(
+            self.next < self.end,
+            "more WAL records than reserved offsets"
+        );
         let o = self.next;
         self.next += 1;
         o
@@ -115,11 +118,17 @@ fn json<T: Serialize>(v: &T) -> Reply {
 }
 
 fn instance_not_found(id: &str) -> ApiError {
-    ApiError::core(ErrorCode::InstanceNotFound, format!("instance not found: {id}"))
+    ApiError::core(
+        ErrorCode::InstanceNotFound,
+        format!("instance not found: {id}"),
+    )
 }
 
 fn machine_not_found(m: &str, v: u32) -> ApiError {
-    ApiError::core(ErrorCode::MachineNotFound, format!("machine version not found: {m} v{v}"))
+    ApiError::core(
+        ErrorCode::MachineNotFound,
+        format!("machine version not found: {m} v{v}"),
+    )
 }
 
 /// Shallow merge (SEMANTICS.md §5): only when both are objects.
@@ -142,7 +151,10 @@ impl Engine {
         Engine {
             machines: HashMap::new(),
             instances: HashMap::new(),
-            idempotency: IdempotencyWindow::new(limits.idempotency_entries, limits.idempotency_max_age_ms),
+            idempotency: IdempotencyWindow::new(
+                limits.idempotency_entries,
+                limits.idempotency_max_age_ms,
+            ),
             undo: Vec::new(),
             staged: Vec::new(),
         }
@@ -167,7 +179,11 @@ impl Engine {
     /// Installs a definition found on another shard during recovery (not
     /// logged here: recovery unions definitions from every shard again).
     pub fn adopt_machine(&mut self, name: String, version: u32, def: Arc<MachineDef>) {
-        self.machines.entry(name).or_default().entry(version).or_insert(def);
+        self.machines
+            .entry(name)
+            .or_default()
+            .entry(version)
+            .or_insert(def);
     }
 
     fn machine(&self, name: &str, version: u32) -> Option<&Arc<MachineDef>> {
@@ -203,7 +219,9 @@ impl Engine {
                         }
                     }
                 }
-                Undo::Idempotency(id, key, prev, at) => self.idempotency.restore(&id, &key, prev, at),
+                Undo::Idempotency(id, key, prev, at) => {
+                    self.idempotency.restore(&id, &key, prev, at)
+                }
             }
         }
     }
@@ -220,7 +238,11 @@ impl Engine {
             )));
         }
         let offset = offsets.take();
-        self.staged.push(Staged { offset, kind: entry.kind(), bytes });
+        self.staged.push(Staged {
+            offset,
+            kind: entry.kind(),
+            bytes,
+        });
         Ok(offset)
     }
 
@@ -229,19 +251,42 @@ impl Engine {
     /// entry is committed.
     pub fn execute(&mut self, cmd: Command, offsets: &mut Offsets, now: i64) -> Reply {
         let result = match cmd {
-            Command::PutMachine { machine, version, def, raw, max_versions } => {
-                self.put_machine(machine, version, def, raw, max_versions, offsets)
-            }
+            Command::PutMachine {
+                machine,
+                version,
+                def,
+                raw,
+                max_versions,
+            } => self.put_machine(machine, version, def, raw, max_versions, offsets),
             Command::GetMachine { machine, version } => self.get_machine(&machine, version),
             Command::ListMachines => Ok(self.list_machines()),
-            Command::CreateInstance { instance_id, machine, version, initial_ctx, idempotency_key, allow_recreate } => {
-                self.create_instance(instance_id, machine, version, initial_ctx, idempotency_key, allow_recreate, offsets, now)
-            }
+            Command::CreateInstance {
+                instance_id,
+                machine,
+                version,
+                initial_ctx,
+                idempotency_key,
+                allow_recreate,
+            } => self.create_instance(
+                instance_id,
+                machine,
+                version,
+                initial_ctx,
+                idempotency_key,
+                allow_recreate,
+                offsets,
+                now,
+            ),
             Command::GetInstance { instance_id } => self.get_instance(&instance_id),
-            Command::ListInstances { machine, state, take } => Ok(self.list_instances(machine.as_deref(), state.as_deref(), take)),
-            Command::DeleteInstance { instance_id, idempotency_key } => {
-                self.delete_instance(instance_id, idempotency_key, offsets, now)
-            }
+            Command::ListInstances {
+                machine,
+                state,
+                take,
+            } => Ok(self.list_instances(machine.as_deref(), state.as_deref(), take)),
+            Command::DeleteInstance {
+                instance_id,
+                idempotency_key,
+            } => self.delete_instance(instance_id, idempotency_key, offsets, now),
             Command::ApplyEvent(a) => self.apply_event(a, offsets, now),
             Command::WalStats => unreachable!("WAL_STATS is answered by the shard loop"),
         };
@@ -272,7 +317,10 @@ impl Engine {
         let def = def?;
         if let Some(old) = existing {
             if old.checksum() == def.checksum() {
-                return Ok(Reply::PutMachine { created: false, checksum: def.checksum().to_owned() });
+                return Ok(Reply::PutMachine {
+                    created: false,
+                    checksum: def.checksum().to_owned(),
+                });
             }
             return Err(ApiError::core(
                 ErrorCode::MachineVersionExists,
@@ -289,19 +337,30 @@ impl Engine {
                 definition: (*raw).clone(),
             },
         )?;
-        self.machines.entry(machine.clone()).or_default().insert(version, def);
+        self.machines
+            .entry(machine.clone())
+            .or_default()
+            .insert(version, def);
         self.undo.push(Undo::Machine(machine, version));
-        Ok(Reply::PutMachine { created: true, checksum })
+        Ok(Reply::PutMachine {
+            created: true,
+            checksum,
+        })
     }
 
     fn get_machine(&self, machine: &str, version: u32) -> Result<Reply, ApiError> {
-        let def = self.machine(machine, version).ok_or_else(|| machine_not_found(machine, version))?;
+        let def = self
+            .machine(machine, version)
+            .ok_or_else(|| machine_not_found(machine, version))?;
         #[derive(Serialize)]
         struct R<'a> {
             checksum: &'a str,
             definition: &'a Value,
         }
-        Ok(json(&R { checksum: def.checksum(), definition: def.normalized() }))
+        Ok(json(&R {
+            checksum: def.checksum(),
+            definition: def.normalized(),
+        }))
     }
 
     fn list_machines(&self) -> Reply {
@@ -317,7 +376,10 @@ impl Engine {
         let mut items: Vec<Item<'_>> = self
             .machines
             .iter()
-            .map(|(name, vs)| Item { machine: name, versions: vs.keys().copied().collect() })
+            .map(|(name, vs)| Item {
+                machine: name,
+                versions: vs.keys().copied().collect(),
+            })
             .collect();
         items.sort_unstable_by(|a, b| a.machine.as_bytes().cmp(b.machine.as_bytes()));
         json(&R { items })
@@ -342,16 +404,26 @@ impl Engine {
             wal_offset: u64,
         }
         if let Some(key) = &idempotency_key {
-            if let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(&id, key, now) {
-                return Ok(json(&R { instance_id: &id, state, wal_offset: *wal_offset }));
+            if let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(&id, key, now)
+            {
+                return Ok(json(&R {
+                    instance_id: &id,
+                    state,
+                    wal_offset: *wal_offset,
+                }));
             }
         }
         if let Some(existing) = self.instances.get(&id) {
             if !existing.deleted || !allow_recreate {
-                return Err(ApiError::core(ErrorCode::InstanceExists, format!("instance already exists: {id}")));
+                return Err(ApiError::core(
+                    ErrorCode::InstanceExists,
+                    format!("instance already exists: {id}"),
+                ));
             }
         }
-        let def = self.machine(&machine, version).ok_or_else(|| machine_not_found(&machine, version))?;
+        let def = self
+            .machine(&machine, version)
+            .ok_or_else(|| machine_not_found(&machine, version))?;
         let state = def.initial().to_owned();
         let offset = self.stage(
             offsets,
@@ -365,10 +437,23 @@ impl Engine {
                 ts: now,
             },
         )?;
-        let reply = json(&R { instance_id: &id, state: &state, wal_offset: offset });
+        let reply = json(&R {
+            instance_id: &id,
+            state: &state,
+            wal_offset: offset,
+        });
         if let Some(key) = idempotency_key {
-            let prev = self.idempotency.insert(&id, &key, Cached::Create { state: state.clone(), wal_offset: offset }, now);
-            self.undo.push(Undo::Idempotency(id.clone(), key, prev, now));
+            let prev = self.idempotency.insert(
+                &id,
+                &key,
+                Cached::Create {
+                    state: state.clone(),
+                    wal_offset: offset,
+                },
+                now,
+            );
+            self.undo
+                .push(Undo::Idempotency(id.clone(), key, prev, now));
         }
         let inst = Instance {
             machine,
@@ -387,7 +472,11 @@ impl Engine {
     }
 
     fn get_instance(&self, id: &str) -> Result<Reply, ApiError> {
-        let inst = self.instances.get(id).filter(|i| !i.deleted).ok_or_else(|| instance_not_found(id))?;
+        let inst = self
+            .instances
+            .get(id)
+            .filter(|i| !i.deleted)
+            .ok_or_else(|| instance_not_found(id))?;
         #[derive(Serialize)]
         struct R<'a> {
             ctx: &'a Value,
@@ -413,7 +502,9 @@ impl Engine {
             .instances
             .iter()
             .filter(|(_, i)| {
-                !i.deleted && machine.is_none_or(|m| i.machine == m) && state.is_none_or(|s| i.state == s)
+                !i.deleted
+                    && machine.is_none_or(|m| i.machine == m)
+                    && state.is_none_or(|s| i.state == s)
             })
             .collect();
         let total = matches.len() as u64;
@@ -451,22 +542,45 @@ impl Engine {
             instance_id: &'a str,
             wal_offset: u64,
         }
-        let inst = self.instances.get(&id).ok_or_else(|| instance_not_found(&id))?;
+        let inst = self
+            .instances
+            .get(&id)
+            .ok_or_else(|| instance_not_found(&id))?;
         if inst.deleted {
-            return Ok(json(&R { deleted: true, instance_id: &id, wal_offset: inst.last_wal_offset }));
+            return Ok(json(&R {
+                deleted: true,
+                instance_id: &id,
+                wal_offset: inst.last_wal_offset,
+            }));
         }
         let prev = inst.clone();
-        let offset = self.stage(offsets, WalEntry::DeleteInstance { instance_id: id.clone(), idempotency_key, ts: now })?;
+        let offset = self.stage(
+            offsets,
+            WalEntry::DeleteInstance {
+                instance_id: id.clone(),
+                idempotency_key,
+                ts: now,
+            },
+        )?;
         let inst = self.instances.get_mut(&id).expect("checked above");
         inst.deleted = true;
         inst.last_wal_offset = offset;
         inst.updated_at = now;
-        let reply = json(&R { deleted: true, instance_id: &id, wal_offset: offset });
+        let reply = json(&R {
+            deleted: true,
+            instance_id: &id,
+            wal_offset: offset,
+        });
         self.undo.push(Undo::Instance(id, Some(prev)));
         Ok(reply)
     }
 
-    fn apply_event(&mut self, a: ApplyEvent, offsets: &mut Offsets, now: i64) -> Result<Reply, ApiError> {
+    fn apply_event(
+        &mut self,
+        a: ApplyEvent,
+        offsets: &mut Offsets,
+        now: i64,
+    ) -> Result<Reply, ApiError> {
         #[derive(Serialize)]
         struct R<'a> {
             applied: bool,
@@ -477,9 +591,19 @@ impl Engine {
             to_state: &'a str,
             wal_offset: u64,
         }
-        let inst = self.instances.get(&a.instance_id).filter(|i| !i.deleted).ok_or_else(|| instance_not_found(&a.instance_id))?;
+        let inst = self
+            .instances
+            .get(&a.instance_id)
+            .filter(|i| !i.deleted)
+            .ok_or_else(|| instance_not_found(&a.instance_id))?;
         if let Some(key) = &a.idempotency_key {
-            if let Some(Cached::Apply { from_state, to_state, ctx, wal_offset }) = self.idempotency.get(&a.instance_id, key, now) {
+            if let Some(Cached::Apply {
+                from_state,
+                to_state,
+                ctx,
+                wal_offset,
+            }) = self.idempotency.get(&a.instance_id, key, now)
+            {
                 return Ok(json(&R {
                     applied: false,
                     ctx,
@@ -502,15 +626,23 @@ impl Engine {
             if exp != inst.last_wal_offset {
                 return Err(ApiError::core(
                     ErrorCode::Conflict,
-                    format!("WAL offset conflict: expected {exp}, actual {}", inst.last_wal_offset),
+                    format!(
+                        "WAL offset conflict: expected {exp}, actual {}",
+                        inst.last_wal_offset
+                    ),
                 ));
             }
         }
-        let def = self.machine(&inst.machine, inst.version).ok_or_else(|| machine_not_found(&inst.machine, inst.version))?;
+        let def = self
+            .machine(&inst.machine, inst.version)
+            .ok_or_else(|| machine_not_found(&inst.machine, inst.version))?;
         let t = def.transition(&inst.state, &a.event).ok_or_else(|| {
             ApiError::core(
                 ErrorCode::InvalidTransition,
-                format!("invalid transition: cannot apply '{}' in state '{}'", a.event, inst.state),
+                format!(
+                    "invalid transition: cannot apply '{}' in state '{}'",
+                    a.event, inst.state
+                ),
             )
         })?;
         if let Some(g) = &t.guard {
@@ -557,9 +689,13 @@ impl Engine {
                 wal_offset: offset,
             };
             let prev = self.idempotency.insert(&a.instance_id, &key, cached, now);
-            self.undo.push(Undo::Idempotency(a.instance_id.clone(), key, prev, now));
+            self.undo
+                .push(Undo::Idempotency(a.instance_id.clone(), key, prev, now));
         }
-        let inst = self.instances.get_mut(&a.instance_id).expect("looked up above");
+        let inst = self
+            .instances
+            .get_mut(&a.instance_id)
+            .expect("looked up above");
         let prev = Instance {
             machine: inst.machine.clone(),
             version: inst.version,
@@ -579,18 +715,40 @@ impl Engine {
     /// maps consistent: the entry was validated when it was logged).
     pub fn replay(&mut self, offset: u64, entry: WalEntry) -> Result<(), String> {
         match entry {
-            WalEntry::PutMachine { machine, version, definition, .. } => match MachineDef::from_json(&definition) {
+            WalEntry::PutMachine {
+                machine,
+                version,
+                definition,
+                ..
+            } => match MachineDef::from_json(&definition) {
                 Ok(def) => {
-                    self.machines.entry(machine).or_default().entry(version).or_insert_with(|| Arc::new(def));
+                    self.machines
+                        .entry(machine)
+                        .or_default()
+                        .entry(version)
+                        .or_insert_with(|| Arc::new(def));
                 }
-                Err(e) => tracing::warn!(%machine, version, error = %e, "skipping invalid logged definition"),
+                Err(e) => {
+                    tracing::warn!(%machine, version, error = %e, "skipping invalid logged definition")
+                }
             },
-            WalEntry::CreateInstance { instance_id, machine, version, initial_state, initial_ctx, idempotency_key, ts } => {
+            WalEntry::CreateInstance {
+                instance_id,
+                machine,
+                version,
+                initial_state,
+                initial_ctx,
+                idempotency_key,
+                ts,
+            } => {
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(
                         &instance_id,
                         &key,
-                        Cached::Create { state: initial_state.clone(), wal_offset: offset },
+                        Cached::Create {
+                            state: initial_state.clone(),
+                            wal_offset: offset,
+                        },
                         ts,
                     );
                 }
@@ -609,7 +767,16 @@ impl Engine {
                     },
                 );
             }
-            WalEntry::ApplyEvent { instance_id, from_state, to_state, ctx, event_id, idempotency_key, ts, .. } => {
+            WalEntry::ApplyEvent {
+                instance_id,
+                from_state,
+                to_state,
+                ctx,
+                event_id,
+                idempotency_key,
+                ts,
+                ..
+            } => {
                 let inst = self
                     .instances
                     .get_mut(&instance_id)
@@ -618,7 +785,12 @@ impl Engine {
                     self.idempotency.insert(
                         &instance_id,
                         &key,
-                        Cached::Apply { from_state, to_state: to_state.clone(), ctx: ctx.clone(), wal_offset: offset },
+                        Cached::Apply {
+                            from_state,
+                            to_state: to_state.clone(),
+                            ctx: ctx.clone(),
+                            wal_offset: offset,
+                        },
                         ts,
                     );
                 }
@@ -628,7 +800,9 @@ impl Engine {
                 inst.last_wal_offset = offset;
                 inst.updated_at = ts;
             }
-            WalEntry::DeleteInstance { instance_id, ts, .. } => {
+            WalEntry::DeleteInstance {
+                instance_id, ts, ..
+            } => {
                 let inst = self
                     .instances
                     .get_mut(&instance_id)

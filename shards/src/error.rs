@@ -36,7 +36,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::WalIoError | ErrorCode::InternalError | ErrorCode::RateLimited | ErrorCode::ReplicationTimeout
+            ErrorCode::WalIoError
+                | ErrorCode::InternalError
+                | ErrorCode::RateLimited
+                | ErrorCode::ReplicationTimeout
         )
     }
 }
@@ -54,7 +57,10 @@ pub struct ApiError {
 impl ApiError {
     /// Builds an error.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// `BAD_REQUEST` with the reference's `invalid request: ` prefix.

@@ -56,7 +56,13 @@ impl IdempotencyWindow {
     /// (0 = no age limit).
     pub fn new(max_entries: usize, max_age_ms: i64) -> Self {
         assert!(max_entries > 0);
-        IdempotencyWindow { map: HashMap::new(), order: VecDeque::new(), next_seq: 0, max_entries, max_age_ms }
+        IdempotencyWindow {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            max_entries,
+            max_age_ms,
+        }
     }
 
     /// The cached result for (id, key), if present and not expired.
@@ -74,7 +80,10 @@ impl IdempotencyWindow {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.order.push_back((k.clone(), seq));
-        let old = self.map.insert(k, Entry { cached, at_ms, seq }).map(|e| e.cached);
+        let old = self
+            .map
+            .insert(k, Entry { cached, at_ms, seq })
+            .map(|e| e.cached);
         while self.map.len() > self.max_entries {
             self.evict_oldest();
         }
@@ -93,7 +102,14 @@ impl IdempotencyWindow {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.order.push_back((k.clone(), seq));
-                self.map.insert(k, Entry { cached: c, at_ms, seq });
+                self.map.insert(
+                    k,
+                    Entry {
+                        cached: c,
+                        at_ms,
+                        seq,
+                    },
+                );
             }
             None => {
                 self.map.remove(&k);
@@ -125,7 +141,10 @@ mod tests {
     use super::*;
 
     fn c(o: u64) -> Cached {
-        Cached::Create { state: "s".into(), wal_offset: o }
+        Cached::Create {
+            state: "s".into(),
+            wal_offset: o,
+        }
     }
 
     #[test]

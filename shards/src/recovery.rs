@@ -7,13 +7,20 @@ use crate::wal_entry::WalEntry;
 
 /// Replays the shard's WAL into a fresh engine. Blocking (std::fs); run it
 /// on a thread of its own, one per shard, before the executors start.
-pub fn recover_shard(opts: &RecoveryOptions, limits: &EngineLimits) -> Result<(Engine, Recovered), WalError> {
+pub fn recover_shard(
+    opts: &RecoveryOptions,
+    limits: &EngineLimits,
+) -> Result<(Engine, Recovered), WalError> {
     let mut engine = Engine::new(limits);
     let recovered = recover(opts, |r| {
-        let entry: WalEntry =
-            serde_json::from_slice(r.payload).map_err(|e| format!("undecodable entry at offset {}: {e}", r.offset))?;
+        let entry: WalEntry = serde_json::from_slice(r.payload)
+            .map_err(|e| format!("undecodable entry at offset {}: {e}", r.offset))?;
         if entry.kind() != r.kind {
-            return Err(format!("record kind {} does not match its entry {:?}", r.kind, entry.kind()));
+            return Err(format!(
+                "record kind {} does not match its entry {:?}",
+                r.kind,
+                entry.kind()
+            ));
         }
         engine.replay(r.offset, entry)
     })?;

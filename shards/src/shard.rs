@@ -70,6 +70,9 @@ impl Sequencer {
     }
 }
 
+/// The replies to one batch and where they go.
+type Answer = (flume::Sender<BatchReply>, Vec<(u32, Reply)>);
+
 /// Messages a shard accepts.
 pub enum ShardMsg {
     /// Commands from one connection's read cycle.
@@ -106,12 +109,20 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let writes: u64 = drain.iter().flat_map(|b| b.commands.iter()).filter(|(_, c)| c.may_write()).count() as u64;
-        let base = if writes > 0 { seq.reserve(writes) } else { seq.peek() };
+        let writes: u64 = drain
+            .iter()
+            .flat_map(|b| b.commands.iter())
+            .filter(|(_, c)| c.may_write())
+            .count() as u64;
+        let base = if writes > 0 {
+            seq.reserve(writes)
+        } else {
+            seq.peek()
+        };
         let mut offsets = Offsets::new(base, base + writes);
         let now = now_ms();
 
-        let mut answers: Vec<(flume::Sender<BatchReply>, Vec<(u32, Reply)>)> = Vec::with_capacity(drain.len());
+        let mut answers: Vec<Answer> = Vec::with_capacity(drain.len());
         let mut stats_wanted = false;
         for b in drain.drain(..) {
             let mut replies = Vec::with_capacity(b.commands.len());
@@ -165,7 +176,7 @@ pub async fn run(
                 engine.rollback();
             }
         }
-        let failure = result.err().map(|e| ApiError::wal(e));
+        let failure = result.err().map(ApiError::wal);
         let stats = stats_wanted.then(|| ShardWalStats {
             entries: writer.records(),
             segments: writer.segments().len() as u64,
@@ -183,7 +194,12 @@ pub async fn run(
                 }
             }
             // A vanished connection is not the shard's problem.
-            let _ = to.send_async(BatchReply { shard: cfg.id, replies }).await;
+            let _ = to
+                .send_async(BatchReply {
+                    shard: cfg.id,
+                    replies,
+                })
+                .await;
         }
     }
     writer.sync().await?;

@@ -43,7 +43,11 @@ pub fn error_response(id: &str, err: &ApiError, out: &mut Vec<u8>) {
     serde_json::to_writer(&mut *out, &err.code).expect("writing to a Vec cannot fail");
     out.extend_from_slice(br#","message":"#);
     serde_json::to_writer(&mut *out, &err.message).expect("writing to a Vec cannot fail");
-    out.extend_from_slice(if err.code.retryable() { br#","retryable":true}}"# } else { br#","retryable":false}}"# });
+    out.extend_from_slice(if err.code.retryable() {
+        br#","retryable":true}}"#
+    } else {
+        br#","retryable":false}}"#
+    });
 }
 
 #[cfg(test)]
@@ -55,9 +59,15 @@ mod tests {
     fn response_bytes_match_the_protocol_examples() {
         let mut out = Vec::new();
         ok_response("1", br#"{"pong":true}"#, &mut out);
-        assert_eq!(out, br#"{"type":"response","id":"1","status":"ok","result":{"pong":true}}"#);
+        assert_eq!(
+            out,
+            br#"{"type":"response","id":"1","status":"ok","result":{"pong":true}}"#
+        );
         let mut out = Vec::new();
-        let err = ApiError::new(ErrorCode::InstanceNotFound, "core error: instance not found: x");
+        let err = ApiError::new(
+            ErrorCode::InstanceNotFound,
+            "core error: instance not found: x",
+        );
         error_response("9", &err, &mut out);
         assert_eq!(out.len(), 147);
         assert_eq!(crc32c::crc32c(&out), 0xB3F2_48C9);

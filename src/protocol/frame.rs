@@ -83,7 +83,10 @@ pub fn frame_len_hint(buf: &[u8]) -> Option<usize> {
 
 /// Appends a server frame (version 1, CRC flag, no extension) to `out`.
 pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= MAX_PAYLOAD, "caller must keep responses within the frame limit");
+    assert!(
+        payload.len() <= MAX_PAYLOAD,
+        "caller must keep responses within the frame limit"
+    );
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&1u16.to_be_bytes());
     out.extend_from_slice(&FLAG_CRC.to_be_bytes());
@@ -105,7 +108,10 @@ mod tests {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
         let mut f = Vec::new();
         encode(PING, &mut f);
-        assert_eq!(&f[..18], &[0x52, 0x43, 0x50, 0x58, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0x33, 0xc3, 0x20, 0x09, 0xc4]);
+        assert_eq!(
+            &f[..18],
+            &[0x52, 0x43, 0x50, 0x58, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0x33, 0xc3, 0x20, 0x09, 0xc4]
+        );
         // §9.2
         let reply = br#"{"type":"response","id":"1","status":"ok","result":{"pong":true}}"#;
         assert_eq!(crc32c::crc32c(reply), 0x4B7B_432F);
@@ -147,7 +153,10 @@ mod tests {
         assert_eq!(decode(&bad), Err(FrameError::BadFlags(0x8001)));
         let mut bad = f.clone();
         bad[10..14].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
-        assert_eq!(decode(&bad[..18]), Err(FrameError::TooLarge(MAX_PAYLOAD as u32 + 1)));
+        assert_eq!(
+            decode(&bad[..18]),
+            Err(FrameError::TooLarge(MAX_PAYLOAD as u32 + 1))
+        );
         let mut bad = f.clone();
         *bad.last_mut().unwrap() = b']';
         assert_eq!(decode(&bad), Err(FrameError::BadCrc));

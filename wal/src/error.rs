@@ -54,6 +54,10 @@ pub enum WalError {
 
 impl WalError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        WalError::Io { op, path: path.into(), source }
+        WalError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }

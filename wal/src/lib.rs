@@ -26,7 +26,9 @@ pub const REPAIR_KIND: u8 = 0xFF;
 /// Whether `path` lives on tmpfs (where O_DIRECT is unavailable).
 pub fn is_tmpfs(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized,
     // zero-initialised out-parameter.
     unsafe {

@@ -82,12 +82,21 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     let payload = &buf[HEADER_LEN..HEADER_LEN + len];
     let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[0..20]), payload);
     if crc != stored {
-        return Decoded::Invalid(format!("CRC mismatch (stored {stored:08x}, computed {crc:08x})"));
+        return Decoded::Invalid(format!(
+            "CRC mismatch (stored {stored:08x}, computed {crc:08x})"
+        ));
     }
     if offset == 0 {
         return Decoded::Invalid("record offset 0".into());
     }
-    Decoded::Record(RecordRef { offset, kind, payload }, HEADER_LEN + len)
+    Decoded::Record(
+        RecordRef {
+            offset,
+            kind,
+            payload,
+        },
+        HEADER_LEN + len,
+    )
 }
 
 #[cfg(test)]
@@ -99,9 +108,13 @@ mod tests {
         let mut buf = Vec::new();
         encode(&mut buf, 42, 3, b"hello");
         encode(&mut buf, 43, 1, b"");
-        let Decoded::Record(r, n) = decode(&buf) else { panic!("first record invalid") };
+        let Decoded::Record(r, n) = decode(&buf) else {
+            panic!("first record invalid")
+        };
         assert_eq!((r.offset, r.kind, r.payload, n), (42, 3, &b"hello"[..], 29));
-        let Decoded::Record(r2, n2) = decode(&buf[n..]) else { panic!("second record invalid") };
+        let Decoded::Record(r2, n2) = decode(&buf[n..]) else {
+            panic!("second record invalid")
+        };
         assert_eq!((r2.offset, r2.kind, r2.payload.len(), n2), (43, 1, 0, 24));
     }
 
@@ -112,7 +125,10 @@ mod tests {
         for i in 0..buf.len() * 8 {
             let mut b = buf.clone();
             b[i / 8] ^= 1 << (i % 8);
-            assert!(matches!(decode(&b), Decoded::Invalid(_)), "bit {i} flip undetected");
+            assert!(
+                matches!(decode(&b), Decoded::Invalid(_)),
+                "bit {i} flip undetected"
+            );
         }
     }
 

@@ -83,18 +83,24 @@ pub fn recover<F>(opts: &RecoveryOptions, mut visit: F) -> Result<Recovered, Wal
 where
     F: FnMut(RecordRef<'_>) -> Result<(), String>,
 {
-    assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size % BLOCK == 0);
-    fs::create_dir_all(&opts.dir).map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
+    assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size.is_multiple_of(BLOCK));
+    fs::create_dir_all(&opts.dir)
+        .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
     let ids = segment::list(&opts.dir)?;
-    let mut out = Recovered { segments: ids.clone(), ..Recovered::default() };
+    let mut out = Recovered {
+        segments: ids.clone(),
+        ..Recovered::default()
+    };
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
         let path = opts.dir.join(segment::file_name(id));
         let buf = fs::read(&path).map_err(|e| WalError::io("reading segment", &path, e))?;
         out.bytes_read += buf.len() as u64;
         out.reads += 1;
-        segment::check_header(&buf, opts.shard, id)
-            .map_err(|reason| WalError::BadSegment { path: path.clone(), reason })?;
+        segment::check_header(&buf, opts.shard, id).map_err(|reason| WalError::BadSegment {
+            path: path.clone(),
+            reason,
+        })?;
         let end = scan(&buf, &path, &mut out, &mut visit)?;
         let used = match end {
             ScanEnd::Clean { end } => {
@@ -107,18 +113,32 @@ where
             }
             ScanEnd::Torn { pos, reason } => {
                 if !newest {
-                    return Err(WalError::Corrupt { path, position: pos, reason });
+                    return Err(WalError::Corrupt {
+                        path,
+                        position: pos,
+                        reason,
+                    });
                 }
-                let resume = if pos % BLOCK == 0 {
+                let resume = if pos.is_multiple_of(BLOCK) {
                     finish_newest(&path, &buf, pos, None, opts.segment_size)?;
                     pos
                 } else {
                     let repair_at = align_up(pos);
-                    finish_newest(&path, &buf, repair_at + BLOCK, Some((repair_at, pos, out.last_offset)), opts.segment_size)?;
+                    finish_newest(
+                        &path,
+                        &buf,
+                        repair_at + BLOCK,
+                        Some((repair_at, pos, out.last_offset)),
+                        opts.segment_size,
+                    )?;
                     repair_at + BLOCK
                 };
                 tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
-                out.torn = Some(TornTail { path: path.clone(), position: pos, reason });
+                out.torn = Some(TornTail {
+                    path: path.clone(),
+                    position: pos,
+                    reason,
+                });
                 out.resume = Some((id, resume));
                 resume
             }
@@ -140,7 +160,7 @@ where
             return Ok(ScanEnd::Clean { end: len });
         }
         if buf[pos as usize] == 0 {
-            if pos % BLOCK == 0 {
+            if pos.is_multiple_of(BLOCK) {
                 return Ok(ScanEnd::Clean { end: pos });
             }
             pos = align_up(pos);
@@ -153,7 +173,11 @@ where
                 continue;
             }
             Decoded::Record(r, n) if r.offset > out.last_offset => {
-                visit(r).map_err(|reason| WalError::Replay { path: path.to_path_buf(), position: pos, reason })?;
+                visit(r).map_err(|reason| WalError::Replay {
+                    path: path.to_path_buf(),
+                    position: pos,
+                    reason,
+                })?;
                 out.last_offset = r.offset;
                 out.records += 1;
                 pos += n as u64;
@@ -175,12 +199,21 @@ where
             q += BLOCK;
         }
         match next {
-            None => return Ok(ScanEnd::Torn { pos, reason: failure }),
+            None => {
+                return Ok(ScanEnd::Torn {
+                    pos,
+                    reason: failure,
+                })
+            }
             Some((q, r, n)) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes() => {
                 pos = q + n as u64;
             }
             Some(_) => {
-                return Err(WalError::Corrupt { path: path.to_path_buf(), position: pos, reason: failure });
+                return Err(WalError::Corrupt {
+                    path: path.to_path_buf(),
+                    position: pos,
+                    reason: failure,
+                });
             }
         }
     }
@@ -207,22 +240,35 @@ fn finish_newest(
     if repair.is_none() && dirty_end.is_none() && len == target_len {
         return Ok(());
     }
-    let mut f = OpenOptions::new().write(true).open(path).map_err(|e| io("opening segment for repair", e))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io("opening segment for repair", e))?;
     if let Some((at, torn_pos, offset)) = repair {
         let mut block = Vec::with_capacity(BLOCK as usize);
-        record::encode(&mut block, offset.max(1), REPAIR_KIND, &torn_pos.to_le_bytes());
+        record::encode(
+            &mut block,
+            offset.max(1),
+            REPAIR_KIND,
+            &torn_pos.to_le_bytes(),
+        );
         block.resize(BLOCK as usize, 0);
         f.seek(SeekFrom::Start(at)).map_err(|e| io("seeking", e))?;
-        f.write_all(&block).map_err(|e| io("writing repair record", e))?;
+        f.write_all(&block)
+            .map_err(|e| io("writing repair record", e))?;
     }
     if let Some(end) = dirty_end {
         let zeros = vec![0u8; (end - resume) as usize];
-        f.seek(SeekFrom::Start(resume)).map_err(|e| io("seeking", e))?;
-        f.write_all(&zeros).map_err(|e| io("zeroing torn tail", e))?;
+        f.seek(SeekFrom::Start(resume))
+            .map_err(|e| io("seeking", e))?;
+        f.write_all(&zeros)
+            .map_err(|e| io("zeroing torn tail", e))?;
     }
     if f.metadata().map_err(|e| io("stat", e))?.len() < target_len {
-        f.set_len(target_len).map_err(|e| io("extending segment", e))?;
+        f.set_len(target_len)
+            .map_err(|e| io("extending segment", e))?;
     }
-    f.sync_all().map_err(|e| io("syncing repaired segment", e))?;
+    f.sync_all()
+        .map_err(|e| io("syncing repaired segment", e))?;
     Ok(())
 }

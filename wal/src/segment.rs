@@ -42,7 +42,11 @@ pub fn file_name(id: u64) -> String {
 /// Parses a segment file name; `None` for anything else.
 pub fn parse_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".wal")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 16
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
@@ -63,7 +67,10 @@ pub fn encode_header(shard: u32, id: u64) -> Vec<u8> {
 /// Checks a segment header; returns a reason on failure.
 pub fn check_header(buf: &[u8], shard: u32, id: u64) -> Result<(), String> {
     if buf.len() < BLOCK as usize {
-        return Err(format!("file is {} bytes, shorter than its header block", buf.len()));
+        return Err(format!(
+            "file is {} bytes, shorter than its header block",
+            buf.len()
+        ));
     }
     if buf[0..8] != SEGMENT_MAGIC {
         return Err("bad segment magic".into());
@@ -117,12 +124,15 @@ pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
 /// Creates segment `id` of `size` bytes (blocking): header + zeros written to
 /// a temp file, file synced, renamed into place, directory synced.
 pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, WalError> {
-    assert!(size >= 2 * BLOCK && size % BLOCK == 0);
+    assert!(size >= 2 * BLOCK && size.is_multiple_of(BLOCK));
     let final_path = dir.join(file_name(id));
     let tmp = dir.join(format!("{}.tmp", file_name(id)));
     let io = |op, e| WalError::io(op, &tmp, e);
     if final_path.exists() {
-        return Err(WalError::BadSegment { path: final_path, reason: "segment already exists".into() });
+        return Err(WalError::BadSegment {
+            path: final_path,
+            reason: "segment already exists".into(),
+        });
     }
     let mut f = OpenOptions::new()
         .write(true)
@@ -130,12 +140,14 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
         .truncate(true)
         .open(&tmp)
         .map_err(|e| io("creating segment", e))?;
-    f.write_all(&encode_header(shard, id)).map_err(|e| io("writing segment header", e))?;
+    f.write_all(&encode_header(shard, id))
+        .map_err(|e| io("writing segment header", e))?;
     let zeros = vec![0u8; 1 << 20];
     let mut left = size - BLOCK;
     while left > 0 {
         let n = left.min(zeros.len() as u64) as usize;
-        f.write_all(&zeros[..n]).map_err(|e| io("zero-filling segment", e))?;
+        f.write_all(&zeros[..n])
+            .map_err(|e| io("zero-filling segment", e))?;
         left -= n as u64;
     }
     f.sync_all().map_err(|e| io("syncing new segment", e))?;
@@ -154,7 +166,12 @@ mod tests {
         assert_eq!(file_name(1), "0000000000000001.wal");
         assert_eq!(parse_name("0000000000000001.wal"), Some(1));
         assert_eq!(parse_name("00000000000000ff.wal"), Some(255));
-        for bad in ["1.wal", "00000000000000FF.wal", "0000000000000001.wal.tmp", "x"] {
+        for bad in [
+            "1.wal",
+            "00000000000000FF.wal",
+            "0000000000000001.wal.tmp",
+            "x",
+        ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
     }

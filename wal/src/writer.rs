@@ -79,10 +79,14 @@ impl WalWriter {
     /// Opens the writer where recovery left the log. Must run inside a
     /// glommio executor.
     pub async fn open(cfg: WriterConfig, recovered: &Recovered) -> Result<WalWriter, WalError> {
-        assert!(cfg.segment_size >= 2 * BLOCK && cfg.segment_size % BLOCK == 0);
+        assert!(cfg.segment_size >= 2 * BLOCK && cfg.segment_size.is_multiple_of(BLOCK));
         warn_if_no_direct_io(&cfg.dir);
-        let mut segments: Vec<(u64, u64)> =
-            recovered.segments.iter().copied().zip(recovered.used_bytes.iter().copied()).collect();
+        let mut segments: Vec<(u64, u64)> = recovered
+            .segments
+            .iter()
+            .copied()
+            .zip(recovered.used_bytes.iter().copied())
+            .collect();
         let (seg_id, write_pos) = match recovered.resume {
             Some(r) => r,
             None => {
@@ -107,7 +111,11 @@ impl WalWriter {
             next_segment: None,
             unsynced: false,
             poisoned: None,
-            stats: IoStats { bytes_read: recovered.bytes_read, reads: recovered.reads, ..IoStats::default() },
+            stats: IoStats {
+                bytes_read: recovered.bytes_read,
+                reads: recovered.reads,
+                ..IoStats::default()
+            },
             records: recovered.records,
             last_offset: recovered.last_offset,
         };
@@ -117,8 +125,15 @@ impl WalWriter {
 
     /// Stages one record for the next commit. Offsets must strictly increase.
     pub fn stage(&mut self, offset: u64, kind: u8, payload: &[u8]) -> Result<(), WalError> {
-        assert!(kind != 0 && kind != REPAIR_KIND, "record kind {kind} is reserved");
-        assert!(offset > self.last_offset, "WAL offsets must increase: {offset} after {}", self.last_offset);
+        assert!(
+            kind != 0 && kind != REPAIR_KIND,
+            "record kind {kind} is reserved"
+        );
+        assert!(
+            offset > self.last_offset,
+            "WAL offsets must increase: {offset} after {}",
+            self.last_offset
+        );
         if payload.len() > MAX_RECORD_PAYLOAD {
             return Err(WalError::RecordTooLarge(payload.len()));
         }
@@ -168,7 +183,10 @@ impl WalWriter {
         let mut result = Ok(());
         for (i, &(start, end)) in chunks.iter().enumerate() {
             if i > 0 {
-                if let Err(e) = self.switch_to(new_files.next().expect("planned segment")).await {
+                if let Err(e) = self
+                    .switch_to(new_files.next().expect("planned segment"))
+                    .await
+                {
                     result = Err(e);
                     break;
                 }
@@ -285,7 +303,10 @@ impl WalWriter {
                 last.1 = self.write_pos;
                 Ok(())
             }
-            Ok(n) => Err(self.poison("write", std::io::Error::other(format!("short write: {n} of {len} bytes")))),
+            Ok(n) => Err(self.poison(
+                "write",
+                std::io::Error::other(format!("short write: {n} of {len} bytes")),
+            )),
             Err(e) => Err(self.poison("write", std::io::Error::other(e.to_string()))),
         }
     }
@@ -303,10 +324,16 @@ impl WalWriter {
 
     /// Starts creating segment `seg_id + 1` in the background.
     fn prepare_next(&mut self) {
-        let (dir, shard, size, id) = (self.cfg.dir.clone(), self.cfg.shard, self.cfg.segment_size, self.seg_id + 1);
-        self.next_segment = Some(Box::pin(
-            glommio::executor().spawn_blocking(move || segment::create(&dir, shard, id, size)),
-        ));
+        let (dir, shard, size, id) = (
+            self.cfg.dir.clone(),
+            self.cfg.shard,
+            self.cfg.segment_size,
+            self.seg_id + 1,
+        );
+        self.next_segment =
+            Some(Box::pin(glommio::executor().spawn_blocking(move || {
+                segment::create(&dir, shard, id, size)
+            })));
     }
 
     /// Returns segment `id`, opened: the one prepared in the background when
@@ -314,7 +341,11 @@ impl WalWriter {
     /// attempt may have failed for a passing reason such as a full disk),
     /// else created now (a commit spanning several segments).
     async fn take_next_segment(&mut self, id: u64) -> Result<DmaFile, WalError> {
-        let pending = if id == self.seg_id + 1 { self.next_segment.take() } else { None };
+        let pending = if id == self.seg_id + 1 {
+            self.next_segment.take()
+        } else {
+            None
+        };
         let created = match pending {
             Some(p) => p.await,
             None => self.create_segment(id).await,
@@ -339,7 +370,9 @@ impl WalWriter {
 
     async fn create_segment(&self, id: u64) -> Result<PathBuf, WalError> {
         let (dir, shard, size) = (self.cfg.dir.clone(), self.cfg.shard, self.cfg.segment_size);
-        glommio::executor().spawn_blocking(move || segment::create(&dir, shard, id, size)).await
+        glommio::executor()
+            .spawn_blocking(move || segment::create(&dir, shard, id, size))
+            .await
     }
 
     fn poison(&mut self, op: &'static str, e: std::io::Error) -> WalError {
@@ -365,7 +398,13 @@ async fn open_dma(path: &std::path::Path) -> Result<DmaFile, WalError> {
         .write(true)
         .dma_open(path)
         .await
-        .map_err(|e| WalError::io("opening segment (O_DIRECT)", path, std::io::Error::other(e.to_string())))
+        .map_err(|e| {
+            WalError::io(
+                "opening segment (O_DIRECT)",
+                path,
+                std::io::Error::other(e.to_string()),
+            )
+        })
 }
 
 /// glommio silently drops O_DIRECT on tmpfs: say so, since the WAL is then

@@ -16,7 +16,11 @@ where
 }
 
 fn opts(dir: &Path) -> RecoveryOptions {
-    RecoveryOptions { dir: dir.to_path_buf(), shard: 0, segment_size: SEG }
+    RecoveryOptions {
+        dir: dir.to_path_buf(),
+        shard: 0,
+        segment_size: SEG,
+    }
 }
 
 /// Writes `batches` of records (payload = offset as text) and returns the
@@ -28,7 +32,11 @@ fn write(dir: &Path, first: u64, batches: &[usize], sync: bool) -> u64 {
         LocalExecutorBuilder::default()
             .spawn(move || async move {
                 let rec = recover(&opts(&dir), |_| Ok(())).expect("recover");
-                let cfg = WriterConfig { dir: dir.clone(), shard: 0, segment_size: SEG };
+                let cfg = WriterConfig {
+                    dir: dir.clone(),
+                    shard: 0,
+                    segment_size: SEG,
+                };
                 let mut w = WalWriter::open(cfg, &rec).await.expect("open");
                 let before = w.io_stats().fsyncs;
                 let mut off = first;
@@ -52,7 +60,11 @@ fn read_all(dir: &Path) -> Result<Vec<u64>, WalError> {
     let mut got = Vec::new();
     recover(&opts(dir), |r| {
         let text = std::str::from_utf8(r.payload).map_err(|e| e.to_string())?;
-        assert!(text.starts_with(&format!("record-{}-", r.offset)), "payload mismatch at {}", r.offset);
+        assert!(
+            text.starts_with(&format!("record-{}-", r.offset)),
+            "payload mismatch at {}",
+            r.offset
+        );
         got.push(r.offset);
         Ok(())
     })?;
@@ -70,7 +82,10 @@ fn records_survive_reopen_and_rotation() {
     let fsyncs = write(tmp.path(), 1, &[1, 5, 64, 400, 3], true);
     assert!(fsyncs >= 5, "one fsync per commit at least");
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=473).collect::<Vec<_>>());
-    assert!(segment::list(tmp.path()).unwrap().len() >= 2, "small segments must rotate");
+    assert!(
+        segment::list(tmp.path()).unwrap().len() >= 2,
+        "small segments must rotate"
+    );
     // Continue after reopening: offsets keep increasing, nothing lost.
     write(tmp.path(), 474, &[10, 10], true);
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=493).collect::<Vec<_>>());
@@ -111,7 +126,11 @@ fn corruption_in_the_middle_is_refused_with_file_and_position() {
     write(tmp.path(), 1, &[2, 2, 2], true);
     let seg = newest_segment(tmp.path());
     // Flip a byte inside the first record's payload (block 1, after header).
-    let mut f = OpenOptions::new().write(true).read(true).open(&seg).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&seg)
+        .unwrap();
     f.seek(SeekFrom::Start(4096 + 30)).unwrap();
     f.write_all(b"Z").unwrap();
     drop(f);
