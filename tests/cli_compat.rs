@@ -15,8 +15,17 @@ use common::{Opts, Server};
 fn cli_path() -> PathBuf {
     let p = std::env::var_os("RSTMDB_CLI")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/bin/rstmdb-cli")));
-    assert!(p.exists(), "rstmdb-cli 0.3.0 not found at {} (run `make tools`)", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/.tools/bin/rstmdb-cli"
+            ))
+        });
+    assert!(
+        p.exists(),
+        "rstmdb-cli 0.3.0 not found at {} (run `make tools`)",
+        p.display()
+    );
     p
 }
 
@@ -28,11 +37,26 @@ struct Out {
 
 fn cli(server: &Server, args: &[&str], stdin: Option<&str>) -> Out {
     let mut cmd = Command::new(cli_path());
-    cmd.arg("-s").arg(server.addr.to_string()).args(args).env_remove("RSTMDB_TOKEN").env("HOME", server.data.as_os_str());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg("-s")
+        .arg(server.addr.to_string())
+        .args(args)
+        .env_remove("RSTMDB_TOKEN")
+        .env("HOME", server.data.as_os_str());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run rstmdb-cli");
     if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
     }
     let out = child.wait_with_output().unwrap();
     Out {
@@ -44,13 +68,21 @@ fn cli(server: &Server, args: &[&str], stdin: Option<&str>) -> Out {
 
 fn ok(server: &Server, args: &[&str]) -> String {
     let o = cli(server, args, None);
-    assert_eq!(o.code, 0, "rstmdb-cli {args:?} failed: {}{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.code, 0,
+        "rstmdb-cli {args:?} failed: {}{}",
+        o.stdout, o.stderr
+    );
     o.stdout
 }
 
 fn fails(server: &Server, args: &[&str]) -> String {
     let o = cli(server, args, None);
-    assert_eq!(o.code, 1, "rstmdb-cli {args:?} should exit 1: {}{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.code, 1,
+        "rstmdb-cli {args:?} should exit 1: {}{}",
+        o.stdout, o.stderr
+    );
     o.stderr
 }
 
@@ -67,44 +99,140 @@ fn rstmdb_cli_works_unchanged() {
     let info: serde_json::Value = serde_json::from_str(&ok(&server, &["info"])).unwrap();
     assert_eq!(info["server_name"], "rstmdb");
     assert_eq!(info["max_batch_ops"], 100);
-    assert_eq!(ok(&server, &["replication-status"]).trim(), "Server is not configured for replication");
+    assert_eq!(
+        ok(&server, &["replication-status"]).trim(),
+        "Server is not configured for replication"
+    );
 
     // put-machine inline, then the same definition from a file in another key order.
-    assert_eq!(ok(&server, &["list-machines"]).trim(), "No machines registered");
+    assert_eq!(
+        ok(&server, &["list-machines"]).trim(),
+        "No machines registered"
+    );
     let out = ok(&server, &["put-machine", "-n", "order", "-v", "1", ORDER]);
-    let checksum = out.trim().strip_prefix("Created machine order v1 (checksum: ").and_then(|s| s.strip_suffix(')')).unwrap_or_else(|| panic!("{out}")).to_owned();
+    let checksum = out
+        .trim()
+        .strip_prefix("Created machine order v1 (checksum: ")
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
     assert_eq!(checksum.len(), 8);
     let file = dir.path().join("order.json");
     std::fs::write(&file, ORDER_REORDERED).unwrap();
     let at = format!("@{}", file.display());
-    assert_eq!(ok(&server, &["put-machine", "-n", "order", "-v", "1", &at]).trim(), format!("Already exists machine order v1 (checksum: {checksum})"));
-    let err = fails(&server, &["put-machine", "-n", "order", "-v", "1", r#"{"states":["a"],"initial":"a","transitions":[]}"#]);
-    assert!(err.contains("server error: MACHINE_VERSION_EXISTS"), "{err}");
-    let err = fails(&server, &["put-machine", "-n", "bad", "-v", "1", r#"{"states":["a"],"initial":"x","transitions":[]}"#]);
+    assert_eq!(
+        ok(&server, &["put-machine", "-n", "order", "-v", "1", &at]).trim(),
+        format!("Already exists machine order v1 (checksum: {checksum})")
+    );
+    let err = fails(
+        &server,
+        &[
+            "put-machine",
+            "-n",
+            "order",
+            "-v",
+            "1",
+            r#"{"states":["a"],"initial":"a","transitions":[]}"#,
+        ],
+    );
+    assert!(
+        err.contains("server error: MACHINE_VERSION_EXISTS"),
+        "{err}"
+    );
+    let err = fails(
+        &server,
+        &[
+            "put-machine",
+            "-n",
+            "bad",
+            "-v",
+            "1",
+            r#"{"states":["a"],"initial":"x","transitions":[]}"#,
+        ],
+    );
     assert!(err.contains("Error: server error: BAD_REQUEST - core error: invalid machine definition: initial state 'x' not in states list"), "{err}");
-    let err = fails(&server, &["put-machine", "-n", "bad", "-v", "1", r#"{"states":["a","b"],"initial":"a","transitions":[{"from":"a","event":"E","to":"b","guard":"ctx.a ==="}]}"#]);
-    assert!(err.contains("server error: BAD_REQUEST - core error: invalid guard expression"), "{err}");
+    let err = fails(
+        &server,
+        &[
+            "put-machine",
+            "-n",
+            "bad",
+            "-v",
+            "1",
+            r#"{"states":["a","b"],"initial":"a","transitions":[{"from":"a","event":"E","to":"b","guard":"ctx.a ==="}]}"#,
+        ],
+    );
+    assert!(
+        err.contains("server error: BAD_REQUEST - core error: invalid guard expression"),
+        "{err}"
+    );
     ok(&server, &["put-machine", "-n", "order", "-v", "2", ORDER]);
 
     let got = ok(&server, &["get-machine", "-n", "order", "-v", "1"]);
     assert!(got.starts_with("Machine order v1\n"), "{got}");
     let def: serde_json::Value = serde_json::from_str(got.split_once('\n').unwrap().1).unwrap();
-    assert_eq!(def["transitions"][1]["from"], serde_json::json!(["paid"]), "from normalized to an array");
-    assert_eq!(ok(&server, &["list-machines"]).trim_end(), "  order v2 (3 states, 2 transitions)");
+    assert_eq!(
+        def["transitions"][1]["from"],
+        serde_json::json!(["paid"]),
+        "from normalized to an array"
+    );
+    assert_eq!(
+        ok(&server, &["list-machines"]).trim_end(),
+        "  order v2 (3 states, 2 transitions)"
+    );
     let err = fails(&server, &["get-machine", "-n", "order", "-v", "9"]);
-    assert!(err.contains("MACHINE_NOT_FOUND - core error: machine version not found: order v9"), "{err}");
+    assert!(
+        err.contains("MACHINE_NOT_FOUND - core error: machine version not found: order v9"),
+        "{err}"
+    );
 
     // create-instance with and without id and ctx.
-    let out = ok(&server, &["create-instance", "-m", "order", "-V", "1", "-i", "o-1", "-c", r#"{"amount":10}"#]);
+    let out = ok(
+        &server,
+        &[
+            "create-instance",
+            "-m",
+            "order",
+            "-V",
+            "1",
+            "-i",
+            "o-1",
+            "-c",
+            r#"{"amount":10}"#,
+        ],
+    );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[..3], ["Created instance o-1", "  Machine: order v1", "  State: created"]);
-    let create_offset: u64 = lines[3].strip_prefix("  WAL offset: ").unwrap().parse().unwrap();
+    assert_eq!(
+        lines[..3],
+        [
+            "Created instance o-1",
+            "  Machine: order v1",
+            "  State: created"
+        ]
+    );
+    let create_offset: u64 = lines[3]
+        .strip_prefix("  WAL offset: ")
+        .unwrap()
+        .parse()
+        .unwrap();
     let out = ok(&server, &["create-instance", "-m", "order", "-V", "1"]);
-    let generated = out.lines().next().unwrap().strip_prefix("Created instance ").unwrap().to_owned();
+    let generated = out
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("Created instance ")
+        .unwrap()
+        .to_owned();
     assert_eq!(generated.len(), 36, "a UUID: {generated}");
-    let err = fails(&server, &["create-instance", "-m", "order", "-V", "1", "-i", "o-1"]);
+    let err = fails(
+        &server,
+        &["create-instance", "-m", "order", "-V", "1", "-i", "o-1"],
+    );
     assert!(err.contains("INSTANCE_EXISTS"), "{err}");
-    let err = fails(&server, &["create-instance", "-m", "nope", "-V", "1", "-i", "o-x"]);
+    let err = fails(
+        &server,
+        &["create-instance", "-m", "nope", "-V", "1", "-i", "o-x"],
+    );
     assert!(err.contains("MACHINE_NOT_FOUND"), "{err}");
 
     // get-instance of an instance created without ctx: {} (DECISIONS D1).
@@ -112,10 +240,25 @@ fn rstmdb_cli_works_unchanged() {
     assert!(out.contains("  State: created\n  Context: {}\n"), "{out}");
 
     // apply-event: payload merged; offsets increase.
-    let out = ok(&server, &["apply-event", "-i", "o-1", "-e", "PAY", "-p", r#"{"paid_by":"card"}"#]);
+    let out = ok(
+        &server,
+        &[
+            "apply-event",
+            "-i",
+            "o-1",
+            "-e",
+            "PAY",
+            "-p",
+            r#"{"paid_by":"card"}"#,
+        ],
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[..2], ["Applied event PAY on o-1", "  created → paid"]);
-    let apply_offset: u64 = lines[2].strip_prefix("  WAL offset: ").unwrap().parse().unwrap();
+    let apply_offset: u64 = lines[2]
+        .strip_prefix("  WAL offset: ")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(apply_offset > create_offset);
     let out = ok(&server, &["get-instance", "o-1"]);
     assert_eq!(
@@ -123,36 +266,106 @@ fn rstmdb_cli_works_unchanged() {
         format!("Instance o-1\n  Machine: order v1\n  State: paid\n  Context: {{\n  \"amount\": 10,\n  \"paid_by\": \"card\"\n}}\n  Last WAL offset: {apply_offset}\n")
     );
     // Guard failure, OCC conflict, invalid transition.
-    ok(&server, &["create-instance", "-m", "order", "-V", "1", "-i", "o-2", "-c", r#"{"amount":0}"#]);
+    ok(
+        &server,
+        &[
+            "create-instance",
+            "-m",
+            "order",
+            "-V",
+            "1",
+            "-i",
+            "o-2",
+            "-c",
+            r#"{"amount":0}"#,
+        ],
+    );
     let err = fails(&server, &["apply-event", "-i", "o-2", "-e", "PAY"]);
     assert!(err.contains("Error: server error: GUARD_FAILED - core error: guard failed: guard failed for transition 'created' -> 'paid' on event 'PAY'"), "{err}");
-    let err = fails(&server, &["apply-event", "-i", "o-1", "-e", "SHIP", "--expected-state", "created"]);
+    let err = fails(
+        &server,
+        &[
+            "apply-event",
+            "-i",
+            "o-1",
+            "-e",
+            "SHIP",
+            "--expected-state",
+            "created",
+        ],
+    );
     assert!(err.contains("Error: server error: CONFLICT - core error: state conflict: expected 'created', actual 'paid'"), "{err}");
     let err = fails(&server, &["apply-event", "-i", "o-1", "-e", "PAY"]);
     assert!(err.contains("Error: server error: INVALID_TRANSITION - core error: invalid transition: cannot apply 'PAY' in state 'paid'"), "{err}");
-    let out = ok(&server, &["apply-event", "-i", "o-1", "-e", "SHIP", "--expected-state", "paid"]);
+    let out = ok(
+        &server,
+        &[
+            "apply-event",
+            "-i",
+            "o-1",
+            "-e",
+            "SHIP",
+            "--expected-state",
+            "paid",
+        ],
+    );
     assert!(out.contains("  paid → shipped\n"), "{out}");
-    let err = fails(&server, &["apply-event", "-i", "o-1", "-e", "X", "-p", "{not json"]);
+    let err = fails(
+        &server,
+        &["apply-event", "-i", "o-1", "-e", "X", "-p", "{not json"],
+    );
     assert!(err.starts_with("Error: "), "{err}");
 
     // REPL: list-instances and wal-stats.
-    let o = cli(&server, &[], Some("list-instances\nli order paid\nwal-stats\nquit\n"));
+    let o = cli(
+        &server,
+        &[],
+        Some("list-instances\nli order paid\nwal-stats\nquit\n"),
+    );
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("Instances (3 total)\n"), "{}", o.stdout);
     for id in ["o-1", "o-2", generated.as_str()] {
-        assert!(o.stdout.contains(&format!("  {id} (order v1) state=")), "{id}: {}", o.stdout);
+        assert!(
+            o.stdout.contains(&format!("  {id} (order v1) state=")),
+            "{id}: {}",
+            o.stdout
+        );
     }
-    assert!(o.stdout.contains("  o-1 (order v1) state=shipped"), "{}", o.stdout);
-    assert!(o.stdout.contains("No instances\n"), "no instance is in state paid: {}", o.stdout);
+    assert!(
+        o.stdout.contains("  o-1 (order v1) state=shipped"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("No instances\n"),
+        "no instance is in state paid: {}",
+        o.stdout
+    );
     // 2 PUT_MACHINEs logged by each of the 2 shards, 3 creates, 2 applies.
-    assert!(o.stdout.contains("WAL Statistics\n  Entries: 9\n"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("WAL Statistics\n  Entries: 9\n"),
+        "{}",
+        o.stdout
+    );
     assert!(o.stdout.contains("I/O Statistics\n"), "{}", o.stdout);
 
     // delete-instance, then it is gone.
-    assert_eq!(ok(&server, &["delete-instance", "o-2"]), "Deleted instance o-2\n");
-    assert_eq!(ok(&server, &["delete-instance", "o-2"]), "Deleted instance o-2\n", "deleting twice succeeds");
+    assert_eq!(
+        ok(&server, &["delete-instance", "o-2"]),
+        "Deleted instance o-2\n"
+    );
+    assert_eq!(
+        ok(&server, &["delete-instance", "o-2"]),
+        "Deleted instance o-2\n",
+        "deleting twice succeeds"
+    );
     let err = fails(&server, &["get-instance", "o-2"]);
-    assert!(err.contains("Error: server error: INSTANCE_NOT_FOUND - core error: instance not found: o-2"), "{err}");
+    assert!(
+        err.contains(
+            "Error: server error: INSTANCE_NOT_FOUND - core error: instance not found: o-2"
+        ),
+        "{err}"
+    );
     let err = fails(&server, &["delete-instance", "never-was"]);
     assert!(err.contains("INSTANCE_NOT_FOUND"), "{err}");
     let o = cli(&server, &[], Some("li\nquit\n"));
@@ -160,8 +373,14 @@ fn rstmdb_cli_works_unchanged() {
 
     // An empty token is refused, as by the reference (auth disabled).
     let mut cmd = Command::new(cli_path());
-    let out = cmd.args(["-s", &server.addr.to_string(), "-t", "", "ping"]).output().unwrap();
+    let out = cmd
+        .args(["-s", &server.addr.to_string(), "-t", "", "ping"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let out = Command::new(cli_path()).args(["-s", &server.addr.to_string(), "-t", "any", "ping"]).output().unwrap();
+    let out = Command::new(cli_path())
+        .args(["-s", &server.addr.to_string(), "-t", "any", "ping"])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "PONG\n");
 }

@@ -41,7 +41,13 @@ struct WriterLog {
     next_instance: u64,
 }
 
-fn writer(server_addr: std::net::SocketAddr, w: usize, cycle: usize, mut log: WriterLog, stop: Arc<AtomicBool>) -> WriterLog {
+fn writer(
+    server_addr: std::net::SocketAddr,
+    w: usize,
+    cycle: usize,
+    mut log: WriterLog,
+    stop: Arc<AtomicBool>,
+) -> WriterLog {
     let mut c = common::Client::connect(server_addr);
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -71,7 +77,12 @@ fn writer(server_addr: std::net::SocketAddr, w: usize, cycle: usize, mut log: Wr
             log.creates += 1;
             log.acked.insert(
                 inst,
-                Acked { state: "created".into(), ctx: params["initial_ctx"].clone(), offset: res["wal_offset"].as_u64().unwrap(), last_apply: None },
+                Acked {
+                    state: "created".into(),
+                    ctx: params["initial_ctx"].clone(),
+                    offset: res["wal_offset"].as_u64().unwrap(),
+                    last_apply: None,
+                },
             );
         } else {
             log.applies += 1;
@@ -92,11 +103,22 @@ fn writer(server_addr: std::net::SocketAddr, w: usize, cycle: usize, mut log: Wr
 
 #[test]
 fn kill_9_under_load_loses_no_acknowledged_write() {
-    let cycles: usize = std::env::var("CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let cycles: usize = std::env::var("CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let dir = common::data_dir("crash");
-    let opts = Opts { shards: 2, fsync: "every_write", segment_mb: 1, ..Opts::default() };
+    let opts = Opts {
+        shards: 2,
+        fsync: "every_write",
+        segment_mb: 1,
+        ..Opts::default()
+    };
     let mut server = Server::start(dir.path(), opts);
-    server.client().ok("PUT_MACHINE", json!({"machine": "order", "version": 1, "definition": common::order_machine()}));
+    server.client().ok(
+        "PUT_MACHINE",
+        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
+    );
 
     let mut logs: Vec<WriterLog> = (0..WRITERS).map(|_| WriterLog::default()).collect();
     let mut total_acked_writes = 0u64;
@@ -116,7 +138,10 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(300 + 97 * (cycle as u64 % 5)));
         server.kill9();
         stop.store(true, Ordering::Relaxed);
-        logs = handles.into_iter().map(|h| h.join().expect("writer thread")).collect();
+        logs = handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread"))
+            .collect();
         server.restart();
 
         let mut c = server.client();
@@ -126,14 +151,22 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
             let in_flight_id = log.in_flight.as_ref().map(|f| f.0.clone());
             for (id, a) in &log.acked {
                 let r = c.call("GET_INSTANCE", json!({"instance_id": id}));
-                assert_eq!(r["status"], "ok", "cycle {cycle}: acknowledged instance {id} lost: {r}");
+                assert_eq!(
+                    r["status"], "ok",
+                    "cycle {cycle}: acknowledged instance {id} lost: {r}"
+                );
                 let got = &r["result"];
-                let exact = got["state"] == a.state.as_str() && got["ctx"] == a.ctx && got["last_wal_offset"] == a.offset;
+                let exact = got["state"] == a.state.as_str()
+                    && got["ctx"] == a.ctx
+                    && got["last_wal_offset"] == a.offset;
                 if Some(id) == in_flight_id.as_ref() {
                     // The unanswered apply may or may not have landed.
                     if !exact {
                         let (_, _, p) = log.in_flight.as_ref().unwrap();
-                        assert_eq!(got["ctx"]["n"], p["payload"]["n"], "cycle {cycle}: {id} is neither acked nor in-flight state: {got}");
+                        assert_eq!(
+                            got["ctx"]["n"], p["payload"]["n"],
+                            "cycle {cycle}: {id} is neither acked nor in-flight state: {got}"
+                        );
                         assert!(got["last_wal_offset"].as_u64().unwrap() > a.offset);
                     }
                 } else {
@@ -151,10 +184,18 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
         }
         // Idempotent retries of acknowledged applies are not applied again.
         for log in &logs {
-            for (id, a) in log.acked.iter().filter(|(id, _)| Some(*id) != log.in_flight.as_ref().map(|f| &f.0)).take(3) {
+            for (id, a) in log
+                .acked
+                .iter()
+                .filter(|(id, _)| Some(*id) != log.in_flight.as_ref().map(|f| &f.0))
+                .take(3)
+            {
                 if let Some((_, params)) = &a.last_apply {
                     let r = c.ok("APPLY_EVENT", params.clone());
-                    assert_eq!(r["applied"], false, "retry of an acked apply must not apply again: {r}");
+                    assert_eq!(
+                        r["applied"], false,
+                        "retry of an acked apply must not apply again: {r}"
+                    );
                     assert_eq!(r["wal_offset"], a.offset);
                     let g = c.ok("GET_INSTANCE", json!({"instance_id": id}));
                     assert_eq!(g["last_wal_offset"], a.offset);
@@ -170,7 +211,12 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
                     let prev = log.acked.get(&id).and_then(|a| a.last_apply.clone());
                     log.acked.insert(
                         id,
-                        Acked { state: g["state"].as_str().unwrap().into(), ctx: g["ctx"].clone(), offset: g["last_wal_offset"].as_u64().unwrap(), last_apply: if op == "APPLY_EVENT" { None } else { prev } },
+                        Acked {
+                            state: g["state"].as_str().unwrap().into(),
+                            ctx: g["ctx"].clone(),
+                            offset: g["last_wal_offset"].as_u64().unwrap(),
+                            last_apply: if op == "APPLY_EVENT" { None } else { prev },
+                        },
                     );
                 } else {
                     log.acked.remove(&id);
@@ -183,7 +229,10 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
     }
     // New writes work after the last restart.
     let mut c = server.client();
-    let r = c.ok("CREATE_INSTANCE", json!({"machine": "order", "version": 1, "initial_ctx": {"amount": 1}}));
+    let r = c.ok(
+        "CREATE_INSTANCE",
+        json!({"machine": "order", "version": 1, "initial_ctx": {"amount": 1}}),
+    );
     let id = r["instance_id"].as_str().unwrap();
     c.ok("APPLY_EVENT", json!({"instance_id": id, "event": "PAY"}));
     println!(

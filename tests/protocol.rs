@@ -9,7 +9,9 @@ use common::{frame, request_frame, Client, Opts, Server};
 use serde_json::{json, Value};
 
 fn ping_payload(id: &str) -> Vec<u8> {
-    json!({"type": "request", "id": id, "op": "PING", "params": {}}).to_string().into_bytes()
+    json!({"type": "request", "id": id, "op": "PING", "params": {}})
+        .to_string()
+        .into_bytes()
 }
 
 #[test]
@@ -36,21 +38,35 @@ fn every_framing_and_envelope_error_closes_only_that_connection() {
     cases.push(("bad crc", f));
     cases.push(("invalid json", frame(b"{not json")));
     cases.push(("empty payload", frame(b"")));
-    cases.push(("invalid utf-8", frame(b"{\"type\":\"request\",\"id\":\"\xff\",\"op\":\"PING\"}")));
+    cases.push((
+        "invalid utf-8",
+        frame(b"{\"type\":\"request\",\"id\":\"\xff\",\"op\":\"PING\"}"),
+    ));
     cases.push(("missing id", frame(br#"{"type":"request","op":"PING"}"#)));
-    cases.push(("numeric id", frame(br#"{"type":"request","id":1,"op":"PING"}"#)));
+    cases.push((
+        "numeric id",
+        frame(br#"{"type":"request","id":1,"op":"PING"}"#),
+    ));
     cases.push(("missing type", frame(br#"{"id":"1","op":"PING"}"#)));
     cases.push(("missing op", frame(br#"{"type":"request","id":"1"}"#)));
-    cases.push(("raw JSON line", b"{\"type\":\"request\",\"id\":\"1\",\"op\":\"PING\"}\n".to_vec()));
+    cases.push((
+        "raw JSON line",
+        b"{\"type\":\"request\",\"id\":\"1\",\"op\":\"PING\"}\n".to_vec(),
+    ));
     for (name, bytes) in cases {
         let mut c = server.client();
         // A valid request first: its answer must arrive before the close.
         let mut stream = request_frame("before", "PING", &json!({}));
         stream.extend_from_slice(&bytes);
         c.send(&stream);
-        let r = c.read_frame().unwrap_or_else(|| panic!("{name}: earlier request unanswered"));
+        let r = c
+            .read_frame()
+            .unwrap_or_else(|| panic!("{name}: earlier request unanswered"));
         assert_eq!(r["id"], "before", "{name}");
-        assert!(c.read_frame().is_none(), "{name}: connection must be closed without a response");
+        assert!(
+            c.read_frame().is_none(),
+            "{name}: connection must be closed without a response"
+        );
         // Others are still served.
         let mut other = server.client();
         assert_eq!(other.ok("PING", json!({})), json!({"pong": true}), "{name}");
@@ -83,15 +99,27 @@ fn pipelined_requests_in_one_write_are_answered_in_order() {
     let dir = common::data_dir("pipeline");
     let server = Server::start(dir.path(), Opts::default());
     let mut c = server.client();
-    c.ok("PUT_MACHINE", json!({"machine": "m", "version": 1, "definition": common::order_machine()}));
+    c.ok(
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": common::order_machine()}),
+    );
     let mut bytes = Vec::new();
     let mut expect = Vec::new();
     for i in 0..50 {
         let id = format!("p{i}");
         let (op, params) = match i % 5 {
-            0 => ("CREATE_INSTANCE", json!({"instance_id": format!("inst-{i}"), "machine": "m", "version": 1, "initial_ctx": {"amount": 1}})),
-            1 => ("GET_INSTANCE", json!({"instance_id": format!("inst-{}", i - 1)})),
-            2 => ("APPLY_EVENT", json!({"instance_id": format!("inst-{}", i - 2), "event": "PAY"})),
+            0 => (
+                "CREATE_INSTANCE",
+                json!({"instance_id": format!("inst-{i}"), "machine": "m", "version": 1, "initial_ctx": {"amount": 1}}),
+            ),
+            1 => (
+                "GET_INSTANCE",
+                json!({"instance_id": format!("inst-{}", i - 1)}),
+            ),
+            2 => (
+                "APPLY_EVENT",
+                json!({"instance_id": format!("inst-{}", i - 2), "event": "PAY"}),
+            ),
             3 => ("PING", json!({})),
             _ => ("LIST_INSTANCES", json!({})),
         };
@@ -104,7 +132,10 @@ fn pipelined_requests_in_one_write_are_answered_in_order() {
         assert_eq!(r["id"], id.as_str());
         assert_eq!(r["status"], "ok", "{op}: {r}");
         if op == "GET_INSTANCE" {
-            assert_eq!(r["result"]["state"], "created", "a read sees the create before it");
+            assert_eq!(
+                r["result"]["state"], "created",
+                "a read sees the create before it"
+            );
         }
         if op == "APPLY_EVENT" {
             assert_eq!(r["result"]["to_state"], "paid");
@@ -117,7 +148,11 @@ fn a_frame_split_into_tiny_writes_works() {
     let dir = common::data_dir("split");
     let server = Server::start(dir.path(), Opts::default());
     let mut c = server.client();
-    let bytes = [request_frame("a", "PING", &json!({})), request_frame("b", "INFO", &json!({}))].concat();
+    let bytes = [
+        request_frame("a", "PING", &json!({})),
+        request_frame("b", "INFO", &json!({})),
+    ]
+    .concat();
     for chunk in bytes.chunks(3) {
         c.stream.write_all(chunk).unwrap();
         c.stream.flush().unwrap();
@@ -166,7 +201,11 @@ fn jsonl_output_mode_and_bye() {
     let dir = common::data_dir("jsonl");
     let server = Server::start(dir.path(), Opts::default());
     let mut c = server.client();
-    c.send(&request_frame("1", "HELLO", &json!({"protocol_version": 1, "wire_modes": ["jsonl"]})));
+    c.send(&request_frame(
+        "1",
+        "HELLO",
+        &json!({"protocol_version": 1, "wire_modes": ["jsonl"]}),
+    ));
     let mut reader = std::io::BufReader::new(c.stream.try_clone().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
@@ -174,16 +213,31 @@ fn jsonl_output_mode_and_bye() {
     assert_eq!(v["result"]["wire_mode"], "jsonl");
     // Client→server stays binary; a BYE is answered then the connection closes,
     // and requests pipelined after it are discarded.
-    let bytes = [request_frame("2", "PING", &json!(null)), request_frame("3", "BYE", &json!(null)), request_frame("4", "PING", &json!({}))].concat();
+    let bytes = [
+        request_frame("2", "PING", &json!(null)),
+        request_frame("3", "BYE", &json!(null)),
+        request_frame("4", "PING", &json!({})),
+    ]
+    .concat();
     c.send(&bytes);
     line.clear();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-    assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["result"], json!({"pong": true}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&line).unwrap()["result"],
+        json!({"pong": true})
+    );
     line.clear();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-    assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["result"], json!({"goodbye": true}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&line).unwrap()["result"],
+        json!({"goodbye": true})
+    );
     line.clear();
-    assert_eq!(std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0), 0, "closed after BYE: {line}");
+    assert_eq!(
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0),
+        0,
+        "closed after BYE: {line}"
+    );
 }
 
 #[test]
@@ -192,34 +246,72 @@ fn operation_level_errors_keep_the_connection_and_ops_not_yet_built_answer_clear
     let server = Server::start(dir.path(), Opts::default());
     let mut c = server.client();
     let (code, msg) = c.err("PUT_MACHINE", json!({"machine": "m", "definition": {}}));
-    assert_eq!((code.as_str(), msg.as_str()), ("BAD_REQUEST", "invalid request: missing field `version`"));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("BAD_REQUEST", "invalid request: missing field `version`")
+    );
     let (code, _) = c.err("GET_INSTANCE", json!({"instance_id": 5}));
     assert_eq!(code, "BAD_REQUEST");
     let (code, msg) = c.err("DELETE_INSTANCE", json!({}));
-    assert_eq!((code.as_str(), msg.as_str()), ("BAD_REQUEST", "invalid request: missing instance_id"));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("BAD_REQUEST", "invalid request: missing instance_id")
+    );
     let (code, msg) = c.err("FLUSH_ALL", json!({}));
     assert_eq!(code, "BAD_REQUEST");
     assert_eq!(msg, "invalid request: FLUSH_ALL is disabled. Set storage.allow_flush_all=true in config to enable.");
     let (code, msg) = c.err("REPLICATE", json!({}));
-    assert_eq!((code.as_str(), msg.as_str()), ("BAD_REQUEST", "invalid request: replication operations are handled internally"));
-    for op in ["BATCH", "WATCH_ALL", "WATCH_INSTANCE", "UNWATCH", "WAL_READ", "COMPACT", "SNAPSHOT_INSTANCE"] {
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        (
+            "BAD_REQUEST",
+            "invalid request: replication operations are handled internally"
+        )
+    );
+    for op in [
+        "BATCH",
+        "WATCH_ALL",
+        "WATCH_INSTANCE",
+        "UNWATCH",
+        "WAL_READ",
+        "COMPACT",
+        "SNAPSHOT_INSTANCE",
+    ] {
         let (code, msg) = c.err(op, json!({}));
         assert_eq!(code, "BAD_REQUEST", "{op}");
         assert!(msg.contains("not supported"), "{op}: {msg}");
     }
     let (code, msg) = c.err("AUTH", json!({"method": "basic", "token": "x"}));
-    assert_eq!((code.as_str(), msg.as_str()), ("AUTH_FAILED", "authentication failed: unsupported auth method: basic"));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        (
+            "AUTH_FAILED",
+            "authentication failed: unsupported auth method: basic"
+        )
+    );
     let (code, msg) = c.err("AUTH", json!({"method": "bearer", "token": ""}));
-    assert_eq!((code.as_str(), msg.as_str()), ("AUTH_FAILED", "authentication failed: empty token"));
-    assert_eq!(c.ok("AUTH", json!({"method": "bearer", "token": "t"})), json!({"authenticated": true}));
-    assert_eq!(c.ok("REPLICATION_STATUS", json!(null)), json!({"role": "standalone"}));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("AUTH_FAILED", "authentication failed: empty token")
+    );
+    assert_eq!(
+        c.ok("AUTH", json!({"method": "bearer", "token": "t"})),
+        json!({"authenticated": true})
+    );
+    assert_eq!(
+        c.ok("REPLICATION_STATUS", json!(null)),
+        json!({"role": "standalone"})
+    );
     assert_eq!(c.ok("PING", json!({})), json!({"pong": true}));
 }
 
 #[test]
 fn over_max_connections_is_closed_without_bytes() {
     let dir = common::data_dir("maxconn");
-    let opts = Opts { extra_env: vec![("RSTMDB_MAX_CONNECTIONS".into(), "2".into())], ..Opts::default() };
+    let opts = Opts {
+        extra_env: vec![("RSTMDB_MAX_CONNECTIONS".into(), "2".into())],
+        ..Opts::default()
+    };
     let server = Server::start(dir.path(), opts);
     // Let the server see the start-up probe connection close.
     std::thread::sleep(Duration::from_millis(300));

@@ -23,12 +23,18 @@ fn newest_segment(data: &Path, shard: usize) -> PathBuf {
 }
 
 fn one_shard() -> Opts {
-    Opts { shards: 1, ..Opts::default() }
+    Opts {
+        shards: 1,
+        ..Opts::default()
+    }
 }
 
 fn setup(server: &Server, n: usize) {
     let mut c = server.client();
-    c.ok("PUT_MACHINE", json!({"machine": "order", "version": 1, "definition": common::order_machine()}));
+    c.ok(
+        "PUT_MACHINE",
+        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
+    );
     for i in 0..n {
         c.ok("CREATE_INSTANCE", json!({"instance_id": format!("i{i}"), "machine": "order", "version": 1, "initial_ctx": {"amount": i}}));
     }
@@ -40,7 +46,10 @@ fn torn_tail_is_truncated_and_restart_works_twice() {
     let mut server = Server::start(dir.path(), one_shard());
     setup(&server, 5);
     // The last record: an apply that the tear will cut in half.
-    server.client().ok("APPLY_EVENT", json!({"instance_id": "i4", "event": "TICK", "payload": {"last": true}}));
+    server.client().ok(
+        "APPLY_EVENT",
+        json!({"instance_id": "i4", "event": "TICK", "payload": {"last": true}}),
+    );
     server.kill9();
 
     let seg = newest_segment(dir.path(), 0);
@@ -56,7 +65,11 @@ fn torn_tail_is_truncated_and_restart_works_twice() {
     for round in 0..2 {
         server.restart();
         if round == 0 {
-            assert!(server.log_text().contains("WAL torn tail cut off"), "{}", server.log_text());
+            assert!(
+                server.log_text().contains("WAL torn tail cut off"),
+                "{}",
+                server.log_text()
+            );
         }
         let mut c = server.client();
         for i in 0..5 {
@@ -65,7 +78,10 @@ fn torn_tail_is_truncated_and_restart_works_twice() {
             assert!(g["ctx"].get("last").is_none(), "the torn apply is gone");
         }
         // New writes work after the repair, and survive the next restart.
-        c.ok("CREATE_INSTANCE", json!({"instance_id": format!("after{round}"), "machine": "order", "version": 1}));
+        c.ok(
+            "CREATE_INSTANCE",
+            json!({"instance_id": format!("after{round}"), "machine": "order", "version": 1}),
+        );
     }
     server.restart();
     let mut c = server.client();
@@ -82,7 +98,11 @@ fn corrupted_record_in_the_middle_refuses_to_start_naming_file_and_offset() {
     let seg = newest_segment(dir.path(), 0);
     // The first record of the segment starts at byte 4096 (after the header
     // block); flip a byte of its payload. Later records stay valid.
-    let mut f = OpenOptions::new().read(true).write(true).open(&seg).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
     f.seek(SeekFrom::Start(4096 + 40)).unwrap();
     f.write_all(b"#").unwrap();
     drop(f);
@@ -90,32 +110,70 @@ fn corrupted_record_in_the_middle_refuses_to_start_naming_file_and_offset() {
     let (code, log) = s.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(1), "{log}");
     let want = format!("corrupt WAL record in {} at byte 4096", seg.display());
-    assert!(log.contains(&want), "log must name file and offset ({want}): {log}");
+    assert!(
+        log.contains(&want),
+        "log must name file and offset ({want}): {log}"
+    );
 }
 
 #[test]
 fn a_different_shard_count_is_refused() {
     let dir = common::data_dir("shardcount");
-    let mut server = Server::start(dir.path(), Opts { shards: 2, ..Opts::default() });
+    let mut server = Server::start(
+        dir.path(),
+        Opts {
+            shards: 2,
+            ..Opts::default()
+        },
+    );
     setup(&server, 2);
     server.stop();
-    let mut s = Server::spawn(dir.path(), Opts { shards: 3, ..Opts::default() });
+    let mut s = Server::spawn(
+        dir.path(),
+        Opts {
+            shards: 3,
+            ..Opts::default()
+        },
+    );
     let (code, log) = s.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(1));
-    assert!(log.contains("was created with 2 shard(s) but this server is configured for 3"), "{log}");
+    assert!(
+        log.contains("was created with 2 shard(s) but this server is configured for 3"),
+        "{log}"
+    );
     assert!(log.contains("--shards 2"), "{log}");
     // The original count still works and nothing was lost.
-    let server = Server::start(dir.path(), Opts { shards: 2, ..Opts::default() });
-    server.client().ok("GET_INSTANCE", json!({"instance_id": "i1"}));
+    let server = Server::start(
+        dir.path(),
+        Opts {
+            shards: 2,
+            ..Opts::default()
+        },
+    );
+    server
+        .client()
+        .ok("GET_INSTANCE", json!({"instance_id": "i1"}));
 }
 
 #[test]
 fn graceful_shutdown_exits_zero_and_keeps_everything() {
     let dir = common::data_dir("graceful");
-    let mut server = Server::start(dir.path(), Opts { fsync: "never", ..Opts::default() });
+    let mut server = Server::start(
+        dir.path(),
+        Opts {
+            fsync: "never",
+            ..Opts::default()
+        },
+    );
     setup(&server, 20);
     assert_eq!(server.stop(), Some(0));
-    let server = Server::start(dir.path(), Opts { fsync: "never", ..Opts::default() });
+    let server = Server::start(
+        dir.path(),
+        Opts {
+            fsync: "never",
+            ..Opts::default()
+        },
+    );
     let l = server.client().ok("LIST_INSTANCES", json!({"limit": 100}));
     assert_eq!(l["total"], 20);
 }
@@ -123,14 +181,25 @@ fn graceful_shutdown_exits_zero_and_keeps_everything() {
 #[test]
 fn group_commit_syncs_far_fewer_times_than_it_writes() {
     let dir = common::data_dir("groupcommit");
-    let server = Server::start(dir.path(), Opts { shards: 1, fsync: "every_write", ..Opts::default() });
+    let server = Server::start(
+        dir.path(),
+        Opts {
+            shards: 1,
+            fsync: "every_write",
+            ..Opts::default()
+        },
+    );
     setup(&server, 64);
     let mut c = server.client();
     let before = c.ok("WAL_STATS", json!({}));
     // 64 APPLY_EVENTs pipelined in one write, all to the one shard.
     let mut bytes = Vec::new();
     for i in 0..64 {
-        bytes.extend_from_slice(&request_frame(&format!("g{i}"), "APPLY_EVENT", &json!({"instance_id": format!("i{i}"), "event": "TICK"})));
+        bytes.extend_from_slice(&request_frame(
+            &format!("g{i}"),
+            "APPLY_EVENT",
+            &json!({"instance_id": format!("i{i}"), "event": "TICK"}),
+        ));
     }
     c.send(&bytes);
     for i in 0..64 {
@@ -140,7 +209,11 @@ fn group_commit_syncs_far_fewer_times_than_it_writes() {
     }
     let after = c.ok("WAL_STATS", json!({}));
     let records = after["entry_count"].as_u64().unwrap() - before["entry_count"].as_u64().unwrap();
-    let fsyncs = after["io_stats"]["fsyncs"].as_u64().unwrap() - before["io_stats"]["fsyncs"].as_u64().unwrap();
+    let fsyncs = after["io_stats"]["fsyncs"].as_u64().unwrap()
+        - before["io_stats"]["fsyncs"].as_u64().unwrap();
     assert_eq!(records, 64);
-    assert!(fsyncs >= 1 && fsyncs <= 8, "64 records took {fsyncs} fdatasyncs: group commit is not grouping");
+    assert!(
+        fsyncs >= 1 && fsyncs <= 8,
+        "64 records took {fsyncs} fdatasyncs: group commit is not grouping"
+    );
 }

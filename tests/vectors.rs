@@ -8,9 +8,15 @@ use common::{frame, Client, Opts, Server};
 use serde_json::{json, Value};
 
 fn vectors(name: &str) -> Vec<Value> {
-    let path = format!("{}/../shared/spec/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../shared/spec/vectors/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("vector line")).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("vector line"))
+        .collect()
 }
 
 /// Strict JSON equality: `1`, `1.0` and `true` differ, and so do `0.0` and
@@ -26,16 +32,23 @@ fn strict_eq(a: &Value, b: &Value) -> bool {
                 _ => x == y,
             }
         }
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| strict_eq(p, q)),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| strict_eq(p, q))
+        }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| strict_eq(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| strict_eq(v, w)))
         }
         _ => a == b,
     }
 }
 
 fn retryable(code: &str) -> bool {
-    matches!(code, "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT")
+    matches!(
+        code,
+        "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT"
+    )
 }
 
 /// Checks an error response against `{code, message}` or
@@ -47,7 +60,10 @@ fn error_matches(resp: &Value, expected: &Value, machine: &str) -> Result<(), St
     let e = &resp["error"];
     let code = e["code"].as_str().unwrap_or_default();
     if code != expected["code"] {
-        return Err(format!("code {code}, expected {}; message {}", expected["code"], e["message"]));
+        return Err(format!(
+            "code {code}, expected {}; message {}",
+            expected["code"], e["message"]
+        ));
     }
     if e["retryable"] != retryable(code) {
         return Err(format!("retryable flag wrong for {code}"));
@@ -59,7 +75,11 @@ fn error_matches(resp: &Value, expected: &Value, machine: &str) -> Result<(), St
             return Err(format!("message {msg:?}, expected {m:?}"));
         }
     } else if let Some(p) = expected.get("message_prefix").and_then(Value::as_str) {
-        if !(msg.starts_with(p) || msg.strip_prefix("core error: ").is_some_and(|r| r.starts_with(p))) {
+        if !(msg.starts_with(p)
+            || msg
+                .strip_prefix("core error: ")
+                .is_some_and(|r| r.starts_with(p)))
+        {
             return Err(format!("message {msg:?} does not start with {p:?}"));
         }
     }
@@ -74,8 +94,19 @@ struct Replayer {
 
 impl Replayer {
     fn new(server: &Server) -> Self {
-        let tag = format!("{:x}", std::process::id() as u64 * 7919 + std::time::SystemTime::now().elapsed().map(|d| d.as_nanos() as u64).unwrap_or(0));
-        Replayer { client: server.client(), tag, id: 0 }
+        let tag = format!(
+            "{:x}",
+            std::process::id() as u64 * 7919
+                + std::time::SystemTime::now()
+                    .elapsed()
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+        );
+        Replayer {
+            client: server.client(),
+            tag,
+            id: 0,
+        }
     }
 
     fn name(&mut self, case: &str) -> String {
@@ -85,9 +116,15 @@ impl Replayer {
     /// Sends a request whose params JSON text is given verbatim.
     fn raw_call(&mut self, op: &str, params_text: &str) -> Value {
         self.id += 1;
-        let text = format!(r#"{{"type":"request","id":"v{}","op":"{op}","params":{params_text}}}"#, self.id);
+        let text = format!(
+            r#"{{"type":"request","id":"v{}","op":"{op}","params":{params_text}}}"#,
+            self.id
+        );
         self.client.send(&frame(text.as_bytes()));
-        let r = self.client.read_frame().unwrap_or_else(|| panic!("connection dropped on {op} {params_text}"));
+        let r = self
+            .client
+            .read_frame()
+            .unwrap_or_else(|| panic!("connection dropped on {op} {params_text}"));
         assert_eq!(r["id"], format!("v{}", self.id));
         r
     }
@@ -100,10 +137,20 @@ impl Replayer {
 #[test]
 fn guards_definitions_and_merges_match_the_vectors() {
     let dir = common::data_dir("vectors");
-    let server = Server::start(dir.path(), Opts { fsync: "never", ..Opts::default() });
+    let server = Server::start(
+        dir.path(),
+        Opts {
+            fsync: "never",
+            ..Opts::default()
+        },
+    );
     let mut r = Replayer::new(&server);
     let mut failures = Vec::new();
-    let counts = [vectors("guards.jsonl").len(), vectors("definitions.jsonl").len(), vectors("merge.jsonl").len()];
+    let counts = [
+        vectors("guards.jsonl").len(),
+        vectors("definitions.jsonl").len(),
+        vectors("merge.jsonl").len(),
+    ];
     assert_eq!(counts, [271, 73, 33], "every vector file read whole");
 
     for case in vectors("guards.jsonl") {
@@ -124,7 +171,12 @@ fn guards_definitions_and_merges_match_the_vectors() {
             failures.push(format!("{id}: {e}"));
         }
     }
-    assert!(failures.is_empty(), "{} vector case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} vector case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn guard_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
@@ -134,7 +186,10 @@ fn guard_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
         t["guard"] = case["guard"].clone();
     }
     let def = json!({"states": ["a", "b"], "initial": "a", "transitions": [t]});
-    let put = r.call("PUT_MACHINE", json!({"machine": machine, "version": 1, "definition": def}));
+    let put = r.call(
+        "PUT_MACHINE",
+        json!({"machine": machine, "version": 1, "definition": def}),
+    );
     let exp = &case["expected"];
     if exp["put"] == "ok" {
         if put["status"] != "ok" {
@@ -144,7 +199,10 @@ fn guard_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
         return error_matches(&put, &exp["put"], &machine);
     }
     let inst = format!("{machine}-i");
-    let c = r.call("CREATE_INSTANCE", json!({"instance_id": inst, "machine": machine, "version": 1, "initial_ctx": case["ctx"]}));
+    let c = r.call(
+        "CREATE_INSTANCE",
+        json!({"instance_id": inst, "machine": machine, "version": 1, "initial_ctx": case["ctx"]}),
+    );
     if c["status"] != "ok" {
         return Err(format!("create failed: {c}"));
     }
@@ -152,7 +210,8 @@ fn guard_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
     match exp["apply"].as_str() {
         Some("ok") if a["status"] == "ok" => Ok(()),
         Some("GUARD_FAILED") if a["status"] == "error" && a["error"]["code"] == "GUARD_FAILED" => {
-            let want = "core error: guard failed: guard failed for transition 'a' -> 'b' on event 'GO'";
+            let want =
+                "core error: guard failed: guard failed for transition 'a' -> 'b' on event 'GO'";
             if a["error"]["message"] != want {
                 return Err(format!("guard failure message {}", a["error"]["message"]));
             }
@@ -166,13 +225,21 @@ fn definition_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
     let machine = r.name(case["id"].as_str().unwrap());
     let version = case.get("version").and_then(Value::as_u64).unwrap_or(1);
     let mname = serde_json::to_string(&machine).unwrap();
-    for s in case.get("setup").and_then(Value::as_array).into_iter().flatten() {
+    for s in case
+        .get("setup")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let v = s.get("version").and_then(Value::as_u64).unwrap_or(version);
         let def_text = match s.get("definition_raw").and_then(Value::as_str) {
             Some(raw) => raw.to_owned(),
             None => s["definition"].to_string(),
         };
-        let resp = r.raw_call("PUT_MACHINE", &format!(r#"{{"machine":{mname},"version":{v},"definition":{def_text}}}"#));
+        let resp = r.raw_call(
+            "PUT_MACHINE",
+            &format!(r#"{{"machine":{mname},"version":{v},"definition":{def_text}}}"#),
+        );
         if resp["status"] != "ok" {
             return Err(format!("setup put failed: {resp}"));
         }
@@ -181,7 +248,10 @@ fn definition_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
         Some(raw) => raw.to_owned(),
         None => case["definition"].to_string(),
     };
-    let put = r.raw_call("PUT_MACHINE", &format!(r#"{{"machine":{mname},"version":{version},"definition":{def_text}}}"#));
+    let put = r.raw_call(
+        "PUT_MACHINE",
+        &format!(r#"{{"machine":{mname},"version":{version},"definition":{def_text}}}"#),
+    );
     let exp = &case["expected"];
     if exp["put"].get("stored_checksum").is_none() {
         return error_matches(&put, &exp["put"], &machine);
@@ -190,18 +260,26 @@ fn definition_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
         return Err(format!("put failed: {put}"));
     }
     let res = &put["result"];
-    if res["stored_checksum"] != exp["put"]["stored_checksum"] || res["created"] != exp["put"]["created"] {
+    if res["stored_checksum"] != exp["put"]["stored_checksum"]
+        || res["created"] != exp["put"]["created"]
+    {
         return Err(format!("put result {res}, expected {}", exp["put"]));
     }
     if res["machine"] != machine.as_str() || res["version"] != version {
         return Err(format!("put result names {res}"));
     }
-    let get = r.call("GET_MACHINE", json!({"machine": machine, "version": version}));
+    let get = r.call(
+        "GET_MACHINE",
+        json!({"machine": machine, "version": version}),
+    );
     if get["status"] != "ok" {
         return Err(format!("get failed: {get}"));
     }
     if !strict_eq(&get["result"]["definition"], &exp["get_definition"]) {
-        return Err(format!("definition {}, expected {}", get["result"]["definition"], exp["get_definition"]));
+        return Err(format!(
+            "definition {}, expected {}",
+            get["result"]["definition"], exp["get_definition"]
+        ));
     }
     if get["result"]["checksum"] != exp["put"]["stored_checksum"] {
         return Err(format!("GET checksum {}", get["result"]["checksum"]));
@@ -212,7 +290,10 @@ fn definition_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
 fn merge_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
     let machine = r.name(case["id"].as_str().unwrap());
     let def = json!({"states": ["s"], "initial": "s", "transitions": [{"from": "s", "event": "E", "to": "s"}]});
-    let put = r.call("PUT_MACHINE", json!({"machine": machine, "version": 1, "definition": def}));
+    let put = r.call(
+        "PUT_MACHINE",
+        json!({"machine": machine, "version": 1, "definition": def}),
+    );
     if put["status"] != "ok" {
         return Err(format!("put failed: {put}"));
     }
@@ -247,7 +328,10 @@ fn merge_case(r: &mut Replayer, case: &Value) -> Result<(), String> {
     }
     let g = r.call("GET_INSTANCE", json!({"instance_id": inst}));
     if !strict_eq(&g["result"]["ctx"], &exp["get_ctx"]) {
-        return Err(format!("get ctx {}, expected {}", g["result"]["ctx"], exp["get_ctx"]));
+        return Err(format!(
+            "get ctx {}, expected {}",
+            g["result"]["ctx"], exp["get_ctx"]
+        ));
     }
     Ok(())
 }

@@ -15,11 +15,18 @@ use serde_json::{json, Value};
 pub fn data_dir(name: &str) -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new().prefix(&format!("{name}-")).tempdir_in(base).unwrap()
+    tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(base)
+        .unwrap()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Options for starting a server.
@@ -33,7 +40,12 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { shards: 2, fsync: "every_write", segment_mb: 4, extra_env: Vec::new() }
+        Opts {
+            shards: 2,
+            fsync: "every_write",
+            segment_mb: 4,
+            extra_env: Vec::new(),
+        }
     }
 }
 
@@ -80,7 +92,13 @@ impl Server {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn rstmdb");
-        Server { addr, data: data.to_path_buf(), opts, child: Some(child), log }
+        Server {
+            addr,
+            data: data.to_path_buf(),
+            opts,
+            child: Some(child),
+            log,
+        }
     }
 
     fn wait_ready(&mut self) {
@@ -90,7 +108,10 @@ impl Server {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited during start-up ({status}): {}", self.log_text());
+                panic!(
+                    "server exited during start-up ({status}): {}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -176,7 +197,11 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn request_frame(id: &str, op: &str, params: &Value) -> Vec<u8> {
-    frame(json!({"type": "request", "id": id, "op": op, "params": params}).to_string().as_bytes())
+    frame(
+        json!({"type": "request", "id": id, "op": op, "params": params})
+            .to_string()
+            .as_bytes(),
+    )
 }
 
 /// A raw RCP client.
@@ -188,7 +213,9 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         Client { stream, next_id: 1 }
     }
@@ -206,7 +233,11 @@ impl Client {
         }
         assert_eq!(&h[0..4], b"RCPX");
         assert_eq!(u16::from_be_bytes([h[4], h[5]]), 1);
-        assert_eq!(u16::from_be_bytes([h[6], h[7]]), 1, "server frames carry the CRC flag");
+        assert_eq!(
+            u16::from_be_bytes([h[6], h[7]]),
+            1,
+            "server frames carry the CRC flag"
+        );
         assert_eq!(u16::from_be_bytes([h[8], h[9]]), 0);
         let len = u32::from_be_bytes([h[10], h[11], h[12], h[13]]) as usize;
         let crc = u32::from_be_bytes([h[14], h[15], h[16], h[17]]);
@@ -221,13 +252,21 @@ impl Client {
         let id = self.next_id.to_string();
         self.next_id += 1;
         self.send(&request_frame(&id, op, &params));
-        let r = self.read_frame().unwrap_or_else(|| panic!("connection closed answering {op}"));
+        let r = self
+            .read_frame()
+            .unwrap_or_else(|| panic!("connection closed answering {op}"));
         assert_eq!(r["type"], "response");
         assert_eq!(r["id"], id.as_str());
         if r["status"] == "error" {
             let code = r["error"]["code"].as_str().unwrap();
-            let retryable = matches!(code, "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT");
-            assert_eq!(r["error"]["retryable"], retryable, "retryable flag of {code}");
+            let retryable = matches!(
+                code,
+                "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT"
+            );
+            assert_eq!(
+                r["error"]["retryable"], retryable,
+                "retryable flag of {code}"
+            );
         }
         r
     }
@@ -236,7 +275,9 @@ impl Client {
     pub fn try_call(&mut self, op: &str, params: &Value) -> Option<Value> {
         let id = self.next_id.to_string();
         self.next_id += 1;
-        self.stream.write_all(&request_frame(&id, op, params)).ok()?;
+        self.stream
+            .write_all(&request_frame(&id, op, params))
+            .ok()?;
         let r = self.read_frame()?;
         assert_eq!(r["id"], id.as_str());
         Some(r)
@@ -253,12 +294,17 @@ impl Client {
     pub fn err(&mut self, op: &str, params: Value) -> (String, String) {
         let r = self.call(op, params.clone());
         assert_eq!(r["status"], "error", "{op} {params} should fail: {r}");
-        (r["error"]["code"].as_str().unwrap().to_owned(), r["error"]["message"].as_str().unwrap().to_owned())
+        (
+            r["error"]["code"].as_str().unwrap().to_owned(),
+            r["error"]["message"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// Whether the server closed the connection (EOF within the timeout).
     pub fn is_closed(&mut self) -> bool {
-        self.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b), Ok(0) | Err(_))
     }
