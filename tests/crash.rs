@@ -53,7 +53,7 @@ fn writer(
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let own: Vec<String> = log.acked.keys().cloned().collect();
-        let create = own.is_empty() || n % 4 == 0;
+        let create = own.is_empty() || n.is_multiple_of(4);
         let (inst, op, params) = if create {
             let id = format!("w{w}-c{cycle}-{}", log.next_instance);
             log.next_instance += 1;

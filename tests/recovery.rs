@@ -213,7 +213,7 @@ fn group_commit_syncs_far_fewer_times_than_it_writes() {
         - before["io_stats"]["fsyncs"].as_u64().unwrap();
     assert_eq!(records, 64);
     assert!(
-        fsyncs >= 1 && fsyncs <= 8,
+        (1..=8).contains(&fsyncs),
         "64 records took {fsyncs} fdatasyncs: group commit is not grouping"
     );
 }
