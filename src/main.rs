@@ -160,6 +160,7 @@ fn run(cfg: Config) -> Result<(), String> {
 
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
+    let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for (i, (engine, rec)) in recovered.into_iter().enumerate() {
         let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
         senders.push(tx);
@@ -174,12 +175,21 @@ fn run(cfg: Config) -> Result<(), String> {
             max_drain_commands: MAX_DRAIN_COMMANDS,
         };
         let seq = seq.clone();
+        let ready = shard_ready_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
             .name(&format!("shard-{i}"))
             .io_memory(io_memory)
-            .spawn(move || async move { shard::run(scfg, engine, rec, rx, seq).await })
+            .spawn(move || async move { shard::run(scfg, engine, rec, rx, seq, ready).await })
             .map_err(|e| format!("starting shard {i} executor: {e}"))?;
         shard_handles.push(handle);
+    }
+    drop(shard_ready_tx);
+    for _ in 0..shards {
+        match shard_ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a shard executor exited during start-up".into()),
+        }
     }
 
     let (shutdown_tx, shutdown_rx) = flume::bounded::<()>(1);

@@ -80,14 +80,29 @@ pub enum ShardMsg {
 }
 
 /// Runs the shard until every sender of `rx` is gone, then syncs the WAL.
+/// `ready` is told once the WAL is open (or why it could not be), so that
+/// start-up fails instead of serving with a dead shard.
 pub async fn run(
     cfg: ShardConfig,
     mut engine: Engine,
     recovered: Recovered,
     rx: flume::Receiver<ShardMsg>,
     seq: Sequencer,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), WalError> {
-    let mut writer = WalWriter::open(cfg.wal.clone(), &recovered).await?;
+    let mut writer = match WalWriter::open(cfg.wal.clone(), &recovered).await {
+        Ok(w) => {
+            let _ = ready.send(Ok(()));
+            w
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "shard {}: opening the WAL failed: {e}",
+                cfg.id
+            )));
+            return Err(e);
+        }
+    };
     drop(recovered);
     let mut unsynced_records: u64 = 0;
     let mut dirty_since: Option<Instant> = None;
