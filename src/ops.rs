@@ -353,3 +353,126 @@ fn apply_event(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
         }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const OPS: [&str; 27] = [
+        "HELLO",
+        "AUTH",
+        "PING",
+        "BYE",
+        "INFO",
+        "REPLICATION_STATUS",
+        "PUT_MACHINE",
+        "GET_MACHINE",
+        "LIST_MACHINES",
+        "CREATE_INSTANCE",
+        "GET_INSTANCE",
+        "LIST_INSTANCES",
+        "DELETE_INSTANCE",
+        "APPLY_EVENT",
+        "BATCH",
+        "SNAPSHOT_INSTANCE",
+        "WAL_READ",
+        "WAL_STATS",
+        "COMPACT",
+        "WATCH_INSTANCE",
+        "WATCH_ALL",
+        "UNWATCH",
+        "FLUSH_ALL",
+        "REPLICATE",
+        "REPLICATE_ACK",
+        "nope",
+        "",
+    ];
+
+    fn settings() -> OpSettings {
+        OpSettings {
+            max_machine_versions: 0,
+            allow_instance_recreate: true,
+            allow_flush_all: false,
+            shards: 3,
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-zA-Z_ .=!&|()\"0-9]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("instance_id".to_owned()),
+                        Just("machine".to_owned()),
+                        Just("version".to_owned()),
+                        Just("event".to_owned()),
+                        Just("payload".to_owned()),
+                        Just("definition".to_owned()),
+                        Just("initial_ctx".to_owned()),
+                        Just("limit".to_owned()),
+                        Just("offset".to_owned()),
+                        Just("protocol_version".to_owned()),
+                        Just("states".to_owned()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any params for any op: an answer or a routed command, never a
+        /// panic; routed commands always target an existing shard.
+        #[test]
+        fn plan_never_panics(op in prop::sample::select(OPS.to_vec()), params in json_value()) {
+            let mut session = Session::default();
+            match plan(op, params, &mut session, &settings()) {
+                Action::Shard(s, _) => prop_assert!(s < 3),
+                Action::Local(Err(e)) => prop_assert!(!e.message.is_empty()),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn initial_ctx_rules() {
+        let mut s = Session::default();
+        let a = plan(
+            "CREATE_INSTANCE",
+            serde_json::json!({"machine": "m", "version": 1}),
+            &mut s,
+            &settings(),
+        );
+        let Action::Shard(_, Command::CreateInstance { initial_ctx, .. }) = a else {
+            panic!("routed")
+        };
+        assert_eq!(initial_ctx, serde_json::json!({}));
+        let a = plan(
+            "CREATE_INSTANCE",
+            serde_json::json!({"machine": "m", "version": 1, "initial_ctx": 3}),
+            &mut s,
+            &settings(),
+        );
+        let Action::Local(Err(e)) = a else {
+            panic!("refused")
+        };
+        assert_eq!(
+            e.message,
+            "invalid request: initial_ctx must be a JSON object"
+        );
+    }
+}

@@ -174,4 +174,50 @@ mod tests {
         let (range, _) = decode(&f).unwrap().unwrap();
         assert_eq!(&f[range], PING);
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary bytes never panic the decoder, and a decoded frame
+            /// never claims more bytes than it was given.
+            #[test]
+            fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                if let Ok(Some((range, total))) = decode(&bytes) {
+                    prop_assert!(total <= bytes.len());
+                    prop_assert!(range.end == total);
+                }
+            }
+
+            /// Frames survive any chunking: feeding a stream of encoded
+            /// frames in arbitrary pieces yields exactly the payloads sent.
+            #[test]
+            fn round_trip_under_any_chunking(
+                payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..8),
+                cuts in proptest::collection::vec(1usize..64, 1..64),
+            ) {
+                let mut stream = Vec::new();
+                for p in &payloads {
+                    encode(p, &mut stream);
+                }
+                let mut buf: Vec<u8> = Vec::new();
+                let mut got: Vec<Vec<u8>> = Vec::new();
+                let mut pos = 0;
+                let mut i = 0;
+                while pos < stream.len() {
+                    let n = cuts[i % cuts.len()].min(stream.len() - pos);
+                    i += 1;
+                    buf.extend_from_slice(&stream[pos..pos + n]);
+                    pos += n;
+                    while let Some((range, total)) = decode(&buf).expect("valid stream") {
+                        got.push(buf[range].to_vec());
+                        buf.drain(..total);
+                    }
+                }
+                prop_assert!(buf.is_empty());
+                prop_assert_eq!(got, payloads);
+            }
+        }
+    }
 }
