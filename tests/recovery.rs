@@ -19,7 +19,12 @@ fn newest_segment(data: &Path, shard: usize) -> PathBuf {
         .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .collect();
     segs.sort();
-    segs.pop().expect("a segment")
+    // The newest segment holding records (the writer prepares the next,
+    // empty one ahead of time).
+    segs.into_iter()
+        .rev()
+        .find(|p| std::fs::read(p).unwrap()[4096] != 0)
+        .expect("a segment with records")
 }
 
 fn one_shard() -> Opts {

@@ -86,7 +86,20 @@ where
     assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size.is_multiple_of(BLOCK));
     fs::create_dir_all(&opts.dir)
         .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
-    let ids = segment::list(&opts.dir)?;
+    segment::sync_dir(&opts.dir)?;
+    if let Some(parent) = opts.dir.parent() {
+        segment::sync_dir(parent)?;
+    }
+    let mut ids = segment::list(&opts.dir)?;
+    for pair in ids.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(WalError::BadSegment {
+                path: opts.dir.join(segment::file_name(pair[0] + 1)),
+                reason: format!("segment missing between {} and {}", pair[0], pair[1]),
+            });
+        }
+    }
+    drop_trailing_empty_segments(opts, &mut ids)?;
     let mut out = Recovered {
         segments: ids.clone(),
         ..Recovered::default()
@@ -113,6 +126,8 @@ where
             }
             ScanEnd::Torn { pos, reason } => {
                 if !newest {
+                    // Rotation syncs a segment before the next one gets a
+                    // record, so an older segment cannot hold a torn write.
                     return Err(WalError::Corrupt {
                         path,
                         position: pos,
@@ -148,6 +163,49 @@ where
     Ok(out)
 }
 
+/// Removes segments at the end of the log that hold no record: the writer
+/// prepares the next segment ahead of time, so after a crash the newest file
+/// is usually empty and the real tail (possibly torn) is in the one before.
+/// Keeps at least one segment.
+fn drop_trailing_empty_segments(
+    opts: &RecoveryOptions,
+    ids: &mut Vec<u64>,
+) -> Result<(), WalError> {
+    let mut removed = false;
+    while ids.len() > 1 {
+        let id = *ids.last().expect("non-empty");
+        let path = opts.dir.join(segment::file_name(id));
+        let mut head = vec![0u8; 2 * BLOCK as usize];
+        let n = {
+            use std::io::Read;
+            let mut f =
+                fs::File::open(&path).map_err(|e| WalError::io("opening segment", &path, e))?;
+            let mut got = 0;
+            while got < head.len() {
+                match f.read(&mut head[got..]) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) => return Err(WalError::io("reading segment", &path, e)),
+                }
+            }
+            got
+        };
+        let header_ok =
+            segment::check_header(&head[..n.min(BLOCK as usize)], opts.shard, id).is_ok();
+        let no_record = n <= BLOCK as usize || head[BLOCK as usize] == 0;
+        if !(header_ok && no_record) {
+            break;
+        }
+        fs::remove_file(&path).map_err(|e| WalError::io("removing empty segment", &path, e))?;
+        ids.pop();
+        removed = true;
+    }
+    if removed {
+        segment::sync_dir(&opts.dir)?;
+    }
+    Ok(())
+}
+
 /// Scans one segment from its first record.
 fn scan<F>(buf: &[u8], path: &Path, out: &mut Recovered, visit: &mut F) -> Result<ScanEnd, WalError>
 where
@@ -167,12 +225,12 @@ where
             continue;
         }
         let failure = match record::decode(&buf[pos as usize..]) {
-            Decoded::Record(r, n) if r.kind == REPAIR_KIND => {
+            Decoded::Record(r, _, n) if r.kind == REPAIR_KIND => {
                 // Reached in order: the torn bytes before it were zeros.
                 pos += n as u64;
                 continue;
             }
-            Decoded::Record(r, n) if r.offset > out.last_offset => {
+            Decoded::Record(r, _, n) if r.offset > out.last_offset => {
                 visit(r).map_err(|reason| WalError::Replay {
                     path: path.to_path_buf(),
                     position: pos,
@@ -183,45 +241,87 @@ where
                 pos += n as u64;
                 continue;
             }
-            Decoded::Record(r, _) => {
+            Decoded::Record(r, _, _) => {
                 format!("offset {} does not follow {}", r.offset, out.last_offset)
             }
             Decoded::Invalid(reason) => reason,
         };
-        // Invalid bytes at `pos`: find the next record at a block boundary.
-        let mut q = align_up(pos + 1);
-        let mut next = None;
-        while q + record::HEADER_LEN as u64 <= len {
-            if let Decoded::Record(r, n) = record::decode(&buf[q as usize..]) {
-                next = Some((q, r, n));
-                break;
-            }
-            q += BLOCK;
-        }
-        match next {
-            None => {
+        match classify_invalid(buf, pos) {
+            Verdict::Repaired(next) => pos = next,
+            Verdict::Torn => {
                 return Ok(ScanEnd::Torn {
                     pos,
                     reason: failure,
                 })
             }
-            Some((q, r, n)) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes() => {
-                pos = q + n as u64;
-            }
-            Some(_) => {
+            Verdict::Corrupt => {
                 return Err(WalError::Corrupt {
                     path: path.to_path_buf(),
                     position: pos,
                     reason: failure,
-                });
+                })
             }
         }
     }
 }
 
+/// What invalid bytes at a position mean.
+enum Verdict {
+    /// A repair record for exactly this position follows; continue there.
+    Repaired(u64),
+    /// Never known durable: a torn tail.
+    Torn,
+    /// Data that had been made durable is damaged.
+    Corrupt,
+}
+
+/// Decides about invalid bytes at `pos`.
+///
+/// A repair record for exactly `pos` at the next block boundary means an
+/// earlier recovery already cut a torn tail here: continue after it.
+/// Otherwise the evidence is every later record at a block boundary that
+/// starts a commit: each commit starts at a boundary and records how much of
+/// the segment was durable when it was written (`synced_to`). If any of them
+/// covers `pos`, the damaged bytes had been synced: corruption. If none
+/// does, they never were (a power loss may persist a later unsynced write and
+/// not an earlier one): a torn tail, and everything after it was equally
+/// unsynced. Records inside a commit that happen to start at a boundary are
+/// not evidence (a large write may land out of order). A repair record for
+/// another position counts as a commit synced up to itself (recovery syncs
+/// everything before it).
+fn classify_invalid(buf: &[u8], pos: u64) -> Verdict {
+    let len = buf.len() as u64;
+    let first = align_up(pos + 1);
+    if first + record::HEADER_LEN as u64 <= len {
+        if let Decoded::Record(r, _, n) = record::decode(&buf[first as usize..]) {
+            if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes() {
+                return Verdict::Repaired(first + n as u64);
+            }
+        }
+    }
+    let mut q = first;
+    while q + record::HEADER_LEN as u64 <= len {
+        if let Decoded::Record(r, meta, _) = record::decode(&buf[q as usize..]) {
+            let synced_to = if r.kind == REPAIR_KIND {
+                q
+            } else if meta.commit_start {
+                meta.synced_to
+            } else {
+                0
+            };
+            if synced_to > pos {
+                return Verdict::Corrupt;
+            }
+        }
+        q += BLOCK;
+    }
+    Verdict::Torn
+}
+
 /// Makes the newest segment ready for appends at `resume`: optionally writes
 /// the repair record `(at, torn_pos, offset)`, zeroes every non-zero byte
-/// from `resume` on, restores the full segment size, and syncs.
+/// from `resume` on, restores the full segment size, and syncs (always: the
+/// writer treats everything before `resume` as durable).
 fn finish_newest(
     path: &Path,
     buf: &[u8],
@@ -237,9 +337,6 @@ fn finish_newest(
         .map(|i| i as u64 + 1)
         .filter(|&e| e > resume);
     let target_len = segment_size.max(align_up(len)).max(resume);
-    if repair.is_none() && dirty_end.is_none() && len == target_len {
-        return Ok(());
-    }
     let mut f = OpenOptions::new()
         .write(true)
         .open(path)

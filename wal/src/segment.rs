@@ -129,10 +129,17 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
     let tmp = dir.join(format!("{}.tmp", file_name(id)));
     let io = |op, e| WalError::io(op, &tmp, e);
     if final_path.exists() {
-        return Err(WalError::BadSegment {
-            path: final_path,
-            reason: "segment already exists".into(),
-        });
+        // A creation whose caller gave up after the rename (e.g. the
+        // directory sync failed) left a complete segment: reuse it if it
+        // holds no record; never touch one that does.
+        return match reusable(&final_path, shard, id) {
+            Ok(true) => Ok(final_path),
+            Ok(false) => Err(WalError::BadSegment {
+                path: final_path,
+                reason: "segment already exists and holds records".into(),
+            }),
+            Err(e) => Err(WalError::io("checking existing segment", &final_path, e)),
+        };
     }
     let mut f = OpenOptions::new()
         .write(true)
@@ -155,6 +162,23 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
     fs::rename(&tmp, &final_path).map_err(|e| io("renaming new segment", e))?;
     sync_dir(dir)?;
     Ok(final_path)
+}
+
+/// Whether an existing segment file is a valid, record-free segment `id`.
+fn reusable(path: &Path, shard: u32, id: u64) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = vec![0u8; 2 * BLOCK as usize];
+    let mut f = File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got == head.len()
+        && check_header(&head[..BLOCK as usize], shard, id).is_ok()
+        && head[BLOCK as usize] == 0)
 }
 
 #[cfg(test)]

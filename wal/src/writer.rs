@@ -13,9 +13,7 @@
 //! writer then refuses every later commit ("poisoned") until the process is
 //! restarted and recovery re-establishes the truth from the disk.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 
 use glommio::io::{DmaFile, OpenOptions};
 
@@ -49,7 +47,10 @@ pub struct WriterConfig {
     pub segment_size: u64,
 }
 
-type Pending = Pin<Box<dyn Future<Output = Result<PathBuf, WalError>>>>;
+/// Creation of the next segment, running in glommio's blocking pool. A
+/// spawned task (not a bare future): glommio's `spawn_blocking` only starts
+/// its work when first polled.
+type Pending = glommio::Task<Result<PathBuf, WalError>>;
 
 /// Per-shard WAL writer. Not `Send`: it lives on one glommio executor.
 pub struct WalWriter {
@@ -68,6 +69,9 @@ pub struct WalWriter {
     next_segment: Option<Pending>,
     /// Whether data was written since the last `fdatasync`.
     unsynced: bool,
+    /// Position in the current segment up to which everything is durable;
+    /// written into each commit's first record (see `record`).
+    synced_pos: u64,
     /// Set by a failed write or fsync; every later commit fails.
     poisoned: Option<String>,
     stats: IoStats,
@@ -110,6 +114,7 @@ impl WalWriter {
             segments,
             next_segment: None,
             unsynced: false,
+            synced_pos: write_pos,
             poisoned: None,
             stats: IoStats {
                 bytes_read: recovered.bytes_read,
@@ -225,6 +230,7 @@ impl WalWriter {
         match self.file.fdatasync().await {
             Ok(()) => {
                 self.unsynced = false;
+                self.synced_pos = self.write_pos;
                 Ok(())
             }
             Err(e) => Err(self.poison("fdatasync", std::io::Error::other(e.to_string()))),
@@ -285,13 +291,15 @@ impl WalWriter {
         chunks
     }
 
-    /// Writes `data` at the current position, padded to whole blocks.
+    /// Writes `data` (whole records) at the current position, padded to
+    /// whole blocks, its first record marked as a commit start.
     async fn write_block(&mut self, data: &[u8]) -> Result<(), WalError> {
         let len = align_up(data.len() as u64) as usize;
         let mut buf = self.file.alloc_dma_buffer(len);
         let bytes = buf.as_bytes_mut();
         bytes[..data.len()].copy_from_slice(data);
         bytes[data.len()..].fill(0);
+        record::mark_commit_start(&mut bytes[..data.len()], self.synced_pos);
         self.stats.writes += 1;
         self.stats.bytes_written += len as u64;
         self.unsynced = true;
@@ -318,6 +326,8 @@ impl WalWriter {
         let _ = old.close().await;
         self.seg_id += 1;
         self.write_pos = BLOCK;
+        // The header block was synced when the segment was created.
+        self.synced_pos = BLOCK;
         self.segments.push((self.seg_id, BLOCK));
         Ok(())
     }
@@ -330,10 +340,11 @@ impl WalWriter {
             self.cfg.segment_size,
             self.seg_id + 1,
         );
-        self.next_segment =
-            Some(Box::pin(glommio::executor().spawn_blocking(move || {
-                segment::create(&dir, shard, id, size)
-            })));
+        self.next_segment = Some(glommio::spawn_local(async move {
+            glommio::executor()
+                .spawn_blocking(move || segment::create(&dir, shard, id, size))
+                .await
+        }));
     }
 
     /// Returns segment `id`, opened: the one prepared in the background when

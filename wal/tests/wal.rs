@@ -26,6 +26,12 @@ fn opts(dir: &Path) -> RecoveryOptions {
 /// Writes `batches` of records (payload = offset as text) and returns the
 /// writer's fsync count.
 fn write(dir: &Path, first: u64, batches: &[usize], sync: bool) -> u64 {
+    let flagged: Vec<(usize, bool)> = batches.iter().map(|&n| (n, sync)).collect();
+    write_flagged(dir, first, &flagged)
+}
+
+/// Like `write`, with a sync flag per commit.
+fn write_flagged(dir: &Path, first: u64, batches: &[(usize, bool)]) -> u64 {
     let dir = dir.to_path_buf();
     let batches = batches.to_vec();
     run(move || {
@@ -40,7 +46,7 @@ fn write(dir: &Path, first: u64, batches: &[usize], sync: bool) -> u64 {
                 let mut w = WalWriter::open(cfg, &rec).await.expect("open");
                 let before = w.io_stats().fsyncs;
                 let mut off = first;
-                for n in batches {
+                for (n, sync) in batches {
                     for _ in 0..n {
                         let payload = format!("record-{off}-{}", "x".repeat((off % 700) as usize));
                         w.stage(off, 1, payload.as_bytes()).expect("stage");
@@ -71,9 +77,15 @@ fn read_all(dir: &Path) -> Result<Vec<u64>, WalError> {
     Ok(got)
 }
 
+/// The newest segment holding records (the writer prepares the next,
+/// empty one ahead of time).
 fn newest_segment(dir: &Path) -> std::path::PathBuf {
     let ids = segment::list(dir).unwrap();
-    dir.join(segment::file_name(*ids.last().unwrap()))
+    ids.iter()
+        .rev()
+        .map(|id| dir.join(segment::file_name(*id)))
+        .find(|p| std::fs::read(p).unwrap()[4096] != 0)
+        .expect("a segment with records")
 }
 
 #[test]
@@ -141,4 +153,85 @@ fn corruption_in_the_middle_is_refused_with_file_and_position() {
         }
         other => panic!("expected corruption error, got {other:?}"),
     }
+}
+
+fn flip_byte(seg: &Path, at: u64) {
+    let mut f = OpenOptions::new().write(true).read(true).open(seg).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(b"Z").unwrap();
+}
+
+#[test]
+fn damage_in_never_synced_commits_is_a_torn_tail() {
+    // Power loss may persist a later unsynced commit and not an earlier one:
+    // nothing in the damaged commit was ever synced, so it is a torn tail.
+    let tmp = tempfile::tempdir().unwrap();
+    write_flagged(
+        tmp.path(),
+        1,
+        &[(2, true), (2, false), (2, false), (2, false)],
+    );
+    let seg = newest_segment(tmp.path());
+    // Commit 2 starts at the second data block.
+    flip_byte(&seg, 2 * 4096 + 40);
+    assert_eq!(read_all(tmp.path()).unwrap(), vec![1, 2]);
+    assert_eq!(
+        read_all(tmp.path()).unwrap(),
+        vec![1, 2],
+        "stable after the repair"
+    );
+    write(tmp.path(), 3, &[2], true);
+    assert_eq!(read_all(tmp.path()).unwrap(), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn damage_that_a_later_commit_proves_durable_is_corruption() {
+    // Commit 3 syncs everything before it; commit 4 records that. Damage in
+    // commit 2 is then damage to synced data, even though commit 3's own
+    // header (written before that sync) does not prove it.
+    let tmp = tempfile::tempdir().unwrap();
+    write_flagged(
+        tmp.path(),
+        1,
+        &[(2, false), (2, false), (2, true), (2, true)],
+    );
+    let seg = newest_segment(tmp.path());
+    flip_byte(&seg, 2 * 4096 + 40);
+    match read_all(tmp.path()) {
+        Err(WalError::Corrupt { position, .. }) => assert_eq!(position, 2 * 4096),
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_torn_tail_before_a_prepared_empty_segment_is_repaired() {
+    // The writer prepares segment N+1 ahead of time: after a crash the torn
+    // tail is in N and N+1 is empty.
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), 1, &[3, 3], true);
+    let ids = segment::list(tmp.path()).unwrap();
+    assert!(
+        ids.len() >= 2,
+        "next segment prepared in the background: {ids:?}"
+    );
+    let seg = newest_segment(tmp.path());
+    let data = std::fs::read(&seg).unwrap();
+    let end = data.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    flip_byte(&seg, end - 5);
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=5).collect::<Vec<_>>());
+    write(tmp.path(), 6, &[1], true);
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_missing_middle_segment_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), 1, &[400, 400, 400], true);
+    let ids = segment::list(tmp.path()).unwrap();
+    assert!(ids.len() >= 3, "{ids:?}");
+    std::fs::remove_file(tmp.path().join(segment::file_name(ids[1]))).unwrap();
+    assert!(matches!(
+        read_all(tmp.path()),
+        Err(WalError::BadSegment { .. })
+    ));
 }
