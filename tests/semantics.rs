@@ -235,6 +235,33 @@ fn soft_delete_and_recreate() {
         json!({}),
         "fresh ctx"
     );
+    // Idempotency keys of a deleted predecessor do not match the new instance.
+    c.ok("CREATE_INSTANCE", json!({"instance_id": "e", "machine": "order", "version": 1, "initial_ctx": {"amount": 1}, "idempotency_key": "ce"}));
+    assert_eq!(
+        c.ok(
+            "APPLY_EVENT",
+            json!({"instance_id": "e", "event": "PAY", "idempotency_key": "K"})
+        )["applied"],
+        true
+    );
+    c.ok("DELETE_INSTANCE", json!({"instance_id": "e"}));
+    let fresh = c.ok("CREATE_INSTANCE", json!({"instance_id": "e", "machine": "order", "version": 1, "initial_ctx": {"amount": 1}, "idempotency_key": "ce"}));
+    assert_eq!(
+        fresh["state"], "created",
+        "the create key of the deleted instance does not replay"
+    );
+    let again = c.ok(
+        "APPLY_EVENT",
+        json!({"instance_id": "e", "event": "PAY", "idempotency_key": "K"}),
+    );
+    assert_eq!(
+        again["applied"], true,
+        "the apply key of the deleted instance does not replay"
+    );
+    assert_eq!(
+        c.ok("GET_INSTANCE", json!({"instance_id": "e"}))["state"],
+        "paid"
+    );
     c.ok("DELETE_INSTANCE", json!({"instance_id": "d"}));
     drop(c);
     server.restart();

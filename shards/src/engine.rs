@@ -32,6 +32,9 @@ pub struct Instance {
     pub last_event_id: Option<String>,
     /// Offset of the latest record (create, apply or delete).
     pub last_wal_offset: u64,
+    /// Offset of the create record: identifies this incarnation of the id
+    /// (idempotency entries of a deleted predecessor must not match).
+    pub created_offset: u64,
     /// Unix ms.
     pub created_at: i64,
     /// Unix ms.
@@ -47,8 +50,8 @@ enum Undo {
     Instance(String, Option<Instance>),
     /// Remove a machine version stored in this drain.
     Machine(String, u32),
-    /// Restore an idempotency entry.
-    Idempotency(String, String, Option<Cached>, i64),
+    /// Restore an idempotency entry (with its original time).
+    Idempotency(String, String, Option<(Cached, i64)>),
 }
 
 /// A WAL record staged by an operation.
@@ -104,6 +107,12 @@ pub struct Engine {
     undo: Vec<Undo>,
     staged: Vec<Staged>,
 }
+
+/// Largest WAL entry an operation may produce: 16 MiB − 64 KiB (the
+/// reference's record limit). Smaller than a frame, so every answer that
+/// carries a context (APPLY_EVENT, GET_INSTANCE) still fits one: a change
+/// whose answer could not be sent is refused before it is made.
+pub const MAX_ENTRY_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
 
 /// Current time in Unix milliseconds.
 pub fn now_ms() -> i64 {
@@ -219,9 +228,7 @@ impl Engine {
                         }
                     }
                 }
-                Undo::Idempotency(id, key, prev, at) => {
-                    self.idempotency.restore(&id, &key, prev, at)
-                }
+                Undo::Idempotency(id, key, prev) => self.idempotency.restore(&id, &key, prev),
             }
         }
     }
@@ -230,11 +237,11 @@ impl Engine {
     /// record before the caller has changed any state.
     fn stage(&mut self, offsets: &mut Offsets, entry: WalEntry) -> Result<u64, ApiError> {
         let bytes = serde_json::to_vec(&entry).expect("WAL entry serialization cannot fail");
-        if bytes.len() > rstmdb_wal::MAX_RECORD_PAYLOAD {
+        if bytes.len() > MAX_ENTRY_BYTES {
             return Err(ApiError::bad_request(format!(
                 "the change would need a WAL record of {} bytes (limit {})",
                 bytes.len(),
-                rstmdb_wal::MAX_RECORD_PAYLOAD
+                MAX_ENTRY_BYTES
             )));
         }
         let offset = offsets.take();
@@ -406,11 +413,18 @@ impl Engine {
         if let Some(key) = &idempotency_key {
             if let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(&id, key, now)
             {
-                return Ok(json(&R {
-                    instance_id: &id,
-                    state,
-                    wal_offset: *wal_offset,
-                }));
+                // Only while the instance that create made still exists.
+                let same = self
+                    .instances
+                    .get(&id)
+                    .is_some_and(|i| !i.deleted && i.created_offset == *wal_offset);
+                if same {
+                    return Ok(json(&R {
+                        instance_id: &id,
+                        state,
+                        wal_offset: *wal_offset,
+                    }));
+                }
             }
         }
         if let Some(existing) = self.instances.get(&id) {
@@ -452,8 +466,7 @@ impl Engine {
                 },
                 now,
             );
-            self.undo
-                .push(Undo::Idempotency(id.clone(), key, prev, now));
+            self.undo.push(Undo::Idempotency(id.clone(), key, prev));
         }
         let inst = Instance {
             machine,
@@ -462,6 +475,7 @@ impl Engine {
             ctx: initial_ctx,
             last_event_id: None,
             last_wal_offset: offset,
+            created_offset: offset,
             created_at: now,
             updated_at: now,
             deleted: false,
@@ -598,12 +612,15 @@ impl Engine {
             .ok_or_else(|| instance_not_found(&a.instance_id))?;
         if let Some(key) = &a.idempotency_key {
             if let Some(Cached::Apply {
+                incarnation,
                 from_state,
                 to_state,
                 ctx,
                 wal_offset,
             }) = self.idempotency.get(&a.instance_id, key, now)
+                .filter(|c| matches!(c, Cached::Apply { incarnation, .. } if *incarnation == inst.created_offset))
             {
+                debug_assert_eq!(*incarnation, inst.created_offset);
                 return Ok(json(&R {
                     applied: false,
                     ctx,
@@ -657,6 +674,7 @@ impl Engine {
             }
         }
         let to_state = t.to.clone();
+        let incarnation = inst.created_offset;
         let new_ctx = merge_ctx(&inst.ctx, &a.payload);
         let from_state = inst.state.clone();
         let offset = self.stage(
@@ -683,6 +701,7 @@ impl Engine {
         });
         if let Some(key) = a.idempotency_key {
             let cached = Cached::Apply {
+                incarnation,
                 from_state: from_state.clone(),
                 to_state: to_state.clone(),
                 ctx: new_ctx.clone(),
@@ -690,7 +709,7 @@ impl Engine {
             };
             let prev = self.idempotency.insert(&a.instance_id, &key, cached, now);
             self.undo
-                .push(Undo::Idempotency(a.instance_id.clone(), key, prev, now));
+                .push(Undo::Idempotency(a.instance_id.clone(), key, prev));
         }
         let inst = self
             .instances
@@ -703,6 +722,7 @@ impl Engine {
             ctx: std::mem::replace(&mut inst.ctx, new_ctx),
             last_event_id: std::mem::replace(&mut inst.last_event_id, a.event_id),
             last_wal_offset: std::mem::replace(&mut inst.last_wal_offset, offset),
+            created_offset: inst.created_offset,
             created_at: inst.created_at,
             updated_at: std::mem::replace(&mut inst.updated_at, now),
             deleted: false,
@@ -761,6 +781,7 @@ impl Engine {
                         ctx: initial_ctx,
                         last_event_id: None,
                         last_wal_offset: offset,
+                        created_offset: offset,
                         created_at: ts,
                         updated_at: ts,
                         deleted: false,
@@ -786,6 +807,7 @@ impl Engine {
                         &instance_id,
                         &key,
                         Cached::Apply {
+                            incarnation: inst.created_offset,
                             from_state,
                             to_state: to_state.clone(),
                             ctx: ctx.clone(),

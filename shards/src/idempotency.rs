@@ -23,6 +23,10 @@ pub enum Cached {
     },
     /// The original APPLY_EVENT result.
     Apply {
+        /// Creation offset of the instance it applied to: a key used on an
+        /// earlier incarnation (before a delete and re-create) must not
+        /// match the new one.
+        incarnation: u64,
         /// State before.
         from_state: String,
         /// State after.
@@ -74,8 +78,15 @@ impl IdempotencyWindow {
         Some(&e.cached)
     }
 
-    /// Records a result; returns the entry it replaced, for rollback.
-    pub fn insert(&mut self, id: &str, key: &str, cached: Cached, at_ms: i64) -> Option<Cached> {
+    /// Records a result; returns the entry it replaced (with its time), for
+    /// rollback.
+    pub fn insert(
+        &mut self,
+        id: &str,
+        key: &str,
+        cached: Cached,
+        at_ms: i64,
+    ) -> Option<(Cached, i64)> {
         let k = (id.to_owned(), key.to_owned());
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -83,7 +94,7 @@ impl IdempotencyWindow {
         let old = self
             .map
             .insert(k, Entry { cached, at_ms, seq })
-            .map(|e| e.cached);
+            .map(|e| (e.cached, e.at_ms));
         while self.map.len() > self.max_entries {
             self.evict_oldest();
         }
@@ -94,11 +105,12 @@ impl IdempotencyWindow {
         old
     }
 
-    /// Removes (id, key), restoring `previous` if given (rollback).
-    pub fn restore(&mut self, id: &str, key: &str, previous: Option<Cached>, at_ms: i64) {
+    /// Removes (id, key), restoring `previous` (with its original time) if
+    /// given (rollback).
+    pub fn restore(&mut self, id: &str, key: &str, previous: Option<(Cached, i64)>) {
         let k = (id.to_owned(), key.to_owned());
         match previous {
-            Some(c) => {
+            Some((c, at_ms)) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.order.push_back((k.clone(), seq));

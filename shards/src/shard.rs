@@ -169,7 +169,13 @@ pub async fn run(
                         unsynced_records += staged.len() as u64;
                         unsynced_records >= n
                     }
-                    FsyncPolicy::EveryMs(_) | FsyncPolicy::Never => false,
+                    // Under steady load the loop never idles long enough for
+                    // the timer in `next_message`: sync here once the oldest
+                    // unsynced write is due.
+                    FsyncPolicy::EveryMs(ms) => {
+                        dirty_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(ms))
+                    }
+                    FsyncPolicy::Never => false,
                 };
                 result = writer.commit(sync).await;
                 if result.is_ok() {
@@ -200,12 +206,12 @@ pub async fn run(
         });
         for (to, mut replies) in answers {
             for (_, r) in replies.iter_mut() {
-                if let Reply::WalStats(s) = r {
+                if let Some(err) = &failure {
+                    // Every answer of a failed drain, errors included, was
+                    // computed against state that has been rolled back.
+                    *r = Reply::Error(err.clone());
+                } else if let Reply::WalStats(s) = r {
                     *s = stats.expect("stats computed when requested");
-                } else if let Some(err) = &failure {
-                    if !matches!(r, Reply::Error(_)) {
-                        *r = Reply::Error(err.clone());
-                    }
                 }
             }
             // A vanished connection is not the shard's problem.
