@@ -15,12 +15,15 @@ mod router;
 mod server;
 mod session;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use glommio::{LocalExecutorBuilder, Placement};
+use rstmdb_shards::definition::MachineDef;
 use rstmdb_shards::engine::{Engine, EngineLimits};
 use rstmdb_shards::recovery::recover_shard;
 use rstmdb_shards::shard::{self, FsyncPolicy, Sequencer, ShardConfig, ShardMsg};
@@ -72,6 +75,25 @@ fn init_logging() {
         .init();
 }
 
+/// Every shard holding a (name, version) must hold the same definition
+/// (PUT_MACHINE is two-phase through shard 0, so they always do); anything
+/// else means the data directory was tampered with.
+fn check_machines_agree(defs: &[(String, u32, Arc<MachineDef>)]) -> Result<(), String> {
+    let mut seen: HashMap<(&str, u32), &str> = HashMap::new();
+    for (name, version, def) in defs {
+        let sum = def.checksum();
+        if let Some(other) = seen.insert((name.as_str(), *version), sum) {
+            if other != sum {
+                return Err(format!(
+                    "machine {name:?} v{version} has different definitions on different shards \
+                     (checksums {other} and {sum}); refusing to start"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     match p {
         config::FsyncPolicy::EveryWrite => FsyncPolicy::EveryWrite,
@@ -81,8 +103,30 @@ fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     }
 }
 
+/// Security and operations features that are configured but not built yet
+/// stop start-up: running without authentication or TLS because the
+/// operator asked for them would be worse than not running.
+fn refuse_unbuilt_features(cfg: &Config) -> Result<(), String> {
+    let not_yet = |what: &str| {
+        Err(format!(
+            "{what} is not supported by this server version yet; refusing to start without it"
+        ))
+    };
+    if cfg.auth.required {
+        return not_yet("auth.required (bearer-token authentication)");
+    }
+    if cfg.tls.enabled {
+        return not_yet("tls.enabled (TLS/mTLS)");
+    }
+    if cfg.metrics.enabled {
+        return not_yet("metrics.enabled (the Prometheus endpoint)");
+    }
+    Ok(())
+}
+
 fn run(cfg: Config) -> Result<(), String> {
     cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
+    refuse_unbuilt_features(&cfg)?;
     let shards = cfg.server.shard_count();
     let data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
     let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
@@ -129,6 +173,7 @@ fn run(cfg: Config) -> Result<(), String> {
         .iter()
         .flat_map(|(e, _)| e.machine_defs())
         .collect();
+    check_machines_agree(&all_machines)?;
     for (engine, _) in recovered.iter_mut() {
         for (name, v, def) in &all_machines {
             engine.adopt_machine(name.clone(), *v, def.clone());

@@ -6,9 +6,17 @@
 //! order), sends one [`Batch`] per shard, waits for one [`BatchReply`] per
 //! shard, and merges fan-out answers (PUT_MACHINE, LIST_INSTANCES,
 //! WAL_STATS) into single results.
+//!
+//! PUT_MACHINE is two-phase: shard 0 logs it first, and only if shard 0
+//! accepted it (stored now, or already stored with the same checksum) do the
+//! other shards log it. Shard 0 is therefore the authority on every
+//! definition: no shard ever holds a definition that shard 0 does not hold
+//! with the same checksum, so a partly failed PUT can be completed by a retry
+//! but never diverge. The connection ends a cycle after a fan-out operation,
+//! so a PUT is always the cycle's last action.
 
 use rstmdb_shards::commands::{Batch, BatchReply, Command, InstanceSummary, Reply, ShardWalStats};
-use rstmdb_shards::error::ApiError;
+use rstmdb_shards::error::{ApiError, ErrorCode};
 use rstmdb_shards::shard::{Sequencer, ShardMsg};
 use serde::Serialize;
 
@@ -41,6 +49,8 @@ enum Slot {
     Put {
         machine: String,
         version: u32,
+        /// Phase 2 still to send (the command for the other shards).
+        pending: Option<Command>,
         first_error: Option<(usize, ApiError)>,
         created: bool,
         checksum: Option<String>,
@@ -50,8 +60,16 @@ enum Slot {
         limit: usize,
         total: u64,
         parts: Vec<Vec<InstanceSummary>>,
+        error: Option<ApiError>,
     },
-    Stats(ShardWalStats),
+    Stats(Result<ShardWalStats, ApiError>),
+}
+
+fn unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::InternalError,
+        "shard unavailable (server shutting down)",
+    )
 }
 
 impl Router {
@@ -86,19 +104,17 @@ impl Router {
                     Slot::Single
                 }
                 Action::PutMachine(cmd) => {
-                    let Command::PutMachine {
-                        machine, version, ..
-                    } = &cmd
-                    else {
-                        unreachable!("PutMachine action carries a PutMachine command")
+                    let (machine, version) = match &cmd {
+                        Command::PutMachine {
+                            machine, version, ..
+                        } => (machine.clone(), *version),
+                        _ => unreachable!("PutMachine action carries a PutMachine command"),
                     };
-                    let (machine, version) = (machine.clone(), *version);
-                    for list in per_shard.iter_mut() {
-                        list.push((slot, cmd.clone()));
-                    }
+                    per_shard[0].push((slot, cmd.clone()));
                     Slot::Put {
                         machine,
                         version,
+                        pending: (n > 1).then_some(cmd),
                         first_error: None,
                         created: false,
                         checksum: None,
@@ -112,30 +128,63 @@ impl Router {
                 } => {
                     let take = offset.saturating_add(limit);
                     for list in per_shard.iter_mut() {
-                        list.push((
-                            slot,
-                            Command::ListInstances {
-                                machine: machine.clone(),
-                                state: state.clone(),
-                                take,
-                            },
-                        ));
+                        let cmd = Command::ListInstances {
+                            machine: machine.clone(),
+                            state: state.clone(),
+                            take,
+                        };
+                        list.push((slot, cmd));
                     }
                     Slot::List {
                         offset,
                         limit,
                         total: 0,
                         parts: Vec::with_capacity(n),
+                        error: None,
                     }
                 }
                 Action::WalStats => {
                     for list in per_shard.iter_mut() {
                         list.push((slot, Command::WalStats));
                     }
-                    Slot::Stats(ShardWalStats::default())
+                    Slot::Stats(Ok(ShardWalStats::default()))
                 }
             });
         }
+        self.dispatch(per_shard, &mut slots, replies).await;
+
+        // Phase 2 of PUT_MACHINE: the other shards, once shard 0 accepted.
+        let mut phase2: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Slot::Put {
+                pending,
+                first_error,
+                checksum,
+                ..
+            } = slot
+            {
+                if let Some(cmd) = pending.take() {
+                    if first_error.is_none() && checksum.is_some() {
+                        for list in phase2.iter_mut().skip(1) {
+                            list.push((i as u32, cmd.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if phase2.iter().any(|l| !l.is_empty()) {
+            self.dispatch(phase2, &mut slots, replies).await;
+        }
+        slots.into_iter().map(|s| self.finish(s)).collect()
+    }
+
+    /// Sends each shard its list and merges every answer into `slots`.
+    async fn dispatch(
+        &self,
+        per_shard: Vec<Vec<(u32, Command)>>,
+        slots: &mut [Slot],
+        replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
+    ) {
         let mut waiting = 0;
         for (shard, commands) in per_shard.into_iter().enumerate() {
             if commands.is_empty() {
@@ -164,17 +213,13 @@ impl Router {
                 merge(&mut slots[slot as usize], reply.shard, r);
             }
         }
-        slots.into_iter().map(|s| self.finish(s)).collect()
     }
 
     fn finish(&self, slot: Slot) -> Outcome {
         match slot {
             Slot::Done(r) => Outcome::Done(r),
             Slot::Bye => Outcome::Bye,
-            Slot::Single => Outcome::Done(Err(ApiError::new(
-                rstmdb_shards::error::ErrorCode::InternalError,
-                "shard unavailable (server shutting down)",
-            ))),
+            Slot::Single => Outcome::Done(Err(unavailable())),
             Slot::Put {
                 first_error: Some((_, e)),
                 ..
@@ -183,24 +228,20 @@ impl Router {
                 machine,
                 version,
                 created,
-                checksum,
+                checksum: Some(checksum),
                 ..
-            } => {
-                let Some(checksum) = checksum else {
-                    return Outcome::Done(Err(ApiError::new(
-                        rstmdb_shards::error::ErrorCode::InternalError,
-                        "shard unavailable (server shutting down)",
-                    )));
-                };
-                Outcome::Done(Ok(put_result(&machine, version, created, &checksum)))
-            }
+            } => Outcome::Done(Ok(put_result(&machine, version, created, &checksum))),
+            Slot::Put { checksum: None, .. } => Outcome::Done(Err(unavailable())),
+            Slot::List { error: Some(e), .. } => Outcome::Done(Err(e)),
             Slot::List {
                 offset,
                 limit,
                 total,
                 parts,
+                error: None,
             } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
-            Slot::Stats(s) => Outcome::Done(Ok(self.stats_result(&s))),
+            Slot::Stats(Ok(s)) => Outcome::Done(Ok(self.stats_result(&s))),
+            Slot::Stats(Err(e)) => Outcome::Done(Err(e)),
         }
     }
 
@@ -250,6 +291,9 @@ fn put_result(machine: &str, version: u32, created: bool, checksum: &str) -> Vec
     .expect("serialization cannot fail")
 }
 
+/// Folds one shard's answer into a request's slot. An answer of an
+/// unexpected kind (a bug) becomes an `INTERNAL_ERROR` answer, never a
+/// panic of the frontend.
 fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
     match (slot, reply) {
         (s @ Slot::Single, Reply::Json(b)) => *s = Slot::Done(Ok(b)),
@@ -275,24 +319,49 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
                     *first_error = Some((shard, e));
                 }
             }
-            _ => unreachable!("PUT_MACHINE answered with another reply kind"),
+            other => *first_error = Some((shard, unexpected(&other))),
         },
-        (Slot::List { total, parts, .. }, Reply::Instances { total: t, items }) => {
-            *total += t;
-            parts.push(items);
-        }
-        (Slot::Stats(acc), Reply::WalStats(s)) => {
-            acc.entries += s.entries;
-            acc.segments += s.segments;
-            acc.used_bytes += s.used_bytes;
-            acc.io.bytes_read += s.io.bytes_read;
-            acc.io.bytes_written += s.io.bytes_written;
-            acc.io.reads += s.io.reads;
-            acc.io.writes += s.io.writes;
-            acc.io.fsyncs += s.io.fsyncs;
-        }
-        (_, r) => unreachable!("unexpected shard reply {r:?}"),
+        (
+            Slot::List {
+                total,
+                parts,
+                error,
+                ..
+            },
+            r,
+        ) => match r {
+            Reply::Instances { total: t, items } => {
+                *total += t;
+                parts.push(items);
+            }
+            Reply::Error(e) => *error = Some(e),
+            other => *error = Some(unexpected(&other)),
+        },
+        (Slot::Stats(acc), r) => match (acc.as_mut(), r) {
+            (Ok(acc), Reply::WalStats(s)) => {
+                acc.entries += s.entries;
+                acc.segments += s.segments;
+                acc.used_bytes += s.used_bytes;
+                acc.io.bytes_read += s.io.bytes_read;
+                acc.io.bytes_written += s.io.bytes_written;
+                acc.io.reads += s.io.reads;
+                acc.io.writes += s.io.writes;
+                acc.io.fsyncs += s.io.fsyncs;
+            }
+            (Err(_), _) => {}
+            (Ok(_), Reply::Error(e)) => *acc = Err(e),
+            (Ok(_), other) => *acc = Err(unexpected(&other)),
+        },
+        (s, other) => *s = Slot::Done(Err(unexpected(&other))),
     }
+}
+
+fn unexpected(r: &Reply) -> ApiError {
+    tracing::error!(reply = ?r, "shard answered with an unexpected reply kind");
+    ApiError::new(
+        ErrorCode::InternalError,
+        "internal error: unexpected shard reply",
+    )
 }
 
 /// Merges the shards' id-sorted shares into one page in instance-id order,

@@ -18,6 +18,8 @@ use crate::session::{Session, WireMode};
 /// Most requests decoded and dispatched in one cycle; more complete frames
 /// wait for the next cycle (bounds per-connection memory and latency).
 const MAX_REQUESTS_PER_CYCLE: usize = 1024;
+/// Answers are written out whenever this many bytes are buffered.
+const WRITE_FLUSH_BYTES: usize = 256 * 1024;
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
 /// How long shutdown waits for connections to finish their current cycle.
@@ -102,7 +104,9 @@ async fn connection(
     let mut chunk = vec![0u8; READ_CHUNK];
     loop {
         // Decode every complete frame already buffered.
-        let mut requests: Vec<(String, Action)> = Vec::new();
+        // (request id, action, the output mode its answer is written in:
+        // a HELLO switches the mode for its own answer and later ones only).
+        let mut requests: Vec<(String, Action, WireMode)> = Vec::new();
         let mut close = false;
         while requests.len() < MAX_REQUESTS_PER_CYCLE {
             match frame::decode(&rbuf[start..]) {
@@ -115,9 +119,19 @@ async fn connection(
                     start += total;
                     let action = ops::plan(&req.op, req.params, &mut session, &cfg.ops);
                     let bye = matches!(action, Action::Bye);
-                    requests.push((req.id, action));
+                    // A fan-out ends the cycle: it bounds the cycle's memory
+                    // (one large LIST page at most) and keeps PUT_MACHINE,
+                    // which is two-phase, the last action of its cycle.
+                    let fan_out = matches!(
+                        action,
+                        Action::PutMachine(_) | Action::ListInstances { .. } | Action::WalStats
+                    );
+                    requests.push((req.id, action, session.wire_mode));
                     if bye {
                         close = true; // requests pipelined after BYE are discarded
+                        break;
+                    }
+                    if fan_out {
                         break;
                     }
                 }
@@ -130,10 +144,15 @@ async fn connection(
             }
         }
         if !requests.is_empty() {
-            let (ids, actions): (Vec<String>, Vec<Action>) = requests.into_iter().unzip();
+            let mut ids = Vec::with_capacity(requests.len());
+            let mut actions = Vec::with_capacity(requests.len());
+            for (id, action, mode) in requests {
+                ids.push((id, mode));
+                actions.push(action);
+            }
             let outcomes = router.run(actions, &replies).await;
             wbuf.clear();
-            for (id, outcome) in ids.iter().zip(outcomes) {
+            for ((id, mode), outcome) in ids.iter().zip(outcomes) {
                 let mut payload = Vec::new();
                 match outcome {
                     Outcome::Done(Ok(result)) => envelope::ok_response(id, &result, &mut payload),
@@ -148,7 +167,11 @@ async fn connection(
                     );
                     envelope::error_response(id, &e, &mut payload);
                 }
-                write_message(&mut wbuf, &payload, session.wire_mode);
+                write_message(&mut wbuf, &payload, *mode);
+                if wbuf.len() >= WRITE_FLUSH_BYTES {
+                    stream.write_all(&wbuf).await?;
+                    wbuf.clear();
+                }
             }
             stream.write_all(&wbuf).await?;
             if wbuf.capacity() > 4 * READ_CHUNK {
@@ -165,8 +188,13 @@ async fn connection(
             rbuf.drain(..start);
             start = 0;
         }
-        if frame::decode(&rbuf).ok().flatten().is_some() {
-            continue;
+        match frame::decode(&rbuf) {
+            Ok(Some(_)) => continue, // a full cycle's worth was already buffered
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "framing error; closing connection");
+                return Ok(());
+            }
         }
         if stop.is_disconnected() {
             return Ok(());

@@ -326,3 +326,64 @@ fn over_max_connections_is_closed_without_bytes() {
     let mut d = server.client();
     assert_eq!(d.ok("PING", json!({})), json!({"pong": true}));
 }
+
+#[test]
+fn hello_switches_the_mode_from_its_own_answer_on() {
+    let dir = common::data_dir("hellomode");
+    let server = Server::start(dir.path(), Opts::default());
+    let mut c = server.client();
+    let bytes = [
+        request_frame("1", "PING", &json!({})),
+        request_frame(
+            "2",
+            "HELLO",
+            &json!({"protocol_version": 1, "wire_modes": ["jsonl"]}),
+        ),
+        request_frame("3", "PING", &json!({})),
+    ]
+    .concat();
+    c.send(&bytes);
+    assert_eq!(
+        c.read_frame().unwrap()["id"],
+        "1",
+        "answered in binary before the HELLO"
+    );
+    let mut reader = std::io::BufReader::new(c.stream.try_clone().unwrap());
+    for id in ["2", "3"] {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["id"], id);
+    }
+}
+
+#[test]
+fn features_not_built_yet_refuse_to_start() {
+    for (var, what) in [
+        ("RSTMDB_AUTH_REQUIRED", "auth.required"),
+        ("RSTMDB_TLS_ENABLED", "tls.enabled"),
+        ("RSTMDB_METRICS_ENABLED", "metrics.enabled"),
+    ] {
+        let dir = common::data_dir("unbuilt");
+        let mut env = vec![(var.to_owned(), "true".to_owned())];
+        if var == "RSTMDB_AUTH_REQUIRED" {
+            env.push((
+                "RSTMDB_AUTH_TOKEN_HASH".into(),
+                "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8".into(),
+            ));
+        }
+        if var == "RSTMDB_TLS_ENABLED" {
+            env.push(("RSTMDB_TLS_CERT".into(), "/nonexistent/cert.pem".into()));
+            env.push(("RSTMDB_TLS_KEY".into(), "/nonexistent/key.pem".into()));
+        }
+        let mut s = Server::spawn(
+            dir.path(),
+            Opts {
+                extra_env: env,
+                ..Opts::default()
+            },
+        );
+        let (code, log) = s.wait_exit(Duration::from_secs(30));
+        assert_ne!(code, Some(0), "{var}: {log}");
+        assert!(log.contains(what), "{var}: {log}");
+    }
+}
