@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{frame, Client, Opts, Server};
+use common::{frame, retryable, Client, Opts, Server};
 use serde_json::{json, Value};
 
 fn vectors(name: &str) -> Vec<Value> {
@@ -42,13 +42,6 @@ fn strict_eq(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
-}
-
-fn retryable(code: &str) -> bool {
-    matches!(
-        code,
-        "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT"
-    )
 }
 
 /// Checks an error response against `{code, message}` or

@@ -223,7 +223,7 @@ pub async fn run(
                 .await;
         }
     }
-    writer.sync().await?;
+    writer.close().await?;
     tracing::info!(shard = cfg.id, "shard stopped; WAL synced");
     Ok(())
 }

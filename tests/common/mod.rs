@@ -259,10 +259,7 @@ impl Client {
         assert_eq!(r["id"], id.as_str());
         if r["status"] == "error" {
             let code = r["error"]["code"].as_str().unwrap();
-            let retryable = matches!(
-                code,
-                "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT"
-            );
+            let retryable = retryable(code);
             assert_eq!(
                 r["error"]["retryable"], retryable,
                 "retryable flag of {code}"
@@ -308,6 +305,14 @@ impl Client {
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b), Ok(0) | Err(_))
     }
+}
+
+/// The fixed `retryable` flag of an error code (PROTOCOL.md §8).
+pub fn retryable(code: &str) -> bool {
+    matches!(
+        code,
+        "WAL_IO_ERROR" | "INTERNAL_ERROR" | "RATE_LIMITED" | "REPLICATION_TIMEOUT"
+    )
 }
 
 /// A machine used by many tests.

@@ -107,7 +107,12 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, WalError> {
             ids.push(id);
         } else if name.ends_with(".wal.tmp") {
             let p = entry.path();
-            fs::remove_file(&p).map_err(|e| WalError::io("removing stale temp segment", p, e))?;
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                // Gone already (renamed by a creation that just finished).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io("removing stale temp segment", p, e)),
+            }
         }
     }
     ids.sort_unstable();

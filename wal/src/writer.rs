@@ -237,6 +237,20 @@ impl WalWriter {
         }
     }
 
+    /// Syncs, waits for the background segment creation (so no work is left
+    /// running in the blocking pool when the executor stops) and closes the
+    /// current segment.
+    pub async fn close(mut self) -> Result<(), WalError> {
+        let synced = self.sync().await;
+        if let Some(pending) = self.next_segment.take() {
+            if let Err(e) = pending.await {
+                tracing::warn!(error = %e, "preparing the next WAL segment failed");
+            }
+        }
+        let _ = self.file.close().await;
+        synced
+    }
+
     /// Whether written data awaits an `fdatasync`.
     pub fn is_dirty(&self) -> bool {
         self.unsynced

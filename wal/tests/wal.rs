@@ -54,7 +54,9 @@ fn write_flagged(dir: &Path, first: u64, batches: &[(usize, bool)]) -> u64 {
                     }
                     w.commit(sync).await.expect("commit");
                 }
-                w.io_stats().fsyncs - before
+                let fsyncs = w.io_stats().fsyncs - before;
+                w.close().await.expect("close");
+                fsyncs
             })
             .expect("spawn")
             .join()
