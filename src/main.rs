@@ -193,7 +193,7 @@ fn run(cfg: Config) -> Result<(), String> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovery complete"
     );
-    let seq = Sequencer::new(next_offset);
+    let seq = Sequencer::new(next_offset, shards);
 
     // Executors: the frontend on the first CPU, shards on the following ones,
     // wrapping around when there are more executors than CPUs.

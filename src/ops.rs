@@ -59,6 +59,13 @@ pub enum Action {
     },
     /// WAL_STATS: sum every shard's figures.
     WalStats,
+    /// WAL_READ: merge every shard's records in offset order.
+    WalRead {
+        /// First offset wanted.
+        from: u64,
+        /// Most records (None = as many as fit a frame).
+        limit: Option<u64>,
+    },
 }
 
 fn params<T: DeserializeOwned>(p: Value) -> Result<T, ApiError> {
@@ -160,8 +167,18 @@ fn plan_inner(
                 "replication operations are handled internally",
             ))
         }
-        "BATCH" | "SNAPSHOT_INSTANCE" | "WAL_READ" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL"
-        | "UNWATCH" | "FLUSH_ALL" => {
+        "WAL_READ" => {
+            // The reference's lenient parsing: from_offset must be a
+            // non-negative integer; a limit that is not one is ignored.
+            let from = p
+                .get("from_offset")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| ApiError::bad_request("missing from_offset"))?;
+            let limit = p.get("limit").and_then(Value::as_u64);
+            Action::WalRead { from, limit }
+        }
+        "BATCH" | "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH"
+        | "FLUSH_ALL" => {
             return Err(ApiError::bad_request(format!(
                 "operation {op} is not supported by this server yet"
             )))

@@ -17,7 +17,8 @@
 
 use rstmdb_shards::commands::{Batch, BatchReply, Command, InstanceSummary, Reply, ShardWalStats};
 use rstmdb_shards::error::{ApiError, ErrorCode};
-use rstmdb_shards::shard::{Sequencer, ShardMsg};
+use rstmdb_shards::shard::{Sequencer, ShardMsg, WalReadRequest};
+use rstmdb_wal::{OwnedRecord, ReadRange};
 use serde::Serialize;
 
 use crate::ops::Action;
@@ -25,6 +26,11 @@ use crate::ops::Action;
 /// Byte budget of one LIST_INSTANCES result: a response must fit a frame
 /// (DECISIONS D21), with room for the envelope.
 const LIST_BYTES_BUDGET: usize = 15 * 1024 * 1024;
+
+/// Most records one WAL_READ returns.
+const WAL_READ_MAX_RECORDS: usize = 10_000;
+/// Byte budget of one WAL_READ answer's records (within a 16 MiB frame).
+const WAL_READ_BYTES: usize = 15 * 1024 * 1024;
 
 /// Senders to every shard, owned by the frontend executor.
 #[derive(Clone)]
@@ -63,6 +69,10 @@ enum Slot {
         error: Option<ApiError>,
     },
     Stats(Result<ShardWalStats, ApiError>),
+    WalRead {
+        from: u64,
+        limit: Option<u64>,
+    },
 }
 
 fn unavailable() -> ApiError {
@@ -149,6 +159,7 @@ impl Router {
                     }
                     Slot::Stats(Ok(ShardWalStats::default()))
                 }
+                Action::WalRead { from, limit } => Slot::WalRead { from, limit },
             });
         }
         self.dispatch(per_shard, &mut slots, replies).await;
@@ -174,6 +185,11 @@ impl Router {
         }
         if phase2.iter().any(|l| !l.is_empty()) {
             self.dispatch(phase2, &mut slots, replies).await;
+        }
+        for slot in slots.iter_mut() {
+            if let Slot::WalRead { from, limit } = *slot {
+                *slot = Slot::Done(self.wal_read(from, limit).await);
+            }
         }
         slots.into_iter().map(|s| self.finish(s)).collect()
     }
@@ -241,8 +257,88 @@ impl Router {
                 error: None,
             } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
             Slot::Stats(Ok(s)) => Outcome::Done(Ok(self.stats_result(&s))),
+            Slot::WalRead { .. } => Outcome::Done(Err(unavailable())),
             Slot::Stats(Err(e)) => Outcome::Done(Err(e)),
         }
+    }
+
+    /// WAL_READ: every shard reads its records with offsets in
+    /// `[from, watermark)`; the pages are merged in offset order and cut
+    /// where the first shard's page was cut short, so no record is skipped:
+    /// `next_offset` continues exactly after the last record returned. The
+    /// answer always fits a frame (DECISIONS D21).
+    pub async fn wal_read(&self, from: u64, limit: Option<u64>) -> Result<Vec<u8>, ApiError> {
+        let n = self.shards.len();
+        let below = self.seq.watermark();
+        let limit = limit.map_or(WAL_READ_MAX_RECORDS, |l| {
+            (l as usize).min(WAL_READ_MAX_RECORDS)
+        });
+        let range = ReadRange {
+            from,
+            below,
+            limit,
+            max_bytes: (WAL_READ_BYTES / n).max(256 * 1024),
+        };
+        let (tx, rx) = flume::bounded(n);
+        let mut waiting = 0;
+        for shard in &self.shards {
+            let req = WalReadRequest {
+                range,
+                reply_to: tx.clone(),
+            };
+            if shard.send_async(ShardMsg::WalRead(req)).await.is_ok() {
+                waiting += 1;
+            }
+        }
+        if waiting < n {
+            return Err(unavailable());
+        }
+        let mut pages = Vec::with_capacity(n);
+        for _ in 0..n {
+            match rx.recv_async().await {
+                Ok((_, Ok(page))) => pages.push(page),
+                Ok((_, Err(e))) => return Err(e),
+                Err(_) => return Err(unavailable()),
+            }
+        }
+        let cutoff = pages
+            .iter()
+            .filter(|p| p.truncated)
+            .filter_map(|p| p.records.last().map(|r| r.offset))
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut records: Vec<OwnedRecord> = pages
+            .into_iter()
+            .flat_map(|p| p.records)
+            .filter(|r| r.offset <= cutoff)
+            .collect();
+        records.sort_unstable_by_key(|r| r.offset);
+        let mut out = Vec::with_capacity(1024);
+        out.extend_from_slice(br#"{"next_offset":"#);
+        let mut body = Vec::new();
+        let mut last = None;
+        for (i, r) in records.iter().take(limit).enumerate() {
+            if i > 0 && body.len() + r.payload.len() + 64 > WAL_READ_BYTES {
+                break;
+            }
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(br#"{"entry":"#);
+            body.extend_from_slice(&r.payload);
+            body.extend_from_slice(
+                format!(r#","offset":{o},"sequence":{o}}}"#, o = r.offset).as_bytes(),
+            );
+            last = Some(r.offset);
+        }
+        match last {
+            Some(o) => out.extend_from_slice((o + 1).to_string().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","records":["#);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"]}");
+        Ok(out)
     }
 
     fn stats_result(&self, s: &ShardWalStats) -> Vec<u8> {

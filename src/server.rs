@@ -124,7 +124,10 @@ async fn connection(
                     // which is two-phase, the last action of its cycle.
                     let fan_out = matches!(
                         action,
-                        Action::PutMachine(_) | Action::ListInstances { .. } | Action::WalStats
+                        Action::PutMachine(_)
+                            | Action::ListInstances { .. }
+                            | Action::WalStats
+                            | Action::WalRead { .. }
                     );
                     requests.push((req.id, action, session.wire_mode));
                     if bye {

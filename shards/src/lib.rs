@@ -13,5 +13,6 @@ pub mod guard;
 pub mod idempotency;
 pub mod recovery;
 pub mod routing;
+pub mod sequencer;
 pub mod shard;
 pub mod wal_entry;

@@ -8,16 +8,15 @@
 //! only then releases the replies — reads included, so no reply reveals
 //! state a crash could take back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
-use rstmdb_wal::{Recovered, WalError, WalWriter, WriterConfig};
+use rstmdb_wal::{Page, ReadRange, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig};
 
 use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
 use crate::engine::{now_ms, Engine, Offsets};
 use crate::error::ApiError;
+pub use crate::sequencer::Sequencer;
 
 /// When to `fdatasync` (config `storage.fsync_policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,31 +44,6 @@ pub struct ShardConfig {
     pub max_drain_commands: usize,
 }
 
-/// The global WAL offset sequencer (DESIGN.md "WAL offsets"): each shard
-/// reserves a contiguous range per group commit, so offsets are unique,
-/// increase within every shard and order all shards. The only state shared
-/// between shards besides the channels.
-#[derive(Debug, Clone)]
-pub struct Sequencer(Arc<AtomicU64>);
-
-impl Sequencer {
-    /// A sequencer whose next offset is `next` (>= 1).
-    pub fn new(next: u64) -> Self {
-        assert!(next >= 1);
-        Sequencer(Arc::new(AtomicU64::new(next)))
-    }
-
-    /// Reserves `n` offsets; returns the first.
-    pub fn reserve(&self, n: u64) -> u64 {
-        self.0.fetch_add(n, Ordering::SeqCst)
-    }
-
-    /// The offset the next reservation would start at.
-    pub fn peek(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// The replies to one batch and where they go.
 type Answer = (flume::Sender<BatchReply>, Vec<(u32, Reply)>);
 
@@ -77,6 +51,36 @@ type Answer = (flume::Sender<BatchReply>, Vec<(u32, Reply)>);
 pub enum ShardMsg {
     /// Commands from one connection's read cycle.
     Batch(Batch),
+    /// Read committed records back (served off the shard loop).
+    WalRead(WalReadRequest),
+}
+
+/// A request for this shard's records in `range` (see [`rstmdb_wal::read`]).
+pub struct WalReadRequest {
+    /// What to read; `range.below` must not exceed the watermark.
+    pub range: ReadRange,
+    /// Where the records (or the error) go.
+    pub reply_to: flume::Sender<(usize, Result<Page, ApiError>)>,
+}
+
+/// Serves a WAL read on the blocking pool, so the shard loop keeps going.
+/// The records below the watermark are already in the written part of the
+/// segments listed now, which is never rewritten.
+fn spawn_wal_read(
+    shard: usize,
+    dir: std::path::PathBuf,
+    segments: Vec<SegmentInfo>,
+    req: WalReadRequest,
+) {
+    glommio::spawn_local(async move {
+        let range = req.range;
+        let result = glommio::executor()
+            .spawn_blocking(move || rstmdb_wal::read(&dir, &segments, range))
+            .await
+            .map_err(ApiError::wal);
+        let _ = req.reply_to.send_async((shard, result)).await;
+    })
+    .detach();
 }
 
 /// Runs the shard until every sender of `rx` is gone, then syncs the WAL.
@@ -90,19 +94,15 @@ pub async fn run(
     seq: Sequencer,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), WalError> {
-    let mut writer = match WalWriter::open(cfg.wal.clone(), &recovered).await {
-        Ok(w) => {
-            let _ = ready.send(Ok(()));
-            w
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "shard {}: opening the WAL failed: {e}",
-                cfg.id
-            )));
-            return Err(e);
-        }
-    };
+    let opened = WalWriter::open(cfg.wal.clone(), &recovered).await;
+    let _ = ready.send(match &opened {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("shard {}: opening the WAL failed: {e}", cfg.id)),
+    });
+    // Dropped now, so that start-up notices an executor that dies before
+    // reporting (its sender is then gone too).
+    drop(ready);
+    let mut writer = opened?;
     drop(recovered);
     let mut unsynced_records: u64 = 0;
     let mut dirty_since: Option<Instant> = None;
@@ -112,17 +112,24 @@ pub async fn run(
             Some(m) => m,
             None => break,
         };
-        let ShardMsg::Batch(b) = first;
-        let mut commands = b.commands.len();
-        drain.push(b);
-        while commands < cfg.max_drain_commands {
-            match rx.try_recv() {
-                Ok(ShardMsg::Batch(b)) => {
+        let mut commands = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                ShardMsg::Batch(b) => {
                     commands += b.commands.len();
                     drain.push(b);
                 }
-                Err(_) => break,
+                ShardMsg::WalRead(req) => {
+                    spawn_wal_read(cfg.id, cfg.wal.dir.clone(), writer.segments().to_vec(), req)
+                }
             }
+            if commands < cfg.max_drain_commands {
+                next = rx.try_recv().ok();
+            }
+        }
+        if drain.is_empty() {
+            continue;
         }
         let writes: u64 = drain
             .iter()
@@ -130,7 +137,7 @@ pub async fn run(
             .filter(|(_, c)| c.may_write())
             .count() as u64;
         let base = if writes > 0 {
-            seq.reserve(writes)
+            seq.reserve(cfg.id, writes)
         } else {
             seq.peek()
         };
@@ -196,6 +203,11 @@ pub async fn run(
                 tracing::error!(shard = cfg.id, error = %e, "group commit failed; rolling back the drain");
                 engine.rollback();
             }
+        }
+        if writes > 0 {
+            // Everything reserved is written (or will never be): readers may
+            // pass these offsets now.
+            seq.release(cfg.id);
         }
         let failure = result.err().map(ApiError::wal);
         let stats = stats_wanted.then(|| ShardWalStats {

@@ -5,15 +5,17 @@
 //! for the on-disk format and the reasons behind it.
 
 mod error;
+pub mod reader;
 pub mod record;
 pub mod recovery;
 pub mod segment;
 mod writer;
 
 pub use error::WalError;
+pub use reader::{read, OwnedRecord, Page, ReadRange};
 pub use record::RecordRef;
 pub use recovery::{recover, Recovered, RecoveryOptions, TornTail};
-pub use writer::{IoStats, WalWriter, WriterConfig};
+pub use writer::{IoStats, SegmentInfo, WalWriter, WriterConfig};
 
 /// Largest record payload accepted: 16 MiB (the largest RCP frame) plus
 /// room for the record's own envelope, so that any request that fits a

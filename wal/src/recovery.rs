@@ -54,6 +54,9 @@ pub struct Recovered {
     /// Bytes in use per segment (position after its last block of data),
     /// same order as `segments`.
     pub used_bytes: Vec<u64>,
+    /// Offset of the first record of each segment (0 when it has none), same
+    /// order as `segments`.
+    pub first_offsets: Vec<u64>,
     /// Highest record offset seen (0 when the log is empty).
     pub last_offset: u64,
     /// Number of records replayed.
@@ -114,7 +117,16 @@ where
             path: path.clone(),
             reason,
         })?;
-        let end = scan(&buf, &path, &mut out, &mut visit)?;
+        let records_before = out.records;
+        let mut first_offset = 0;
+        let end = scan(&buf, &path, &mut out, &mut |r: RecordRef<'_>| {
+            if first_offset == 0 {
+                first_offset = r.offset;
+            }
+            visit(r)
+        })?;
+        debug_assert!(first_offset == 0 || out.records > records_before);
+        out.first_offsets.push(first_offset);
         let used = match end {
             ScanEnd::Clean { end } => {
                 let resume = align_up(end);

@@ -36,6 +36,17 @@ pub struct IoStats {
     pub fsyncs: u64,
 }
 
+/// One segment as the writer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Segment id.
+    pub id: u64,
+    /// Bytes in use (block-aligned end of its data).
+    pub used: u64,
+    /// Offset of its first record; 0 while it has none.
+    pub first_offset: u64,
+}
+
 /// Writer configuration.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -63,8 +74,8 @@ pub struct WalWriter {
     staging: Vec<u8>,
     /// End position in `staging` of each staged record.
     record_ends: Vec<usize>,
-    /// (segment id, bytes used) of every segment, ascending.
-    segments: Vec<(u64, u64)>,
+    /// Every segment, ascending.
+    segments: Vec<SegmentInfo>,
     /// Background creation of segment `seg_id + 1`.
     next_segment: Option<Pending>,
     /// Whether data was written since the last `fdatasync`.
@@ -85,11 +96,12 @@ impl WalWriter {
     pub async fn open(cfg: WriterConfig, recovered: &Recovered) -> Result<WalWriter, WalError> {
         assert!(cfg.segment_size >= 2 * BLOCK && cfg.segment_size.is_multiple_of(BLOCK));
         warn_if_no_direct_io(&cfg.dir);
-        let mut segments: Vec<(u64, u64)> = recovered
-            .segments
-            .iter()
-            .copied()
-            .zip(recovered.used_bytes.iter().copied())
+        let mut segments: Vec<SegmentInfo> = (0..recovered.segments.len())
+            .map(|i| SegmentInfo {
+                id: recovered.segments[i],
+                used: recovered.used_bytes[i],
+                first_offset: recovered.first_offsets[i],
+            })
             .collect();
         let (seg_id, write_pos) = match recovered.resume {
             Some(r) => r,
@@ -98,7 +110,11 @@ impl WalWriter {
                 glommio::executor()
                     .spawn_blocking(move || segment::create(&dir, shard, 1, size))
                     .await?;
-                segments.push((1, BLOCK));
+                segments.push(SegmentInfo {
+                    id: 1,
+                    used: BLOCK,
+                    first_offset: 0,
+                });
                 (1, BLOCK)
             }
         };
@@ -262,13 +278,13 @@ impl WalWriter {
     }
 
     /// (segment id, bytes used) of every segment, ascending.
-    pub fn segments(&self) -> &[(u64, u64)] {
+    pub fn segments(&self) -> &[SegmentInfo] {
         &self.segments
     }
 
     /// Bytes of log in use across all segments.
     pub fn used_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.1).sum()
+        self.segments.iter().map(|s| s.used).sum()
     }
 
     /// Records written over the life of this log (replayed + committed).
@@ -320,9 +336,13 @@ impl WalWriter {
         match self.file.write_at(buf, self.write_pos).await {
             Ok(n) if n == len => {
                 self.write_pos += len as u64;
+                let first = u64::from_le_bytes(data[8..16].try_into().expect("record header"));
                 let last = self.segments.last_mut().expect("current segment");
-                assert_eq!(last.0, self.seg_id);
-                last.1 = self.write_pos;
+                assert_eq!(last.id, self.seg_id);
+                last.used = self.write_pos;
+                if last.first_offset == 0 {
+                    last.first_offset = first;
+                }
                 Ok(())
             }
             Ok(n) => Err(self.poison(
@@ -342,7 +362,11 @@ impl WalWriter {
         self.write_pos = BLOCK;
         // The header block was synced when the segment was created.
         self.synced_pos = BLOCK;
-        self.segments.push((self.seg_id, BLOCK));
+        self.segments.push(SegmentInfo {
+            id: self.seg_id,
+            used: BLOCK,
+            first_offset: 0,
+        });
         Ok(())
     }
 
