@@ -59,6 +59,8 @@ pub enum Action {
     },
     /// WAL_STATS: sum every shard's figures.
     WalStats,
+    /// FLUSH_ALL (enabled): every shard logs it and clears its state.
+    FlushAll,
     /// WAL_READ: merge every shard's records in offset order.
     WalRead {
         /// First offset wanted.
@@ -162,6 +164,7 @@ fn plan_inner(
                 "FLUSH_ALL is disabled. Set storage.allow_flush_all=true in config to enable.",
             ))
         }
+        "FLUSH_ALL" => Action::FlushAll,
         "REPLICATE" | "REPLICATE_ACK" => {
             return Err(ApiError::bad_request(
                 "replication operations are handled internally",
@@ -177,8 +180,7 @@ fn plan_inner(
             let limit = p.get("limit").and_then(Value::as_u64);
             Action::WalRead { from, limit }
         }
-        "BATCH" | "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH"
-        | "FLUSH_ALL" => {
+        "BATCH" | "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH" => {
             return Err(ApiError::bad_request(format!(
                 "operation {op} is not supported by this server yet"
             )))

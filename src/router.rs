@@ -73,6 +73,11 @@ enum Slot {
         from: u64,
         limit: Option<u64>,
     },
+    Flush {
+        instances: u64,
+        machines: u64,
+        error: Option<ApiError>,
+    },
 }
 
 fn unavailable() -> ApiError {
@@ -160,6 +165,16 @@ impl Router {
                     Slot::Stats(Ok(ShardWalStats::default()))
                 }
                 Action::WalRead { from, limit } => Slot::WalRead { from, limit },
+                Action::FlushAll => {
+                    for list in per_shard.iter_mut() {
+                        list.push((slot, Command::FlushAll));
+                    }
+                    Slot::Flush {
+                        instances: 0,
+                        machines: 0,
+                        error: None,
+                    }
+                }
             });
         }
         self.dispatch(per_shard, &mut slots, replies).await;
@@ -258,6 +273,11 @@ impl Router {
             } => Outcome::Done(Ok(list_result(offset, limit, total, parts))),
             Slot::Stats(Ok(s)) => Outcome::Done(Ok(self.stats_result(&s))),
             Slot::WalRead { .. } => Outcome::Done(Err(unavailable())),
+            Slot::Flush { error: Some(e), .. } => Outcome::Done(Err(e)),
+            Slot::Flush { instances, machines, error: None } => Outcome::Done(Ok(serde_json::to_vec(
+                &serde_json::json!({"flushed": true, "instances_removed": instances, "machines_removed": machines}),
+            )
+            .expect("serialization cannot fail"))),
             Slot::Stats(Err(e)) => Outcome::Done(Err(e)),
         }
     }
@@ -447,6 +467,27 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
             (Err(_), _) => {}
             (Ok(_), Reply::Error(e)) => *acc = Err(e),
             (Ok(_), other) => *acc = Err(unexpected(&other)),
+        },
+        (
+            Slot::Flush {
+                instances,
+                machines,
+                error,
+            },
+            r,
+        ) => match r {
+            Reply::Flushed {
+                instances: i,
+                machines: m,
+            } => {
+                *instances += i;
+                // Every shard holds every definition: count them once.
+                if shard == 0 {
+                    *machines = m;
+                }
+            }
+            Reply::Error(e) => *error = Some(e),
+            other => *error = Some(unexpected(&other)),
         },
         (s, other) => *s = Slot::Done(Err(unexpected(&other))),
     }

@@ -128,6 +128,7 @@ async fn connection(
                             | Action::ListInstances { .. }
                             | Action::WalStats
                             | Action::WalRead { .. }
+                            | Action::FlushAll
                     );
                     requests.push((req.id, action, session.wire_mode));
                     if bye {

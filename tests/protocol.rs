@@ -273,7 +273,6 @@ fn operation_level_errors_keep_the_connection_and_ops_not_yet_built_answer_clear
         "WATCH_ALL",
         "WATCH_INSTANCE",
         "UNWATCH",
-        "WAL_READ",
         "COMPACT",
         "SNAPSHOT_INSTANCE",
     ] {

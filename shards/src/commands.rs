@@ -78,6 +78,9 @@ pub enum Command {
     ApplyEvent(ApplyEvent),
     /// WAL figures of this shard.
     WalStats,
+    /// Remove every instance, machine and idempotency entry (FLUSH_ALL,
+    /// sent to every shard).
+    FlushAll,
 }
 
 /// APPLY_EVENT parameters.
@@ -108,6 +111,7 @@ impl Command {
                 | Command::CreateInstance { .. }
                 | Command::DeleteInstance { .. }
                 | Command::ApplyEvent(_)
+                | Command::FlushAll
         )
     }
 }
@@ -135,6 +139,13 @@ pub enum Reply {
     },
     /// This shard's WAL figures.
     WalStats(ShardWalStats),
+    /// What FLUSH_ALL removed on this shard.
+    Flushed {
+        /// Instances removed (active and deleted).
+        instances: u64,
+        /// (name, version) pairs removed.
+        machines: u64,
+    },
 }
 
 /// One LIST_INSTANCES item (fields in the reference's alphabetical order).

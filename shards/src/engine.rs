@@ -50,6 +50,14 @@ enum Undo {
     Instance(String, Option<Instance>),
     /// Remove a machine version stored in this drain.
     Machine(String, u32),
+    /// Restore everything a FLUSH_ALL removed.
+    Flush(
+        Box<(
+            HashMap<String, BTreeMap<u32, Arc<MachineDef>>>,
+            HashMap<String, Instance>,
+            IdempotencyWindow,
+        )>,
+    ),
     /// Restore an idempotency entry (with its original time).
     Idempotency(String, String, Option<(Cached, i64)>),
 }
@@ -228,6 +236,12 @@ impl Engine {
                         }
                     }
                 }
+                Undo::Flush(saved) => {
+                    let (machines, instances, idempotency) = *saved;
+                    self.machines = machines;
+                    self.instances = instances;
+                    self.idempotency = idempotency;
+                }
                 Undo::Idempotency(id, key, prev) => self.idempotency.restore(&id, &key, prev),
             }
         }
@@ -295,6 +309,7 @@ impl Engine {
                 idempotency_key,
             } => self.delete_instance(instance_id, idempotency_key, offsets, now),
             Command::ApplyEvent(a) => self.apply_event(a, offsets, now),
+            Command::FlushAll => self.flush_all(offsets, now),
             Command::WalStats => unreachable!("WAL_STATS is answered by the shard loop"),
         };
         result.unwrap_or_else(Reply::Error)
@@ -731,6 +746,23 @@ impl Engine {
         Ok(reply)
     }
 
+    fn flush_all(&mut self, offsets: &mut Offsets, now: i64) -> Result<Reply, ApiError> {
+        self.stage(offsets, WalEntry::FlushAll { ts: now })?;
+        let instances = self.instances.len() as u64;
+        let machines = self.machines.values().map(|v| v.len() as u64).sum();
+        let fresh = self.idempotency.emptied();
+        let saved = (
+            std::mem::take(&mut self.machines),
+            std::mem::take(&mut self.instances),
+            std::mem::replace(&mut self.idempotency, fresh),
+        );
+        self.undo.push(Undo::Flush(Box::new(saved)));
+        Ok(Reply::Flushed {
+            instances,
+            machines,
+        })
+    }
+
     /// Applies one recovered WAL entry (no validation beyond what keeps the
     /// maps consistent: the entry was validated when it was logged).
     pub fn replay(&mut self, offset: u64, entry: WalEntry) -> Result<(), String> {
@@ -821,6 +853,11 @@ impl Engine {
                 inst.last_event_id = event_id;
                 inst.last_wal_offset = offset;
                 inst.updated_at = ts;
+            }
+            WalEntry::FlushAll { .. } => {
+                self.machines.clear();
+                self.instances.clear();
+                self.idempotency = self.idempotency.emptied();
             }
             WalEntry::DeleteInstance {
                 instance_id, ts, ..

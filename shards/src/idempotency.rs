@@ -129,6 +129,11 @@ impl IdempotencyWindow {
         }
     }
 
+    /// An empty window with the same bounds.
+    pub fn emptied(&self) -> Self {
+        IdempotencyWindow::new(self.max_entries, self.max_age_ms)
+    }
+
     /// Number of live entries.
     pub fn len(&self) -> usize {
         self.map.len()

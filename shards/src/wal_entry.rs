@@ -15,6 +15,8 @@ pub mod kind {
     pub const APPLY_EVENT: u8 = 3;
     /// `delete_instance`
     pub const DELETE_INSTANCE: u8 = 4;
+    /// `flush_all` (ours: FLUSH_ALL is durable, DECISIONS D12)
+    pub const FLUSH_ALL: u8 = 7;
 }
 
 /// One logged change.
@@ -75,6 +77,13 @@ pub enum WalEntry {
         #[serde(default)]
         ts: i64,
     },
+    /// Everything on this shard removed (FLUSH_ALL, logged so that it
+    /// stays flushed after a restart, D12).
+    FlushAll {
+        /// Flush time, Unix ms.
+        #[serde(default)]
+        ts: i64,
+    },
     /// An instance soft-deleted.
     DeleteInstance {
         /// Instance id.
@@ -96,6 +105,7 @@ impl WalEntry {
             WalEntry::CreateInstance { .. } => kind::CREATE_INSTANCE,
             WalEntry::ApplyEvent { .. } => kind::APPLY_EVENT,
             WalEntry::DeleteInstance { .. } => kind::DELETE_INSTANCE,
+            WalEntry::FlushAll { .. } => kind::FLUSH_ALL,
         }
     }
 }
