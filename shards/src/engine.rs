@@ -43,6 +43,12 @@ pub struct Instance {
     pub deleted: bool,
 }
 
+/// Machine versions by name.
+type Machines = HashMap<String, BTreeMap<u32, Arc<MachineDef>>>;
+
+/// Everything a FLUSH_ALL removed, kept until its commit is durable.
+type Saved = (Machines, HashMap<String, Instance>, IdempotencyWindow);
+
 /// How to reverse one staged change.
 #[derive(Debug)]
 enum Undo {
@@ -51,13 +57,7 @@ enum Undo {
     /// Remove a machine version stored in this drain.
     Machine(String, u32),
     /// Restore everything a FLUSH_ALL removed.
-    Flush(
-        Box<(
-            HashMap<String, BTreeMap<u32, Arc<MachineDef>>>,
-            HashMap<String, Instance>,
-            IdempotencyWindow,
-        )>,
-    ),
+    Flush(Box<Saved>),
     /// Restore an idempotency entry (with its original time).
     Idempotency(String, String, Option<(Cached, i64)>),
 }
