@@ -7,6 +7,7 @@
 //! → serve until SIGINT/SIGTERM → stop accepting, finish in-flight cycles,
 //! sync every WAL, exit 0. A second signal exits at once.
 
+mod batch;
 mod config;
 mod datadir;
 mod ops;

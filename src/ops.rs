@@ -59,6 +59,8 @@ pub enum Action {
     },
     /// WAL_STATS: sum every shard's figures.
     WalStats,
+    /// BATCH: run by `batch::run` with the raw params.
+    Batch(Value),
     /// FLUSH_ALL (enabled): every shard logs it and clears its state.
     FlushAll,
     /// WAL_READ: merge every shard's records in offset order.
@@ -165,6 +167,7 @@ fn plan_inner(
             ))
         }
         "FLUSH_ALL" => Action::FlushAll,
+        "BATCH" => Action::Batch(p),
         "REPLICATE" | "REPLICATE_ACK" => {
             return Err(ApiError::bad_request(
                 "replication operations are handled internally",
@@ -180,7 +183,7 @@ fn plan_inner(
             let limit = p.get("limit").and_then(Value::as_u64);
             Action::WalRead { from, limit }
         }
-        "BATCH" | "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH" => {
+        "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH" => {
             return Err(ApiError::bad_request(format!(
                 "operation {op} is not supported by this server yet"
             )))

@@ -165,6 +165,10 @@ impl Router {
                     Slot::Stats(Ok(ShardWalStats::default()))
                 }
                 Action::WalRead { from, limit } => Slot::WalRead { from, limit },
+                Action::Batch(_) => Slot::Done(Err(ApiError::new(
+                    ErrorCode::InternalError,
+                    "internal error: BATCH reached the router",
+                ))),
                 Action::FlushAll => {
                     for list in per_shard.iter_mut() {
                         list.push((slot, Command::FlushAll));

@@ -10,6 +10,7 @@ use glommio::net::{TcpListener, TcpStream};
 use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
+use crate::batch;
 use crate::ops::{self, Action, OpSettings};
 use crate::protocol::{envelope, frame};
 use crate::router::{Outcome, Router};
@@ -129,6 +130,7 @@ async fn connection(
                             | Action::WalStats
                             | Action::WalRead { .. }
                             | Action::FlushAll
+                            | Action::Batch(_)
                     );
                     requests.push((req.id, action, session.wire_mode));
                     if bye {
@@ -154,7 +156,24 @@ async fn connection(
                 ids.push((id, mode));
                 actions.push(action);
             }
-            let outcomes = router.run(actions, &replies).await;
+            // A BATCH ends its cycle: run the others, then it, in order.
+            let batch = match actions.last() {
+                Some(Action::Batch(_)) => match actions.pop() {
+                    Some(Action::Batch(p)) => Some(p),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let mut outcomes = if actions.is_empty() {
+                Vec::new()
+            } else {
+                router.run(actions, &replies).await
+            };
+            if let Some(params) = batch {
+                let r = batch::run(params, &mut session, &router, &cfg.ops, &replies, 0).await;
+                close |= r.bye;
+                outcomes.push(Outcome::Done(r.result));
+            }
             wbuf.clear();
             for ((id, mode), outcome) in ids.iter().zip(outcomes) {
                 let mut payload = Vec::new();

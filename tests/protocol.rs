@@ -269,7 +269,6 @@ fn operation_level_errors_keep_the_connection_and_ops_not_yet_built_answer_clear
         )
     );
     for op in [
-        "BATCH",
         "WATCH_ALL",
         "WATCH_INSTANCE",
         "UNWATCH",

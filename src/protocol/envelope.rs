@@ -39,14 +39,21 @@ pub fn ok_response(id: &str, result: &[u8], out: &mut Vec<u8>) {
 pub fn error_response(id: &str, err: &ApiError, out: &mut Vec<u8>) {
     out.extend_from_slice(br#"{"type":"response","id":"#);
     serde_json::to_writer(&mut *out, id).expect("writing to a Vec cannot fail");
-    out.extend_from_slice(br#","status":"error","error":{"code":"#);
+    out.extend_from_slice(br#","status":"error","error":"#);
+    error_object(err, out);
+    out.push(b'}');
+}
+
+/// Appends an error object `{"code","message","retryable"}`.
+pub fn error_object(err: &ApiError, out: &mut Vec<u8>) {
+    out.extend_from_slice(br#"{"code":"#);
     serde_json::to_writer(&mut *out, &err.code).expect("writing to a Vec cannot fail");
     out.extend_from_slice(br#","message":"#);
     serde_json::to_writer(&mut *out, &err.message).expect("writing to a Vec cannot fail");
     out.extend_from_slice(if err.code.retryable() {
-        br#","retryable":true}}"#
+        br#","retryable":true}"#
     } else {
-        br#","retryable":false}}"#
+        br#","retryable":false}"#
     });
 }
 
