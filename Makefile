@@ -3,6 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TOOLS := $(CURDIR)/.tools
 CLI := $(TOOLS)/bin/rstmdb-cli
+PY := $(TOOLS)/venv/bin/python
+PYTHON ?= python3
 CRASH_CYCLES ?= 10
 
 .PHONY: all build run test tools lint fmt compat crash clean
@@ -21,13 +23,19 @@ run: build
 test: tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	RSTMDB_CLI=$(CLI) $(CARGO) test --workspace
+	RSTMDB_CLI=$(CLI) RSTMDB_PYTHON=$(PY) $(CARGO) test --workspace
 
-## The real rstmdb-cli 0.3.0 (compatibility tests), installed once into .tools/.
-tools: $(CLI)
+## The real clients for the compatibility tests, installed once into .tools/:
+## rstmdb-cli 0.3.0 (crates.io) and the Python client rstmdb 0.2.1 (PyPI, in a venv).
+tools: $(CLI) $(PY)
 
 $(CLI):
 	$(CARGO) install --locked --version 0.3.0 --root $(TOOLS) rstmdb-cli
+
+$(PY):
+	rm -rf $(TOOLS)/venv
+	$(PYTHON) -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install --quiet rstmdb==0.2.1
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -36,9 +44,9 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Only the rstmdb-cli compatibility suite.
+## Only the compatibility suites (rstmdb-cli 0.3.0 and the Python client 0.2.1).
 compat: tools
-	RSTMDB_CLI=$(CLI) $(CARGO) test --test cli_compat -- --nocapture
+	RSTMDB_CLI=$(CLI) RSTMDB_PYTHON=$(PY) $(CARGO) test --test cli_compat --test python_compat -- --nocapture
 
 ## The kill -9 crash test with its figures (docs/DURABILITY.md).
 crash:
