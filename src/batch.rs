@@ -14,13 +14,13 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::ApiError;
 use serde_json::Value;
 
 use crate::ops::{self, Action, OpSettings};
-use crate::router::{Outcome, Router};
+use crate::router::Outcome;
 use crate::session::Session;
+use crate::watch::{self, Ctx};
 
 /// Most ops per batch level (INFO's `max_batch_ops`).
 pub const MAX_OPS: usize = 100;
@@ -64,20 +64,17 @@ pub struct BatchResult {
     pub bye: bool,
 }
 
-type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
-
 /// Runs a BATCH request.
 pub fn run<'a>(
     params: Value,
     session: &'a mut Session,
-    router: &'a Router,
+    ctx: &'a Ctx<'a>,
     settings: &'a OpSettings,
-    replies: &'a Replies,
     depth: usize,
 ) -> Pin<Box<dyn Future<Output = BatchResult> + 'a>> {
     Box::pin(async move {
         let mut bye = false;
-        let result = run_ops(params, session, router, settings, replies, depth, &mut bye).await;
+        let result = run_ops(params, session, ctx, settings, depth, &mut bye).await;
         BatchResult { result, bye }
     })
 }
@@ -85,9 +82,8 @@ pub fn run<'a>(
 async fn run_ops(
     params: Value,
     session: &mut Session,
-    router: &Router,
+    ctx: &Ctx<'_>,
     settings: &OpSettings,
-    replies: &Replies,
     depth: usize,
     bye: &mut bool,
 ) -> Result<Vec<u8>, ApiError> {
@@ -133,11 +129,13 @@ async fn run_ops(
                 Ok(br#"{"goodbye":true}"#.to_vec())
             }
             Action::Batch(inner) => {
-                let nested = run(inner, session, router, settings, replies, depth + 1).await;
+                let nested = run(inner, session, ctx, settings, depth + 1).await;
                 *bye |= nested.bye;
                 nested.result
             }
-            action => match router.run(vec![action], replies).await.pop() {
+            Action::Watch(spec) => watch::subscribe(spec, session, ctx).await,
+            Action::Unwatch(id) => Ok(watch::unwatch(id, session)),
+            action => match ctx.router.run(vec![action], ctx.replies).await.pop() {
                 Some(Outcome::Done(r)) => r,
                 Some(Outcome::Bye) | None => Ok(br#"{"goodbye":true}"#.to_vec()),
             },

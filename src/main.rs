@@ -15,6 +15,8 @@ mod protocol;
 mod router;
 mod server;
 mod session;
+mod subscriptions;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -204,6 +206,8 @@ fn run(cfg: Config) -> Result<(), String> {
     let cpu_for = |i: usize| cpus[i % cpus.len()];
     let io_memory = cfg.server.io_memory_kib * 1024;
 
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hub_tx, hub_rx) = flume::unbounded::<shard::HubMsg>();
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
     let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -219,6 +223,10 @@ fn run(cfg: Config) -> Result<(), String> {
             },
             fsync: fsync_policy(cfg.storage.fsync_policy),
             max_drain_commands: MAX_DRAIN_COMMANDS,
+            events: shard::EventSink {
+                watching: watching.clone(),
+                tx: hub_tx.clone(),
+            },
         };
         let seq = seq.clone();
         let ready = shard_ready_tx.clone();
@@ -251,7 +259,8 @@ fn run(cfg: Config) -> Result<(), String> {
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
     };
-    let router = router::Router::new(senders, seq);
+    drop(hub_tx);
+    let router = router::Router::new(senders, seq.clone());
     let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
         .name("frontend")
         .io_memory(io_memory)
@@ -264,7 +273,11 @@ fn run(cfg: Config) -> Result<(), String> {
                 }
             };
             let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
-            server::serve(listener, router, fcfg, shutdown_rx).await;
+            let hub = std::rc::Rc::new(std::cell::RefCell::new(subscriptions::Hub::new(
+                seq, watching,
+            )));
+            glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
+            server::serve(listener, router, hub, fcfg, shutdown_rx).await;
         })
         .map_err(|e| format!("starting frontend executor: {e}"))?;
 

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::session::{Session, WireMode};
+use crate::subscriptions::Filter;
 
 /// Server version reported by HELLO and INFO (DECISIONS "Identity").
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -59,6 +60,10 @@ pub enum Action {
     },
     /// WAL_STATS: sum every shard's figures.
     WalStats,
+    /// WATCH_INSTANCE / WATCH_ALL: run by `watch::subscribe`.
+    Watch(WatchSpec),
+    /// UNWATCH: remove a subscription of this connection.
+    Unwatch(String),
     /// BATCH: run by `batch::run` with the raw params.
     Batch(Value),
     /// FLUSH_ALL (enabled): every shard logs it and clears its state.
@@ -167,6 +172,16 @@ fn plan_inner(
             ))
         }
         "FLUSH_ALL" => Action::FlushAll,
+        "WATCH_INSTANCE" => watch_instance(p, s)?,
+        "WATCH_ALL" => watch_all(p)?,
+        "UNWATCH" => {
+            #[derive(Deserialize)]
+            struct UnwatchParams {
+                subscription_id: String,
+            }
+            let q: UnwatchParams = params(p)?;
+            Action::Unwatch(q.subscription_id)
+        }
         "BATCH" => Action::Batch(p),
         "REPLICATE" | "REPLICATE_ACK" => {
             return Err(ApiError::bad_request(
@@ -183,13 +198,91 @@ fn plan_inner(
             let limit = p.get("limit").and_then(Value::as_u64);
             Action::WalRead { from, limit }
         }
-        "SNAPSHOT_INSTANCE" | "COMPACT" | "WATCH_INSTANCE" | "WATCH_ALL" | "UNWATCH" => {
+        "SNAPSHOT_INSTANCE" | "COMPACT" => {
             return Err(ApiError::bad_request(format!(
                 "operation {op} is not supported by this server yet"
             )))
         }
         other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
     })
+}
+
+/// A subscription request.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    /// WATCH_INSTANCE: (owning shard, id).
+    pub instance: Option<(usize, String)>,
+    /// Filters of WATCH_ALL.
+    pub filter: Filter,
+    /// Whether events carry `ctx`.
+    pub include_ctx: bool,
+    /// Replay from here (D9); None = live only.
+    pub from_offset: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn watch_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct WatchInstanceParams {
+        instance_id: String,
+        #[serde(default = "default_true")]
+        include_ctx: bool,
+        #[serde(default)]
+        from_offset: Option<u64>,
+    }
+    let q: WatchInstanceParams = params(p)?;
+    let filter = Filter {
+        instance_id: Some(q.instance_id.clone()),
+        ..Filter::default()
+    };
+    Ok(Action::Watch(WatchSpec {
+        instance: Some((routing::shard_for(&q.instance_id, s.shards), q.instance_id)),
+        filter,
+        include_ctx: q.include_ctx,
+        from_offset: q.from_offset,
+    }))
+}
+
+fn watch_all(p: Value) -> Result<Action, ApiError> {
+    #[derive(Deserialize, Default)]
+    struct WatchAllParams {
+        #[serde(default = "default_true")]
+        include_ctx: bool,
+        #[serde(default)]
+        from_offset: Option<u64>,
+        #[serde(default)]
+        machines: Option<Vec<String>>,
+        #[serde(default)]
+        from_states: Option<Vec<String>>,
+        #[serde(default)]
+        to_states: Option<Vec<String>>,
+        #[serde(default)]
+        events: Option<Vec<String>>,
+    }
+    let q: WatchAllParams = if p.is_null() {
+        WatchAllParams {
+            include_ctx: true,
+            ..WatchAllParams::default()
+        }
+    } else {
+        params(p)?
+    };
+    let set = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().collect();
+    Ok(Action::Watch(WatchSpec {
+        instance: None,
+        filter: Filter {
+            instance_id: None,
+            machines: set(q.machines),
+            from_states: set(q.from_states),
+            to_states: set(q.to_states),
+            events: set(q.events),
+        },
+        include_ctx: q.include_ctx,
+        from_offset: q.from_offset,
+    }))
 }
 
 fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {

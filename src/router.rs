@@ -94,6 +94,16 @@ impl Router {
         Router { shards, seq }
     }
 
+    /// The shard channels.
+    pub fn shards(&self) -> &[flume::Sender<ShardMsg>] {
+        &self.shards
+    }
+
+    /// The offset sequencer.
+    pub fn sequencer(&self) -> &Sequencer {
+        &self.seq
+    }
+
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
@@ -165,10 +175,12 @@ impl Router {
                     Slot::Stats(Ok(ShardWalStats::default()))
                 }
                 Action::WalRead { from, limit } => Slot::WalRead { from, limit },
-                Action::Batch(_) => Slot::Done(Err(ApiError::new(
-                    ErrorCode::InternalError,
-                    "internal error: BATCH reached the router",
-                ))),
+                Action::Batch(_) | Action::Watch(_) | Action::Unwatch(_) => {
+                    Slot::Done(Err(ApiError::new(
+                        ErrorCode::InternalError,
+                        "internal error: a connection-level operation reached the router",
+                    )))
+                }
                 Action::FlushAll => {
                     for list in per_shard.iter_mut() {
                         list.push((slot, Command::FlushAll));
@@ -292,11 +304,50 @@ impl Router {
     /// `next_offset` continues exactly after the last record returned. The
     /// answer always fits a frame (DECISIONS D21).
     pub async fn wal_read(&self, from: u64, limit: Option<u64>) -> Result<Vec<u8>, ApiError> {
-        let n = self.shards.len();
-        let below = self.seq.watermark();
         let limit = limit.map_or(WAL_READ_MAX_RECORDS, |l| {
             (l as usize).min(WAL_READ_MAX_RECORDS)
         });
+        let (records, _) = self.read_merged(from, self.seq.watermark(), limit).await?;
+        let mut out = Vec::with_capacity(1024);
+        out.extend_from_slice(br#"{"next_offset":"#);
+        let mut body = Vec::new();
+        let mut last = None;
+        for (i, r) in records.iter().take(limit).enumerate() {
+            if i > 0 && body.len() + r.payload.len() + 64 > WAL_READ_BYTES {
+                break;
+            }
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(br#"{"entry":"#);
+            body.extend_from_slice(&r.payload);
+            body.extend_from_slice(
+                format!(r#","offset":{o},"sequence":{o}}}"#, o = r.offset).as_bytes(),
+            );
+            last = Some(r.offset);
+        }
+        match last {
+            Some(o) => out.extend_from_slice((o + 1).to_string().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(br#","records":["#);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+
+    /// Reads records with offsets in `[from, below)` from every shard,
+    /// merged in offset order and cut where the first shard's page was cut
+    /// short (so nothing in between is skipped). Returns them with the
+    /// offset to continue from: `below` when everything up to it was read.
+    /// `below` must not exceed the watermark.
+    pub async fn read_merged(
+        &self,
+        from: u64,
+        below: u64,
+        limit: usize,
+    ) -> Result<(Vec<OwnedRecord>, u64), ApiError> {
+        let n = self.shards.len();
         let range = ReadRange {
             from,
             below,
@@ -329,40 +380,23 @@ impl Router {
             .iter()
             .filter(|p| p.truncated)
             .filter_map(|p| p.records.last().map(|r| r.offset))
-            .min()
-            .unwrap_or(u64::MAX);
+            .min();
         let mut records: Vec<OwnedRecord> = pages
             .into_iter()
             .flat_map(|p| p.records)
-            .filter(|r| r.offset <= cutoff)
+            .filter(|r| cutoff.is_none_or(|c| r.offset <= c))
             .collect();
         records.sort_unstable_by_key(|r| r.offset);
-        let mut out = Vec::with_capacity(1024);
-        out.extend_from_slice(br#"{"next_offset":"#);
-        let mut body = Vec::new();
-        let mut last = None;
-        for (i, r) in records.iter().take(limit).enumerate() {
-            if i > 0 && body.len() + r.payload.len() + 64 > WAL_READ_BYTES {
-                break;
+        let next = if records.len() > limit {
+            records.truncate(limit);
+            records.last().map_or(from, |r| r.offset + 1)
+        } else {
+            match cutoff {
+                Some(c) => c + 1,
+                None => below.max(from),
             }
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(br#"{"entry":"#);
-            body.extend_from_slice(&r.payload);
-            body.extend_from_slice(
-                format!(r#","offset":{o},"sequence":{o}}}"#, o = r.offset).as_bytes(),
-            );
-            last = Some(r.offset);
-        }
-        match last {
-            Some(o) => out.extend_from_slice((o + 1).to_string().as_bytes()),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(br#","records":["#);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(b"]}");
-        Ok(out)
+        };
+        Ok((records, next))
     }
 
     fn stats_result(&self, s: &ShardWalStats) -> Vec<u8> {

@@ -1,7 +1,7 @@
 //! The frontend: accepts connections, decodes frames, keeps sessions,
 //! routes requests to shards and writes answers in request order.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use crate::ops::{self, Action, OpSettings};
 use crate::protocol::{envelope, frame};
 use crate::router::{Outcome, Router};
 use crate::session::{Session, WireMode};
+use crate::subscriptions::Hub;
+use crate::watch;
 
 /// Most requests decoded and dispatched in one cycle; more complete frames
 /// wait for the next cycle (bounds per-connection memory and latency).
@@ -43,6 +45,7 @@ pub struct FrontendConfig {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    hub: Rc<RefCell<Hub>>,
     cfg: FrontendConfig,
     shutdown: flume::Receiver<()>,
 ) {
@@ -71,10 +74,15 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         active.set(active.get() + 1);
-        let (router, cfg, active, stop) =
-            (router.clone(), cfg.clone(), active.clone(), stop_rx.clone());
+        let (router, cfg, active, stop, hub) = (
+            router.clone(),
+            cfg.clone(),
+            active.clone(),
+            stop_rx.clone(),
+            hub.clone(),
+        );
         glommio::spawn_local(async move {
-            if let Err(e) = connection(stream, router, &cfg, stop).await {
+            if let Err(e) = connection(stream, router, hub, &cfg, stop).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             active.set(active.get() - 1);
@@ -94,10 +102,14 @@ pub async fn serve(
 async fn connection(
     mut stream: TcpStream,
     router: Router,
+    hub: Rc<RefCell<Hub>>,
     cfg: &FrontendConfig,
     stop: flume::Receiver<()>,
 ) -> std::io::Result<()> {
     let mut session = Session::default();
+    // Rung by the hub when events arrive; registered at the first WATCH.
+    let (bell_tx, bell_rx) = flume::bounded::<()>(1);
+    let mut bell_registered = false;
     let mut rbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut start = 0usize; // first unconsumed byte of rbuf
     let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -131,6 +143,8 @@ async fn connection(
                             | Action::WalRead { .. }
                             | Action::FlushAll
                             | Action::Batch(_)
+                            | Action::Watch(_)
+                            | Action::Unwatch(_)
                     );
                     requests.push((req.id, action, session.wire_mode));
                     if bye {
@@ -156,12 +170,10 @@ async fn connection(
                 ids.push((id, mode));
                 actions.push(action);
             }
-            // A BATCH ends its cycle: run the others, then it, in order.
-            let batch = match actions.last() {
-                Some(Action::Batch(_)) => match actions.pop() {
-                    Some(Action::Batch(p)) => Some(p),
-                    _ => None,
-                },
+            // BATCH and WATCH/UNWATCH need the session and end their cycle:
+            // run the others, then it, in order.
+            let special = match actions.last() {
+                Some(Action::Batch(_) | Action::Watch(_) | Action::Unwatch(_)) => actions.pop(),
                 _ => None,
             };
             let mut outcomes = if actions.is_empty() {
@@ -169,10 +181,30 @@ async fn connection(
             } else {
                 router.run(actions, &replies).await
             };
-            if let Some(params) = batch {
-                let r = batch::run(params, &mut session, &router, &cfg.ops, &replies, 0).await;
-                close |= r.bye;
-                outcomes.push(Outcome::Done(r.result));
+            let ctx = watch::Ctx {
+                router: &router,
+                hub: &hub,
+                replies: &replies,
+            };
+            match special {
+                Some(Action::Batch(params)) => {
+                    let r = batch::run(params, &mut session, &ctx, &cfg.ops, 0).await;
+                    close |= r.bye;
+                    outcomes.push(Outcome::Done(r.result));
+                }
+                Some(Action::Watch(spec)) => {
+                    outcomes.push(Outcome::Done(
+                        watch::subscribe(spec, &mut session, &ctx).await,
+                    ));
+                }
+                Some(Action::Unwatch(id)) => {
+                    outcomes.push(Outcome::Done(Ok(watch::unwatch(id, &mut session))))
+                }
+                _ => {}
+            }
+            if !bell_registered && !session.subscriptions.is_empty() {
+                hub.borrow_mut().register(bell_tx.clone());
+                bell_registered = true;
             }
             wbuf.clear();
             for ((id, mode), outcome) in ids.iter().zip(outcomes) {
@@ -228,29 +260,55 @@ async fn connection(
         if rbuf.capacity() < want {
             rbuf.reserve(want - rbuf.len());
         }
-        let idle = cfg.idle_timeout;
-        let read = futures_lite::future::or(
-            async { Some(stream.read(&mut chunk).await) },
+        // Nothing buffered to answer: deliver what the subscriptions can
+        // have, then wait for bytes, events, shutdown or idleness.
+        if watch::pending(&session, &hub) {
+            let ctx = watch::Ctx {
+                router: &router,
+                hub: &hub,
+                replies: &replies,
+            };
+            watch::deliver(&mut session, &ctx, &mut stream).await?;
+        }
+        // A connection that watches is not idle while it waits for events.
+        let idle = if session.subscriptions.is_empty() {
+            cfg.idle_timeout
+        } else {
+            None
+        };
+        enum Woke {
+            Read(std::io::Result<usize>),
+            Bell,
+            Stop,
+        }
+        let woke = futures_lite::future::or(
+            async { Woke::Read(stream.read(&mut chunk).await) },
             futures_lite::future::or(
                 async {
-                    let _ = stop.recv_async().await;
-                    None
+                    let _ = bell_rx.recv_async().await;
+                    Woke::Bell
                 },
-                async move {
-                    match idle {
-                        Some(d) => glommio::timer::sleep(d).await,
-                        None => futures_lite::future::pending::<()>().await,
-                    }
-                    None
-                },
+                futures_lite::future::or(
+                    async {
+                        let _ = stop.recv_async().await;
+                        Woke::Stop
+                    },
+                    async move {
+                        match idle {
+                            Some(d) => glommio::timer::sleep(d).await,
+                            None => futures_lite::future::pending::<()>().await,
+                        }
+                        Woke::Stop
+                    },
+                ),
             ),
         )
         .await;
-        match read {
-            None => return Ok(()),
-            Some(Ok(0)) => return Ok(()),
-            Some(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
-            Some(Err(e)) => return Err(e),
+        match woke {
+            Woke::Stop | Woke::Read(Ok(0)) => return Ok(()),
+            Woke::Bell => continue,
+            Woke::Read(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            Woke::Read(Err(e)) => return Err(e),
         }
         if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {
             rbuf.shrink_to(READ_CHUNK);

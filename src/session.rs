@@ -26,4 +26,6 @@ impl WireMode {
 pub struct Session {
     /// Output mode chosen by the latest HELLO.
     pub wire_mode: WireMode,
+    /// This connection's subscriptions (dropped with the connection).
+    pub subscriptions: Vec<crate::subscriptions::Subscription>,
 }

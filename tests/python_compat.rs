@@ -12,15 +12,30 @@ use common::{Opts, Server};
 fn python() -> PathBuf {
     let p = std::env::var_os("RSTMDB_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/python")));
-    assert!(p.exists(), "Python with rstmdb 0.2.1 not found at {} (run `make tools`)", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/.tools/venv/bin/python"
+            ))
+        });
+    assert!(
+        p.exists(),
+        "Python with rstmdb 0.2.1 not found at {} (run `make tools`)",
+        p.display()
+    );
     p
 }
 
 #[test]
 fn python_client_0_2_1_works_unchanged() {
     let dir = common::data_dir("python");
-    let server = Server::start(dir.path(), Opts { shards: 2, ..Opts::default() });
+    let server = Server::start(
+        dir.path(),
+        Opts {
+            shards: 2,
+            ..Opts::default()
+        },
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/compat.py");
     let out = Command::new(python())
         .arg(script)
@@ -30,6 +45,12 @@ fn python_client_0_2_1_works_unchanged() {
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python suite failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("python client suite: all checks passed"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "python suite failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("python client suite: all checks passed"),
+        "{stdout}"
+    );
 }

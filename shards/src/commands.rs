@@ -180,6 +180,30 @@ pub struct ShardWalStats {
     pub io: rstmdb_wal::IoStats,
 }
 
+/// A committed transition, for subscribers (SEMANTICS.md §10): every field
+/// of the protocol's event message but the subscription id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    /// Offset of the apply_event record.
+    pub wal_offset: u64,
+    /// Instance id.
+    pub instance_id: String,
+    /// Machine name.
+    pub machine: String,
+    /// Machine version.
+    pub version: u32,
+    /// State before.
+    pub from_state: String,
+    /// State after.
+    pub to_state: String,
+    /// Event name.
+    pub event: String,
+    /// The request's payload (null when absent).
+    pub payload: Value,
+    /// Context after the merge.
+    pub ctx: Value,
+}
+
 /// A batch of commands from one connection's read cycle.
 pub struct Batch {
     /// (slot, command): the slot is echoed in the answer.

@@ -11,7 +11,7 @@ use hashbrown::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply};
+use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply, WatchEvent};
 use crate::definition::MachineDef;
 use crate::error::{ApiError, ErrorCode};
 use crate::idempotency::{Cached, IdempotencyWindow};
@@ -114,6 +114,9 @@ pub struct Engine {
     idempotency: IdempotencyWindow,
     undo: Vec<Undo>,
     staged: Vec<Staged>,
+    /// Whether applies produce [`WatchEvent`]s (someone is watching).
+    pub collect_events: bool,
+    events: Vec<WatchEvent>,
 }
 
 /// Largest WAL entry an operation may produce: 16 MiB − 64 KiB (the
@@ -174,6 +177,8 @@ impl Engine {
             ),
             undo: Vec::new(),
             staged: Vec::new(),
+            collect_events: false,
+            events: Vec::new(),
         }
     }
 
@@ -212,6 +217,11 @@ impl Engine {
         std::mem::take(&mut self.staged)
     }
 
+    /// Takes the events of the changes made since the last call.
+    pub fn take_events(&mut self) -> Vec<WatchEvent> {
+        std::mem::take(&mut self.events)
+    }
+
     /// Forgets the undo log: the staged entries are durable.
     pub fn commit_done(&mut self) {
         self.undo.clear();
@@ -220,6 +230,7 @@ impl Engine {
     /// Reverses every change made since the last [`Engine::commit_done`].
     pub fn rollback(&mut self) {
         self.staged.clear();
+        self.events.clear();
         while let Some(u) = self.undo.pop() {
             match u {
                 Undo::Instance(id, Some(prev)) => {
@@ -692,20 +703,36 @@ impl Engine {
         let incarnation = inst.created_offset;
         let new_ctx = merge_ctx(&inst.ctx, &a.payload);
         let from_state = inst.state.clone();
+        let (machine, version) = (inst.machine.clone(), inst.version);
         let offset = self.stage(
             offsets,
             WalEntry::ApplyEvent {
                 instance_id: a.instance_id.clone(),
-                event: a.event,
+                machine: machine.clone(),
+                version,
+                event: a.event.clone(),
                 from_state: from_state.clone(),
                 to_state: to_state.clone(),
-                payload: a.payload,
+                payload: a.payload.clone(),
                 ctx: new_ctx.clone(),
                 event_id: a.event_id.clone(),
                 idempotency_key: a.idempotency_key.clone(),
                 ts: now,
             },
         )?;
+        if self.collect_events {
+            self.events.push(WatchEvent {
+                wal_offset: offset,
+                instance_id: a.instance_id.clone(),
+                machine,
+                version,
+                from_state: from_state.clone(),
+                to_state: to_state.clone(),
+                event: a.event,
+                payload: a.payload,
+                ctx: new_ctx.clone(),
+            });
+        }
         let reply = json(&R {
             applied: true,
             ctx: &new_ctx,

@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 use futures_lite::future;
 use rstmdb_wal::{Page, ReadRange, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig};
 
+use crate::commands::WatchEvent;
 use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
 use crate::engine::{now_ms, Engine, Offsets};
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// When to `fdatasync` (config `storage.fsync_policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,30 @@ pub struct ShardConfig {
     pub fsync: FsyncPolicy,
     /// Most commands executed in one group commit.
     pub max_drain_commands: usize,
+    /// Where committed transitions go for subscribers.
+    pub events: EventSink,
+}
+
+/// What a shard tells the subscription hub.
+#[derive(Debug)]
+pub enum HubMsg {
+    /// Committed transitions of one drain, sent *before* the shard releases
+    /// its offsets (so they are in the channel before the watermark can
+    /// pass them).
+    Events(Vec<WatchEvent>),
+    /// The shard released its offsets: the watermark may have moved.
+    Released,
+}
+
+/// The shard's side of the subscription hub's channel.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    /// Set by the hub once anyone subscribes; until then shards build no
+    /// events.
+    pub watching: Arc<AtomicBool>,
+    /// Unbounded on purpose: a shard must never wait for subscribers. The
+    /// hub on the frontend drains it at once into its bounded window.
+    pub tx: flume::Sender<HubMsg>,
 }
 
 /// The replies to one batch and where they go.
@@ -53,6 +80,9 @@ pub enum ShardMsg {
     Batch(Batch),
     /// Read committed records back (served off the shard loop).
     WalRead(WalReadRequest),
+    /// Answered as soon as the shard handles it: every drain the shard
+    /// starts afterwards sees the current `EventSink::watching` flag.
+    Barrier(flume::Sender<()>),
 }
 
 /// A request for this shard's records in `range` (see [`rstmdb_wal::read`]).
@@ -120,6 +150,9 @@ pub async fn run(
                     commands += b.commands.len();
                     drain.push(b);
                 }
+                ShardMsg::Barrier(done) => {
+                    let _ = done.try_send(());
+                }
                 ShardMsg::WalRead(req) => {
                     spawn_wal_read(cfg.id, cfg.wal.dir.clone(), writer.segments().to_vec(), req)
                 }
@@ -142,6 +175,7 @@ pub async fn run(
             seq.peek()
         };
         let mut offsets = Offsets::new(base, base + writes);
+        engine.collect_events = cfg.events.watching.load(Ordering::SeqCst);
         let now = now_ms();
 
         let mut answers: Vec<Answer> = Vec::with_capacity(drain.len());
@@ -205,9 +239,17 @@ pub async fn run(
             }
         }
         if writes > 0 {
+            let events = engine.take_events();
+            let announce = engine.collect_events;
+            if !events.is_empty() {
+                let _ = cfg.events.tx.send(HubMsg::Events(events));
+            }
             // Everything reserved is written (or will never be): readers may
             // pass these offsets now.
             seq.release(cfg.id);
+            if announce {
+                let _ = cfg.events.tx.send(HubMsg::Released);
+            }
         }
         let failure = result.err().map(ApiError::wal);
         let stats = stats_wanted.then(|| ShardWalStats {

@@ -57,6 +57,13 @@ pub enum WalEntry {
     ApplyEvent {
         /// Instance id.
         instance_id: String,
+        /// The instance's machine (ours: lets subscribers catching up from
+        /// the WAL filter by machine and fill the event's fields).
+        #[serde(default)]
+        machine: String,
+        /// The instance's machine version.
+        #[serde(default)]
+        version: u32,
         /// Event name.
         event: String,
         /// State before.

@@ -1,0 +1,337 @@
+//! Subscriptions (WATCH_INSTANCE, WATCH_ALL, UNWATCH; SEMANTICS.md §10 with
+//! DECISIONS D6, D9, D19).
+//!
+//! A subscription is a cursor over the global offset space: it has been
+//! given every matching event below `cursor`. Events come from two places:
+//!
+//! * the **hub**'s live window: shards send the transitions of each drain
+//!   to the hub *before* releasing their offsets, and say so again after;
+//!   the hub reads the durable watermark, drains its channel, and moves
+//!   every event below the watermark, in offset order, into a bounded
+//!   window. The window holds *every* event in `[base, released)`; older
+//!   ones are dropped when it is full;
+//! * the **WAL**, for a cursor below the window's base: a subscription that
+//!   asked for an older `from_offset`, or fell behind (a slow reader), is
+//!   served from the log (the same merged read as WAL_READ) until it reaches
+//!   the window, then continues live.
+//!
+//! Either way a subscriber sees every matching event exactly once, in offset
+//! order, and only events below the watermark (none a crash could take
+//! back). Delivery is pulled by the subscriber's own connection task, in
+//! chunks, and waits on that connection's socket only: a slow subscriber
+//! costs its own connection time and never blocks a shard or another
+//! subscriber; its memory is one chunk.
+//!
+//! The hub starts collecting when the first subscription is made: it turns
+//! on the shards' `watching` flag, waits for every shard to pass a barrier
+//! (after which each drain sees the flag), and takes the watermark then as
+//! the window's base: events below it are in the WAL, events at or above it
+//! all reach the hub.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rstmdb_shards::commands::WatchEvent;
+use rstmdb_shards::error::ApiError;
+use rstmdb_shards::shard::{HubMsg, Sequencer, ShardMsg};
+use rstmdb_shards::wal_entry::{kind, WalEntry};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Most events the live window keeps.
+pub const WINDOW_EVENTS: usize = 16_384;
+/// Most events written to one subscriber per delivery pass.
+pub const CHUNK: usize = 256;
+/// Most subscriptions one connection may hold.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 64;
+
+/// Which transitions a subscription wants (AND across fields, OR within).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// WATCH_INSTANCE: this instance only.
+    pub instance_id: Option<String>,
+    /// Machine names (empty = any).
+    pub machines: HashSet<String>,
+    /// States before (empty = any).
+    pub from_states: HashSet<String>,
+    /// States after (empty = any).
+    pub to_states: HashSet<String>,
+    /// Event names (empty = any).
+    pub events: HashSet<String>,
+}
+
+impl Filter {
+    /// Whether `e` passes.
+    pub fn matches(&self, e: &WatchEvent) -> bool {
+        self.instance_id
+            .as_ref()
+            .is_none_or(|id| *id == e.instance_id)
+            && (self.machines.is_empty() || self.machines.contains(&e.machine))
+            && (self.from_states.is_empty() || self.from_states.contains(&e.from_state))
+            && (self.to_states.is_empty() || self.to_states.contains(&e.to_state))
+            && (self.events.is_empty() || self.events.contains(&e.event))
+    }
+}
+
+/// One subscription of a connection.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// `sub-` + UUID v4.
+    pub id: String,
+    /// What it wants.
+    pub filter: Filter,
+    /// Whether events carry `ctx`.
+    pub include_ctx: bool,
+    /// Every matching event below this offset has been delivered.
+    pub cursor: u64,
+}
+
+/// Encodes one event message for a subscription (PROTOCOL.md §4 key order).
+pub fn encode_event(sub: &Subscription, e: &WatchEvent) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Msg<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        subscription_id: &'a str,
+        instance_id: &'a str,
+        machine: &'a str,
+        version: u32,
+        wal_offset: u64,
+        from_state: &'a str,
+        to_state: &'a str,
+        event: &'a str,
+        payload: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ctx: Option<&'a Value>,
+    }
+    serde_json::to_vec(&Msg {
+        kind: "event",
+        subscription_id: &sub.id,
+        instance_id: &e.instance_id,
+        machine: &e.machine,
+        version: e.version,
+        wal_offset: e.wal_offset,
+        from_state: &e.from_state,
+        to_state: &e.to_state,
+        event: &e.event,
+        payload: &e.payload,
+        ctx: sub.include_ctx.then_some(&e.ctx),
+    })
+    .expect("event serialization cannot fail")
+}
+
+/// Turns a WAL record into an event, if it is an apply.
+pub fn event_from_record(
+    offset: u64,
+    kind_byte: u8,
+    payload: &[u8],
+) -> Result<Option<WatchEvent>, ApiError> {
+    if kind_byte != kind::APPLY_EVENT {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<WalEntry>(payload) {
+        Ok(WalEntry::ApplyEvent {
+            instance_id,
+            machine,
+            version,
+            event,
+            from_state,
+            to_state,
+            payload,
+            ctx,
+            ..
+        }) => Ok(Some(WatchEvent {
+            wal_offset: offset,
+            instance_id,
+            machine,
+            version,
+            from_state,
+            to_state,
+            event,
+            payload,
+            ctx,
+        })),
+        Ok(_) => Ok(None),
+        Err(e) => Err(ApiError::wal(format!(
+            "undecodable record at offset {offset}: {e}"
+        ))),
+    }
+}
+
+/// What a subscription at `cursor` gets from the hub.
+pub enum Take {
+    /// Events from the window (already filtered by offset, not by filter),
+    /// and the cursor after them.
+    Live(Vec<Arc<WatchEvent>>, u64),
+    /// The cursor is below the window: read the WAL in `[cursor, below)`.
+    FromWal {
+        /// Read up to here, then ask again.
+        below: u64,
+    },
+}
+
+/// The frontend's event hub (one per frontend executor).
+pub struct Hub {
+    seq: Sequencer,
+    watching: Arc<AtomicBool>,
+    /// Base of the window once live: every event at or above it reaches us.
+    live: Option<u64>,
+    enabling: bool,
+    /// Events in `[base, released)`, in offset order.
+    window: VecDeque<Arc<WatchEvent>>,
+    base: u64,
+    released: u64,
+    /// Received but not yet below the watermark.
+    pending: BTreeMap<u64, Arc<WatchEvent>>,
+    /// Connections to wake when events arrive.
+    doorbells: Vec<flume::Sender<()>>,
+}
+
+impl Hub {
+    /// A hub that is not collecting yet.
+    pub fn new(seq: Sequencer, watching: Arc<AtomicBool>) -> Self {
+        Hub {
+            seq,
+            watching,
+            live: None,
+            enabling: false,
+            window: VecDeque::new(),
+            base: 0,
+            released: 0,
+            pending: BTreeMap::new(),
+            doorbells: Vec::new(),
+        }
+    }
+
+    /// The offset below which every event has been released to the window
+    /// (or lies in the WAL): a new live-only subscription starts here.
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// Registers a connection's doorbell.
+    pub fn register(&mut self, bell: flume::Sender<()>) {
+        self.doorbells.push(bell);
+    }
+
+    /// Gives a subscription at `cursor` what it can have now.
+    pub fn take(&self, cursor: u64, max: usize) -> Take {
+        if cursor < self.base {
+            return Take::FromWal { below: self.base };
+        }
+        let start = self.window.partition_point(|e| e.wal_offset < cursor);
+        let events: Vec<Arc<WatchEvent>> =
+            self.window.iter().skip(start).take(max).cloned().collect();
+        let next = if events.len() == max {
+            events.last().map_or(cursor, |e| e.wal_offset + 1)
+        } else {
+            self.released.max(cursor)
+        };
+        Take::Live(events, next)
+    }
+
+    /// Folds everything the shards sent into the window.
+    fn pump(&mut self, rx: &flume::Receiver<HubMsg>) {
+        // Watermark first, then drain: every event below it was sent before
+        // its shard released, so it is in the channel by now.
+        let w = self.seq.watermark();
+        while let Ok(msg) = rx.try_recv() {
+            if let HubMsg::Events(evs) = msg {
+                for e in evs {
+                    self.pending.insert(e.wal_offset, Arc::new(e));
+                }
+            }
+        }
+        if self.live.is_none() {
+            // Not collecting yet. While enabling, keep what arrives: events
+            // at or above the base to be chosen must not be lost.
+            if !self.enabling {
+                self.pending.clear();
+            }
+            return;
+        }
+        let mut moved = false;
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() >= w {
+                break;
+            }
+            let e = entry.remove();
+            if e.wal_offset >= self.base {
+                debug_assert!(self
+                    .window
+                    .back()
+                    .is_none_or(|b| b.wal_offset < e.wal_offset));
+                self.window.push_back(e);
+                moved = true;
+            }
+        }
+        if w > self.released {
+            self.released = w;
+            moved = true;
+        }
+        while self.window.len() > WINDOW_EVENTS {
+            let old = self.window.pop_front().expect("non-empty");
+            self.base = old.wal_offset + 1;
+        }
+        if moved {
+            self.doorbells.retain(|b| match b.try_send(()) {
+                Ok(()) | Err(flume::TrySendError::Full(_)) => true,
+                Err(flume::TrySendError::Disconnected(_)) => false,
+            });
+        }
+    }
+}
+
+/// Runs the hub's pump until every shard is gone.
+pub async fn run_hub(hub: Rc<RefCell<Hub>>, rx: flume::Receiver<HubMsg>) {
+    while let Ok(first) = rx.recv_async().await {
+        let mut h = hub.borrow_mut();
+        if let HubMsg::Events(evs) = first {
+            for e in evs {
+                h.pending.insert(e.wal_offset, Arc::new(e));
+            }
+        }
+        h.pump(&rx);
+    }
+}
+
+/// Makes the hub collect events (once). After this returns, every event at
+/// or above the hub's base reaches the hub.
+pub async fn ensure_live(hub: &Rc<RefCell<Hub>>, shards: &[flume::Sender<ShardMsg>]) {
+    loop {
+        {
+            let mut h = hub.borrow_mut();
+            if h.live.is_some() {
+                return;
+            }
+            if !h.enabling {
+                h.enabling = true;
+                h.watching.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+        // Someone else is enabling: wait for them.
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let (tx, rx) = flume::bounded(shards.len());
+    let mut sent = 0;
+    for s in shards {
+        if s.send_async(ShardMsg::Barrier(tx.clone())).await.is_ok() {
+            sent += 1;
+        }
+    }
+    for _ in 0..sent {
+        let _ = rx.recv_async().await;
+    }
+    let mut h = hub.borrow_mut();
+    let base = h.seq.watermark();
+    h.base = base;
+    h.released = base;
+    h.live = Some(base);
+    h.enabling = false;
+    h.pending.retain(|o, _| *o >= base);
+    tracing::info!(base, "subscriptions: collecting live events");
+}

@@ -1,0 +1,173 @@
+//! Executing WATCH_INSTANCE / WATCH_ALL / UNWATCH for a connection, and
+//! delivering its subscriptions' events (see `subscriptions` for the model).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use rstmdb_shards::commands::{BatchReply, Command};
+use rstmdb_shards::error::{ApiError, ErrorCode};
+use serde_json::{json, Value};
+
+use crate::ops::{Action, WatchSpec};
+use crate::protocol::frame;
+use crate::router::{Outcome, Router};
+use crate::session::{Session, WireMode};
+use crate::subscriptions::{
+    encode_event, ensure_live, event_from_record, Hub, Subscription, Take, CHUNK,
+    MAX_SUBSCRIPTIONS_PER_CONNECTION,
+};
+
+/// Most WAL records read per catch-up step.
+const CATCH_UP_RECORDS: usize = 1024;
+/// Events are written out whenever this many bytes are buffered.
+const FLUSH_BYTES: usize = 256 * 1024;
+
+type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
+
+/// What subscription handling needs from the connection.
+pub struct Ctx<'a> {
+    /// Shard access.
+    pub router: &'a Router,
+    /// The frontend's hub.
+    pub hub: &'a Rc<RefCell<Hub>>,
+    /// The connection's reply channel.
+    pub replies: &'a Replies,
+}
+
+/// Creates a subscription; answers the WATCH request.
+pub async fn subscribe(
+    spec: WatchSpec,
+    session: &mut Session,
+    ctx: &Ctx<'_>,
+) -> Result<Vec<u8>, ApiError> {
+    if session.subscriptions.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+        return Err(ApiError::bad_request(format!(
+            "too many subscriptions on this connection (limit {MAX_SUBSCRIPTIONS_PER_CONNECTION})"
+        )));
+    }
+    ensure_live(ctx.hub, ctx.router.shards()).await;
+    // The cursor is taken before the instance is read, so no transition
+    // after the state we report can be missed.
+    let cursor = spec
+        .from_offset
+        .unwrap_or_else(|| ctx.hub.borrow().released());
+    let id = format!("sub-{}", uuid::Uuid::new_v4());
+    let reply = match &spec.instance {
+        Some((shard, instance_id)) => {
+            let get = Action::Shard(
+                *shard,
+                Command::GetInstance {
+                    instance_id: instance_id.clone(),
+                },
+            );
+            let bytes = match ctx.router.run(vec![get], ctx.replies).await.pop() {
+                Some(Outcome::Done(r)) => r?,
+                _ => return Err(ApiError::new(ErrorCode::InternalError, "shard unavailable")),
+            };
+            let inst: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))?;
+            json!({
+                "current_state": inst["state"],
+                "current_wal_offset": inst["last_wal_offset"],
+                "instance_id": instance_id,
+                "subscription_id": id,
+            })
+        }
+        None => json!({"subscription_id": id, "wal_offset": ctx.router.sequencer().peek()}),
+    };
+    session.subscriptions.push(Subscription {
+        id,
+        filter: spec.filter,
+        include_ctx: spec.include_ctx,
+        cursor,
+    });
+    Ok(serde_json::to_vec(&reply).expect("serializable"))
+}
+
+/// UNWATCH: `removed` is false for an id this connection does not hold.
+pub fn unwatch(id: String, session: &mut Session) -> Vec<u8> {
+    let before = session.subscriptions.len();
+    session.subscriptions.retain(|s| s.id != id);
+    let removed = session.subscriptions.len() < before;
+    serde_json::to_vec(&json!({"removed": removed, "subscription_id": id})).expect("serializable")
+}
+
+/// Writes every event the connection's subscriptions can have now.
+/// `Err` when the connection must close (socket error, or a catch-up read
+/// that failed: never a silent gap, D19).
+pub async fn deliver(
+    session: &mut Session,
+    ctx: &Ctx<'_>,
+    stream: &mut TcpStream,
+) -> std::io::Result<()> {
+    let mode = session.wire_mode;
+    let mut out = Vec::new();
+    for sub in session.subscriptions.iter_mut() {
+        loop {
+            let take = ctx.hub.borrow().take(sub.cursor, CHUNK);
+            match take {
+                Take::Live(events, next) => {
+                    let more = events.len() == CHUNK;
+                    for e in events.iter().filter(|e| sub.filter.matches(e)) {
+                        push(&mut out, &encode_event(sub, e), mode);
+                    }
+                    sub.cursor = next;
+                    flush_if_large(&mut out, stream).await?;
+                    if !more {
+                        break;
+                    }
+                }
+                Take::FromWal { below } => {
+                    let (records, next) =
+                        ctx.router.read_merged(sub.cursor, below, CATCH_UP_RECORDS).await.map_err(|e| {
+                            tracing::warn!(subscription = %sub.id, error = %e, "catch-up read failed; closing");
+                            std::io::Error::other(e.to_string())
+                        })?;
+                    for r in &records {
+                        let ev = event_from_record(r.offset, r.kind, &r.payload)
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        if let Some(e) = ev.filter(|e| sub.filter.matches(e)) {
+                            push(&mut out, &encode_event(sub, &e), mode);
+                        }
+                    }
+                    debug_assert!(next > sub.cursor || records.is_empty());
+                    if next <= sub.cursor {
+                        break;
+                    }
+                    sub.cursor = next;
+                    flush_if_large(&mut out, stream).await?;
+                }
+            }
+        }
+    }
+    if !out.is_empty() {
+        stream.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Whether any subscription may have something to deliver.
+pub fn pending(session: &Session, hub: &Rc<RefCell<Hub>>) -> bool {
+    let released = hub.borrow().released();
+    session.subscriptions.iter().any(|s| s.cursor < released)
+}
+
+fn push(out: &mut Vec<u8>, payload: &[u8], mode: WireMode) {
+    match mode {
+        WireMode::Binary => frame::encode(payload, out),
+        WireMode::Jsonl => {
+            out.extend_from_slice(payload);
+            out.push(b'\n');
+        }
+    }
+}
+
+async fn flush_if_large(out: &mut Vec<u8>, stream: &mut TcpStream) -> std::io::Result<()> {
+    if out.len() >= FLUSH_BYTES {
+        stream.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
