@@ -247,6 +247,24 @@ impl Client {
         Some(serde_json::from_slice(&p).expect("server frame JSON"))
     }
 
+    /// Reads one frame, `None` if nothing arrives within the stream's read
+    /// timeout (the connection stays usable).
+    pub fn read_frame_timeout(&mut self) -> Option<Value> {
+        let mut first = [0u8; 1];
+        match self.stream.peek(&mut first) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                let saved = self.stream.read_timeout().unwrap();
+                self.stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let f = self.read_frame();
+                self.stream.set_read_timeout(saved).unwrap();
+                f
+            }
+        }
+    }
+
     /// Sends one request and returns the whole response.
     pub fn call(&mut self, op: &str, params: Value) -> Value {
         let id = self.next_id.to_string();
