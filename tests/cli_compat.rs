@@ -384,3 +384,185 @@ fn rstmdb_cli_works_unchanged() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "PONG\n");
 }
+
+/// A `watch-*` command running in the background.
+struct Watcher {
+    child: std::process::Child,
+    /// Kept open: the CLI prints to stderr on Ctrl-C and panics on a
+    /// closed pipe.
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl Watcher {
+    fn start(server: &Server, args: &[&str]) -> Watcher {
+        use std::io::BufRead;
+        let mut child = Command::new(cli_path())
+            .arg("-s")
+            .arg(server.addr.to_string())
+            .args(args)
+            .env_remove("RSTMDB_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run rstmdb-cli watch");
+        // Wait for the subscription to exist.
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(line.starts_with("Watching"), "{args:?}: {line}");
+        Watcher { child, stderr: err }
+    }
+
+    /// Ctrl-C, then the JSON lines it printed.
+    fn stop(self) -> Vec<serde_json::Value> {
+        use std::io::Read;
+        let Watcher { child, mut stderr } = self;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let reader = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            rest
+        });
+        let out = child.wait_with_output().unwrap();
+        let err = reader.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(err.contains("Stopping watch..."), "{err}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event JSON line"))
+            .collect()
+    }
+}
+
+#[test]
+fn rstmdb_cli_watch_commands_wal_read_and_flush_all() {
+    let dir = common::data_dir("cli-watch");
+    let server = Server::start(dir.path(), Opts::default());
+    ok(&server, &["put-machine", "-n", "order", "-v", "1", ORDER]);
+    ok(&server, &["put-machine", "-n", "other", "-v", "1", ORDER]);
+    let mut c = server.client();
+    c.ok("CREATE_INSTANCE", serde_json::json!({"instance_id": "w-1", "machine": "order", "version": 1, "initial_ctx": {"amount": 3}}));
+    c.ok("CREATE_INSTANCE", serde_json::json!({"instance_id": "w-2", "machine": "other", "version": 1, "initial_ctx": {"amount": 3}}));
+
+    let watchers = vec![
+        (
+            "instance",
+            Watcher::start(&server, &["watch-instance", "w-1"]),
+        ),
+        (
+            "instance-no-ctx",
+            Watcher::start(&server, &["watch-instance", "w-1", "--no-ctx"]),
+        ),
+        ("all", Watcher::start(&server, &["watch-all"])),
+        (
+            "machines",
+            Watcher::start(&server, &["watch-all", "--machines", "other"]),
+        ),
+        (
+            "from",
+            Watcher::start(&server, &["watch-all", "--from-states", "paid"]),
+        ),
+        (
+            "to",
+            Watcher::start(
+                &server,
+                &["watch-all", "--to-states", "paid,shipped", "--no-ctx"],
+            ),
+        ),
+        (
+            "events",
+            Watcher::start(&server, &["watch-all", "--events", "SHIP"]),
+        ),
+    ];
+    let mut off = std::collections::HashMap::new();
+    for (id, ev, key) in [
+        ("w-1", "PAY", "p1"),
+        ("w-2", "PAY", "p2"),
+        ("w-1", "SHIP", "s1"),
+        ("w-2", "SHIP", "s2"),
+    ] {
+        let r = c.ok(
+            "APPLY_EVENT",
+            serde_json::json!({"instance_id": id, "event": ev, "payload": {"k": key}}),
+        );
+        off.insert(key, r["wal_offset"].as_u64().unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for (name, w) in watchers {
+        let got = w.stop();
+        let offsets: Vec<u64> = got
+            .iter()
+            .map(|e| e["wal_offset"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = match name {
+            "instance" | "instance-no-ctx" => vec![off["p1"], off["s1"]],
+            "all" | "to" => vec![off["p1"], off["p2"], off["s1"], off["s2"]],
+            "machines" => vec![off["p2"], off["s2"]],
+            "from" | "events" => vec![off["s1"], off["s2"]],
+            _ => unreachable!(),
+        };
+        assert_eq!(offsets, want, "{name}: {got:?}");
+        for e in &got {
+            assert_eq!(e["type"], "event");
+            assert!(e["subscription_id"].as_str().unwrap().starts_with("sub-"));
+            assert_eq!(
+                e.get("ctx").is_some(),
+                !name.ends_with("no-ctx") && name != "to",
+                "{name}: {e}"
+            );
+        }
+        if name == "all" {
+            assert_eq!(got[0]["payload"], serde_json::json!({"k": "p1"}));
+            assert_eq!(got[0]["ctx"], serde_json::json!({"amount": 3, "k": "p1"}));
+            assert_eq!(
+                (got[0]["from_state"].as_str(), got[0]["to_state"].as_str()),
+                (Some("created"), Some("paid"))
+            );
+        }
+    }
+
+    // unwatch from another process never finds the subscription.
+    let o = cli(
+        &server,
+        &["unwatch", "sub-00000000-0000-0000-0000-000000000000"],
+        None,
+    );
+    assert_eq!(o.code, 0);
+    assert!(
+        o.stdout
+            .contains("Warning: subscription sub-00000000-0000-0000-0000-000000000000 not found"),
+        "{}",
+        o.stdout
+    );
+
+    // wal-read with -f and -l.
+    let all = ok(&server, &["wal-read"]);
+    assert!(
+        all.contains("| put_machine")
+            && all.contains("| create_instance")
+            && all.contains("| apply_event"),
+        "{all}"
+    );
+    assert!(
+        all.contains("         Instance: w-1, Event: PAY, created → paid"),
+        "{all}"
+    );
+    let from = off["p2"].to_string();
+    let page = ok(&server, &["wal-read", "-f", &from, "-l", "2"]);
+    let lines: Vec<&str> = page.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(lines.len(), 2, "{page}");
+    assert!(
+        lines[0].contains(&format!(" {} | apply_event", off["p2"])),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("Next offset: {}", off["s1"] + 1)),
+        "{page}"
+    );
+
+    // flush-all is refused by default.
+    let err = fails(&server, &["flush-all"]);
+    assert!(err.contains("Error: server error: BAD_REQUEST - invalid request: FLUSH_ALL is disabled. Set storage.allow_flush_all=true in config to enable."), "{err}");
+}

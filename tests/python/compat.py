@@ -149,6 +149,40 @@ async def main(host: str, port: int) -> None:
         assert results[1]["result"]["state"] == "created"
         assert results[2]["error"]["code"] == "INSTANCE_NOT_FOUND"
         print("batch ok")
+        await c.create_instance("order", 1, instance_id="w-1", initial_ctx={"amount": 2})
+        await c.create_instance("order", 1, instance_id="py-2", initial_ctx={"amount": 2})
+
+        # watch_all / watch_instance / unwatch, with events read through
+        # the client's event iterator on a second connection
+        async with Client(host, port) as w:
+            sub_all = await w.watch_all(machines=["order"], to_states=["paid", "shipped"])
+            sub_one = await w.watch_instance("w-1", include_ctx=False)
+            assert sub_one.current_state == "created" and sub_one.instance_id == "w-1"
+            none = await w.watch_all(events=["NEVER"])
+            r1 = await c.apply_event("w-1", "PAY", payload={"n": 1})
+            r2 = await c.apply_event("w-1", "SHIP")
+            r3 = await c.apply_event("py-2", "PAY")
+            got = []
+            async def collect():
+                async for ev in w.events():
+                    got.append(ev)
+                    if len(got) == 5:
+                        return
+            await asyncio.wait_for(collect(), timeout=10)
+            per_sub = {}
+            for ev in got:
+                per_sub.setdefault(ev.subscription_id, []).append(ev.wal_offset)
+            assert per_sub[sub_all.subscription_id] == [r1.wal_offset, r2.wal_offset, r3.wal_offset], per_sub
+            assert per_sub[sub_one.subscription_id] == [r1.wal_offset, r2.wal_offset], per_sub
+            assert none.subscription_id not in per_sub
+            first = next(ev for ev in got if ev.subscription_id == sub_all.subscription_id)
+            assert first.payload == {"n": 1} and first.ctx == {"amount": 2, "n": 1}
+            assert all(ev.ctx is None for ev in got if ev.subscription_id == sub_one.subscription_id)
+            removed = await w.unwatch(sub_all.subscription_id)
+            assert removed.removed is True
+            again = await w.unwatch(sub_all.subscription_id)
+            assert again.removed is False
+        print("watch ok")
 
         # FLUSH_ALL is disabled by default
         err = await expect_error(c.flush_all(), "BAD_REQUEST")
