@@ -182,6 +182,25 @@ fn run(cfg: Config) -> Result<(), String> {
             engine.adopt_machine(name.clone(), *v, def.clone());
         }
     }
+    // Atomic-batch parts count only if every participant's part is durable.
+    let mut present: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
+    for (i, (engine, _)) in recovered.iter().enumerate() {
+        for (id, _) in engine.unresolved_parts() {
+            present.entry(id).or_default().insert(i as u32);
+        }
+    }
+    let mut aborted: Vec<Vec<String>> = vec![Vec::new(); shards];
+    for (i, (engine, _)) in recovered.iter_mut().enumerate() {
+        for (id, participants) in engine.unresolved_parts() {
+            let complete = participants
+                .iter()
+                .all(|p| present.get(&id).is_some_and(|s| s.contains(p)));
+            engine.resolve_part(&id, complete);
+            if !complete {
+                aborted[i].push(id);
+            }
+        }
+    }
     let next_offset = recovered
         .iter()
         .map(|(_, r)| r.last_offset)
@@ -211,7 +230,7 @@ fn run(cfg: Config) -> Result<(), String> {
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
     let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for (i, (engine, rec)) in recovered.into_iter().enumerate() {
+    for (i, ((engine, rec), aborted)) in recovered.into_iter().zip(aborted).enumerate() {
         let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
         senders.push(tx);
         let scfg = ShardConfig {
@@ -233,7 +252,9 @@ fn run(cfg: Config) -> Result<(), String> {
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
             .name(&format!("shard-{i}"))
             .io_memory(io_memory)
-            .spawn(move || async move { shard::run(scfg, engine, rec, rx, seq, ready).await })
+            .spawn(
+                move || async move { shard::run(scfg, engine, rec, rx, seq, aborted, ready).await },
+            )
             .map_err(|e| format!("starting shard {i} executor: {e}"))?;
         shard_handles.push(handle);
     }

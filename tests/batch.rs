@@ -110,17 +110,96 @@ fn structural_errors() {
 }
 
 #[test]
-fn atomic_mode_is_refused_without_running_anything() {
+fn atomic_batches_are_all_or_nothing_across_shards() {
     let (_dir, server) = start("batch-atomic");
     let mut c = server.client();
-    let (code, msg) = c.err("BATCH", json!({"mode": "atomic", "ops": [
-        {"op": "CREATE_INSTANCE", "params": {"instance_id": "a1", "machine": "order", "version": 1}}
-    ]}));
+    // Instances on both shards.
+    let ids: Vec<String> = (0..8).map(|i| format!("at{i}")).collect();
+    for id in &ids {
+        c.ok("CREATE_INSTANCE", json!({"instance_id": id, "machine": "order", "version": 1, "initial_ctx": {"amount": 1}}));
+    }
+    let shards: std::collections::HashSet<usize> = ids
+        .iter()
+        .map(|id| rstmdb_shards::routing::shard_for(id, 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the batch spans both shards");
+    let mut w = server.client();
+    w.ok("WATCH_ALL", json!({}));
+    let before_wal = c.ok("WAL_STATS", json!({}))["entry_count"].clone();
+
+    // A failing op anywhere (the last one) leaves no effect of any op.
+    let mut ops: Vec<Value> = ids.iter().map(|id| json!({"op": "APPLY_EVENT", "params": {"instance_id": id, "event": "PAY", "payload": {"batch": 1}}})).collect();
+    ops.push(json!({"op": "CREATE_INSTANCE", "params": {"instance_id": "new-1", "machine": "order", "version": 1}}));
+    ops.push(json!({"op": "APPLY_EVENT", "params": {"instance_id": "at0", "event": "NOPE"}}));
+    let (code, msg) = c.err("BATCH", json!({"mode": "atomic", "ops": ops}));
     assert_eq!(code, "BAD_REQUEST");
-    assert!(msg.contains("atomic"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "invalid request: atomic batch failed: op 9 (APPLY_EVENT): INVALID_TRANSITION"
+        ),
+        "{msg}"
+    );
+    for id in &ids {
+        let g = c.ok("GET_INSTANCE", json!({"instance_id": id}));
+        assert_eq!(g["state"], "created", "{id} untouched");
+        assert_eq!(g["ctx"], json!({"amount": 1}));
+    }
     assert_eq!(
-        c.err("GET_INSTANCE", json!({"instance_id": "a1"})).0,
+        c.err("GET_INSTANCE", json!({"instance_id": "new-1"})).0,
         "INSTANCE_NOT_FOUND"
+    );
+    assert_eq!(
+        c.ok("WAL_STATS", json!({}))["entry_count"],
+        before_wal,
+        "nothing logged"
+    );
+    w.stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        w.read_frame_timeout().is_none(),
+        "no event for a failed batch"
+    );
+
+    // A successful one: later ops see earlier ones; results in order.
+    let ops = json!([
+        {"op": "APPLY_EVENT", "params": {"instance_id": "at0", "event": "PAY", "payload": {"b": 2}}},
+        {"op": "APPLY_EVENT", "params": {"instance_id": "at1", "event": "PAY", "payload": {"b": 2}}},
+        {"op": "APPLY_EVENT", "params": {"instance_id": "at0", "event": "SHIP"}},
+        {"op": "GET_INSTANCE", "params": {"instance_id": "at0"}},
+        {"op": "CREATE_INSTANCE", "params": {"instance_id": "new-2", "machine": "order", "version": 1}},
+        {"op": "PING"}
+    ]);
+    let r = c.ok("BATCH", json!({"mode": "atomic", "ops": ops}));
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6);
+    assert!(results.iter().all(|x| x["status"] == "ok"), "{r}");
+    assert_eq!(results[2]["result"]["from_state"], "paid");
+    assert_eq!(results[3]["result"]["state"], "shipped");
+    assert_eq!(results[5]["result"], json!({"pong": true}));
+    let g = c.ok("GET_INSTANCE", json!({"instance_id": "at0"}));
+    assert_eq!(g["last_wal_offset"], results[2]["result"]["wal_offset"]);
+    c.ok("GET_INSTANCE", json!({"instance_id": "new-2"}));
+    let evs: Vec<u64> = (0..3)
+        .filter_map(|_| w.read_frame_timeout())
+        .map(|e| e["wal_offset"].as_u64().unwrap())
+        .collect();
+    let mut want: Vec<u64> = [0, 1, 2]
+        .iter()
+        .map(|&i| results[i]["result"]["wal_offset"].as_u64().unwrap())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(evs, want, "events of a committed batch, in offset order");
+    // Ops that cannot be atomic are refused before anything runs.
+    let (code, msg) = c.err("BATCH", json!({"mode": "atomic", "ops": [{"op": "APPLY_EVENT", "params": {"instance_id": "at2", "event": "PAY"}}, {"op": "LIST_INSTANCES"}]}));
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(
+        msg.contains("op 1 (LIST_INSTANCES) cannot be part of an atomic batch"),
+        "{msg}"
+    );
+    assert_eq!(
+        c.ok("GET_INSTANCE", json!({"instance_id": "at2"}))["state"],
+        "created"
     );
 }
 

@@ -15,7 +15,7 @@ use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply, WatchEvent};
 use crate::definition::MachineDef;
 use crate::error::{ApiError, ErrorCode};
 use crate::idempotency::{Cached, IdempotencyWindow};
-use crate::wal_entry::WalEntry;
+use crate::wal_entry::{BatchEntry, WalEntry};
 
 /// One instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +117,25 @@ pub struct Engine {
     /// Whether applies produce [`WatchEvent`]s (someone is watching).
     pub collect_events: bool,
     events: Vec<WatchEvent>,
+    /// While executing an atomic-batch part for real: its entries, which
+    /// go to the WAL as one `batch_part` record.
+    capture: Option<Vec<BatchEntry>>,
+    /// Replayed batch parts awaiting resolution: participants and undo.
+    replay_parts: HashMap<String, (Vec<u32>, Vec<Undo>)>,
 }
+
+/// A position in the engine's logs (see [`Engine::mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    undo: usize,
+    staged: usize,
+    events: usize,
+}
+
+/// Undo entries taken out of the drain's log (a committed batch part that
+/// may still have to be undone).
+#[derive(Debug, Default)]
+pub struct UndoLog(Vec<Undo>);
 
 /// Largest WAL entry an operation may produce: 16 MiB − 64 KiB (the
 /// reference's record limit). Smaller than a frame, so every answer that
@@ -179,6 +197,8 @@ impl Engine {
             staged: Vec::new(),
             collect_events: false,
             events: Vec::new(),
+            capture: None,
+            replay_parts: HashMap::new(),
         }
     }
 
@@ -222,16 +242,110 @@ impl Engine {
         std::mem::take(&mut self.events)
     }
 
+    /// Takes the events produced since `mark`.
+    pub fn take_events_since(&mut self, mark: Mark) -> Vec<WatchEvent> {
+        self.events.split_off(mark.events.min(self.events.len()))
+    }
+
+    /// Stages a `batch_abort` record.
+    pub fn stage_abort(&mut self, offsets: &mut Offsets, entry: WalEntry) -> Result<u64, ApiError> {
+        assert!(matches!(entry, WalEntry::BatchAbort { .. }));
+        self.stage(offsets, entry)
+    }
+
     /// Forgets the undo log: the staged entries are durable.
     pub fn commit_done(&mut self) {
         self.undo.clear();
+    }
+
+    /// The current position of the undo, staging and event logs.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            undo: self.undo.len(),
+            staged: self.staged.len(),
+            events: self.events.len(),
+        }
+    }
+
+    /// Reverses every change made since `mark` (a dry run, or a failed
+    /// batch part), leaving earlier changes of the drain alone.
+    pub fn rollback_to(&mut self, mark: Mark) {
+        assert!(mark.undo <= self.undo.len() && mark.staged <= self.staged.len());
+        self.capture = None;
+        self.staged.truncate(mark.staged);
+        self.events.truncate(mark.events.min(self.events.len()));
+        let tail = self.undo.split_off(mark.undo);
+        self.apply_undo(tail);
+    }
+
+    /// Takes the undo entries since `mark` out of the drain's log, so that
+    /// they outlive the drain's commit.
+    pub fn take_undo_since(&mut self, mark: Mark) -> UndoLog {
+        UndoLog(self.undo.split_off(mark.undo))
+    }
+
+    /// Reverses a batch part kept by [`Engine::take_undo_since`].
+    pub fn undo_part(&mut self, log: UndoLog) {
+        self.apply_undo(log.0);
+    }
+
+    /// Starts capturing the staged entries of an atomic-batch part.
+    pub fn begin_part(&mut self) {
+        assert!(self.capture.is_none(), "batch parts do not nest");
+        self.capture = Some(Vec::new());
+    }
+
+    /// Ends the part: stages its entries as one `batch_part` record (none
+    /// if it changed nothing). Returns the lowest offset it holds.
+    pub fn end_part(
+        &mut self,
+        batch_id: &str,
+        participants: &[u32],
+    ) -> Result<Option<u64>, ApiError> {
+        let entries = self.capture.take().expect("begin_part first");
+        let (Some(first), Some(last)) = (
+            entries.first().map(|e| e.offset),
+            entries.last().map(|e| e.offset),
+        ) else {
+            return Ok(None);
+        };
+        let entry = WalEntry::BatchPart {
+            batch_id: batch_id.to_owned(),
+            participants: participants.to_vec(),
+            entries,
+        };
+        let bytes = serde_json::to_vec(&entry).expect("WAL entry serialization cannot fail");
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "atomic batch part of {} bytes exceeds the WAL record limit of {MAX_ENTRY_BYTES} bytes",
+                bytes.len()
+            )));
+        }
+        self.staged.push(Staged {
+            offset: last,
+            kind: entry.kind(),
+            bytes,
+        });
+        Ok(Some(first))
+    }
+
+    fn apply_undo(&mut self, mut undo: Vec<Undo>) {
+        while let Some(u) = undo.pop() {
+            self.undo_one(u);
+        }
     }
 
     /// Reverses every change made since the last [`Engine::commit_done`].
     pub fn rollback(&mut self) {
         self.staged.clear();
         self.events.clear();
-        while let Some(u) = self.undo.pop() {
+        self.capture = None;
+        let all = std::mem::take(&mut self.undo);
+        self.apply_undo(all);
+    }
+
+    fn undo_one(&mut self, u: Undo) {
+        {
             match u {
                 Undo::Instance(id, Some(prev)) => {
                     self.instances.insert(id, prev);
@@ -270,11 +384,14 @@ impl Engine {
             )));
         }
         let offset = offsets.take();
-        self.staged.push(Staged {
-            offset,
-            kind: entry.kind(),
-            bytes,
-        });
+        match self.capture.as_mut() {
+            Some(part) => part.push(BatchEntry { offset, entry }),
+            None => self.staged.push(Staged {
+                offset,
+                kind: entry.kind(),
+                bytes,
+            }),
+        }
         Ok(offset)
     }
 
@@ -792,8 +909,82 @@ impl Engine {
 
     /// Applies one recovered WAL entry (no validation beyond what keeps the
     /// maps consistent: the entry was validated when it was logged).
+    ///
+    /// Atomic-batch parts are applied in log order but remembered with an
+    /// undo log until [`Engine::resolve_part`] says whether every
+    /// participant's part is durable; a `batch_abort` record undoes its part
+    /// on the spot (nothing after the part touched its instances before the
+    /// abort was logged).
     pub fn replay(&mut self, offset: u64, entry: WalEntry) -> Result<(), String> {
         match entry {
+            WalEntry::BatchPart {
+                batch_id,
+                participants,
+                entries,
+            } => {
+                let mut undo = Vec::new();
+                for e in entries {
+                    if matches!(
+                        e.entry,
+                        WalEntry::BatchPart { .. } | WalEntry::BatchAbort { .. }
+                    ) {
+                        return Err(format!("nested batch record in batch {batch_id}"));
+                    }
+                    self.replay_one(e.offset, e.entry, Some(&mut undo))?;
+                }
+                if self.replay_parts.contains_key(&batch_id) {
+                    return Err(format!(
+                        "batch {batch_id} has two parts on one shard (at offset {offset})"
+                    ));
+                }
+                self.replay_parts.insert(batch_id, (participants, undo));
+                Ok(())
+            }
+            WalEntry::BatchAbort { batch_id } => {
+                if let Some((_, undo)) = self.replay_parts.remove(&batch_id) {
+                    self.apply_undo(undo);
+                }
+                Ok(())
+            }
+            other => self.replay_one(offset, other, None),
+        }
+    }
+
+    /// Batch parts replayed whose fate is not decided yet: (batch id,
+    /// participants).
+    pub fn unresolved_parts(&self) -> Vec<(String, Vec<u32>)> {
+        self.replay_parts
+            .iter()
+            .map(|(id, (p, _))| (id.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Decides a replayed batch part: kept when every participant's part is
+    /// durable, else undone (the caller then logs a `batch_abort`).
+    pub fn resolve_part(&mut self, batch_id: &str, keep: bool) {
+        if let Some((_, undo)) = self.replay_parts.remove(batch_id) {
+            if !keep {
+                self.apply_undo(undo);
+            }
+        }
+    }
+
+    fn replay_one(
+        &mut self,
+        offset: u64,
+        entry: WalEntry,
+        mut undo: Option<&mut Vec<Undo>>,
+    ) -> Result<(), String> {
+        if let (Some(u), Some(id)) = (undo.as_deref_mut(), entry_instance(&entry)) {
+            u.push(Undo::Instance(
+                id.to_owned(),
+                self.instances.get(id).cloned(),
+            ));
+        }
+        match entry {
+            WalEntry::BatchPart { .. } | WalEntry::BatchAbort { .. } => {
+                unreachable!("batch records are handled by replay")
+            }
             WalEntry::PutMachine {
                 machine,
                 version,
@@ -821,7 +1012,7 @@ impl Engine {
                 ts,
             } => {
                 if let Some(key) = idempotency_key {
-                    self.idempotency.insert(
+                    let prev = self.idempotency.insert(
                         &instance_id,
                         &key,
                         Cached::Create {
@@ -830,6 +1021,9 @@ impl Engine {
                         },
                         ts,
                     );
+                    if let Some(u) = undo.as_deref_mut() {
+                        u.push(Undo::Idempotency(instance_id.clone(), key, prev));
+                    }
                 }
                 self.instances.insert(
                     instance_id,
@@ -862,7 +1056,7 @@ impl Engine {
                     .get_mut(&instance_id)
                     .ok_or_else(|| format!("apply_event for unknown instance {instance_id}"))?;
                 if let Some(key) = idempotency_key {
-                    self.idempotency.insert(
+                    let prev = self.idempotency.insert(
                         &instance_id,
                         &key,
                         Cached::Apply {
@@ -874,6 +1068,9 @@ impl Engine {
                         },
                         ts,
                     );
+                    if let Some(u) = undo {
+                        u.push(Undo::Idempotency(instance_id.clone(), key, prev));
+                    }
                 }
                 inst.state = to_state;
                 inst.ctx = ctx;
@@ -899,5 +1096,15 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The instance a single-instance WAL entry changes.
+fn entry_instance(e: &WalEntry) -> Option<&str> {
+    match e {
+        WalEntry::CreateInstance { instance_id, .. }
+        | WalEntry::ApplyEvent { instance_id, .. }
+        | WalEntry::DeleteInstance { instance_id, .. } => Some(instance_id),
+        _ => None,
     }
 }

@@ -32,6 +32,31 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The wire name (`INVALID_TRANSITION`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::UnsupportedProtocol => "UNSUPPORTED_PROTOCOL",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::AuthFailed => "AUTH_FAILED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::MachineNotFound => "MACHINE_NOT_FOUND",
+            ErrorCode::MachineVersionExists => "MACHINE_VERSION_EXISTS",
+            ErrorCode::MachineVersionLimitExceeded => "MACHINE_VERSION_LIMIT_EXCEEDED",
+            ErrorCode::InstanceNotFound => "INSTANCE_NOT_FOUND",
+            ErrorCode::InstanceExists => "INSTANCE_EXISTS",
+            ErrorCode::InvalidTransition => "INVALID_TRANSITION",
+            ErrorCode::GuardFailed => "GUARD_FAILED",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::WalIoError => "WAL_IO_ERROR",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::ReadOnlyMode => "READ_ONLY_MODE",
+            ErrorCode::ReplicationTimeout => "REPLICATION_TIMEOUT",
+            ErrorCode::ReplicationError => "REPLICATION_ERROR",
+        }
+    }
+
     /// `retryable` is a fixed function of the code (PROTOCOL.md §8).
     pub fn retryable(self) -> bool {
         matches!(
@@ -76,5 +101,25 @@ impl ApiError {
     /// `WAL_IO_ERROR` for a failed commit.
     pub fn wal(detail: impl std::fmt::Display) -> Self {
         ApiError::new(ErrorCode::WalIoError, format!("WAL error: {detail}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_match_serde() {
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::InvalidTransition,
+            ErrorCode::MachineVersionLimitExceeded,
+            ErrorCode::WalIoError,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&c).unwrap(),
+                format!("\"{}\"", c.as_str())
+            );
+        }
     }
 }

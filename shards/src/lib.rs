@@ -5,6 +5,7 @@
 //! [`commands::Command`]s in batches over flume channels and answers with
 //! [`commands::Reply`]s.
 
+pub mod atomic;
 pub mod commands;
 pub mod definition;
 pub mod engine;

@@ -25,6 +25,10 @@ const IDLE: u64 = u64::MAX;
 pub struct Sequencer {
     next: Arc<AtomicU64>,
     floors: Arc<[AtomicU64]>,
+    /// Per shard: the lowest offset of an atomic-batch part that is written
+    /// but not yet released (IDLE when none). Readers must not pass it: the
+    /// batch may still be undone.
+    holds: Arc<[AtomicU64]>,
 }
 
 impl Sequencer {
@@ -32,9 +36,11 @@ impl Sequencer {
     pub fn new(next: u64, shards: usize) -> Self {
         assert!(next >= 1 && shards >= 1);
         let floors: Vec<AtomicU64> = (0..shards).map(|_| AtomicU64::new(IDLE)).collect();
+        let holds: Vec<AtomicU64> = (0..shards).map(|_| AtomicU64::new(IDLE)).collect();
         Sequencer {
             next: Arc::new(AtomicU64::new(next)),
             floors: floors.into(),
+            holds: holds.into(),
         }
     }
 
@@ -59,6 +65,13 @@ impl Sequencer {
         self.floors[shard].store(IDLE, Ordering::SeqCst);
     }
 
+    /// Shard `shard` holds back readers at `offset` (its lowest unreleased
+    /// batch part), or stops holding (`None`). Set while the shard's floor
+    /// still covers the part (before it releases the drain that wrote it).
+    pub fn hold(&self, shard: usize, offset: Option<u64>) {
+        self.holds[shard].store(offset.unwrap_or(IDLE), Ordering::SeqCst);
+    }
+
     /// The offset the next reservation would start at.
     pub fn peek(&self) -> u64 {
         self.next.load(Ordering::SeqCst)
@@ -67,8 +80,8 @@ impl Sequencer {
     /// Every record with an offset below this is written.
     pub fn watermark(&self) -> u64 {
         let next = self.next.load(Ordering::SeqCst);
-        self.floors
-            .iter()
+        let floors = self.floors.iter().chain(self.holds.iter());
+        floors
             .map(|f| f.load(Ordering::SeqCst))
             .fold(next, u64::min)
     }

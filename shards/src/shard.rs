@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use futures_lite::future;
 use rstmdb_wal::{Page, ReadRange, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig};
 
+use crate::atomic::{AtomicState, Vote};
 use crate::commands::WatchEvent;
 use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
-use crate::engine::{now_ms, Engine, Offsets};
+use crate::engine::{now_ms, Engine, Mark, Offsets};
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -83,6 +85,67 @@ pub enum ShardMsg {
     /// Answered as soon as the shard handles it: every drain the shard
     /// starts afterwards sees the current `EventSink::watching` flag.
     Barrier(flume::Sender<()>),
+    /// A step of an atomic batch (see `atomic`).
+    Atomic(AtomicMsg),
+}
+
+impl ShardMsg {
+    fn kind(&self) -> &'static str {
+        match self {
+            ShardMsg::Batch(_) => "batch",
+            ShardMsg::WalRead(_) => "wal read",
+            ShardMsg::Barrier(_) => "barrier",
+            ShardMsg::Atomic(_) => "atomic",
+        }
+    }
+}
+
+/// A participant's answer to [`AtomicMsg::Commit`]: the answers of its
+/// part's ops once the part is durable, or why it failed.
+pub type PartAnswer = (usize, Result<Vec<(u32, Reply)>, ApiError>);
+
+/// The steps of an atomic batch, sent by the coordinating frontend.
+pub enum AtomicMsg {
+    /// Dry-run this shard's part and hold its instances.
+    Prepare {
+        /// Batch id.
+        batch_id: String,
+        /// The part, in batch order.
+        commands: Vec<(u32, Command)>,
+        /// Where the vote goes.
+        reply_to: flume::Sender<(usize, Vote)>,
+    },
+    /// Run the part for real and log it; answer once it is durable.
+    Commit {
+        /// Batch id.
+        batch_id: String,
+        /// Shards whose parts log something.
+        participants: Vec<u32>,
+        /// The answers of the part's ops, or why it failed.
+        reply_to: flume::Sender<PartAnswer>,
+    },
+    /// Every part is durable: the batch is committed.
+    Release {
+        /// Batch id.
+        batch_id: String,
+    },
+    /// The batch failed: undo this shard's part (logging the abort if it
+    /// was written); acknowledged when done.
+    Abort {
+        /// Batch id.
+        batch_id: String,
+        /// Acknowledgement.
+        reply_to: flume::Sender<usize>,
+    },
+}
+
+/// A part executed in this drain, waiting for the drain's commit.
+struct PartCommit {
+    batch_id: String,
+    replies: Vec<(u32, Reply)>,
+    mark: Mark,
+    first: Option<u64>,
+    reply_to: flume::Sender<PartAnswer>,
 }
 
 /// A request for this shard's records in `range` (see [`rstmdb_wal::read`]).
@@ -122,9 +185,15 @@ pub async fn run(
     recovered: Recovered,
     rx: flume::Receiver<ShardMsg>,
     seq: Sequencer,
+    aborted_batches: Vec<String>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), WalError> {
-    let opened = WalWriter::open(cfg.wal.clone(), &recovered).await;
+    let mut opened = WalWriter::open(cfg.wal.clone(), &recovered).await;
+    if let (Ok(w), false) = (opened.as_mut(), aborted_batches.is_empty()) {
+        if let Err(e) = log_aborts(w, &seq, cfg.id, &aborted_batches).await {
+            opened = Err(e);
+        }
+    }
     let _ = ready.send(match &opened {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("shard {}: opening the WAL failed: {e}", cfg.id)),
@@ -136,39 +205,88 @@ pub async fn run(
     drop(recovered);
     let mut unsynced_records: u64 = 0;
     let mut dirty_since: Option<Instant> = None;
-    let mut drain: Vec<Batch> = Vec::new();
+    let mut atomic = AtomicState::default();
+    // Messages that waited for a held atomic batch and may run now; and
+    // those still waiting.
+    let mut ready: VecDeque<ShardMsg> = VecDeque::new();
+    let mut deferred: VecDeque<ShardMsg> = VecDeque::new();
     loop {
-        let first = match next_message(&rx, &cfg, &mut writer, &mut dirty_since).await {
+        let first = match ready.pop_front() {
             Some(m) => m,
-            None => break,
+            None => match next_message(&rx, &cfg, &mut writer, &mut dirty_since).await {
+                Some(m) => m,
+                None => break,
+            },
         };
+        // Gather the drain: every message already waiting, in order.
+        let mut items: Vec<ShardMsg> = Vec::new();
         let mut commands = 0;
+        let mut writes: u64 = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
+            let mut ends_drain = false;
             match msg {
-                ShardMsg::Batch(b) => {
-                    commands += b.commands.len();
-                    drain.push(b);
-                }
                 ShardMsg::Barrier(done) => {
                     let _ = done.try_send(());
                 }
                 ShardMsg::WalRead(req) => {
                     spawn_wal_read(cfg.id, cfg.wal.dir.clone(), writer.segments().to_vec(), req)
                 }
+                ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => {
+                    let events = atomic.release(&batch_id);
+                    // Events first, then lift the hold, then say so: the
+                    // hub must find them before the watermark passes them.
+                    if !events.is_empty() {
+                        let _ = cfg.events.tx.send(HubMsg::Events(events));
+                    }
+                    seq.hold(cfg.id, atomic.hold_floor());
+                    let _ = cfg.events.tx.send(HubMsg::Released);
+                    ready.extend(deferred.drain(..));
+                }
+                ShardMsg::Batch(b) => {
+                    commands += b.commands.len();
+                    writes += b.commands.iter().filter(|(_, c)| c.may_write()).count() as u64;
+                    items.push(ShardMsg::Batch(b));
+                }
+                ShardMsg::Atomic(AtomicMsg::Prepare {
+                    batch_id,
+                    commands: cmds,
+                    reply_to,
+                }) => {
+                    commands += cmds.len();
+                    items.push(ShardMsg::Atomic(AtomicMsg::Prepare {
+                        batch_id,
+                        commands: cmds,
+                        reply_to,
+                    }));
+                }
+                ShardMsg::Atomic(AtomicMsg::Commit {
+                    batch_id,
+                    participants,
+                    reply_to,
+                }) => {
+                    writes += atomic.prepared_writes(&batch_id);
+                    items.push(ShardMsg::Atomic(AtomicMsg::Commit {
+                        batch_id,
+                        participants,
+                        reply_to,
+                    }));
+                    // A commit ends its drain: the part's undo log is
+                    // everything after its mark.
+                    ends_drain = true;
+                }
+                ShardMsg::Atomic(AtomicMsg::Abort { batch_id, reply_to }) => {
+                    writes += 1;
+                    items.push(ShardMsg::Atomic(AtomicMsg::Abort { batch_id, reply_to }));
+                }
             }
-            if commands < cfg.max_drain_commands {
+            if !ends_drain && commands < cfg.max_drain_commands {
                 next = rx.try_recv().ok();
             }
         }
-        if drain.is_empty() {
+        if items.is_empty() {
             continue;
         }
-        let writes: u64 = drain
-            .iter()
-            .flat_map(|b| b.commands.iter())
-            .filter(|(_, c)| c.may_write())
-            .count() as u64;
         let base = if writes > 0 {
             seq.reserve(cfg.id, writes)
         } else {
@@ -178,20 +296,83 @@ pub async fn run(
         engine.collect_events = cfg.events.watching.load(Ordering::SeqCst);
         let now = now_ms();
 
-        let mut answers: Vec<Answer> = Vec::with_capacity(drain.len());
+        let mut answers: Vec<Answer> = Vec::with_capacity(items.len());
         let mut stats_wanted = false;
-        for b in drain.drain(..) {
-            let mut replies = Vec::with_capacity(b.commands.len());
-            for (slot, cmd) in b.commands {
-                let reply = if matches!(cmd, Command::WalStats) {
-                    stats_wanted = true;
-                    Reply::WalStats(ShardWalStats::default())
-                } else {
-                    engine.execute(cmd, &mut offsets, now)
-                };
-                replies.push((slot, reply));
+        let mut part: Option<PartCommit> = None;
+        let mut aborts: Vec<(String, flume::Sender<usize>)> = Vec::new();
+        for item in items {
+            match item {
+                ShardMsg::Batch(b) => {
+                    if b.commands.iter().any(|(_, c)| atomic.conflicts(c)) {
+                        deferred.push_back(ShardMsg::Batch(b));
+                        continue;
+                    }
+                    let mut replies = Vec::with_capacity(b.commands.len());
+                    for (slot, cmd) in b.commands {
+                        let reply = if matches!(cmd, Command::WalStats) {
+                            stats_wanted = true;
+                            Reply::WalStats(ShardWalStats::default())
+                        } else {
+                            engine.execute(cmd, &mut offsets, now)
+                        };
+                        replies.push((slot, reply));
+                    }
+                    answers.push((b.reply_to, replies));
+                }
+                ShardMsg::Atomic(AtomicMsg::Prepare {
+                    batch_id,
+                    commands,
+                    reply_to,
+                }) => {
+                    if atomic.part_conflicts(&commands) {
+                        // No waiting between atomic batches (two could wait
+                        // for each other across shards): fail this one.
+                        let slot = commands.first().map_or(0, |c| c.0);
+                        let error = ApiError::bad_request(
+                            "atomic batch failed: an instance is held by another atomic batch in progress; retry",
+                        );
+                        let _ = reply_to.try_send((cfg.id, Vote::No { slot, error }));
+                        continue;
+                    }
+                    let vote = atomic.prepare(&mut engine, batch_id, commands, now);
+                    let _ = reply_to.try_send((cfg.id, vote));
+                }
+                ShardMsg::Atomic(AtomicMsg::Commit {
+                    batch_id,
+                    participants,
+                    reply_to,
+                }) => {
+                    match atomic.execute(&mut engine, &batch_id, &participants, &mut offsets, now) {
+                        Ok((replies, mark, first)) => {
+                            part = Some(PartCommit {
+                                batch_id,
+                                replies,
+                                mark,
+                                first,
+                                reply_to,
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply_to.try_send((cfg.id, Err(e)));
+                        }
+                    }
+                }
+                ShardMsg::Atomic(AtomicMsg::Abort { batch_id, reply_to }) => {
+                    match atomic.abort(&mut engine, &batch_id) {
+                        Some(entry) => {
+                            if let Err(e) = engine.stage_abort(&mut offsets, entry) {
+                                tracing::error!(shard = cfg.id, error = %e, "cannot stage batch abort");
+                            }
+                            aborts.push((batch_id, reply_to));
+                        }
+                        None => {
+                            ready.extend(deferred.drain(..));
+                            let _ = reply_to.try_send(cfg.id);
+                        }
+                    }
+                }
+                other => unreachable!("only drain items are queued: {}", other.kind()),
             }
-            answers.push((b.reply_to, replies));
         }
 
         let staged = engine.take_staged();
@@ -231,12 +412,36 @@ pub async fn run(
                 writer.discard_staged();
             }
         }
+        let failure = result.as_ref().err().map(ApiError::wal);
         match &result {
-            Ok(()) => engine.commit_done(),
+            Ok(()) => {
+                if let Some(p) = &part {
+                    atomic.written(&mut engine, p.batch_id.clone(), p.mark, p.first);
+                    // Hold readers below the part until it is released.
+                    seq.hold(cfg.id, atomic.hold_floor());
+                }
+                engine.commit_done();
+            }
             Err(e) => {
                 tracing::error!(shard = cfg.id, error = %e, "group commit failed; rolling back the drain");
                 engine.rollback();
+                if let Some(p) = &part {
+                    atomic.failed(&p.batch_id);
+                }
             }
+        }
+        if let Some(p) = part {
+            let answer = match &failure {
+                None => Ok(p.replies),
+                Some(e) => Err(e.clone()),
+            };
+            let _ = p.reply_to.try_send((cfg.id, answer));
+        }
+        for (batch_id, reply_to) in aborts {
+            let _ = atomic.release(&batch_id);
+            seq.hold(cfg.id, atomic.hold_floor());
+            let _ = reply_to.try_send(cfg.id);
+            ready.extend(deferred.drain(..));
         }
         if writes > 0 {
             let events = engine.take_events();
@@ -251,7 +456,6 @@ pub async fn run(
                 let _ = cfg.events.tx.send(HubMsg::Released);
             }
         }
-        let failure = result.err().map(ApiError::wal);
         let stats = stats_wanted.then(|| ShardWalStats {
             entries: writer.records(),
             segments: writer.segments().len() as u64,
@@ -277,9 +481,34 @@ pub async fn run(
                 .await;
         }
     }
+    if !atomic.pending().is_empty() {
+        tracing::warn!(shard = cfg.id, batches = ?atomic.pending(), "stopping with unresolved atomic batches; recovery decides them");
+    }
     writer.close().await?;
     tracing::info!(shard = cfg.id, "shard stopped; WAL synced");
     Ok(())
+}
+
+/// Logs (durably, before serving) a `batch_abort` for every batch part that
+/// recovery undid, so that later records never depend on an undone part.
+async fn log_aborts(
+    writer: &mut WalWriter,
+    seq: &Sequencer,
+    shard: usize,
+    batches: &[String],
+) -> Result<(), WalError> {
+    let base = seq.reserve(shard, batches.len() as u64);
+    for (i, id) in batches.iter().enumerate() {
+        let entry = crate::wal_entry::WalEntry::BatchAbort {
+            batch_id: id.clone(),
+        };
+        let bytes = serde_json::to_vec(&entry).expect("serializable");
+        writer.stage(base + i as u64, entry.kind(), &bytes)?;
+    }
+    let result = writer.commit(true).await;
+    seq.release(shard);
+    tracing::warn!(shard, batches = ?batches, "atomic batches missing a participant's part were undone");
+    result
 }
 
 /// Waits for the next message, running the `every_ms` timer meanwhile.

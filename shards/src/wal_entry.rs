@@ -17,6 +17,19 @@ pub mod kind {
     pub const DELETE_INSTANCE: u8 = 4;
     /// `flush_all` (ours: FLUSH_ALL is durable, DECISIONS D12)
     pub const FLUSH_ALL: u8 = 7;
+    /// `batch_part` (ours: one shard's part of an atomic batch)
+    pub const BATCH_PART: u8 = 8;
+    /// `batch_abort` (ours: a batch part undone at recovery)
+    pub const BATCH_ABORT: u8 = 9;
+}
+
+/// One change inside a batch part, with its own offset.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchEntry {
+    /// The change's offset (what its answer reported).
+    pub offset: u64,
+    /// The change.
+    pub entry: WalEntry,
 }
 
 /// One logged change.
@@ -91,6 +104,23 @@ pub enum WalEntry {
         #[serde(default)]
         ts: i64,
     },
+    /// One shard's part of an atomic batch: all of its changes in one
+    /// record, so the part is durable whole or not at all. The batch counts
+    /// only if every participant's part is durable (see ARCHITECTURE.md).
+    BatchPart {
+        /// Batch id.
+        batch_id: String,
+        /// Shards holding a part of this batch.
+        participants: Vec<u32>,
+        /// The changes, in order.
+        entries: Vec<BatchEntry>,
+    },
+    /// A batch part undone at start-up because another participant's part
+    /// was missing.
+    BatchAbort {
+        /// Batch id.
+        batch_id: String,
+    },
     /// An instance soft-deleted.
     DeleteInstance {
         /// Instance id.
@@ -113,6 +143,8 @@ impl WalEntry {
             WalEntry::ApplyEvent { .. } => kind::APPLY_EVENT,
             WalEntry::DeleteInstance { .. } => kind::DELETE_INSTANCE,
             WalEntry::FlushAll { .. } => kind::FLUSH_ALL,
+            WalEntry::BatchPart { .. } => kind::BATCH_PART,
+            WalEntry::BatchAbort { .. } => kind::BATCH_ABORT,
         }
     }
 }
