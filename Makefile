@@ -6,6 +6,7 @@ CLI := $(TOOLS)/bin/rstmdb-cli
 PY := $(TOOLS)/venv/bin/python
 PYTHON ?= python3
 CRASH_CYCLES ?= 10
+ATOMIC_CRASH_CYCLES ?= 20
 
 .PHONY: all build run test tools lint fmt compat crash clean
 
@@ -48,9 +49,10 @@ fmt:
 compat: tools
 	RSTMDB_CLI=$(CLI) RSTMDB_PYTHON=$(PY) $(CARGO) test --test cli_compat --test python_compat -- --nocapture
 
-## The kill -9 crash test with its figures (docs/DURABILITY.md).
+## The kill -9 crash tests with their figures (docs/DURABILITY.md).
 crash:
-	CRASH_CYCLES=$(CRASH_CYCLES) $(CARGO) test --release --test crash -- --nocapture
+	CRASH_CYCLES=$(CRASH_CYCLES) ATOMIC_CRASH_CYCLES=$(ATOMIC_CRASH_CYCLES) \
+		$(CARGO) test --release --test crash --test atomic_crash -- --nocapture
 
 clean:
 	$(CARGO) clean
