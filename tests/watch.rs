@@ -332,3 +332,33 @@ fn a_slow_subscriber_misses_nothing_and_blocks_no_one() {
     assert_eq!(got.len(), offsets.len());
     assert_eq!(got, offsets, "in order, nothing missed, nothing twice");
 }
+
+#[test]
+fn events_follow_the_jsonl_output_mode() {
+    let (_dir, server) = start("watch-jsonl", 1);
+    let mut s = server.client();
+    s.send(&request_frame(
+        "h",
+        "HELLO",
+        &json!({"protocol_version": 1, "wire_modes": ["jsonl"]}),
+    ));
+    s.send(&request_frame("w", "WATCH_ALL", &json!({})));
+    let mut reader = std::io::BufReader::new(s.stream.try_clone().unwrap());
+    let mut line = String::new();
+    for id in ["h", "w"] {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["id"], id);
+    }
+    let mut c = server.client();
+    c.ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": "j", "machine": "order", "version": 1, "initial_ctx": {"amount": 1}}),
+    );
+    let r = c.ok("APPLY_EVENT", json!({"instance_id": "j", "event": "PAY"}));
+    line.clear();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let e: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(e["type"], "event");
+    assert_eq!(e["wal_offset"], r["wal_offset"]);
+}
