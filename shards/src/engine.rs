@@ -1108,3 +1108,122 @@ fn entry_instance(e: &WalEntry) -> Option<&str> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal_entry::BatchEntry;
+    use serde_json::json;
+
+    fn limits() -> EngineLimits {
+        EngineLimits {
+            idempotency_entries: 100,
+            idempotency_max_age_ms: 0,
+        }
+    }
+
+    fn create(id: &str) -> WalEntry {
+        WalEntry::CreateInstance {
+            instance_id: id.into(),
+            machine: "m".into(),
+            version: 1,
+            initial_state: "a".into(),
+            initial_ctx: json!({"n": 0}),
+            idempotency_key: None,
+            ts: 1,
+        }
+    }
+
+    fn apply(id: &str, n: i64, key: Option<&str>) -> WalEntry {
+        WalEntry::ApplyEvent {
+            instance_id: id.into(),
+            machine: "m".into(),
+            version: 1,
+            event: "E".into(),
+            from_state: "a".into(),
+            to_state: "b".into(),
+            payload: json!({"n": n}),
+            ctx: json!({"n": n}),
+            event_id: None,
+            idempotency_key: key.map(str::to_owned),
+            ts: 2,
+        }
+    }
+
+    fn part(batch: &str, entries: Vec<(u64, WalEntry)>) -> WalEntry {
+        WalEntry::BatchPart {
+            batch_id: batch.into(),
+            participants: vec![0, 1],
+            entries: entries
+                .into_iter()
+                .map(|(offset, entry)| BatchEntry { offset, entry })
+                .collect(),
+        }
+    }
+
+    fn n_of(e: &Engine, id: &str) -> Option<i64> {
+        e.instances
+            .get(id)
+            .filter(|i| !i.deleted)
+            .map(|i| i.ctx["n"].as_i64().unwrap())
+    }
+
+    #[test]
+    fn replayed_parts_are_undone_unless_complete() {
+        let mut e = Engine::new(&limits());
+        e.replay(1, create("x")).unwrap();
+        e.replay(
+            3,
+            part("b1", vec![(2, apply("x", 1, Some("k"))), (3, create("y"))]),
+        )
+        .unwrap();
+        assert_eq!((n_of(&e, "x"), n_of(&e, "y")), (Some(1), Some(0)));
+        assert_eq!(e.unresolved_parts(), vec![("b1".to_owned(), vec![0, 1])]);
+        e.resolve_part("b1", false);
+        assert_eq!((n_of(&e, "x"), n_of(&e, "y")), (Some(0), None), "undone");
+        assert!(
+            e.idempotency.get("x", "k", 0).is_none(),
+            "its idempotency entry too"
+        );
+        assert!(e.unresolved_parts().is_empty());
+
+        e.replay(
+            5,
+            part("b2", vec![(4, apply("x", 2, None)), (5, create("z"))]),
+        )
+        .unwrap();
+        e.resolve_part("b2", true);
+        assert_eq!((n_of(&e, "x"), n_of(&e, "z")), (Some(2), Some(0)), "kept");
+    }
+
+    #[test]
+    fn a_logged_abort_undoes_its_part_in_place() {
+        let mut e = Engine::new(&limits());
+        e.replay(1, create("x")).unwrap();
+        e.replay(2, part("b", vec![(2, apply("x", 7, None))]))
+            .unwrap();
+        e.replay(
+            3,
+            WalEntry::BatchAbort {
+                batch_id: "b".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(n_of(&e, "x"), Some(0));
+        // Later records apply on top of the undone state.
+        e.replay(4, apply("x", 9, None)).unwrap();
+        assert_eq!(n_of(&e, "x"), Some(9));
+        assert!(e.unresolved_parts().is_empty());
+    }
+
+    #[test]
+    fn two_parts_of_one_batch_on_one_shard_are_refused() {
+        let mut e = Engine::new(&limits());
+        e.replay(1, create("x")).unwrap();
+        e.replay(2, part("b", vec![(2, apply("x", 1, None))]))
+            .unwrap();
+        assert!(e
+            .replay(3, part("b", vec![(3, apply("x", 2, None))]))
+            .is_err());
+    }
+}
