@@ -163,33 +163,37 @@ async fn run_atomic(
     let batch_id = uuid::Uuid::new_v4().to_string();
     let voters: Vec<usize> = parts.keys().copied().collect();
 
-    // Phase 1: prepare.
+    // Phase 1: prepare. Our own sender is dropped before the answers are
+    // awaited, so a shard that dies closes the channel instead of hanging us.
     let (vtx, vrx) = flume::bounded(voters.len().max(1));
+    let mut contacted = Vec::with_capacity(voters.len());
     for (&shard, commands) in &parts {
         let msg = AtomicMsg::Prepare {
             batch_id: batch_id.clone(),
             commands: commands.clone(),
             reply_to: vtx.clone(),
         };
-        send(&shards[shard], msg).await?;
+        if send(&shards[shard], msg).await.is_err() {
+            abort(&batch_id, &contacted, shards).await;
+            return Err(unavailable());
+        }
+        contacted.push(shard);
     }
+    drop(vtx);
     let mut failure: Option<(u32, ApiError)> = None;
     let mut yes = Vec::new();
-    let mut writers = Vec::new();
     for _ in 0..voters.len() {
         match vrx.recv_async().await {
-            Ok((shard, Vote::Yes { writes })) => {
-                yes.push(shard);
-                if writes {
-                    writers.push(shard as u32);
-                }
-            }
+            Ok((shard, Vote::Yes { .. })) => yes.push(shard),
             Ok((_, Vote::No { slot, error })) => {
                 if failure.as_ref().is_none_or(|(s, _)| slot < *s) {
                     failure = Some((slot, error));
                 }
             }
-            Err(_) => failure = failure.or(Some((0, unavailable()))),
+            Err(_) => {
+                failure = failure.or(Some((0, unavailable())));
+                break;
+            }
         }
     }
     if let Some((slot, e)) = failure {
@@ -202,21 +206,26 @@ async fn run_atomic(
         )));
     }
 
-    // Phase 2: every participant runs its part for real and logs it.
-    writers.sort_unstable();
+    // Phase 2: every participant runs its part for real and logs it (even
+    // an empty part: recovery counts the batch only if all parts are there).
+    let participants: Vec<u32> = voters.iter().map(|&s| s as u32).collect();
     let (ctx_tx, ctx_rx) = flume::bounded(voters.len().max(1));
+    let mut sent = 0;
     for &shard in &voters {
         let msg = AtomicMsg::Commit {
             batch_id: batch_id.clone(),
-            participants: writers.clone(),
+            participants: participants.clone(),
             reply_to: ctx_tx.clone(),
         };
-        send(&shards[shard], msg).await?;
+        if send(&shards[shard], msg).await.is_ok() {
+            sent += 1;
+        }
     }
+    drop(ctx_tx);
     let mut answers: Vec<Option<Result<Vec<u8>, ApiError>>> =
         (0..ops.len()).map(|_| None).collect();
-    let mut commit_error = None;
-    for _ in 0..voters.len() {
+    let mut commit_error = (sent < voters.len()).then(unavailable);
+    for _ in 0..sent {
         match ctx_rx.recv_async().await {
             Ok((_, Ok(replies))) => {
                 for (slot, r) in replies {
@@ -231,10 +240,18 @@ async fn run_atomic(
                 }
             }
             Ok((_, Err(e))) => commit_error = commit_error.or(Some(e)),
-            Err(_) => commit_error = commit_error.or(Some(unavailable())),
+            Err(_) => {
+                commit_error = commit_error.or(Some(unavailable()));
+                break;
+            }
         }
     }
     if let Some(e) = commit_error {
+        // Parts may be logged: replaying subscribers must skip them.
+        ctx.hub
+            .borrow_mut()
+            .aborted_batches
+            .insert(batch_id.clone());
         abort(&batch_id, &voters, shards).await;
         return Err(e);
     }

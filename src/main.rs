@@ -201,12 +201,19 @@ fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
+    // Batch parts carry their first entry's offset: count their entries too.
     let next_offset = recovered
         .iter()
-        .map(|(_, r)| r.last_offset)
+        .map(|(e, r)| r.last_offset.max(e.max_offset()))
         .max()
         .unwrap_or(0)
         + 1;
+    // Batches undone anywhere: subscribers replaying the log skip their parts.
+    let mut aborted_ever: std::collections::HashSet<String> = recovered
+        .iter()
+        .flat_map(|(e, _)| e.aborted_batches().iter().cloned())
+        .collect();
+    aborted_ever.extend(aborted.iter().flatten().cloned());
     let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
     tracing::info!(
         shards,
@@ -294,9 +301,9 @@ fn run(cfg: Config) -> Result<(), String> {
                 }
             };
             let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
-            let hub = std::rc::Rc::new(std::cell::RefCell::new(subscriptions::Hub::new(
-                seq, watching,
-            )));
+            let mut hub = subscriptions::Hub::new(seq, watching);
+            hub.aborted_batches.extend(aborted_ever);
+            let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
             glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
             server::serve(listener, router, hub, fcfg, shutdown_rx).await;
         })

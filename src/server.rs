@@ -268,7 +268,11 @@ async fn connection(
                 hub: &hub,
                 replies: &replies,
             };
-            watch::deliver(&mut session, &ctx, &mut stream).await?;
+            if watch::deliver(&mut session, &ctx, &mut stream).await? {
+                // More is waiting: come back right after checking for
+                // requests (the read is polled before the doorbell).
+                let _ = bell_tx.try_send(());
+            }
         }
         // A connection that watches is not idle while it waits for events.
         let idle = if session.subscriptions.is_empty() {

@@ -123,17 +123,39 @@ pub fn encode_event(sub: &Subscription, e: &WatchEvent) -> Vec<u8> {
     .expect("event serialization cannot fail")
 }
 
-/// Turns a WAL record into an event, if it is an apply.
-pub fn event_from_record(
+/// The transitions a WAL record holds: an apply, or the applies of an
+/// atomic-batch part that was not undone (`aborted`).
+pub fn events_from_record(
     offset: u64,
     kind_byte: u8,
     payload: &[u8],
-) -> Result<Option<WatchEvent>, ApiError> {
-    if kind_byte != kind::APPLY_EVENT {
-        return Ok(None);
+    aborted: &HashSet<String>,
+) -> Result<Vec<WatchEvent>, ApiError> {
+    if kind_byte != kind::APPLY_EVENT && kind_byte != kind::BATCH_PART {
+        return Ok(Vec::new());
     }
-    match serde_json::from_slice::<WalEntry>(payload) {
-        Ok(WalEntry::ApplyEvent {
+    let entry: WalEntry = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::wal(format!("undecodable record at offset {offset}: {e}")))?;
+    Ok(match entry {
+        WalEntry::BatchPart {
+            batch_id, entries, ..
+        } => {
+            if aborted.contains(&batch_id) {
+                Vec::new()
+            } else {
+                entries
+                    .into_iter()
+                    .filter_map(|e| apply_event(e.offset, e.entry))
+                    .collect()
+            }
+        }
+        other => apply_event(offset, other).into_iter().collect(),
+    })
+}
+
+fn apply_event(offset: u64, entry: WalEntry) -> Option<WatchEvent> {
+    match entry {
+        WalEntry::ApplyEvent {
             instance_id,
             machine,
             version,
@@ -143,7 +165,7 @@ pub fn event_from_record(
             payload,
             ctx,
             ..
-        }) => Ok(Some(WatchEvent {
+        } => Some(WatchEvent {
             wal_offset: offset,
             instance_id,
             machine,
@@ -153,11 +175,8 @@ pub fn event_from_record(
             event,
             payload,
             ctx,
-        })),
-        Ok(_) => Ok(None),
-        Err(e) => Err(ApiError::wal(format!(
-            "undecodable record at offset {offset}: {e}"
-        ))),
+        }),
+        _ => None,
     }
 }
 
@@ -188,6 +207,9 @@ pub struct Hub {
     pending: BTreeMap<u64, Arc<WatchEvent>>,
     /// Connections to wake when events arrive.
     doorbells: Vec<flume::Sender<()>>,
+    /// Atomic batches undone after their parts were logged: replay skips
+    /// those parts.
+    pub aborted_batches: HashSet<String>,
 }
 
 impl Hub {
@@ -203,6 +225,7 @@ impl Hub {
             released: 0,
             pending: BTreeMap::new(),
             doorbells: Vec::new(),
+            aborted_batches: HashSet::new(),
         }
     }
 
@@ -323,11 +346,19 @@ pub async fn ensure_live(hub: &Rc<RefCell<Hub>>, shards: &[flume::Sender<ShardMs
             sent += 1;
         }
     }
+    drop(tx);
     for _ in 0..sent {
         let _ = rx.recv_async().await;
     }
+    // Every drain from now on collects events; everything reserved before
+    // is below `base`. Wait until all of that is released (a held atomic
+    // part can keep it back a moment): below `base` is the WAL's business.
+    let seq = hub.borrow().seq.clone();
+    let base = seq.peek();
+    while seq.watermark() < base {
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let mut h = hub.borrow_mut();
-    let base = h.seq.watermark();
     h.base = base;
     h.released = base;
     h.live = Some(base);

@@ -15,10 +15,12 @@ use crate::protocol::frame;
 use crate::router::{Outcome, Router};
 use crate::session::{Session, WireMode};
 use crate::subscriptions::{
-    encode_event, ensure_live, event_from_record, Hub, Subscription, Take, CHUNK,
+    encode_event, ensure_live, events_from_record, Hub, Subscription, Take, CHUNK,
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
 };
 
+/// Most delivery steps (window chunks or catch-up reads) per pass.
+const STEPS_PER_PASS: usize = 16;
 /// Most WAL records read per catch-up step.
 const CATCH_UP_RECORDS: usize = 1024;
 /// Events are written out whenever this many bytes are buffered.
@@ -50,7 +52,7 @@ pub async fn subscribe(
     ensure_live(ctx.hub, ctx.router.shards()).await;
     // The cursor is taken before the instance is read, so no transition
     // after the state we report can be missed.
-    let cursor = spec
+    let mut cursor = spec
         .from_offset
         .unwrap_or_else(|| ctx.hub.borrow().released());
     let id = format!("sub-{}", uuid::Uuid::new_v4());
@@ -68,6 +70,12 @@ pub async fn subscribe(
             };
             let inst: Value = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))?;
+            // A live watch starts after the state it reports.
+            if spec.from_offset.is_none() {
+                if let Some(o) = inst["last_wal_offset"].as_u64() {
+                    cursor = cursor.max(o + 1);
+                }
+            }
             json!({
                 "current_state": inst["state"],
                 "current_wal_offset": inst["last_wal_offset"],
@@ -94,18 +102,28 @@ pub fn unwatch(id: String, session: &mut Session) -> Vec<u8> {
     serde_json::to_vec(&json!({"removed": removed, "subscription_id": id})).expect("serializable")
 }
 
-/// Writes every event the connection's subscriptions can have now.
-/// `Err` when the connection must close (socket error, or a catch-up read
-/// that failed: never a silent gap, D19).
+/// Writes events the connection's subscriptions can have now, at most
+/// [`STEPS_PER_PASS`] chunks or catch-up reads, so that requests on the
+/// same connection are not kept waiting behind a long catch-up. Returns
+/// whether more is waiting. `Err` when the connection must close (socket
+/// error, or a catch-up read that failed: never a silent gap, D19).
 pub async fn deliver(
     session: &mut Session,
     ctx: &Ctx<'_>,
     stream: &mut TcpStream,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let mode = session.wire_mode;
     let mut out = Vec::new();
+    let mut steps = 0;
     for sub in session.subscriptions.iter_mut() {
         loop {
+            if steps >= STEPS_PER_PASS {
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                }
+                return Ok(true);
+            }
+            steps += 1;
             let take = ctx.hub.borrow().take(sub.cursor, CHUNK);
             match take {
                 Take::Live(events, next) => {
@@ -125,12 +143,27 @@ pub async fn deliver(
                             tracing::warn!(subscription = %sub.id, error = %e, "catch-up read failed; closing");
                             std::io::Error::other(e.to_string())
                         })?;
-                    for r in &records {
-                        let ev = event_from_record(r.offset, r.kind, &r.payload)
+                    let mut events = Vec::new();
+                    {
+                        let hub = ctx.hub.borrow();
+                        for r in &records {
+                            let evs = events_from_record(
+                                r.offset,
+                                r.kind,
+                                &r.payload,
+                                &hub.aborted_batches,
+                            )
                             .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        if let Some(e) = ev.filter(|e| sub.filter.matches(e)) {
-                            push(&mut out, &encode_event(sub, &e), mode);
+                            events.extend(evs);
                         }
+                    }
+                    // A batch part's record carries its first change's
+                    // offset; its changes run on from there. Deliver only
+                    // what lies in [cursor, below): the rest comes from the
+                    // window.
+                    events.retain(|e| e.wal_offset >= sub.cursor && e.wal_offset < below);
+                    for e in events.iter().filter(|e| sub.filter.matches(e)) {
+                        push(&mut out, &encode_event(sub, e), mode);
                     }
                     debug_assert!(next > sub.cursor || records.is_empty());
                     if next <= sub.cursor {
@@ -145,7 +178,7 @@ pub async fn deliver(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Whether any subscription may have something to deliver.

@@ -215,3 +215,66 @@ fn bye_inside_a_batch_closes_after_the_answer() {
     assert_eq!(r["results"][2]["result"], json!({"pong": true}));
     assert!(c.is_closed());
 }
+
+#[test]
+fn atomic_batches_survive_restart_and_replay_to_subscribers() {
+    let dir = common::data_dir("batch-atomic-restart");
+    let opts = Opts {
+        shards: 2,
+        ..Opts::default()
+    };
+    let mut server = Server::start(dir.path(), opts.clone());
+    let mut c = server.client();
+    c.ok(
+        "PUT_MACHINE",
+        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
+    );
+    let on = |shard: usize| {
+        (0..)
+            .map(|i| format!("r{i}"))
+            .find(|id| rstmdb_shards::routing::shard_for(id, 2) == shard)
+            .unwrap()
+    };
+    let (x, y) = (on(0), on(1));
+    c.ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": x, "machine": "order", "version": 1, "initial_ctx": {"amount": 1}}),
+    );
+    c.ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": y, "machine": "order", "version": 1}),
+    );
+    c.ok("DELETE_INSTANCE", json!({"instance_id": y}));
+    let start = c.ok("WAL_STATS", json!({}))["latest_offset"]
+        .as_u64()
+        .unwrap();
+    // One part changes something, the other nothing (a repeated delete):
+    // both parts are logged, so the batch survives any restart.
+    let r = c.ok("BATCH", json!({"mode": "atomic", "ops": [
+        {"op": "APPLY_EVENT", "params": {"instance_id": x, "event": "PAY", "payload": {"p": 1}}},
+        {"op": "DELETE_INSTANCE", "params": {"instance_id": y}}
+    ]}));
+    let pay_offset = r["results"][0]["result"]["wal_offset"].as_u64().unwrap();
+    let later = c.ok("APPLY_EVENT", json!({"instance_id": x, "event": "SHIP"}));
+    drop(c);
+    server.stop();
+    let server = Server::start(dir.path(), opts);
+    let mut c = server.client();
+    let g = c.ok("GET_INSTANCE", json!({"instance_id": x}));
+    assert_eq!(g["state"], "shipped");
+    assert_eq!(g["ctx"]["p"], 1);
+    assert_eq!(g["last_wal_offset"], later["wal_offset"]);
+    // A subscriber replaying the log sees the batch's transition.
+    let mut s = server.client();
+    s.ok("WATCH_ALL", json!({"from_offset": start}));
+    s.stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let e1 = s.read_frame().unwrap();
+    let e2 = s.read_frame().unwrap();
+    assert_eq!(
+        (e1["wal_offset"].as_u64(), e1["event"].as_str()),
+        (Some(pay_offset), Some("PAY"))
+    );
+    assert_eq!(e2["wal_offset"], later["wal_offset"]);
+}

@@ -88,8 +88,9 @@ impl AtomicState {
 
     /// Offsets a prepared part may use when it runs for real.
     pub fn prepared_writes(&self, batch_id: &str) -> u64 {
+        // One more for the part record itself when the part is empty.
         self.prepared.get(batch_id).map_or(0, |c| {
-            c.iter().filter(|(_, c)| c.may_write()).count() as u64
+            c.iter().filter(|(_, c)| c.may_write()).count() as u64 + 1
         })
     }
 
@@ -155,23 +156,30 @@ impl AtomicState {
             )));
         };
         let mark = engine.mark();
+        // A part's events are kept whether or not anyone watches yet: they
+        // are published at release, possibly after the first subscription.
+        let collect = std::mem::replace(&mut engine.collect_events, true);
         engine.begin_part();
         let mut replies = Vec::with_capacity(commands.len());
+        let mut failed = None;
         for (slot, cmd) in commands {
             let r = engine.execute(cmd, offsets, now);
             if let Reply::Error(e) = &r {
-                let e = e.clone();
-                engine.rollback_to(mark);
-                self.release_holds(batch_id);
-                return Err(ApiError::bad_request(format!(
+                failed = Some(ApiError::bad_request(format!(
                     "atomic batch failed at commit: {}",
                     e.message
                 )));
+                break;
             }
             replies.push((slot, r));
         }
-        match engine.end_part(batch_id, participants) {
-            Ok(first) => Ok((replies, mark, first)),
+        let result = match failed {
+            Some(e) => Err(e),
+            None => engine.end_part(batch_id, participants, offsets),
+        };
+        engine.collect_events = collect;
+        match result {
+            Ok(first) => Ok((replies, mark, Some(first))),
             Err(e) => {
                 engine.rollback_to(mark);
                 self.release_holds(batch_id);

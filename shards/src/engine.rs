@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -122,6 +122,12 @@ pub struct Engine {
     capture: Option<Vec<BatchEntry>>,
     /// Replayed batch parts awaiting resolution: participants and undo.
     replay_parts: HashMap<String, (Vec<u32>, Vec<Undo>)>,
+    /// Highest offset replayed, counting the offsets of batch entries
+    /// (a batch part's record carries its first entry's offset).
+    max_offset: u64,
+    /// Batches undone by a logged `batch_abort` (their parts stay in the
+    /// log; subscribers replaying the log skip them).
+    aborted: HashSet<String>,
 }
 
 /// A position in the engine's logs (see [`Engine::mark`]).
@@ -199,6 +205,8 @@ impl Engine {
             events: Vec::new(),
             capture: None,
             replay_parts: HashMap::new(),
+            max_offset: 0,
+            aborted: HashSet::new(),
         }
     }
 
@@ -301,13 +309,16 @@ impl Engine {
         &mut self,
         batch_id: &str,
         participants: &[u32],
-    ) -> Result<Option<u64>, ApiError> {
+        offsets: &mut Offsets,
+    ) -> Result<u64, ApiError> {
         let entries = self.capture.take().expect("begin_part first");
-        let (Some(first), Some(last)) = (
-            entries.first().map(|e| e.offset),
-            entries.last().map(|e| e.offset),
-        ) else {
-            return Ok(None);
+        // Every participant logs a part, even one that changed nothing:
+        // recovery counts a batch only if every participant's part is there.
+        // The record takes its first entry's offset (its changes occupy
+        // offsets from there on), or one of its own when empty.
+        let first = match entries.first() {
+            Some(e) => e.offset,
+            None => offsets.take(),
         };
         let entry = WalEntry::BatchPart {
             batch_id: batch_id.to_owned(),
@@ -322,11 +333,11 @@ impl Engine {
             )));
         }
         self.staged.push(Staged {
-            offset: last,
+            offset: first,
             kind: entry.kind(),
             bytes,
         });
-        Ok(Some(first))
+        Ok(first)
     }
 
     fn apply_undo(&mut self, mut undo: Vec<Undo>) {
@@ -916,6 +927,7 @@ impl Engine {
     /// on the spot (nothing after the part touched its instances before the
     /// abort was logged).
     pub fn replay(&mut self, offset: u64, entry: WalEntry) -> Result<(), String> {
+        self.max_offset = self.max_offset.max(offset);
         match entry {
             WalEntry::BatchPart {
                 batch_id,
@@ -944,6 +956,7 @@ impl Engine {
                 if let Some((_, undo)) = self.replay_parts.remove(&batch_id) {
                     self.apply_undo(undo);
                 }
+                self.aborted.insert(batch_id);
                 Ok(())
             }
             other => self.replay_one(offset, other, None),
@@ -965,8 +978,19 @@ impl Engine {
         if let Some((_, undo)) = self.replay_parts.remove(batch_id) {
             if !keep {
                 self.apply_undo(undo);
+                self.aborted.insert(batch_id.to_owned());
             }
         }
+    }
+
+    /// Highest offset replayed (batch entries included).
+    pub fn max_offset(&self) -> u64 {
+        self.max_offset
+    }
+
+    /// Ids of every batch undone in this shard's log.
+    pub fn aborted_batches(&self) -> &HashSet<String> {
+        &self.aborted
     }
 
     fn replay_one(

@@ -324,12 +324,18 @@ pub async fn run(
                     commands,
                     reply_to,
                 }) => {
-                    if atomic.part_conflicts(&commands) {
-                        // No waiting between atomic batches (two could wait
-                        // for each other across shards): fail this one.
-                        let slot = commands.first().map_or(0, |c| c.0);
+                    // No waiting between atomic batches (two could wait for
+                    // each other across shards), and none ahead of commands
+                    // already waiting (they would starve): fail this one.
+                    let blocked = commands
+                        .iter()
+                        .find(|(_, c)| atomic.conflicts(c))
+                        .map(|(slot, _)| *slot);
+                    if let Some(slot) = blocked.or_else(|| {
+                        (!deferred.is_empty()).then(|| commands.first().map_or(0, |c| c.0))
+                    }) {
                         let error = ApiError::bad_request(
-                            "atomic batch failed: an instance is held by another atomic batch in progress; retry",
+                            "an instance it touches is held by another atomic batch in progress; retry",
                         );
                         let _ = reply_to.try_send((cfg.id, Vote::No { slot, error }));
                         continue;
