@@ -59,6 +59,22 @@ pub const OPS: [&str; 25] = [
     "REPLICATE_ACK",
 ];
 
+/// The `op` of a batch element; an element without a string `op` or with
+/// an unknown name is a structural error of the whole batch.
+fn op_name(element: &Value) -> Result<&str, ApiError> {
+    let Some(op) = element.get("op").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request("missing op type"));
+    };
+    if !OPS.contains(&op) {
+        let expected: Vec<String> = OPS.iter().map(|o| format!("`{o}`")).collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown variant `{op}`, expected one of {}",
+            expected.join(", ")
+        )));
+    }
+    Ok(op)
+}
+
 /// What a batch produced.
 pub struct BatchResult {
     /// The `result` object, or the error of the whole batch.
@@ -120,18 +136,7 @@ async fn run_atomic(
     let mut names = Vec::with_capacity(ops.len());
     let mut parts: std::collections::BTreeMap<usize, Vec<(u32, Command)>> = Default::default();
     for (i, element) in ops.iter().enumerate() {
-        let Some(op) = element.get("op").and_then(Value::as_str) else {
-            return Err(ApiError::bad_request("missing op type"));
-        };
-        if !OPS.contains(&op) {
-            return Err(ApiError::bad_request(format!(
-                "unknown variant `{op}`, expected one of {}",
-                OPS.iter()
-                    .map(|o| format!("`{o}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        let op = op_name(element)?;
         if !ATOMIC_OPS.contains(&op) {
             return Err(atomic_failed(format!(
                 "op {i} ({op}) cannot be part of an atomic batch"
@@ -360,18 +365,7 @@ async fn run_ops(
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(br#"{"results":["#);
     for (i, element) in ops.iter().enumerate() {
-        let Some(op) = element.get("op").and_then(Value::as_str) else {
-            return Err(ApiError::bad_request("missing op type"));
-        };
-        if !OPS.contains(&op) {
-            return Err(ApiError::bad_request(format!(
-                "unknown variant `{op}`, expected one of {}",
-                OPS.iter()
-                    .map(|o| format!("`{o}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        let op = op_name(element)?;
         let op_params = element.get("params").cloned().unwrap_or(Value::Null);
         let outcome = match ops::plan(op, op_params.clone(), session, settings) {
             Action::Bye => {
