@@ -43,6 +43,8 @@ use serde_json::Value;
 
 /// Most events the live window keeps.
 pub const WINDOW_EVENTS: usize = 16_384;
+/// Most bytes (approximate, by WAL entry size) the live window keeps.
+pub const WINDOW_BYTES: usize = 64 * 1024 * 1024;
 /// Most events written to one subscriber per delivery pass.
 pub const CHUNK: usize = 256;
 /// Most subscriptions one connection may hold.
@@ -143,17 +145,20 @@ pub fn events_from_record(
             if aborted.contains(&batch_id) {
                 Vec::new()
             } else {
+                let each = payload.len() / entries.len().max(1);
                 entries
                     .into_iter()
-                    .filter_map(|e| apply_event(e.offset, e.entry))
+                    .filter_map(|e| apply_event(e.offset, e.entry, each))
                     .collect()
             }
         }
-        other => apply_event(offset, other).into_iter().collect(),
+        other => apply_event(offset, other, payload.len())
+            .into_iter()
+            .collect(),
     })
 }
 
-fn apply_event(offset: u64, entry: WalEntry) -> Option<WatchEvent> {
+fn apply_event(offset: u64, entry: WalEntry, size: usize) -> Option<WatchEvent> {
     match entry {
         WalEntry::ApplyEvent {
             instance_id,
@@ -175,6 +180,7 @@ fn apply_event(offset: u64, entry: WalEntry) -> Option<WatchEvent> {
             event,
             payload,
             ctx,
+            size,
         }),
         _ => None,
     }
@@ -201,6 +207,8 @@ pub struct Hub {
     enabling: bool,
     /// Events in `[base, released)`, in offset order.
     window: VecDeque<Arc<WatchEvent>>,
+    /// Approximate bytes held by `window`.
+    window_bytes: usize,
     base: u64,
     released: u64,
     /// Received but not yet below the watermark.
@@ -221,6 +229,7 @@ impl Hub {
             live: None,
             enabling: false,
             window: VecDeque::new(),
+            window_bytes: 0,
             base: 0,
             released: 0,
             pending: BTreeMap::new(),
@@ -287,6 +296,7 @@ impl Hub {
                     .window
                     .back()
                     .is_none_or(|b| b.wal_offset < e.wal_offset));
+                self.window_bytes += e.size;
                 self.window.push_back(e);
                 moved = true;
             }
@@ -295,8 +305,13 @@ impl Hub {
             self.released = w;
             moved = true;
         }
-        while self.window.len() > WINDOW_EVENTS {
+        // Bounded by count and bytes; subscribers behind the window are
+        // served from the WAL (D19).
+        while self.window.len() > WINDOW_EVENTS
+            || (self.window_bytes > WINDOW_BYTES && self.window.len() > 1)
+        {
             let old = self.window.pop_front().expect("non-empty");
+            self.window_bytes -= old.size;
             self.base = old.wal_offset + 1;
         }
         if moved {

@@ -202,6 +202,9 @@ pub struct WatchEvent {
     pub payload: Value,
     /// Context after the merge.
     pub ctx: Value,
+    /// Approximate bytes it occupies (its WAL entry's size): bounds the
+    /// subscription hub's memory.
+    pub size: usize,
 }
 
 /// A batch of commands from one connection's read cycle.

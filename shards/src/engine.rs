@@ -122,6 +122,8 @@ pub struct Engine {
     capture: Option<Vec<BatchEntry>>,
     /// Replayed batch parts awaiting resolution: participants and undo.
     replay_parts: HashMap<String, (Vec<u32>, Vec<Undo>)>,
+    /// Size of the entry staged last (for event accounting).
+    last_entry_size: usize,
     /// Highest offset replayed, counting the offsets of batch entries
     /// (a batch part's record carries its first entry's offset).
     max_offset: u64,
@@ -205,6 +207,7 @@ impl Engine {
             events: Vec::new(),
             capture: None,
             replay_parts: HashMap::new(),
+            last_entry_size: 0,
             max_offset: 0,
             aborted: HashSet::new(),
         }
@@ -395,6 +398,7 @@ impl Engine {
             )));
         }
         let offset = offsets.take();
+        self.last_entry_size = bytes.len();
         match self.capture.as_mut() {
             Some(part) => part.push(BatchEntry { offset, entry }),
             None => self.staged.push(Staged {
@@ -859,6 +863,7 @@ impl Engine {
                 event: a.event,
                 payload: a.payload,
                 ctx: new_ctx.clone(),
+                size: self.last_entry_size,
             });
         }
         let reply = json(&R {
