@@ -229,9 +229,12 @@ pub async fn run(
                 ShardMsg::Barrier(done) => {
                     let _ = done.try_send(());
                 }
-                ShardMsg::WalRead(req) => {
-                    spawn_wal_read(cfg.id, cfg.wal.dir.clone(), writer.segments().to_vec(), req)
-                }
+                ShardMsg::WalRead(req) => spawn_wal_read(
+                    cfg.id,
+                    cfg.wal.dir.clone(),
+                    writer.read_plan(req.range.from),
+                    req,
+                ),
                 ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => {
                     let events = atomic.release(&batch_id);
                     // Events first, then lift the hold, then say so: the

@@ -3,7 +3,10 @@
 //!
 //! Only the written part of each segment (`SegmentInfo::used`) is read; that
 //! part is never rewritten, so reading it with ordinary buffered I/O next to
-//! the O_DIRECT writer is safe. Blocking: run it on a blocking thread.
+//! the O_DIRECT writer is safe. A segment is read from `SegmentInfo::start`
+//! (a commit boundary at or before the first wanted record, found through
+//! the writer's sparse index) in bounded windows, so a page costs about what
+//! it returns, not a whole segment. Blocking: run it on a blocking thread.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -13,6 +16,9 @@ use crate::record::{self, Decoded};
 use crate::segment::{self, align_up, BLOCK};
 use crate::writer::SegmentInfo;
 use crate::{WalError, REPAIR_KIND};
+
+/// Bytes read from a segment at a time (more when a record is larger).
+const WINDOW: u64 = 1 << 20;
 
 /// A record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,65 +55,99 @@ pub struct Page {
     pub truncated: bool,
 }
 
+/// A forward-only window over the written part of one segment.
+struct SegmentWindow {
+    file: File,
+    path: std::path::PathBuf,
+    used: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+impl SegmentWindow {
+    fn open(path: std::path::PathBuf, used: u64) -> Result<Self, WalError> {
+        let file = File::open(&path).map_err(|e| WalError::io("opening segment", &path, e))?;
+        Ok(SegmentWindow {
+            file,
+            path,
+            used,
+            buf: Vec::new(),
+            buf_start: 0,
+        })
+    }
+
+    /// The bytes from `pos` to at least `pos + want` (fewer at the end of
+    /// the written part).
+    fn at(&mut self, pos: u64, want: u64) -> Result<&[u8], WalError> {
+        let end = (pos + want).min(self.used);
+        let have_end = self.buf_start + self.buf.len() as u64;
+        if pos < self.buf_start || end > have_end {
+            let len = (end - pos).max(WINDOW).min(self.used - pos);
+            self.buf.resize(len as usize, 0);
+            let io = |e| WalError::io("reading segment", &self.path, e);
+            self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
+            self.file.read_exact(&mut self.buf).map_err(io)?;
+            self.buf_start = pos;
+        }
+        let from = (pos - self.buf_start) as usize;
+        Ok(&self.buf[from..])
+    }
+}
+
 /// Reads records with `from <= offset < below` in log order, within the
-/// limits. `segments` is the writer's view (ascending).
+/// limits. `segments` is the writer's view (ascending), possibly narrowed by
+/// `WalWriter::read_plan`.
 pub fn read(dir: &Path, segments: &[SegmentInfo], range: ReadRange) -> Result<Page, WalError> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
+    let page = |records, truncated| Ok(Page { records, truncated });
     if range.limit == 0 || range.from >= range.below {
-        return Ok(Page {
-            records: out,
-            truncated: range.limit == 0,
-        });
+        return page(out, range.limit == 0);
     }
     // Skip segments wholly before `from`: those whose successor starts at or
     // before it.
-    let mut start = 0;
+    let mut first = 0;
     for i in 0..segments.len() {
         let next_first = segments.get(i + 1).map_or(0, |s| s.first_offset);
         if next_first != 0 && next_first <= range.from {
-            start = i + 1;
+            first = i + 1;
         }
     }
-    for seg in &segments[start..] {
-        if seg.first_offset == 0 || seg.first_offset >= range.below {
-            if seg.first_offset >= range.below && seg.first_offset != 0 {
-                return Ok(Page {
-                    records: out,
-                    truncated: false,
-                });
-            }
+    for seg in &segments[first..] {
+        if seg.first_offset == 0 {
             continue;
         }
-        let path = dir.join(segment::file_name(seg.id));
-        let buf = read_used(&path, seg.used)?;
-        let mut pos = BLOCK;
-        let len = buf.len() as u64;
-        while pos < len {
-            if buf[pos as usize] == 0 {
+        if seg.first_offset >= range.below {
+            return page(out, false);
+        }
+        let mut w = SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used)?;
+        let mut pos = seg.start.max(BLOCK);
+        while pos < seg.used {
+            let head = w.at(pos, record::HEADER_LEN as u64)?;
+            if head[0] == 0 {
                 if pos.is_multiple_of(BLOCK) {
                     break;
                 }
                 pos = align_up(pos);
                 continue;
             }
-            match record::decode(&buf[pos as usize..]) {
+            let len = if head.len() >= 8 {
+                u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as u64
+            } else {
+                0
+            };
+            let rec = w.at(pos, record::HEADER_LEN as u64 + len)?;
+            match record::decode(rec) {
                 Decoded::Record(r, _, n) => {
-                    pos += n as u64;
                     if r.kind == REPAIR_KIND || r.offset < range.from {
+                        pos += n as u64;
                         continue;
                     }
                     if r.offset >= range.below {
-                        return Ok(Page {
-                            records: out,
-                            truncated: false,
-                        });
+                        return page(out, false);
                     }
                     if !out.is_empty() && bytes + r.payload.len() > range.max_bytes {
-                        return Ok(Page {
-                            records: out,
-                            truncated: true,
-                        });
+                        return page(out, true);
                     }
                     bytes += r.payload.len();
                     out.push(OwnedRecord {
@@ -115,23 +155,24 @@ pub fn read(dir: &Path, segments: &[SegmentInfo], range: ReadRange) -> Result<Pa
                         kind: r.kind,
                         payload: r.payload.to_vec(),
                     });
+                    pos += n as u64;
                     if out.len() >= range.limit {
-                        return Ok(Page {
-                            records: out,
-                            truncated: true,
-                        });
+                        return page(out, true);
                     }
                 }
                 Decoded::Invalid(reason) => {
                     // Bytes cut off by a recovery are followed by their
                     // repair record at the next block boundary.
                     let next = align_up(pos + 1);
-                    let repaired = next + (record::HEADER_LEN as u64) <= len
-                        && matches!(record::decode(&buf[next as usize..]),
-                            Decoded::Record(r, _, _) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes());
+                    let repaired = next + (record::HEADER_LEN as u64) <= seg.used
+                        && {
+                            let after = w.at(next, record::HEADER_LEN as u64 + 8)?;
+                            matches!(record::decode(after),
+                            Decoded::Record(r, _, _) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes())
+                        };
                     if !repaired {
                         return Err(WalError::Corrupt {
-                            path,
+                            path: w.path.clone(),
                             position: pos,
                             reason,
                         });
@@ -141,17 +182,5 @@ pub fn read(dir: &Path, segments: &[SegmentInfo], range: ReadRange) -> Result<Pa
             }
         }
     }
-    Ok(Page {
-        records: out,
-        truncated: false,
-    })
-}
-
-fn read_used(path: &Path, used: u64) -> Result<Vec<u8>, WalError> {
-    let io = |e| WalError::io("reading segment", path, e);
-    let mut f = File::open(path).map_err(io)?;
-    let mut buf = vec![0u8; used as usize];
-    f.seek(SeekFrom::Start(0)).map_err(io)?;
-    f.read_exact(&mut buf).map_err(io)?;
-    Ok(buf)
+    page(out, false)
 }

@@ -57,6 +57,8 @@ pub struct Recovered {
     /// Offset of the first record of each segment (0 when it has none), same
     /// order as `segments`.
     pub first_offsets: Vec<u64>,
+    /// Sparse index of commit starts per segment (see the writer).
+    pub indexes: Vec<Vec<(u64, u64)>>,
     /// Highest record offset seen (0 when the log is empty).
     pub last_offset: u64,
     /// Number of records replayed.
@@ -127,6 +129,7 @@ where
         })?;
         debug_assert!(first_offset == 0 || out.records > records_before);
         out.first_offsets.push(first_offset);
+        out.indexes.push(index_of(&buf));
         let used = match end {
             ScanEnd::Clean { end } => {
                 let resume = align_up(end);
@@ -216,6 +219,27 @@ fn drop_trailing_empty_segments(
         segment::sync_dir(&opts.dir)?;
     }
     Ok(())
+}
+
+/// Builds the sparse read index of a scanned segment: commit-start records
+/// at block boundaries, one every `INDEX_EVERY` bytes.
+fn index_of(buf: &[u8]) -> Vec<(u64, u64)> {
+    let mut ix: Vec<(u64, u64)> = Vec::new();
+    let mut pos = BLOCK;
+    while pos + record::HEADER_LEN as u64 <= buf.len() as u64 {
+        if ix
+            .last()
+            .is_none_or(|&(_, p)| pos - p >= crate::writer::INDEX_EVERY)
+        {
+            if let Decoded::Record(r, meta, _) = record::decode(&buf[pos as usize..]) {
+                if meta.commit_start && r.kind != REPAIR_KIND {
+                    ix.push((r.offset, pos));
+                }
+            }
+        }
+        pos += BLOCK;
+    }
+    ix
 }
 
 /// Scans one segment from its first record.

@@ -45,6 +45,9 @@ pub struct SegmentInfo {
     pub used: u64,
     /// Offset of its first record; 0 while it has none.
     pub first_offset: u64,
+    /// Where a reader should start scanning: the block after the header,
+    /// or a commit boundary chosen by [`WalWriter::read_plan`].
+    pub start: u64,
 }
 
 /// Writer configuration.
@@ -63,6 +66,9 @@ pub struct WriterConfig {
 /// its work when first polled.
 type Pending = glommio::Task<Result<PathBuf, WalError>>;
 
+/// Spacing of the sparse read index (bytes of segment between entries).
+pub const INDEX_EVERY: u64 = 64 * 1024;
+
 /// Per-shard WAL writer. Not `Send`: it lives on one glommio executor.
 pub struct WalWriter {
     cfg: WriterConfig,
@@ -76,6 +82,10 @@ pub struct WalWriter {
     record_ends: Vec<usize>,
     /// Every segment, ascending.
     segments: Vec<SegmentInfo>,
+    /// Per segment (same order): a sparse index of commit starts,
+    /// (first record offset, byte position), one every [`INDEX_EVERY`]
+    /// bytes, so readers can start near the record they want.
+    index: Vec<Vec<(u64, u64)>>,
     /// Background creation of segment `seg_id + 1`.
     next_segment: Option<Pending>,
     /// Whether data was written since the last `fdatasync`.
@@ -101,6 +111,7 @@ impl WalWriter {
                 id: recovered.segments[i],
                 used: recovered.used_bytes[i],
                 first_offset: recovered.first_offsets[i],
+                start: BLOCK,
             })
             .collect();
         let (seg_id, write_pos) = match recovered.resume {
@@ -114,6 +125,7 @@ impl WalWriter {
                     id: 1,
                     used: BLOCK,
                     first_offset: 0,
+                    start: BLOCK,
                 });
                 (1, BLOCK)
             }
@@ -127,6 +139,11 @@ impl WalWriter {
             write_pos,
             staging: Vec::with_capacity(1 << 16),
             record_ends: Vec::new(),
+            index: {
+                let mut ix = recovered.indexes.clone();
+                ix.resize(segments.len(), Vec::new());
+                ix
+            },
             segments,
             next_segment: None,
             unsynced: false,
@@ -282,6 +299,29 @@ impl WalWriter {
         &self.segments
     }
 
+    /// The segments a reader wanting records from offset `from` must scan,
+    /// each with the position to start at (a commit boundary at or before
+    /// the first wanted record).
+    pub fn read_plan(&self, from: u64) -> Vec<SegmentInfo> {
+        let mut plan = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            let next_first = self.segments.get(i + 1).map_or(0, |s| s.first_offset);
+            if next_first != 0 && next_first <= from {
+                continue; // wholly before `from`
+            }
+            let mut s = *seg;
+            if plan.is_empty() {
+                let ix = &self.index[i];
+                let k = ix.partition_point(|&(o, _)| o <= from);
+                if k > 0 {
+                    s.start = ix[k - 1].1;
+                }
+            }
+            plan.push(s);
+        }
+        plan
+    }
+
     /// Bytes of log in use across all segments.
     pub fn used_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.used).sum()
@@ -335,6 +375,7 @@ impl WalWriter {
         self.unsynced = true;
         match self.file.write_at(buf, self.write_pos).await {
             Ok(n) if n == len => {
+                let at = self.write_pos;
                 self.write_pos += len as u64;
                 let first = u64::from_le_bytes(data[8..16].try_into().expect("record header"));
                 let last = self.segments.last_mut().expect("current segment");
@@ -342,6 +383,10 @@ impl WalWriter {
                 last.used = self.write_pos;
                 if last.first_offset == 0 {
                     last.first_offset = first;
+                }
+                let ix = self.index.last_mut().expect("index per segment");
+                if ix.last().is_none_or(|&(_, p)| at - p >= INDEX_EVERY) {
+                    ix.push((first, at));
                 }
                 Ok(())
             }
@@ -366,7 +411,9 @@ impl WalWriter {
             id: self.seg_id,
             used: BLOCK,
             first_offset: 0,
+            start: BLOCK,
         });
+        self.index.push(Vec::new());
         Ok(())
     }
 
