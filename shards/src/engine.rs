@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply, WatchEvent};
 use crate::definition::MachineDef;
 use crate::error::{ApiError, ErrorCode};
-use crate::idempotency::{Cached, IdempotencyWindow};
+use crate::idempotency::{Cached, IdempotencyWindow, InsertUndo};
 use crate::wal_entry::{BatchEntry, WalEntry};
 
 /// One instance.
@@ -58,8 +58,8 @@ enum Undo {
     Machine(String, u32),
     /// Restore everything a FLUSH_ALL removed.
     Flush(Box<Saved>),
-    /// Restore an idempotency entry (with its original time).
-    Idempotency(String, String, Option<(Cached, i64)>),
+    /// Reverse an idempotency insert (what it replaced and evicted).
+    Idempotency(String, String, InsertUndo),
 }
 
 /// A WAL record staged by an operation.

@@ -45,6 +45,15 @@ struct Entry {
     seq: u64,
 }
 
+/// What an insert replaced or evicted.
+#[derive(Debug, Default)]
+pub struct InsertUndo {
+    /// The entry for the same (id, key), with its time.
+    pub prev: Option<(Cached, i64)>,
+    /// Entries pushed out of the window, with their times.
+    pub evicted: Vec<((String, String), Cached, i64)>,
+}
+
 /// Bounded map (instance id, key) → original result.
 #[derive(Debug)]
 pub struct IdempotencyWindow {
@@ -78,55 +87,50 @@ impl IdempotencyWindow {
         Some(&e.cached)
     }
 
-    /// Records a result; returns the entry it replaced (with its time), for
-    /// rollback.
-    pub fn insert(
-        &mut self,
-        id: &str,
-        key: &str,
-        cached: Cached,
-        at_ms: i64,
-    ) -> Option<(Cached, i64)> {
+    /// Records a result; returns what it replaced or evicted, so that a
+    /// rollback can put everything back ([`IdempotencyWindow::restore`]).
+    pub fn insert(&mut self, id: &str, key: &str, cached: Cached, at_ms: i64) -> InsertUndo {
         let k = (id.to_owned(), key.to_owned());
         let seq = self.next_seq;
         self.next_seq += 1;
         self.order.push_back((k.clone(), seq));
-        let old = self
+        let prev = self
             .map
             .insert(k, Entry { cached, at_ms, seq })
             .map(|e| (e.cached, e.at_ms));
+        let mut evicted = Vec::new();
         while self.map.len() > self.max_entries {
-            self.evict_oldest();
+            evicted.extend(self.evict_oldest());
         }
         // Keep the order queue from growing without bound when keys repeat.
         while self.order.len() > 2 * self.max_entries {
-            self.evict_oldest();
+            evicted.extend(self.evict_oldest());
         }
-        old
+        InsertUndo { prev, evicted }
     }
 
-    /// Removes (id, key), restoring `previous` (with its original time) if
-    /// given (rollback).
-    pub fn restore(&mut self, id: &str, key: &str, previous: Option<(Cached, i64)>) {
+    /// Reverses an insert of (id, key): restores what it replaced (with its
+    /// original time) and what it evicted.
+    pub fn restore(&mut self, id: &str, key: &str, undo: InsertUndo) {
         let k = (id.to_owned(), key.to_owned());
-        match previous {
-            Some((c, at_ms)) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.order.push_back((k.clone(), seq));
-                self.map.insert(
-                    k,
-                    Entry {
-                        cached: c,
-                        at_ms,
-                        seq,
-                    },
-                );
-            }
+        match undo.prev {
+            Some((c, at_ms)) => self.put_back(k, c, at_ms),
             None => {
                 self.map.remove(&k);
             }
         }
+        for (k, c, at_ms) in undo.evicted {
+            if !self.map.contains_key(&k) {
+                self.put_back(k, c, at_ms);
+            }
+        }
+    }
+
+    fn put_back(&mut self, k: (String, String), cached: Cached, at_ms: i64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((k.clone(), seq));
+        self.map.insert(k, Entry { cached, at_ms, seq });
     }
 
     /// An empty window with the same bounds.
@@ -144,12 +148,13 @@ impl IdempotencyWindow {
         self.map.is_empty()
     }
 
-    fn evict_oldest(&mut self) {
-        if let Some((k, seq)) = self.order.pop_front() {
-            if self.map.get(&k).is_some_and(|e| e.seq == seq) {
-                self.map.remove(&k);
-            }
+    fn evict_oldest(&mut self) -> Option<((String, String), Cached, i64)> {
+        let (k, seq) = self.order.pop_front()?;
+        if self.map.get(&k).is_some_and(|e| e.seq == seq) {
+            let e = self.map.remove(&k).expect("checked");
+            return Some((k, e.cached, e.at_ms));
         }
+        None
     }
 }
 
@@ -188,6 +193,20 @@ mod tests {
         let mut w = IdempotencyWindow::new(10, 0);
         w.insert("a", "k", c(1), 0);
         assert!(w.get("b", "k", 0).is_none());
+    }
+
+    #[test]
+    fn restore_puts_back_what_an_insert_replaced_and_evicted() {
+        let mut w = IdempotencyWindow::new(2, 0);
+        w.insert("a", "k", c(1), 0);
+        w.insert("b", "k", c(2), 0);
+        let undo = w.insert("c", "k", c(3), 0);
+        assert!(w.get("a", "k", 0).is_none());
+        w.restore("c", "k", undo);
+        assert_eq!(w.get("a", "k", 0), Some(&c(1)));
+        assert_eq!(w.get("b", "k", 0), Some(&c(2)));
+        assert!(w.get("c", "k", 0).is_none());
+        assert_eq!(w.len(), 2);
     }
 
     #[test]
