@@ -13,20 +13,7 @@ use std::process::{Command, Stdio};
 use common::{Opts, Server};
 
 fn cli_path() -> PathBuf {
-    let p = std::env::var_os("RSTMDB_CLI")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/.tools/bin/rstmdb-cli"
-            ))
-        });
-    assert!(
-        p.exists(),
-        "rstmdb-cli 0.3.0 not found at {} (run `make tools`)",
-        p.display()
-    );
-    p
+    common::tool("RSTMDB_CLI", "bin/rstmdb-cli", "rstmdb-cli 0.3.0")
 }
 
 struct Out {

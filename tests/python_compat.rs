@@ -10,20 +10,11 @@ use std::process::Command;
 use common::{Opts, Server};
 
 fn python() -> PathBuf {
-    let p = std::env::var_os("RSTMDB_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/.tools/venv/bin/python"
-            ))
-        });
-    assert!(
-        p.exists(),
-        "Python with rstmdb 0.2.1 not found at {} (run `make tools`)",
-        p.display()
-    );
-    p
+    common::tool(
+        "RSTMDB_PYTHON",
+        "venv/bin/python",
+        "Python with rstmdb 0.2.1",
+    )
 }
 
 #[test]

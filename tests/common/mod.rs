@@ -325,6 +325,22 @@ impl Client {
     }
 }
 
+/// A client tool installed by `make tools`: `$env` if set, else
+/// `.tools/<rel>`; fails clearly when it is missing.
+pub fn tool(env: &str, rel: &str, what: &str) -> PathBuf {
+    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(".tools")
+            .join(rel)
+    });
+    assert!(
+        p.exists(),
+        "{what} not found at {} (run `make tools`)",
+        p.display()
+    );
+    p
+}
+
 /// The fixed `retryable` flag of an error code (PROTOCOL.md §8).
 pub fn retryable(code: &str) -> bool {
     matches!(
