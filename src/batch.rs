@@ -213,6 +213,9 @@ async fn run_atomic(
 
     // Phase 2: every participant runs its part for real and logs it (even
     // an empty part: recovery counts the batch only if all parts are there).
+    // From here until the release or abort is sent, a snapshot round must
+    // not start: it would see some parts written and others not.
+    let _gate = ctx.compactor.commit_gate().await;
     let participants: Vec<u32> = voters.iter().map(|&s| s as u32).collect();
     let (ctx_tx, ctx_rx) = flume::bounded(voters.len().max(1));
     let mut sent = 0;

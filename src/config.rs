@@ -75,6 +75,8 @@ const ENV_VARS: &[&str] = &[
     "RSTMDB_COMPACT_EVENTS",
     "RSTMDB_COMPACT_SIZE_MB",
     "RSTMDB_COMPACT_INTERVAL",
+    "RSTMDB_COMPACT_RETENTION_SECS",
+    "RSTMDB_COMPACT_KEEP_SNAPSHOTS",
     "RSTMDB_AUTH_REQUIRED",
     "RSTMDB_AUTH_TOKEN_HASH",
     "RSTMDB_AUTH_SECRETS_FILE",
@@ -638,6 +640,14 @@ pub struct CompactionConfig {
     /// write burst does not snapshot continuously. Default 60.
     /// Env `RSTMDB_COMPACT_INTERVAL`.
     pub min_interval_secs: u64,
+    /// Ours: WAL segments written to within this many seconds are kept
+    /// even when a snapshot covers them, so subscribers can resume from
+    /// recent offsets (WATCH `from_offset`) and WAL_READ sees recent
+    /// history. Default 0. Env `RSTMDB_COMPACT_RETENTION_SECS`.
+    pub wal_retention_secs: u64,
+    /// Ours: snapshot files kept per shard (newest first; at least 1).
+    /// Default 2. Env `RSTMDB_COMPACT_KEEP_SNAPSHOTS`.
+    pub keep_snapshots: usize,
 }
 
 impl Default for CompactionConfig {
@@ -647,6 +657,8 @@ impl Default for CompactionConfig {
             events_threshold: 10_000,
             size_threshold_mb: 100,
             min_interval_secs: 60,
+            wal_retention_secs: 0,
+            keep_snapshots: 2,
         }
     }
 }
@@ -967,6 +979,8 @@ impl Config {
         e.number("RSTMDB_COMPACT_EVENTS", &mut c.events_threshold);
         e.number("RSTMDB_COMPACT_SIZE_MB", &mut c.size_threshold_mb);
         e.number("RSTMDB_COMPACT_INTERVAL", &mut c.min_interval_secs);
+        e.number("RSTMDB_COMPACT_RETENTION_SECS", &mut c.wal_retention_secs);
+        e.number("RSTMDB_COMPACT_KEEP_SNAPSHOTS", &mut c.keep_snapshots);
 
         let a = &mut self.auth;
         e.flag("RSTMDB_AUTH_REQUIRED", &mut a.required);
@@ -1556,7 +1570,9 @@ replication:
                 enabled: false,
                 events_threshold: 0,
                 size_threshold_mb: 7,
-                min_interval_secs: 1
+                min_interval_secs: 1,
+                wal_retention_secs: 0,
+                keep_snapshots: 2,
             }
         );
         assert!(c.auth.required);
@@ -1993,7 +2009,9 @@ replication:
                 enabled: false,
                 events_threshold: 11,
                 size_threshold_mb: 12,
-                min_interval_secs: 13
+                min_interval_secs: 13,
+                wal_retention_secs: 0,
+                keep_snapshots: 2,
             }
         );
         assert_eq!(

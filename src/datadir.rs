@@ -5,6 +5,9 @@
 //! <data_dir>/LOCK              flock'ed while a server runs on it
 //! <data_dir>/meta.json         {"format":1,"shards":N}
 //! <data_dir>/shard-000/wal/    segments of shard 0
+//! <data_dir>/shard-000/snapshots/  snapshots of shard 0 (see rstmdb_shards::snapshot)
+//! <data_dir>/manifest.json     each shard's newest snapshot and WAL floor
+//! <data_dir>/instance-snapshots/   SNAPSHOT_INSTANCE exports
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -132,6 +135,93 @@ impl DataDir {
     /// WAL directory of shard `i`.
     pub fn wal_dir(&self, shard: usize) -> PathBuf {
         self.root.join(format!("shard-{shard:03}")).join("wal")
+    }
+
+    /// Snapshot directory of shard `i`.
+    pub fn snapshot_dir(&self, shard: usize) -> PathBuf {
+        self.root
+            .join(format!("shard-{shard:03}"))
+            .join("snapshots")
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Reads the manifest; an absent one means no compaction ever ran.
+    pub fn read_manifest(&self, shards: usize) -> Result<Manifest, DataDirError> {
+        let path = self.root.join(MANIFEST);
+        let m: Manifest = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::empty(shards),
+            Err(e) => {
+                return Err(DataDirError::Io {
+                    what: "reading",
+                    path,
+                    source: e,
+                })
+            }
+        };
+        if m.shards.len() != shards {
+            return Err(DataDirError::BadMeta {
+                path,
+                reason: format!(
+                    "lists {} shard(s), the data directory has {shards}",
+                    m.shards.len()
+                ),
+            });
+        }
+        Ok(m)
+    }
+}
+
+const MANIFEST: &str = "manifest.json";
+
+/// What compaction has done to each shard: the snapshot recovery is meant
+/// to start from, and the WAL floor (every record at or above it is still
+/// in the WAL; below it, segments may be gone). Written atomically
+/// *before* any segment is deleted, so it never claims more WAL than the
+/// disk holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Layout version.
+    pub format: u32,
+    /// One entry per shard, by shard number.
+    pub shards: Vec<ShardManifest>,
+}
+
+/// One shard's entry in the [`Manifest`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShardManifest {
+    /// File name of the newest snapshot (in the shard's snapshot dir).
+    pub snapshot: Option<String>,
+    /// Its start offset (every record below is in it).
+    pub start_offset: u64,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its CRC32C.
+    pub checksum: Option<String>,
+    /// Every record at or above this is in the WAL.
+    pub wal_floor: u64,
+}
+
+impl Manifest {
+    /// No snapshots, nothing compacted.
+    pub fn empty(shards: usize) -> Self {
+        Manifest {
+            format: FORMAT,
+            shards: vec![ShardManifest::default(); shards],
+        }
+    }
+
+    /// Writes it atomically into `root`. Blocking.
+    pub fn write(&self, root: &Path) -> Result<(), DataDirError> {
+        let bytes = serde_json::to_vec_pretty(self).expect("serializable");
+        write_atomically(root, MANIFEST, &bytes)
     }
 }
 

@@ -8,6 +8,7 @@
 //! sync every WAL, exit 0. A second signal exits at once.
 
 mod batch;
+mod compaction;
 mod config;
 mod datadir;
 mod ops;
@@ -27,10 +28,10 @@ use std::time::Duration;
 use clap::Parser;
 use glommio::{LocalExecutorBuilder, Placement};
 use rstmdb_shards::definition::MachineDef;
-use rstmdb_shards::engine::{Engine, EngineLimits};
-use rstmdb_shards::recovery::recover_shard;
+use rstmdb_shards::engine::EngineLimits;
+use rstmdb_shards::recovery::{recover_shard, RecoveredShard};
 use rstmdb_shards::shard::{self, FsyncPolicy, Sequencer, ShardConfig, ShardMsg};
-use rstmdb_wal::{Recovered, RecoveryOptions, WriterConfig};
+use rstmdb_wal::{RecoveryOptions, WriterConfig};
 
 use crate::config::Config;
 use crate::datadir::DataDir;
@@ -145,7 +146,8 @@ fn run(cfg: Config) -> Result<(), String> {
     // machine definitions so a PUT_MACHINE cut short by a crash on some
     // shards is complete everywhere.
     let started = std::time::Instant::now();
-    let results: Vec<Result<(Engine, Recovered), String>> = std::thread::scope(|s| {
+    let manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
+    let results: Vec<Result<RecoveredShard, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..shards)
             .map(|i| {
                 let opts = RecoveryOptions {
@@ -154,9 +156,21 @@ fn run(cfg: Config) -> Result<(), String> {
                     segment_size,
                 };
                 let limits = limits.clone();
+                let snapshots = data.snapshot_dir(i);
+                let floor = manifest.shards[i].wal_floor;
                 s.spawn(move || {
-                    recover_shard(&opts, &limits)
-                        .map_err(|e| format!("shard {i}: WAL recovery failed: {e}"))
+                    let t = std::time::Instant::now();
+                    let r = recover_shard(&opts, &limits, &snapshots, floor)
+                        .map_err(|e| format!("shard {i}: recovery failed: {e}"))?;
+                    tracing::info!(
+                        shard = i,
+                        snapshot_start = r.snapshot_start,
+                        skipped_snapshots = r.skipped.len(),
+                        wal_records = r.wal.records,
+                        elapsed_ms = t.elapsed().as_millis() as u64,
+                        "shard recovered"
+                    );
+                    Ok(r)
                 })
             })
             .collect();
@@ -169,8 +183,11 @@ fn run(cfg: Config) -> Result<(), String> {
             .collect()
     });
     let mut recovered = Vec::with_capacity(shards);
+    let mut snapshot_starts = Vec::with_capacity(shards);
     for r in results {
-        recovered.push(r?);
+        let r = r?;
+        recovered.push((r.engine, r.wal));
+        snapshot_starts.push(r.snapshot_start);
     }
     let all_machines: Vec<_> = recovered
         .iter()
@@ -237,7 +254,12 @@ fn run(cfg: Config) -> Result<(), String> {
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
     let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for (i, ((engine, rec), aborted)) in recovered.into_iter().zip(aborted).enumerate() {
+    for (i, (((engine, rec), aborted), snapshot_start)) in recovered
+        .into_iter()
+        .zip(aborted)
+        .zip(snapshot_starts)
+        .enumerate()
+    {
         let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
         senders.push(tx);
         let scfg = ShardConfig {
@@ -253,15 +275,22 @@ fn run(cfg: Config) -> Result<(), String> {
                 watching: watching.clone(),
                 tx: hub_tx.clone(),
             },
+            snapshot_dir: data.snapshot_dir(i),
         };
         let seq = seq.clone();
         let ready = shard_ready_tx.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
             .name(&format!("shard-{i}"))
             .io_memory(io_memory)
-            .spawn(
-                move || async move { shard::run(scfg, engine, rec, rx, seq, aborted, ready).await },
-            )
+            .spawn(move || async move {
+                {
+                    let resume = shard::Resume {
+                        aborted_batches: aborted,
+                        snapshot_start,
+                    };
+                    shard::run(scfg, engine, rec, rx, seq, resume, ready).await
+                }
+            })
             .map_err(|e| format!("starting shard {i} executor: {e}"))?;
         shard_handles.push(handle);
     }
@@ -289,6 +318,15 @@ fn run(cfg: Config) -> Result<(), String> {
     };
     drop(hub_tx);
     let router = router::Router::new(senders, seq.clone());
+    let compaction_settings = compaction::Settings {
+        auto: cfg.compaction.enabled,
+        events_threshold: cfg.compaction.events_threshold,
+        size_threshold_bytes: cfg.compaction.size_threshold_mb * 1024 * 1024,
+        min_interval: Duration::from_secs(cfg.compaction.min_interval_secs),
+        retention: Duration::from_secs(cfg.compaction.wal_retention_secs),
+        keep_snapshots: cfg.compaction.keep_snapshots.max(1),
+    };
+    let data_root = data.root().to_path_buf();
     let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
         .name("frontend")
         .io_memory(io_memory)
@@ -305,7 +343,20 @@ fn run(cfg: Config) -> Result<(), String> {
             hub.aborted_batches.extend(aborted_ever);
             let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
             glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
-            server::serve(listener, router, hub, fcfg, shutdown_rx).await;
+            let compactor = std::rc::Rc::new(compaction::Compactor::new(
+                router.clone(),
+                hub.clone(),
+                compaction_settings,
+                data_root,
+                manifest,
+            ));
+            let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
+            let auto = glommio::spawn_local(compactor.clone().run_auto(auto_stop_rx));
+            server::serve(listener, router, hub, compactor, fcfg, shutdown_rx).await;
+            // Let a running round finish; then nothing holds the shards'
+            // channels and they stop.
+            drop(auto_stop_tx);
+            auto.await;
         })
         .map_err(|e| format!("starting frontend executor: {e}"))?;
 

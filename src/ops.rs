@@ -75,6 +75,13 @@ pub enum Action {
         /// Most records (None = as many as fit a frame).
         limit: Option<u64>,
     },
+    /// COMPACT: a snapshot round (see `compaction`).
+    Compact {
+        /// `force_snapshot`.
+        force: bool,
+    },
+    /// SNAPSHOT_INSTANCE: export one instance to a file.
+    SnapshotInstance(usize, String),
 }
 
 fn params<T: DeserializeOwned>(p: Value) -> Result<T, ApiError> {
@@ -198,11 +205,17 @@ fn plan_inner(
             let limit = p.get("limit").and_then(Value::as_u64);
             Action::WalRead { from, limit }
         }
-        "SNAPSHOT_INSTANCE" | "COMPACT" => {
-            return Err(ApiError::bad_request(format!(
-                "operation {op} is not supported by this server yet"
-            )))
+        "SNAPSHOT_INSTANCE" => {
+            let id = match p.get("instance_id") {
+                Some(Value::String(id)) => id.clone(),
+                _ => return Err(ApiError::bad_request("missing instance_id")),
+            };
+            Action::SnapshotInstance(routing::shard_for(&id, s.shards), id)
         }
+        // The reference treats a non-bool force_snapshot as false.
+        "COMPACT" => Action::Compact {
+            force: p.get("force_snapshot").and_then(Value::as_bool) == Some(true),
+        },
         other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
     })
 }

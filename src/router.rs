@@ -175,12 +175,14 @@ impl Router {
                     Slot::Stats(Ok(ShardWalStats::default()))
                 }
                 Action::WalRead { from, limit } => Slot::WalRead { from, limit },
-                Action::Batch(_) | Action::Watch(_) | Action::Unwatch(_) => {
-                    Slot::Done(Err(ApiError::new(
-                        ErrorCode::InternalError,
-                        "internal error: a connection-level operation reached the router",
-                    )))
-                }
+                Action::Batch(_)
+                | Action::Watch(_)
+                | Action::Unwatch(_)
+                | Action::Compact { .. }
+                | Action::SnapshotInstance(..) => Slot::Done(Err(ApiError::new(
+                    ErrorCode::InternalError,
+                    "internal error: a connection-level operation reached the router",
+                ))),
                 Action::FlushAll => {
                     for list in per_shard.iter_mut() {
                         list.push((slot, Command::FlushAll));

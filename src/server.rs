@@ -11,6 +11,7 @@ use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
 use crate::batch;
+use crate::compaction::Compactor;
 use crate::ops::{self, Action, OpSettings};
 use crate::protocol::{envelope, frame};
 use crate::router::{Outcome, Router};
@@ -46,6 +47,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     hub: Rc<RefCell<Hub>>,
+    compactor: Rc<Compactor>,
     cfg: FrontendConfig,
     shutdown: flume::Receiver<()>,
 ) {
@@ -74,15 +76,16 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         active.set(active.get() + 1);
-        let (router, cfg, active, stop, hub) = (
+        let (router, cfg, active, stop, hub, compactor) = (
             router.clone(),
             cfg.clone(),
             active.clone(),
             stop_rx.clone(),
             hub.clone(),
+            compactor.clone(),
         );
         glommio::spawn_local(async move {
-            if let Err(e) = connection(stream, router, hub, &cfg, stop).await {
+            if let Err(e) = connection(stream, router, hub, compactor, &cfg, stop).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             active.set(active.get() - 1);
@@ -103,6 +106,7 @@ async fn connection(
     mut stream: TcpStream,
     router: Router,
     hub: Rc<RefCell<Hub>>,
+    compactor: Rc<Compactor>,
     cfg: &FrontendConfig,
     stop: flume::Receiver<()>,
 ) -> std::io::Result<()> {
@@ -145,6 +149,8 @@ async fn connection(
                             | Action::Batch(_)
                             | Action::Watch(_)
                             | Action::Unwatch(_)
+                            | Action::Compact { .. }
+                            | Action::SnapshotInstance(..)
                     );
                     requests.push((req.id, action, session.wire_mode));
                     if bye {
@@ -173,7 +179,13 @@ async fn connection(
             // BATCH and WATCH/UNWATCH need the session and end their cycle:
             // run the others, then it, in order.
             let special = match actions.last() {
-                Some(Action::Batch(_) | Action::Watch(_) | Action::Unwatch(_)) => actions.pop(),
+                Some(
+                    Action::Batch(_)
+                    | Action::Watch(_)
+                    | Action::Unwatch(_)
+                    | Action::Compact { .. }
+                    | Action::SnapshotInstance(..),
+                ) => actions.pop(),
                 _ => None,
             };
             let mut outcomes = if actions.is_empty() {
@@ -184,6 +196,7 @@ async fn connection(
             let ctx = watch::Ctx {
                 router: &router,
                 hub: &hub,
+                compactor: &compactor,
                 replies: &replies,
             };
             match special {
@@ -199,6 +212,18 @@ async fn connection(
                 }
                 Some(Action::Unwatch(id)) => {
                     outcomes.push(Outcome::Done(Ok(watch::unwatch(id, &mut session))))
+                }
+                Some(Action::Compact { force }) => {
+                    let r = compactor
+                        .compact(force)
+                        .await
+                        .map(|report| serde_json::to_vec(&report).expect("serializable"));
+                    outcomes.push(Outcome::Done(r));
+                }
+                Some(Action::SnapshotInstance(shard, id)) => {
+                    outcomes.push(Outcome::Done(
+                        compactor.snapshot_instance(shard, id, &replies).await,
+                    ));
                 }
                 _ => {}
             }
@@ -266,6 +291,7 @@ async fn connection(
             let ctx = watch::Ctx {
                 router: &router,
                 hub: &hub,
+                compactor: &compactor,
                 replies: &replies,
             };
             if watch::deliver(&mut session, &ctx, &mut stream).await? {

@@ -28,9 +28,9 @@
 //! the window's base: events below it are in the WAL, events at or above it
 //! all reach the hub.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -89,6 +89,18 @@ pub struct Subscription {
     pub include_ctx: bool,
     /// Every matching event below this offset has been delivered.
     pub cursor: u64,
+    /// The cursor as the hub sees it: compaction keeps the WAL from the
+    /// lowest cursor of any subscription on.
+    pub lease: Rc<Cell<u64>>,
+}
+
+impl Subscription {
+    /// Moves the cursor forward (and the hub's view of it).
+    pub fn advance(&mut self, next: u64) {
+        debug_assert!(next >= self.cursor);
+        self.cursor = next;
+        self.lease.set(next);
+    }
 }
 
 /// Encodes one event message for a subscription (PROTOCOL.md §4 key order).
@@ -218,6 +230,11 @@ pub struct Hub {
     /// Atomic batches undone after their parts were logged: replay skips
     /// those parts.
     pub aborted_batches: HashSet<String>,
+    /// Cursors of every subscription (see [`Subscription::lease`]).
+    leases: Vec<Weak<Cell<u64>>>,
+    /// Records below this may have been compacted away: no subscription
+    /// may start below it (D9).
+    pub wal_floor: u64,
 }
 
 impl Hub {
@@ -235,7 +252,26 @@ impl Hub {
             pending: BTreeMap::new(),
             doorbells: Vec::new(),
             aborted_batches: HashSet::new(),
+            leases: Vec::new(),
+            wal_floor: 0,
         }
+    }
+
+    /// A lease for a new subscription's cursor.
+    pub fn lease(&mut self, cursor: u64) -> Rc<Cell<u64>> {
+        let lease = Rc::new(Cell::new(cursor));
+        self.leases.push(Rc::downgrade(&lease));
+        lease
+    }
+
+    /// The lowest cursor of any live subscription (forgetting the gone).
+    pub fn min_cursor(&mut self) -> Option<u64> {
+        self.leases.retain(|w| w.strong_count() > 0);
+        self.leases
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .map(|c| c.get())
+            .min()
     }
 
     /// The offset below which every event has been released to the window

@@ -10,6 +10,7 @@ use rstmdb_shards::commands::{BatchReply, Command};
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
+use crate::compaction::Compactor;
 use crate::ops::{Action, WatchSpec};
 use crate::protocol::frame;
 use crate::router::{Outcome, Router};
@@ -26,7 +27,8 @@ const CATCH_UP_RECORDS: usize = 1024;
 /// Events are written out whenever this many bytes are buffered.
 const FLUSH_BYTES: usize = 256 * 1024;
 
-type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
+/// A connection's channel for shard replies.
+pub type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
 
 /// What subscription handling needs from the connection.
 pub struct Ctx<'a> {
@@ -36,6 +38,8 @@ pub struct Ctx<'a> {
     pub hub: &'a Rc<RefCell<Hub>>,
     /// The connection's reply channel.
     pub replies: &'a Replies,
+    /// Snapshot rounds and the atomic-batch commit gate.
+    pub compactor: &'a Rc<Compactor>,
 }
 
 /// Creates a subscription; answers the WATCH request.
@@ -55,6 +59,16 @@ pub async fn subscribe(
     let mut cursor = spec
         .from_offset
         .unwrap_or_else(|| ctx.hub.borrow().released());
+    let floor = ctx.hub.borrow().wal_floor;
+    if cursor < floor {
+        return Err(ApiError::bad_request(format!(
+            "from_offset {cursor} is no longer available: the oldest retained offset is {floor} \
+             (older records were compacted into snapshots)"
+        )));
+    }
+    // Leased in the same synchronous step as the floor check: a compaction
+    // round computing its floor from now on sees this cursor.
+    let lease = ctx.hub.borrow_mut().lease(cursor);
     let id = format!("sub-{}", uuid::Uuid::new_v4());
     let reply = match &spec.instance {
         Some((shard, instance_id)) => {
@@ -85,11 +99,13 @@ pub async fn subscribe(
         }
         None => json!({"subscription_id": id, "wal_offset": ctx.router.sequencer().peek()}),
     };
+    lease.set(cursor);
     session.subscriptions.push(Subscription {
         id,
         filter: spec.filter,
         include_ctx: spec.include_ctx,
         cursor,
+        lease,
     });
     Ok(serde_json::to_vec(&reply).expect("serializable"))
 }
@@ -131,7 +147,7 @@ pub async fn deliver(
                     for e in events.iter().filter(|e| sub.filter.matches(e)) {
                         push(&mut out, &encode_event(sub, e), mode);
                     }
-                    sub.cursor = next;
+                    sub.advance(next);
                     flush_if_large(&mut out, stream).await?;
                     if !more {
                         break;
@@ -169,7 +185,7 @@ pub async fn deliver(
                     if next <= sub.cursor {
                         break;
                     }
-                    sub.cursor = next;
+                    sub.advance(next);
                     flush_if_large(&mut out, stream).await?;
                 }
             }

@@ -44,10 +44,29 @@ pub struct Instance {
 }
 
 /// Machine versions by name.
-type Machines = HashMap<String, BTreeMap<u32, Arc<MachineDef>>>;
+pub(crate) type Machines = HashMap<String, BTreeMap<u32, Arc<MachineDef>>>;
+
+/// Instances by id. An `IndexMap` so that a snapshot can walk it by
+/// position across many turns of the shard loop: positions below the
+/// length at the snapshot's start never move while it runs (only entries
+/// created after it are ever removed, and they sit above that length).
+pub(crate) type Instances = indexmap::IndexMap<String, Instance, hashbrown::DefaultHashBuilder>;
+
+/// A point-in-time snapshot being written in chunks (see `snapshot`):
+/// positions `[next, end)` are still to be serialized, and `shadow` keeps
+/// the snapshot-time value of each of them changed since it started.
+#[derive(Debug, Default)]
+pub(crate) struct SnapCursor {
+    pub(crate) next: usize,
+    pub(crate) end: usize,
+    pub(crate) shadow: HashMap<usize, Instance>,
+    /// Why the snapshot can no longer be point-in-time (FLUSH_ALL, an
+    /// entry below `end` removed): it must be abandoned.
+    pub(crate) broken: Option<&'static str>,
+}
 
 /// Everything a FLUSH_ALL removed, kept until its commit is durable.
-type Saved = (Machines, HashMap<String, Instance>, IdempotencyWindow);
+type Saved = (Machines, Instances, IdempotencyWindow);
 
 /// How to reverse one staged change.
 #[derive(Debug)]
@@ -109,9 +128,11 @@ pub struct EngineLimits {
 
 /// Everything one shard owns in memory.
 pub struct Engine {
-    machines: HashMap<String, BTreeMap<u32, Arc<MachineDef>>>,
-    instances: HashMap<String, Instance>,
-    idempotency: IdempotencyWindow,
+    pub(crate) machines: Machines,
+    pub(crate) instances: Instances,
+    pub(crate) idempotency: IdempotencyWindow,
+    /// Set while a snapshot walks `instances` (see [`SnapCursor`]).
+    pub(crate) snap: Option<SnapCursor>,
     undo: Vec<Undo>,
     staged: Vec<Staged>,
     /// Whether applies produce [`WatchEvent`]s (someone is watching).
@@ -126,10 +147,10 @@ pub struct Engine {
     last_entry_size: usize,
     /// Highest offset replayed, counting the offsets of batch entries
     /// (a batch part's record carries its first entry's offset).
-    max_offset: u64,
+    pub(crate) max_offset: u64,
     /// Batches undone by a logged `batch_abort` (their parts stay in the
     /// log; subscribers replaying the log skip them).
-    aborted: HashSet<String>,
+    pub(crate) aborted: HashSet<String>,
 }
 
 /// A position in the engine's logs (see [`Engine::mark`]).
@@ -196,7 +217,8 @@ impl Engine {
     pub fn new(limits: &EngineLimits) -> Self {
         Engine {
             machines: HashMap::new(),
-            instances: HashMap::new(),
+            instances: Instances::default(),
+            snap: None,
             idempotency: IdempotencyWindow::new(
                 limits.idempotency_entries,
                 limits.idempotency_max_age_ms,
@@ -210,6 +232,29 @@ impl Engine {
             last_entry_size: 0,
             max_offset: 0,
             aborted: HashSet::new(),
+        }
+    }
+
+    /// Keeps the snapshot-time value of `id` before it changes, if a
+    /// running snapshot has not serialized it yet.
+    fn preserve(&mut self, id: &str) {
+        let Some(snap) = self.snap.as_mut() else {
+            return;
+        };
+        if let Some((i, _, v)) = self.instances.get_full(id) {
+            if i >= snap.next && i < snap.end && !snap.shadow.contains_key(&i) {
+                snap.shadow.insert(i, v.clone());
+            }
+        }
+    }
+
+    /// Marks a running snapshot unusable if position `i` (or anything
+    /// after it) below its end moved.
+    fn break_snapshot_below(&mut self, i: usize, why: &'static str) {
+        if let Some(snap) = self.snap.as_mut() {
+            if i < snap.end && snap.broken.is_none() {
+                snap.broken = Some(why);
+            }
         }
     }
 
@@ -362,10 +407,13 @@ impl Engine {
         {
             match u {
                 Undo::Instance(id, Some(prev)) => {
+                    self.preserve(&id);
                     self.instances.insert(id, prev);
                 }
                 Undo::Instance(id, None) => {
-                    self.instances.remove(&id);
+                    if let Some((i, _, _)) = self.instances.swap_remove_full(&id) {
+                        self.break_snapshot_below(i, "an instance it held was removed");
+                    }
                 }
                 Undo::Machine(name, v) => {
                     if let Some(vs) = self.machines.get_mut(&name) {
@@ -376,6 +424,7 @@ impl Engine {
                     }
                 }
                 Undo::Flush(saved) => {
+                    self.break_snapshot_below(0, "FLUSH_ALL was rolled back");
                     let (machines, instances, idempotency) = *saved;
                     self.machines = machines;
                     self.instances = instances;
@@ -638,6 +687,7 @@ impl Engine {
             updated_at: now,
             deleted: false,
         };
+        self.preserve(&id);
         let prev = self.instances.insert(id.clone(), inst);
         self.undo.push(Undo::Instance(id, prev));
         Ok(reply)
@@ -734,6 +784,7 @@ impl Engine {
                 ts: now,
             },
         )?;
+        self.preserve(&id);
         let inst = self.instances.get_mut(&id).expect("checked above");
         inst.deleted = true;
         inst.last_wal_offset = offset;
@@ -886,6 +937,7 @@ impl Engine {
             self.undo
                 .push(Undo::Idempotency(a.instance_id.clone(), key, prev));
         }
+        self.preserve(&a.instance_id);
         let inst = self
             .instances
             .get_mut(&a.instance_id)
@@ -908,6 +960,7 @@ impl Engine {
 
     fn flush_all(&mut self, offsets: &mut Offsets, now: i64) -> Result<Reply, ApiError> {
         self.stage(offsets, WalEntry::FlushAll { ts: now })?;
+        self.break_snapshot_below(0, "FLUSH_ALL ran");
         let instances = self.instances.len() as u64;
         let machines = self.machines.values().map(|v| v.len() as u64).sum();
         let fresh = self.idempotency.emptied();

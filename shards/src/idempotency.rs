@@ -133,6 +133,39 @@ impl IdempotencyWindow {
         self.map.insert(k, Entry { cached, at_ms, seq });
     }
 
+    /// The sequence number the next insert gets: entries inserted from now
+    /// on have a sequence at or above it.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Visits live entries in insertion order, starting at sequence `from`
+    /// and stopping before `below` or after `max` entries; returns the
+    /// sequence to continue from. Lets a snapshot walk the window in chunks
+    /// between drains (entries inserted meanwhile come later in the order).
+    pub fn visit_from(
+        &self,
+        from: u64,
+        below: u64,
+        max: usize,
+        mut f: impl FnMut(&str, &str, &Cached, i64),
+    ) -> u64 {
+        let start = self.order.partition_point(|(_, s)| *s < from);
+        let mut next = from;
+        let mut seen = 0;
+        for (k, seq) in self.order.iter().skip(start) {
+            if *seq >= below || seen == max {
+                return next.max(from);
+            }
+            next = seq + 1;
+            if let Some(e) = self.map.get(k).filter(|e| e.seq == *seq) {
+                f(&k.0, &k.1, &e.cached, e.at_ms);
+                seen += 1;
+            }
+        }
+        below
+    }
+
     /// An empty window with the same bounds.
     pub fn emptied(&self) -> Self {
         IdempotencyWindow::new(self.max_entries, self.max_age_ms)

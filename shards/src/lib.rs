@@ -16,4 +16,5 @@ pub mod recovery;
 pub mod routing;
 pub mod sequencer;
 pub mod shard;
+pub mod snapshot;
 pub mod wal_entry;

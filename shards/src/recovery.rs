@@ -1,18 +1,102 @@
-//! Rebuilding a shard's engine from its WAL at start-up.
+//! Rebuilding a shard's engine at start-up: the newest intact snapshot,
+//! then every WAL record at or above its start offset (DECISIONS D15).
+
+use std::path::{Path, PathBuf};
 
 use rstmdb_wal::{recover, Recovered, RecoveryOptions, WalError};
 
 use crate::engine::{Engine, EngineLimits};
+use crate::snapshot;
 use crate::wal_entry::WalEntry;
 
-/// Replays the shard's WAL into a fresh engine. Blocking (std::fs); run it
-/// on a thread of its own, one per shard, before the executors start.
+/// Why a shard could not be recovered.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// The WAL is unreadable or corrupt.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// Compaction removed WAL records that only a snapshot could replace,
+    /// and no intact snapshot covering them is left.
+    #[error(
+        "the WAL below offset {floor} was compacted away and no intact snapshot \
+         starting at or above it is left in {dir}{tried}; refusing to start with missing data"
+    )]
+    NoUsableSnapshot {
+        /// Lowest offset still guaranteed to be in the WAL.
+        floor: u64,
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// What was tried and why it failed.
+        tried: String,
+    },
+    /// The snapshot directory could not be listed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+}
+
+/// A recovered shard.
+pub struct RecoveredShard {
+    /// Its state.
+    pub engine: Engine,
+    /// Where its WAL stands.
+    pub wal: Recovered,
+    /// Start offset of the snapshot it was loaded from, if any.
+    pub snapshot_start: Option<u64>,
+    /// Snapshots found damaged and skipped (path and reason), newest first.
+    pub skipped: Vec<String>,
+}
+
+/// Loads the newest intact snapshot whose start is at or above `wal_floor`
+/// (every record from there on is still in the WAL), then replays the WAL
+/// after it. Blocking (std::fs); run it on a thread of its own, one per
+/// shard, before the executors start.
 pub fn recover_shard(
     opts: &RecoveryOptions,
     limits: &EngineLimits,
-) -> Result<(Engine, Recovered), WalError> {
-    let mut engine = Engine::new(limits);
-    let recovered = recover(opts, |r| {
+    snapshot_dir: &Path,
+    wal_floor: u64,
+) -> Result<RecoveredShard, RecoveryError> {
+    let mut skipped = Vec::new();
+    let mut loaded = None;
+    for (start, path) in snapshot::list(snapshot_dir)? {
+        if start < wal_floor {
+            skipped.push(format!(
+                "{}: starts at {start}, below the WAL floor {wal_floor}",
+                path.display()
+            ));
+            continue;
+        }
+        match snapshot::load(&path, opts.shard, limits) {
+            Ok(l) => {
+                loaded = Some(l);
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "skipping damaged snapshot");
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    let (mut engine, start) = match loaded {
+        Some(l) => (l.engine, Some(l.start_offset)),
+        None if wal_floor > 1 => {
+            return Err(RecoveryError::NoUsableSnapshot {
+                floor: wal_floor,
+                dir: snapshot_dir.to_path_buf(),
+                tried: if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (tried: {})", skipped.join("; "))
+                },
+            })
+        }
+        None => (Engine::new(limits), None),
+    };
+    let below = start.unwrap_or(0);
+    let wal = recover(opts, |r| {
+        if r.offset < below {
+            return Ok(()); // in the snapshot
+        }
         let entry: WalEntry = serde_json::from_slice(r.payload)
             .map_err(|e| format!("undecodable entry at offset {}: {e}", r.offset))?;
         if entry.kind() != r.kind {
@@ -24,5 +108,10 @@ pub fn recover_shard(
         }
         engine.replay(r.offset, entry)
     })?;
-    Ok((engine, recovered))
+    Ok(RecoveredShard {
+        engine,
+        wal,
+        snapshot_start: start,
+        skipped,
+    })
 }

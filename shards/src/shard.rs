@@ -19,6 +19,7 @@ use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
 use crate::engine::{now_ms, Engine, Mark, Offsets};
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
+use crate::snapshot::{SnapshotJob, Step};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct ShardConfig {
     pub max_drain_commands: usize,
     /// Where committed transitions go for subscribers.
     pub events: EventSink,
+    /// The shard's snapshot directory.
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 /// What a shard tells the subscription hub.
@@ -87,6 +90,92 @@ pub enum ShardMsg {
     Barrier(flume::Sender<()>),
     /// A step of an atomic batch (see `atomic`).
     Atomic(AtomicMsg),
+    /// Take a snapshot if the request's condition holds.
+    Snapshot(SnapshotRequest),
+    /// Drop WAL segments below a floor and prune old snapshots.
+    Compact(CompactRequest),
+    /// Figures for automatic compaction.
+    Stats(flume::Sender<(usize, ShardStats)>),
+}
+
+/// When a [`ShardMsg::Snapshot`] should write one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotWhen {
+    /// Only if the shard has none yet (COMPACT without `force_snapshot`).
+    IfNone,
+    /// If it has none or the log moved since (COMPACT `force_snapshot`).
+    IfChanged,
+    /// If the log moved since and either threshold is reached (0 = that
+    /// trigger is off): automatic compaction.
+    IfOver {
+        /// Records written since the last snapshot.
+        records: u64,
+        /// Bytes of WAL in use.
+        wal_bytes: u64,
+    },
+}
+
+/// What a snapshot request came to.
+#[derive(Debug)]
+pub enum SnapshotOutcome {
+    /// None was needed; the newest existing one starts here (if any).
+    Skipped(Option<u64>),
+    /// A new snapshot is durable.
+    Written(crate::snapshot::SnapshotFile),
+    /// It failed (nothing changed on disk).
+    Failed(String),
+}
+
+/// A [`ShardMsg::Snapshot`].
+pub struct SnapshotRequest {
+    /// Condition.
+    pub when: SnapshotWhen,
+    /// Where the outcome goes once the file is durable.
+    pub reply_to: flume::Sender<(usize, SnapshotOutcome)>,
+}
+
+/// A [`ShardMsg::Compact`].
+pub struct CompactRequest {
+    /// A snapshot of this shard that is now durable and recorded in the
+    /// manifest (recovery can start from it).
+    pub snapshot_start: Option<u64>,
+    /// Segments whose every record is below this go.
+    pub floor: u64,
+    /// Segments written to at or after this time stay (WAL retention).
+    pub retain_since: Option<std::time::SystemTime>,
+    /// Snapshot files to keep (newest first; at least 1).
+    pub keep_snapshots: usize,
+    /// Where the outcome goes.
+    pub reply_to: flume::Sender<(usize, CompactOutcome)>,
+}
+
+/// What a [`ShardMsg::Compact`] did.
+#[derive(Debug, Clone, Default)]
+pub struct CompactOutcome {
+    /// Segment files deleted.
+    pub segments_deleted: u64,
+    /// Their size on disk.
+    pub bytes_reclaimed: u64,
+    /// Segments left.
+    pub wal_segments: u64,
+    /// Snapshot files left.
+    pub snapshots: u64,
+    /// First error met while deleting, if any (the log is intact either
+    /// way: segments are only ever deleted oldest first).
+    pub error: Option<String>,
+}
+
+/// Figures for automatic compaction.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardStats {
+    /// Records written since the last snapshot started.
+    pub records_since_snapshot: u64,
+    /// WAL bytes in use.
+    pub wal_bytes: u64,
+    /// WAL segments.
+    pub wal_segments: u64,
+    /// Start of the newest durable snapshot.
+    pub snapshot_start: Option<u64>,
 }
 
 impl ShardMsg {
@@ -96,6 +185,9 @@ impl ShardMsg {
             ShardMsg::WalRead(_) => "wal read",
             ShardMsg::Barrier(_) => "barrier",
             ShardMsg::Atomic(_) => "atomic",
+            ShardMsg::Snapshot(_) => "snapshot",
+            ShardMsg::Compact(_) => "compact",
+            ShardMsg::Stats(_) => "stats",
         }
     }
 }
@@ -176,6 +268,16 @@ fn spawn_wal_read(
     .detach();
 }
 
+/// What recovery decided for a shard beyond its engine and WAL.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Batch parts recovery undid: their `batch_abort` records are logged
+    /// before the shard serves.
+    pub aborted_batches: Vec<String>,
+    /// Start of the snapshot the shard was loaded from.
+    pub snapshot_start: Option<u64>,
+}
+
 /// Runs the shard until every sender of `rx` is gone, then syncs the WAL.
 /// `ready` is told once the WAL is open (or why it could not be), so that
 /// start-up fails instead of serving with a dead shard.
@@ -185,9 +287,13 @@ pub async fn run(
     recovered: Recovered,
     rx: flume::Receiver<ShardMsg>,
     seq: Sequencer,
-    aborted_batches: Vec<String>,
+    resume: Resume,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), WalError> {
+    let Resume {
+        aborted_batches,
+        snapshot_start,
+    } = resume;
     let mut opened = WalWriter::open(cfg.wal.clone(), &recovered).await;
     if let (Ok(w), false) = (opened.as_mut(), aborted_batches.is_empty()) {
         if let Err(e) = log_aborts(w, &seq, cfg.id, &aborted_batches).await {
@@ -210,9 +316,38 @@ pub async fn run(
     // those still waiting.
     let mut ready: VecDeque<ShardMsg> = VecDeque::new();
     let mut deferred: VecDeque<ShardMsg> = VecDeque::new();
+    let mut snaps = Snapshots {
+        latest: snapshot_start,
+        records_since: writer.records(),
+        job: None,
+    };
     loop {
         let first = match ready.pop_front() {
             Some(m) => m,
+            None if snaps.job.is_some() => match rx.try_recv() {
+                Ok(m) => m,
+                Err(flume::TryRecvError::Disconnected) => break,
+                Err(flume::TryRecvError::Empty) => {
+                    // Idle: give the snapshot the time, but wake for work.
+                    if matches!(
+                        snaps.step(&cfg, &mut engine, IDLE_SNAPSHOT_STEP),
+                        Step::Blocked
+                    ) {
+                        let woke = future::or(async { Some(rx.recv_async().await.ok()) }, async {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                            None
+                        })
+                        .await;
+                        match woke {
+                            Some(Some(m)) => m,
+                            Some(None) => break,
+                            None => continue,
+                        }
+                    } else {
+                        continue;
+                    }
+                }
+            },
             None => match next_message(&rx, &cfg, &mut writer, &mut dirty_since).await {
                 Some(m) => m,
                 None => break,
@@ -228,6 +363,23 @@ pub async fn run(
             match msg {
                 ShardMsg::Barrier(done) => {
                     let _ = done.try_send(());
+                }
+                ShardMsg::Snapshot(req) => {
+                    snaps
+                        .begin(&cfg, &mut engine, &mut writer, &seq, &atomic, req)
+                        .await
+                }
+                ShardMsg::Compact(req) => snaps.compact(&cfg, &mut writer, req),
+                ShardMsg::Stats(to) => {
+                    let _ = to.try_send((
+                        cfg.id,
+                        ShardStats {
+                            records_since_snapshot: snaps.records_since,
+                            wal_bytes: writer.used_bytes(),
+                            wal_segments: writer.segments().len() as u64,
+                            snapshot_start: snaps.latest,
+                        },
+                    ));
                 }
                 ShardMsg::WalRead(req) => spawn_wal_read(
                     cfg.id,
@@ -290,6 +442,7 @@ pub async fn run(
         if items.is_empty() {
             continue;
         }
+        snaps.records_since += writes;
         let base = if writes > 0 {
             seq.reserve(cfg.id, writes)
         } else {
@@ -489,6 +642,18 @@ pub async fn run(
                 })
                 .await;
         }
+        // Under load the loop never idles: a running snapshot advances a
+        // slice per drain, which bounds the pause it adds to any request.
+        if snaps.job.is_some() {
+            snaps.step(&cfg, &mut engine, BUSY_SNAPSHOT_STEP);
+        }
+    }
+    if let Some((mut job, reply_to)) = snaps.job.take() {
+        job.abandon(&mut engine);
+        let _ = reply_to.try_send((
+            cfg.id,
+            SnapshotOutcome::Failed("the server is stopping".into()),
+        ));
     }
     if !atomic.pending().is_empty() {
         tracing::warn!(shard = cfg.id, batches = ?atomic.pending(), "stopping with unresolved atomic batches; recovery decides them");
@@ -496,6 +661,188 @@ pub async fn run(
     writer.close().await?;
     tracing::info!(shard = cfg.id, "shard stopped; WAL synced");
     Ok(())
+}
+
+/// Serialization time a snapshot gets per turn of a busy shard loop.
+const BUSY_SNAPSHOT_STEP: Duration = Duration::from_micros(500);
+/// ... and per turn while the shard has nothing else to do.
+const IDLE_SNAPSHOT_STEP: Duration = Duration::from_millis(2);
+
+/// The shard's snapshot bookkeeping.
+struct Snapshots {
+    /// Start of the newest snapshot recorded in the manifest.
+    latest: Option<u64>,
+    /// Records written since the running or latest snapshot started.
+    records_since: u64,
+    /// The snapshot being written and who wants its outcome.
+    job: Option<(SnapshotJob, flume::Sender<(usize, SnapshotOutcome)>)>,
+}
+
+impl Snapshots {
+    async fn begin(
+        &mut self,
+        cfg: &ShardConfig,
+        engine: &mut Engine,
+        writer: &mut WalWriter,
+        seq: &Sequencer,
+        atomic: &AtomicState,
+        req: SnapshotRequest,
+    ) {
+        let fail = |why: String| {
+            let _ = req
+                .reply_to
+                .try_send((cfg.id, SnapshotOutcome::Failed(why)));
+        };
+        if self.job.is_some() {
+            return fail("a snapshot of this shard is already running".into());
+        }
+        if atomic.hold_floor().is_some() {
+            // The coordinator never asks while a batch is between commit
+            // and release; refuse rather than snapshot a part that might
+            // still be undone.
+            return fail("an atomic batch is in progress on this shard".into());
+        }
+        let changed = self.latest.is_none_or(|s| writer.last_offset() >= s);
+        let wanted = match req.when {
+            SnapshotWhen::IfNone => self.latest.is_none(),
+            SnapshotWhen::IfChanged => changed,
+            SnapshotWhen::IfOver { records, wal_bytes } => {
+                changed
+                    && ((records > 0 && self.records_since >= records)
+                        || (wal_bytes > 0 && writer.used_bytes() >= wal_bytes))
+            }
+        };
+        if !wanted {
+            let _ = req
+                .reply_to
+                .try_send((cfg.id, SnapshotOutcome::Skipped(self.latest)));
+            return;
+        }
+        // Everything the snapshot will contain is durable in the WAL
+        // before the snapshot can be: the two never disagree.
+        if let Err(e) = writer.sync().await {
+            return fail(format!("syncing the WAL before the snapshot: {e}"));
+        }
+        // Every record of this shard so far is below the global next
+        // offset, and every later one at or above it.
+        let start = seq.peek();
+        let job = SnapshotJob::begin(
+            engine,
+            cfg.snapshot_dir.clone(),
+            cfg.id as u32,
+            start,
+            now_ms(),
+        );
+        tracing::debug!(shard = cfg.id, start, "snapshot started");
+        self.records_since = 0;
+        self.job = Some((job, req.reply_to));
+    }
+
+    /// Advances the running snapshot by about `budget`.
+    fn step(&mut self, cfg: &ShardConfig, engine: &mut Engine, budget: Duration) -> Step {
+        let Some((job, _)) = self.job.as_mut() else {
+            return Step::More;
+        };
+        let step = job.step(engine, budget);
+        match &step {
+            Step::More | Step::Blocked => {}
+            Step::Finished(done) => {
+                let (job, reply_to) = self.job.take().expect("running");
+                let (done, shard, start) = (done.clone(), cfg.id, job.start());
+                glommio::spawn_local(async move {
+                    let outcome = match done.recv_async().await {
+                        Ok(Ok(file)) => SnapshotOutcome::Written(file),
+                        Ok(Err(e)) => SnapshotOutcome::Failed(e),
+                        Err(_) => SnapshotOutcome::Failed("snapshot writer vanished".into()),
+                    };
+                    tracing::debug!(shard, start, ?outcome, "snapshot finished");
+                    let _ = reply_to.send_async((shard, outcome)).await;
+                })
+                .detach();
+            }
+            Step::Abandoned(why) => {
+                let (_, reply_to) = self.job.take().expect("running");
+                let _ = reply_to.try_send((
+                    cfg.id,
+                    SnapshotOutcome::Failed(format!("snapshot abandoned: {why}")),
+                ));
+            }
+        }
+        step
+    }
+
+    fn compact(&mut self, cfg: &ShardConfig, writer: &mut WalWriter, req: CompactRequest) {
+        if let Some(s) = req.snapshot_start {
+            self.latest = Some(self.latest.map_or(s, |l| l.max(s)));
+        }
+        // Never past the newest snapshot recovery can start from.
+        let floor = req.floor.min(self.latest.unwrap_or(0));
+        let paths = writer.detach_segments_below(floor, |p| match req.retain_since {
+            None => true,
+            Some(t) => std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m < t),
+        });
+        let seg_size = writer.segment_size();
+        let wal_segments = writer.segments().len() as u64;
+        let (wal_dir, snap_dir, shard) = (cfg.wal.dir.clone(), cfg.snapshot_dir.clone(), cfg.id);
+        let keep = req.keep_snapshots.max(1);
+        let latest = self.latest;
+        glommio::spawn_local(async move {
+            let outcome = glommio::executor()
+                .spawn_blocking(move || {
+                    let mut out = CompactOutcome {
+                        wal_segments,
+                        ..CompactOutcome::default()
+                    };
+                    for p in &paths {
+                        match std::fs::remove_file(p) {
+                            Ok(()) => {
+                                out.segments_deleted += 1;
+                                out.bytes_reclaimed += seg_size;
+                            }
+                            Err(e) => {
+                                out.error = Some(format!("deleting {}: {e}", p.display()));
+                                break;
+                            }
+                        }
+                    }
+                    if !paths.is_empty() {
+                        if let Err(e) = std::fs::File::open(&wal_dir).and_then(|d| d.sync_all()) {
+                            out.error
+                                .get_or_insert(format!("syncing {}: {e}", wal_dir.display()));
+                        }
+                    }
+                    match crate::snapshot::list(&snap_dir) {
+                        Ok(list) => {
+                            let mut kept = 0u64;
+                            for (i, (start, path)) in list.iter().enumerate() {
+                                // Keep the newest few, and never one newer
+                                // than what the manifest records.
+                                if i < keep || latest.is_none_or(|l| *start > l) {
+                                    kept += 1;
+                                } else if let Err(e) = std::fs::remove_file(path) {
+                                    kept += 1;
+                                    out.error
+                                        .get_or_insert(format!("deleting {}: {e}", path.display()));
+                                }
+                            }
+                            out.snapshots = kept;
+                        }
+                        Err(e) => {
+                            out.error.get_or_insert(e.to_string());
+                        }
+                    }
+                    out
+                })
+                .await;
+            if let Some(e) = &outcome.error {
+                tracing::error!(shard, error = %e, "compaction could not delete everything");
+            }
+            let _ = req.reply_to.send_async((shard, outcome)).await;
+        })
+        .detach();
+    }
 }
 
 /// Logs (durably, before serving) a `batch_abort` for every batch part that

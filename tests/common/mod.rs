@@ -83,7 +83,10 @@ impl Server {
             .arg("--wal-segment-size-mb")
             .arg(opts.segment_mb.to_string())
             .env_remove("RSTMDB_CONFIG")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or("warn".into()),
+            )
             .env("RSTMDB_IO_MEMORY_KIB", "512")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

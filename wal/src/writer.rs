@@ -322,6 +322,39 @@ impl WalWriter {
         plan
     }
 
+    /// Takes the oldest segments whose every record lies below `floor` out
+    /// of the log (never the current segment), stopping at the first one
+    /// `may_drop` refuses; returns their paths, oldest first, for the caller
+    /// to delete (in that order, so a crash leaves a contiguous suffix).
+    /// Readers planned before this call may still hold them: deleting is
+    /// the caller's business, after everything that needed them moved on.
+    pub fn detach_segments_below(
+        &mut self,
+        floor: u64,
+        mut may_drop: impl FnMut(&std::path::Path) -> bool,
+    ) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        while self.segments.len() > 1 && self.segments[0].id != self.seg_id {
+            let below = match self.segments[1].first_offset {
+                0 => self.last_offset < floor,
+                next_first => next_first <= floor,
+            };
+            let path = self.cfg.dir.join(segment::file_name(self.segments[0].id));
+            if !below || !may_drop(&path) {
+                break;
+            }
+            self.segments.remove(0);
+            self.index.remove(0);
+            out.push(path);
+        }
+        out
+    }
+
+    /// Size of a full segment file on disk.
+    pub fn segment_size(&self) -> u64 {
+        self.cfg.segment_size
+    }
+
     /// Bytes of log in use across all segments.
     pub fn used_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.used).sum()

@@ -1,0 +1,806 @@
+//! Per-shard snapshots: the whole state of one shard at one point of its
+//! log, so that recovery replays only the WAL after it and compaction can
+//! delete the segments before it (DECISIONS D15).
+//!
+//! # Point in time without a long pause
+//!
+//! A snapshot covers every record below its `start_offset` and nothing at
+//! or above it. The shard takes it between two drains: machines, aborted
+//! batch ids and the idempotency window's position are copied at once (all
+//! small), while the instance map, which may hold millions of entries, is
+//! walked by position a slice at a time across later turns of the shard
+//! loop ([`SnapshotJob::step`], a time budget per turn). Changes made
+//! meanwhile first save the instance's snapshot-time value into the
+//! engine's shadow map (copy-on-write per instance, see `engine`), so the
+//! file holds exactly the state at `start_offset`.
+//!
+//! The idempotency window is walked the same way but *not* shadowed: it is
+//! written as it is when each slice is taken. That is harmless because
+//! recovery replays every record at or above `start_offset`, which re-inserts
+//! exactly the entries those records made, in order, and the window's
+//! evictions follow from insertion order alone.
+//!
+//! Serialization (JSON lines) happens on the shard; compression (zstd) and
+//! the file I/O on a thread of the snapshot's own, so the shard only pays
+//! for the serialization.
+//!
+//! # File format
+//!
+//! ```text
+//! header   32 bytes: "RSTMSNAP", format u32, shard u32, start_offset u64, 0u64
+//! body     zstd stream of lines "<tag> <json>\n": H (meta), M (machine),
+//!          I (instance), K (idempotency entry), E (end, with counts)
+//! trailer  24 bytes: body length u64, CRC32C u32 of header+body, 0u32,
+//!          "SNAPEND\0"
+//! ```
+//!
+//! The file is written as `<name>.tmp`, fsynced, renamed, and the directory
+//! fsynced: a snapshot either exists complete or not at all. The CRC (and
+//! the end line's counts) let recovery refuse a damaged one and fall back.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::definition::MachineDef;
+use crate::engine::{Engine, EngineLimits, Instance, SnapCursor};
+use crate::idempotency::Cached;
+
+const MAGIC: &[u8; 8] = b"RSTMSNAP";
+const END_MAGIC: &[u8; 8] = b"SNAPEND\0";
+const FORMAT: u32 = 1;
+const HEADER: usize = 32;
+const TRAILER: usize = 24;
+/// zstd level: fast; snapshots are written while serving.
+const ZSTD_LEVEL: i32 = 1;
+/// Bytes of serialized lines handed to the writer thread at a time.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks in flight to the writer thread (bounds the memory a snapshot
+/// holds when the disk is slower than the shard).
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Snapshot failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Filesystem error.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// File involved.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a complete, intact snapshot of this shard.
+    #[error("snapshot {path} is unusable: {reason}")]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A durable snapshot file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFile {
+    /// Full path.
+    pub path: PathBuf,
+    /// Every record below this offset is in the snapshot, none at or above.
+    pub start_offset: u64,
+    /// File size.
+    pub size: u64,
+    /// CRC32C of the file's header and body, 8 lowercase hex digits.
+    pub checksum: String,
+}
+
+/// File name of the snapshot starting at `start` (sorts by offset).
+pub fn file_name(start: u64) -> String {
+    format!("snap-{start:020}.snap")
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("snap-")?.strip_suffix(".snap")?;
+    (digits.len() == 20).then(|| digits.parse().ok()).flatten()
+}
+
+/// Snapshot files in `dir`, newest (highest start offset) first. Leftover
+/// `.tmp` files of interrupted snapshots are removed.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err("listing snapshots in", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err("listing snapshots in", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        } else if let Some(start) = parse_name(&name) {
+            out.push((start, entry.path()));
+        }
+    }
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
+    Ok(out)
+}
+
+// ---- lines ---------------------------------------------------------------
+
+#[derive(Serialize, Deserialize)]
+struct MetaLine {
+    format: u32,
+    shard: u32,
+    start_offset: u64,
+    created_at: i64,
+    aborted: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct MachineOut<'a> {
+    machine: &'a str,
+    version: u32,
+    checksum: &'a str,
+    definition: &'a Value,
+}
+
+#[derive(Deserialize)]
+struct MachineIn {
+    machine: String,
+    version: u32,
+    checksum: String,
+    definition: Value,
+}
+
+#[derive(Serialize)]
+struct InstanceOut<'a> {
+    id: &'a str,
+    machine: &'a str,
+    version: u32,
+    state: &'a str,
+    ctx: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_event_id: Option<&'a str>,
+    last_wal_offset: u64,
+    created_offset: u64,
+    created_at: i64,
+    updated_at: i64,
+    deleted: bool,
+}
+
+#[derive(Deserialize)]
+struct InstanceIn {
+    id: String,
+    machine: String,
+    version: u32,
+    state: String,
+    ctx: Value,
+    #[serde(default)]
+    last_event_id: Option<String>,
+    last_wal_offset: u64,
+    created_offset: u64,
+    created_at: i64,
+    updated_at: i64,
+    deleted: bool,
+}
+
+/// One idempotency entry: `incarnation`, `from_state` and `ctx` only for
+/// applies.
+#[derive(Serialize, Deserialize)]
+struct IdemLine<'a> {
+    id: std::borrow::Cow<'a, str>,
+    key: std::borrow::Cow<'a, str>,
+    at: i64,
+    wal_offset: u64,
+    state: std::borrow::Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incarnation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from_state: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ctx: Option<std::borrow::Cow<'a, Value>>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Debug, Default)]
+struct EndLine {
+    machines: u64,
+    instances: u64,
+    idempotency: u64,
+}
+
+fn push_line<T: Serialize>(out: &mut Vec<u8>, tag: u8, v: &T) {
+    out.push(tag);
+    out.push(b' ');
+    serde_json::to_writer(&mut *out, v).expect("snapshot line serialization cannot fail");
+    out.push(b'\n');
+}
+
+fn push_instance(out: &mut Vec<u8>, id: &str, i: &Instance) {
+    push_line(
+        out,
+        b'I',
+        &InstanceOut {
+            id,
+            machine: &i.machine,
+            version: i.version,
+            state: &i.state,
+            ctx: &i.ctx,
+            last_event_id: i.last_event_id.as_deref(),
+            last_wal_offset: i.last_wal_offset,
+            created_offset: i.created_offset,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+            deleted: i.deleted,
+        },
+    );
+}
+
+fn push_idem(out: &mut Vec<u8>, id: &str, key: &str, c: &Cached, at: i64) {
+    use std::borrow::Cow::Borrowed;
+    let line = match c {
+        Cached::Create { state, wal_offset } => IdemLine {
+            id: Borrowed(id),
+            key: Borrowed(key),
+            at,
+            wal_offset: *wal_offset,
+            state: Borrowed(state),
+            incarnation: None,
+            from_state: None,
+            ctx: None,
+        },
+        Cached::Apply {
+            incarnation,
+            from_state,
+            to_state,
+            ctx,
+            wal_offset,
+        } => IdemLine {
+            id: Borrowed(id),
+            key: Borrowed(key),
+            at,
+            wal_offset: *wal_offset,
+            state: Borrowed(to_state),
+            incarnation: Some(*incarnation),
+            from_state: Some(Borrowed(from_state)),
+            ctx: Some(Borrowed(ctx)),
+        },
+    };
+    push_line(out, b'K', &line);
+}
+
+// ---- writing -------------------------------------------------------------
+
+enum SinkMsg {
+    Data(Vec<u8>),
+    Finish,
+}
+
+/// Computes the CRC of everything written through it.
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+    len: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// The writer thread: compresses chunks into `<name>.tmp`; on `Finish`
+/// writes the trailer, fsyncs, renames and fsyncs the directory. If the
+/// shard goes away without `Finish`, the temporary file is removed.
+fn write_file(
+    dir: PathBuf,
+    shard: u32,
+    start: u64,
+    rx: flume::Receiver<SinkMsg>,
+) -> Result<Option<SnapshotFile>, SnapshotError> {
+    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let path = dir.join(file_name(start));
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        let mut header = Vec::with_capacity(HEADER);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT.to_le_bytes());
+        header.extend_from_slice(&shard.to_le_bytes());
+        header.extend_from_slice(&start.to_le_bytes());
+        header.extend_from_slice(&0u64.to_le_bytes());
+        let mut out = CrcWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            crc: 0,
+            len: 0,
+        };
+        out.write_all(&header).map_err(io_err("writing", &tmp))?;
+        let mut z = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
+            .map_err(io_err("starting compression for", &tmp))?;
+        let mut finished = false;
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                SinkMsg::Data(d) => z.write_all(&d).map_err(io_err("writing", &tmp))?,
+                SinkMsg::Finish => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        if !finished {
+            return Ok(None);
+        }
+        let mut out = z.finish().map_err(io_err("writing", &tmp))?;
+        let body = out.len - HEADER as u64;
+        let crc = out.crc;
+        let mut trailer = Vec::with_capacity(TRAILER);
+        trailer.extend_from_slice(&body.to_le_bytes());
+        trailer.extend_from_slice(&crc.to_le_bytes());
+        trailer.extend_from_slice(&0u32.to_le_bytes());
+        trailer.extend_from_slice(END_MAGIC);
+        out.inner
+            .write_all(&trailer)
+            .map_err(io_err("writing", &tmp))?;
+        let file = out
+            .inner
+            .into_inner()
+            .map_err(|e| io_err("writing", &tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("syncing", &tmp))?;
+        let size = file
+            .metadata()
+            .map_err(io_err("reading size of", &tmp))?
+            .len();
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+        sync_dir(&dir)?;
+        Ok(Some(SnapshotFile {
+            path: path.clone(),
+            start_offset: start,
+            size,
+            checksum: format!("{crc:08x}"),
+        }))
+    })();
+    if !matches!(result, Ok(Some(_))) {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// What a step of a snapshot did.
+#[derive(Debug)]
+pub enum Step {
+    /// More to do; call again on a later turn.
+    More,
+    /// The writer thread is behind: wait a little before the next step.
+    Blocked,
+    /// Everything is handed to the writer thread; its result arrives on
+    /// the returned channel.
+    Finished(flume::Receiver<Result<SnapshotFile, String>>),
+    /// The snapshot could not stay point-in-time and was abandoned.
+    Abandoned(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Instances,
+    Idempotency,
+    Done,
+}
+
+/// A snapshot in progress on a shard (see the module doc).
+pub struct SnapshotJob {
+    start: u64,
+    phase: Phase,
+    idem_next: u64,
+    idem_end: u64,
+    counts: EndLine,
+    buf: Vec<u8>,
+    tx: Option<flume::Sender<SinkMsg>>,
+    done: flume::Receiver<Result<SnapshotFile, String>>,
+}
+
+impl SnapshotJob {
+    /// Starts a snapshot of `engine` covering every record below `start`
+    /// (the shard must have applied all of them and none above). Starts
+    /// the writer thread.
+    pub fn begin(engine: &mut Engine, dir: PathBuf, shard: u32, start: u64, now: i64) -> Self {
+        assert!(engine.snap.is_none(), "one snapshot at a time");
+        engine.snap = Some(SnapCursor {
+            next: 0,
+            end: engine.instances.len(),
+            ..SnapCursor::default()
+        });
+        let mut buf = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
+        let mut aborted: Vec<String> = engine.aborted.iter().cloned().collect();
+        aborted.sort_unstable();
+        push_line(
+            &mut buf,
+            b'H',
+            &MetaLine {
+                format: FORMAT,
+                shard,
+                start_offset: start,
+                created_at: now,
+                aborted,
+            },
+        );
+        let mut counts = EndLine::default();
+        let mut names: Vec<&String> = engine.machines.keys().collect();
+        names.sort_unstable();
+        for name in names {
+            for (v, def) in &engine.machines[name] {
+                push_line(
+                    &mut buf,
+                    b'M',
+                    &MachineOut {
+                        machine: name,
+                        version: *v,
+                        checksum: def.checksum(),
+                        definition: def.normalized(),
+                    },
+                );
+                counts.machines += 1;
+            }
+        }
+        let (tx, rx) = flume::bounded(CHUNKS_IN_FLIGHT);
+        let (done_tx, done) = flume::bounded(1);
+        let spawned = std::thread::Builder::new()
+            .name(format!("snapshot-{shard}"))
+            .spawn(move || {
+                let r = match write_file(dir, shard, start, rx) {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => Err("snapshot abandoned".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = done_tx.send(r);
+            });
+        let tx = match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                let (done_tx, done_rx) = flume::bounded(1);
+                let _ = done_tx.send(Err(format!("cannot start the snapshot thread: {e}")));
+                return SnapshotJob {
+                    start,
+                    phase: Phase::Done,
+                    idem_next: 0,
+                    idem_end: 0,
+                    counts,
+                    buf,
+                    tx: None,
+                    done: done_rx,
+                };
+            }
+        };
+        SnapshotJob {
+            start,
+            phase: Phase::Instances,
+            idem_next: 0,
+            idem_end: engine.idempotency.next_seq(),
+            counts,
+            buf,
+            tx,
+            done,
+        }
+    }
+
+    /// The snapshot's start offset.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Serializes for about `budget`, handing full chunks to the writer.
+    pub fn step(&mut self, engine: &mut Engine, budget: Duration) -> Step {
+        if let Some(why) = engine.snap.as_ref().and_then(|s| s.broken) {
+            self.abandon(engine);
+            return Step::Abandoned(why);
+        }
+        if self.phase == Phase::Done {
+            engine.snap = None;
+            return Step::Finished(self.done.clone());
+        }
+        let Some(tx) = self.tx.clone() else {
+            unreachable!("a job without a writer is Done")
+        };
+        if tx.is_full() {
+            return Step::Blocked;
+        }
+        let began = Instant::now();
+        while self.buf.len() < CHUNK_BYTES && began.elapsed() < budget {
+            match self.phase {
+                Phase::Instances => {
+                    let snap = engine.snap.as_mut().expect("set by begin");
+                    let stop = (snap.next + 256).min(snap.end);
+                    while snap.next < stop && self.buf.len() < CHUNK_BYTES {
+                        let i = snap.next;
+                        snap.next += 1;
+                        let (id, current) = engine.instances.get_index(i).expect("below end");
+                        let value = snap.shadow.remove(&i);
+                        push_instance(&mut self.buf, id, value.as_ref().unwrap_or(current));
+                        self.counts.instances += 1;
+                    }
+                    if snap.next == snap.end {
+                        debug_assert!(snap.shadow.is_empty());
+                        self.phase = Phase::Idempotency;
+                    }
+                }
+                Phase::Idempotency => {
+                    let buf = &mut self.buf;
+                    let counts = &mut self.counts;
+                    self.idem_next = engine.idempotency.visit_from(
+                        self.idem_next,
+                        self.idem_end,
+                        256,
+                        |id, key, c, at| {
+                            push_idem(buf, id, key, c, at);
+                            counts.idempotency += 1;
+                        },
+                    );
+                    if self.idem_next >= self.idem_end {
+                        push_line(&mut self.buf, b'E', &self.counts);
+                        self.phase = Phase::Done;
+                        break;
+                    }
+                }
+                Phase::Done => break,
+            }
+        }
+        if !self.buf.is_empty() && (self.buf.len() >= CHUNK_BYTES || self.phase == Phase::Done) {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES + 65536));
+            if tx.try_send(SinkMsg::Data(chunk)).is_err() {
+                // The writer thread died (its error is in `done`).
+                self.abandon(engine);
+                return Step::Finished(self.done.clone());
+            }
+        }
+        if self.phase == Phase::Done {
+            engine.snap = None;
+            let tx = self.tx.take().expect("present until done");
+            if tx.send(SinkMsg::Finish).is_err() {
+                tracing::debug!("snapshot writer gone before finish");
+            }
+            return Step::Finished(self.done.clone());
+        }
+        Step::More
+    }
+
+    /// Gives up: the writer thread removes its temporary file.
+    pub fn abandon(&mut self, engine: &mut Engine) {
+        engine.snap = None;
+        self.tx = None;
+        self.phase = Phase::Done;
+    }
+}
+
+// ---- reading -------------------------------------------------------------
+
+/// Header fields checked without reading the whole file.
+fn check_frame(path: &Path, bytes: &[u8], shard: u32) -> Result<(u64, u32), SnapshotError> {
+    let bad = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() < HEADER + TRAILER {
+        return Err(bad(format!("only {} bytes", bytes.len())));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(bad("bad magic".into()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    if u32_at(8) != FORMAT {
+        return Err(bad(format!("unknown format {}", u32_at(8))));
+    }
+    if u32_at(12) != shard {
+        return Err(bad(format!("belongs to shard {}, not {shard}", u32_at(12))));
+    }
+    let start = u64_at(16);
+    let t = bytes.len() - TRAILER;
+    if &bytes[t + 16..] != END_MAGIC {
+        return Err(bad("incomplete (no end marker)".into()));
+    }
+    let body = u64_at(t);
+    if body != (t - HEADER) as u64 {
+        return Err(bad(format!(
+            "body length {body} does not match the file ({})",
+            t - HEADER
+        )));
+    }
+    let crc = u32_at(t + 8);
+    let actual = crc32c::crc32c(&bytes[..t]);
+    if crc != actual {
+        return Err(bad(format!(
+            "checksum mismatch (stored {crc:08x}, computed {actual:08x})"
+        )));
+    }
+    Ok((start, crc))
+}
+
+/// A loaded snapshot.
+pub struct Loaded {
+    /// The engine state at `start_offset`.
+    pub engine: Engine,
+    /// Every record below this is in `engine`.
+    pub start_offset: u64,
+    /// Instances loaded (tombstones included).
+    pub instances: u64,
+}
+
+/// Loads and verifies a snapshot of shard `shard`.
+pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, SnapshotError> {
+    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    let (start, _) = check_frame(path, &bytes, shard)?;
+    let bad = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let body = &bytes[HEADER..bytes.len() - TRAILER];
+    let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| bad(e.to_string()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, decoder);
+    let mut engine = Engine::new(limits);
+    let mut counts = EndLine::default();
+    let mut end: Option<EndLine> = None;
+    let mut saw_meta = false;
+    let mut line = Vec::with_capacity(4096);
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        let read = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| bad(format!("decompressing: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if end.is_some() {
+            return Err(bad(format!("data after the end line (line {n})")));
+        }
+        if line.len() < 3 || line[1] != b' ' || line.last() != Some(&b'\n') {
+            return Err(bad(format!("malformed line {n}")));
+        }
+        let json = &line[2..line.len() - 1];
+        let parse_err = |e: serde_json::Error| bad(format!("line {n}: {e}"));
+        match (line[0], saw_meta) {
+            (b'H', false) => {
+                let m: MetaLine = serde_json::from_slice(json).map_err(parse_err)?;
+                if m.format != FORMAT || m.shard != shard || m.start_offset != start {
+                    return Err(bad("meta line does not match the header".into()));
+                }
+                engine.aborted.extend(m.aborted);
+                saw_meta = true;
+            }
+            (b'M', true) => {
+                let m: MachineIn = serde_json::from_slice(json).map_err(parse_err)?;
+                let def = MachineDef::from_json(&m.definition)
+                    .map_err(|e| bad(format!("machine {} v{}: {e}", m.machine, m.version)))?;
+                if def.checksum() != m.checksum {
+                    return Err(bad(format!(
+                        "machine {} v{}: checksum {} does not match {}",
+                        m.machine,
+                        m.version,
+                        def.checksum(),
+                        m.checksum
+                    )));
+                }
+                engine
+                    .machines
+                    .entry(m.machine)
+                    .or_default()
+                    .insert(m.version, Arc::new(def));
+                counts.machines += 1;
+            }
+            (b'I', true) => {
+                let i: InstanceIn = serde_json::from_slice(json).map_err(parse_err)?;
+                if i.last_wal_offset >= start.max(1) {
+                    return Err(bad(format!(
+                        "instance {} is at offset {}, not below the snapshot's {start}",
+                        i.id, i.last_wal_offset
+                    )));
+                }
+                let prev = engine.instances.insert(
+                    i.id,
+                    Instance {
+                        machine: i.machine,
+                        version: i.version,
+                        state: i.state,
+                        ctx: i.ctx,
+                        last_event_id: i.last_event_id,
+                        last_wal_offset: i.last_wal_offset,
+                        created_offset: i.created_offset,
+                        created_at: i.created_at,
+                        updated_at: i.updated_at,
+                        deleted: i.deleted,
+                    },
+                );
+                if prev.is_some() {
+                    return Err(bad(format!("instance listed twice (line {n})")));
+                }
+                counts.instances += 1;
+            }
+            (b'K', true) => {
+                let k: IdemLine<'_> = serde_json::from_slice(json).map_err(parse_err)?;
+                let cached = match (k.incarnation, k.from_state, k.ctx) {
+                    (None, None, None) => Cached::Create {
+                        state: k.state.into_owned(),
+                        wal_offset: k.wal_offset,
+                    },
+                    (Some(incarnation), Some(from), Some(ctx)) => Cached::Apply {
+                        incarnation,
+                        from_state: from.into_owned(),
+                        to_state: k.state.into_owned(),
+                        ctx: ctx.into_owned(),
+                        wal_offset: k.wal_offset,
+                    },
+                    _ => return Err(bad(format!("line {n}: incomplete idempotency entry"))),
+                };
+                let _ = engine.idempotency.insert(&k.id, &k.key, cached, k.at);
+                counts.idempotency += 1;
+            }
+            (b'E', true) => {
+                end = Some(serde_json::from_slice(json).map_err(parse_err)?);
+            }
+            (tag, _) => {
+                return Err(bad(format!(
+                    "unexpected line {n} (tag {:?})",
+                    char::from(tag)
+                )))
+            }
+        }
+    }
+    // The reader must have consumed the whole zstd stream.
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    match end {
+        Some(e) if e == counts => {}
+        Some(e) => {
+            return Err(bad(format!(
+                "counts {counts:?} do not match the end line {e:?}"
+            )))
+        }
+        None => return Err(bad("no end line".into())),
+    }
+    engine.max_offset = start.saturating_sub(1);
+    Ok(Loaded {
+        engine,
+        start_offset: start,
+        instances: counts.instances,
+    })
+}
+
+/// Reads just the checksum and start offset of a snapshot file (verifying
+/// its CRC).
+pub fn verify(path: &Path, shard: u32) -> Result<(u64, String), SnapshotError> {
+    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    let (start, crc) = check_frame(path, &bytes, shard)?;
+    Ok((start, format!("{crc:08x}")))
+}
