@@ -536,7 +536,10 @@ impl SnapshotJob {
             return Step::Blocked;
         }
         let began = Instant::now();
-        while self.buf.len() < CHUNK_BYTES && began.elapsed() < budget {
+        // At least one slice per step, however small the budget.
+        let mut first = true;
+        while first || (self.buf.len() < CHUNK_BYTES && began.elapsed() < budget) {
+            first = false;
             match self.phase {
                 Phase::Instances => {
                     let snap = engine.snap.as_mut().expect("set by begin");
@@ -803,4 +806,271 @@ pub fn verify(path: &Path, shard: u32) -> Result<(u64, String), SnapshotError> {
     let bytes = fs::read(path).map_err(io_err("reading", path))?;
     let (start, crc) = check_frame(path, &bytes, shard)?;
     Ok((start, format!("{crc:08x}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::{ApplyEvent, Command, Reply};
+    use crate::engine::Offsets;
+    use serde_json::json;
+
+    fn limits() -> EngineLimits {
+        EngineLimits {
+            idempotency_entries: 1000,
+            idempotency_max_age_ms: 0,
+        }
+    }
+
+    /// A test engine and its next free offset.
+    struct T {
+        e: Engine,
+        next: u64,
+    }
+
+    impl T {
+        fn new() -> T {
+            let mut t = T {
+                e: Engine::new(&limits()),
+                next: 1,
+            };
+            let def = json!({"states": ["a", "b"], "initial": "a", "transitions": [
+                {"from": "a", "event": "GO", "to": "b"}, {"from": "b", "event": "GO", "to": "a"}]});
+            t.run(Command::PutMachine {
+                machine: "m".into(),
+                version: 1,
+                def: Ok(Arc::new(MachineDef::from_json(&def).unwrap())),
+                raw: Arc::new(def),
+                max_versions: 0,
+            });
+            t
+        }
+
+        fn run(&mut self, cmd: Command) -> Reply {
+            let mut o = Offsets::new(self.next, self.next + 1);
+            let r = self.e.execute(cmd, &mut o, 1_700_000_000_000);
+            assert!(!matches!(r, Reply::Error(_)), "{r:?}");
+            for s in self.e.take_staged() {
+                self.next = self.next.max(s.offset + 1);
+            }
+            self.e.commit_done();
+            r
+        }
+
+        fn create(&mut self, id: &str, n: i64) {
+            self.run(Command::CreateInstance {
+                instance_id: id.into(),
+                machine: "m".into(),
+                version: 1,
+                initial_ctx: json!({"n": n}),
+                idempotency_key: Some(format!("c-{id}")),
+                allow_recreate: true,
+            });
+        }
+
+        fn apply(&mut self, id: &str, n: i64) {
+            self.run(Command::ApplyEvent(ApplyEvent {
+                instance_id: id.into(),
+                event: "GO".into(),
+                payload: json!({"n": n}),
+                expected_state: None,
+                expected_wal_offset: None,
+                event_id: Some(format!("ev-{n}")),
+                idempotency_key: Some(format!("k-{n}")),
+            }));
+        }
+
+        /// Runs a snapshot to the end, calling `between` after every step.
+        fn snapshot(&mut self, dir: &Path, mut between: impl FnMut(&mut T)) -> SnapshotFile {
+            let start = self.next;
+            let mut job = SnapshotJob::begin(&mut self.e, dir.to_path_buf(), 0, start, 5);
+            loop {
+                match job.step(&mut self.e, Duration::from_micros(1)) {
+                    Step::More | Step::Blocked => between(self),
+                    Step::Finished(done) => return done.recv().unwrap().unwrap(),
+                    Step::Abandoned(why) => panic!("abandoned: {why}"),
+                }
+            }
+        }
+    }
+
+    fn view(e: &Engine) -> Vec<(String, Instance)> {
+        let mut v: Vec<(String, Instance)> = e
+            .instances
+            .iter()
+            .map(|(k, i)| (k.clone(), i.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = T::new();
+        for i in 0..500 {
+            t.create(&format!("i{i}"), i);
+        }
+        for i in 0..500 {
+            t.apply(&format!("i{}", i % 37), i);
+        }
+        t.run(Command::DeleteInstance {
+            instance_id: "i3".into(),
+            idempotency_key: None,
+        });
+        t.e.aborted.insert("b-1".into());
+        let f = t.snapshot(dir.path(), |_| {});
+        assert_eq!(f.start_offset, t.next);
+        let l = load(&f.path, 0, &limits()).unwrap();
+        assert_eq!(view(&l.engine), view(&t.e));
+        assert_eq!(l.instances, 500);
+        assert_eq!(l.engine.max_offset, t.next - 1);
+        assert!(l.engine.aborted.contains("b-1"));
+        assert_eq!(l.engine.machine_defs().len(), 1);
+        // The idempotency window came along: same entries, same answers.
+        let mut a = Vec::new();
+        t.e.idempotency.visit_from(0, u64::MAX, usize::MAX, |i, k, c, at| {
+            a.push((i.to_owned(), k.to_owned(), c.clone(), at))
+        });
+        let mut b = Vec::new();
+        l.engine
+            .idempotency
+            .visit_from(0, u64::MAX, usize::MAX, |i, k, c, at| {
+                b.push((i.to_owned(), k.to_owned(), c.clone(), at))
+            });
+        assert_eq!(a.len(), 1000);
+        assert_eq!(a, b);
+        let (start, sum) = verify(&f.path, 0).unwrap();
+        assert_eq!((start, sum), (f.start_offset, f.checksum));
+    }
+
+    #[test]
+    fn changes_during_a_snapshot_do_not_leak_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = T::new();
+        for i in 0..2000 {
+            t.create(&format!("i{i}"), i);
+        }
+        let at_start = view(&t.e);
+        let mut k = 10_000;
+        let f = t.snapshot(dir.path(), |t| {
+            // Touch early and late positions, recreate, delete, add.
+            for id in ["i0", "i1999", "i1000"] {
+                k += 1;
+                t.apply(id, k);
+            }
+            k += 1;
+            t.create(&format!("new{k}"), k);
+            t.run(Command::DeleteInstance {
+                instance_id: format!("i{}", k % 2000),
+                idempotency_key: None,
+            });
+        });
+        let l = load(&f.path, 0, &limits()).unwrap();
+        assert_eq!(view(&l.engine), at_start);
+        assert!(t.e.snap.is_none());
+        assert_ne!(view(&t.e), at_start, "the live state did move on");
+    }
+
+    #[test]
+    fn a_rolled_back_change_during_a_snapshot_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = T::new();
+        for i in 0..600 {
+            t.create(&format!("i{i}"), i);
+        }
+        let at_start = view(&t.e);
+        let f = t.snapshot(dir.path(), |t| {
+            let mark = t.e.mark();
+            let mut o = Offsets::new(t.next, t.next + 2);
+            t.e.execute(
+                Command::ApplyEvent(ApplyEvent {
+                    instance_id: "i599".into(),
+                    event: "GO".into(),
+                    payload: json!({"n": -1}),
+                    expected_state: None,
+                    expected_wal_offset: None,
+                    event_id: None,
+                    idempotency_key: None,
+                }),
+                &mut o,
+                9,
+            );
+            t.e.rollback_to(mark);
+        });
+        assert_eq!(view(&load(&f.path, 0, &limits()).unwrap().engine), at_start);
+    }
+
+    #[test]
+    fn flush_all_during_a_snapshot_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = T::new();
+        for i in 0..600 {
+            t.create(&format!("i{i}"), i);
+        }
+        let start = t.next;
+        let mut job = SnapshotJob::begin(&mut t.e, dir.path().to_path_buf(), 0, start, 5);
+        assert!(matches!(
+            job.step(&mut t.e, Duration::from_micros(1)),
+            Step::More
+        ));
+        t.run(Command::FlushAll);
+        assert!(matches!(
+            job.step(&mut t.e, Duration::from_micros(1)),
+            Step::Abandoned(_)
+        ));
+        assert!(t.e.snap.is_none());
+        drop(job);
+        // The writer thread removes its temporary file.
+        for _ in 0..200 {
+            if list(dir.path()).unwrap().is_empty()
+                && std::fs::read_dir(dir.path()).unwrap().count() == 0
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("temporary snapshot file left behind");
+    }
+
+    #[test]
+    fn damage_anywhere_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = T::new();
+        for i in 0..50 {
+            t.create(&format!("i{i}"), i);
+        }
+        let f = t.snapshot(dir.path(), |_| {});
+        let good = std::fs::read(&f.path).unwrap();
+        let mut positions: Vec<usize> = (0..good.len()).step_by(97).collect();
+        positions.push(good.len() - 1);
+        for pos in positions {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x40;
+            std::fs::write(&f.path, &bad).unwrap();
+            assert!(
+                matches!(load(&f.path, 0, &limits()), Err(SnapshotError::Corrupt { .. })),
+                "flip at {pos} went unnoticed"
+            );
+        }
+        std::fs::write(&f.path, &good[..good.len() - 5]).unwrap();
+        assert!(load(&f.path, 0, &limits()).is_err());
+        std::fs::write(&f.path, &good).unwrap();
+        assert!(load(&f.path, 1, &limits()).is_err(), "another shard's file");
+        assert!(load(&f.path, 0, &limits()).is_ok());
+    }
+
+    #[test]
+    fn names_sort_by_offset() {
+        assert_eq!(parse_name(&file_name(42)), Some(42));
+        assert_eq!(parse_name("snap-1.snap"), None);
+        let dir = tempfile::tempdir().unwrap();
+        for o in [5u64, 300, 20] {
+            std::fs::write(dir.path().join(file_name(o)), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("snap-x.tmp"), b"x").unwrap();
+        let l: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(l, vec![300, 20, 5]);
+        assert!(!dir.path().join("snap-x.tmp").exists());
+    }
 }
