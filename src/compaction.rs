@@ -235,6 +235,7 @@ impl Compactor {
                 .map_err(|_| internal("shard unavailable (server shutting down)"))?;
         }
         drop(ctx);
+        let mut retained = manifest.clone();
         for _ in 0..n {
             let (shard, o) = crx
                 .recv_async()
@@ -244,8 +245,35 @@ impl Compactor {
             report.bytes_reclaimed += o.bytes_reclaimed;
             report.total_snapshots += o.snapshots;
             report.wal_segments += o.wal_segments;
+            let e = &mut retained.shards[shard];
+            e.wal_floor = e.wal_floor.min(o.retained_from);
             if let Some(e) = o.error {
                 failure.get_or_insert(format!("shard {shard}: {e}"));
+            }
+        }
+        // 6. Where retention (or segment granularity) kept more WAL than the
+        // floor allowed to drop, say so: recovery may then fall back to an
+        // older snapshot, and subscribers may start lower.
+        if retained != manifest {
+            let root = self.data_root.clone();
+            let to_write = retained.clone();
+            match glommio::executor()
+                .spawn_blocking(move || to_write.write(&root))
+                .await
+            {
+                Ok(()) => {
+                    let highest = retained
+                        .shards
+                        .iter()
+                        .map(|e| e.wal_floor)
+                        .max()
+                        .unwrap_or(0);
+                    self.hub.borrow_mut().wal_floor = highest;
+                    *self.manifest.borrow_mut() = retained;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not lower the WAL floors in the manifest")
+                }
             }
         }
         if report.snapshots_created > 0 || report.segments_deleted > 0 {

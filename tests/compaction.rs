@@ -348,3 +348,91 @@ fn snapshot_instance_writes_a_readable_file() {
     assert_eq!(code, "BAD_REQUEST");
     assert!(msg.ends_with("missing instance_id"), "{msg}");
 }
+
+fn snapshot_files(data: &Path, shard: usize) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(data.join(format!("shard-{shard:03}")).join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip_byte_in_the_middle(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_newest_snapshot_falls_back_to_an_older_one_and_the_wal() {
+    let dir = common::data_dir("snap-fallback");
+    // Retention keeps every segment, so the older snapshot stays usable.
+    let env = [
+        ("RSTMDB_COMPACT_ENABLED", "0"),
+        ("RSTMDB_COMPACT_RETENTION_SECS", "3600"),
+    ];
+    let mut server = Server::start(dir.path(), opts(&env));
+    let mut c = server.client();
+    let applied = populate(&mut c);
+    c.ok("COMPACT", json!({"force_snapshot": true}));
+    for i in (1..N).step_by(3) {
+        if i % 40 != 0 {
+            c.ok(
+                "APPLY_EVENT",
+                json!({"instance_id": id(i), "event": "SHIP"}),
+            );
+        }
+    }
+    let r = c.ok("COMPACT", json!({"force_snapshot": true}));
+    assert_eq!(r["segments_deleted"], 0, "retention kept them: {r}");
+    let before = state_of_all(&mut c);
+    drop(c);
+    assert_eq!(server.stop(), Some(0));
+    for shard in 0..2 {
+        let snaps = snapshot_files(dir.path(), shard);
+        assert_eq!(snaps.len(), 2, "{snaps:?}");
+        flip_byte_in_the_middle(snaps.last().unwrap());
+    }
+    server.restart();
+    check_after_restart(&server, &before, &applied);
+    assert!(
+        server.log_text().contains("skipping damaged snapshot"),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn no_usable_snapshot_stops_start_up_with_a_clear_message() {
+    let dir = common::data_dir("snap-none-left");
+    let mut server = Server::start(dir.path(), opts(MANUAL));
+    let mut c = server.client();
+    let applied = populate(&mut c);
+    let r = c.ok("COMPACT", json!({"force_snapshot": true}));
+    assert!(r["segments_deleted"].as_u64().unwrap() > 0, "{r}");
+    let before = state_of_all(&mut c);
+    drop(c);
+    assert_eq!(server.stop(), Some(0));
+    let snap = snapshot_files(dir.path(), 0).pop().unwrap();
+    let good = std::fs::read(&snap).unwrap();
+    flip_byte_in_the_middle(&snap);
+
+    let mut broken = Server::spawn(dir.path(), opts(MANUAL));
+    let (code, log) = broken.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("shard 0")
+            && log.contains("compacted away")
+            && log.contains("checksum mismatch"),
+        "{log}"
+    );
+    drop(broken);
+
+    // Nothing was touched: with the file repaired, everything is back.
+    std::fs::write(&snap, good).unwrap();
+    server.restart();
+    check_after_restart(&server, &before, &applied);
+}

@@ -160,6 +160,9 @@ pub struct CompactOutcome {
     pub wal_segments: u64,
     /// Snapshot files left.
     pub snapshots: u64,
+    /// Every record at or above this offset is still in the WAL (at most
+    /// the requested floor; lower when retention kept segments).
+    pub retained_from: u64,
     /// First error met while deleting, if any (the log is intact either
     /// way: segments are only ever deleted oldest first).
     pub error: Option<String>,
@@ -785,6 +788,9 @@ impl Snapshots {
         });
         let seg_size = writer.segment_size();
         let wal_segments = writer.segments().len() as u64;
+        let retained_from = writer
+            .retained_from()
+            .map_or(req.floor, |r| r.min(req.floor));
         let (wal_dir, snap_dir, shard) = (cfg.wal.dir.clone(), cfg.snapshot_dir.clone(), cfg.id);
         let keep = req.keep_snapshots.max(1);
         let latest = self.latest;
@@ -793,6 +799,7 @@ impl Snapshots {
                 .spawn_blocking(move || {
                     let mut out = CompactOutcome {
                         wal_segments,
+                        retained_from,
                         ..CompactOutcome::default()
                     };
                     for p in &paths {

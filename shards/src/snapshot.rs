@@ -929,9 +929,10 @@ mod tests {
         assert_eq!(l.engine.machine_defs().len(), 1);
         // The idempotency window came along: same entries, same answers.
         let mut a = Vec::new();
-        t.e.idempotency.visit_from(0, u64::MAX, usize::MAX, |i, k, c, at| {
-            a.push((i.to_owned(), k.to_owned(), c.clone(), at))
-        });
+        t.e.idempotency
+            .visit_from(0, u64::MAX, usize::MAX, |i, k, c, at| {
+                a.push((i.to_owned(), k.to_owned(), c.clone(), at))
+            });
         let mut b = Vec::new();
         l.engine
             .idempotency
@@ -1049,7 +1050,10 @@ mod tests {
             bad[pos] ^= 0x40;
             std::fs::write(&f.path, &bad).unwrap();
             assert!(
-                matches!(load(&f.path, 0, &limits()), Err(SnapshotError::Corrupt { .. })),
+                matches!(
+                    load(&f.path, 0, &limits()),
+                    Err(SnapshotError::Corrupt { .. })
+                ),
                 "flip at {pos} went unnoticed"
             );
         }

@@ -350,6 +350,18 @@ impl WalWriter {
         out
     }
 
+    /// The lowest offset from which every record is still in the log: 0
+    /// while no segment was ever removed (the log starts at segment 1),
+    /// else the first offset of the oldest segment (`None` if that one
+    /// holds no record yet: everything before it is gone).
+    pub fn retained_from(&self) -> Option<u64> {
+        match self.segments.first() {
+            Some(s) if s.id == 1 => Some(0),
+            Some(s) if s.first_offset != 0 => Some(s.first_offset),
+            _ => None,
+        }
+    }
+
     /// Size of a full segment file on disk.
     pub fn segment_size(&self) -> u64 {
         self.cfg.segment_size
