@@ -101,18 +101,49 @@ fn writer(
     log
 }
 
-#[test]
-fn kill_9_under_load_loses_no_acknowledged_write() {
-    let cycles: usize = std::env::var("CRASH_CYCLES")
+fn cycles() -> usize {
+    std::env::var("CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let dir = common::data_dir("crash");
+        .unwrap_or(10)
+}
+
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_write() {
+    crash_cycles("crash", cycles(), &[("RSTMDB_COMPACT_ENABLED", "0")], false);
+}
+
+/// The same while snapshots and compaction run all the time: automatic
+/// rounds every 50 records per shard, and a client asking for COMPACT in a
+/// loop, so kills land before, during and after snapshot writes, manifest
+/// updates and segment deletions.
+#[test]
+fn kill_9_during_snapshots_and_compaction_loses_no_acknowledged_write() {
+    crash_cycles(
+        "crash-compact",
+        cycles(),
+        &[
+            ("RSTMDB_COMPACT_EVENTS", "50"),
+            ("RSTMDB_COMPACT_SIZE_MB", "1"),
+            ("RSTMDB_COMPACT_INTERVAL", "0"),
+        ],
+        true,
+    );
+}
+
+/// Runs writers (and a COMPACT loop if `compact`) against a server killed
+/// with SIGKILL `cycles` times, checking every acknowledged write after
+/// each restart.
+fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool) {
+    let dir = common::data_dir(name);
     let opts = Opts {
         shards: 2,
         fsync: "every_write",
         segment_mb: 1,
-        ..Opts::default()
+        extra_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     let mut server = Server::start(dir.path(), opts);
     server.client().ok(
@@ -123,8 +154,25 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
     let mut logs: Vec<WriterLog> = (0..WRITERS).map(|_| WriterLog::default()).collect();
     let mut total_acked_writes = 0u64;
     let mut total_in_flight = 0u64;
+    let mut compactions = 0u64;
     for cycle in 0..cycles {
         let stop = Arc::new(AtomicBool::new(false));
+        let compactor = compact.then(|| {
+            let (addr, stop) = (server.addr, stop.clone());
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match c.try_call("COMPACT", &json!({"force_snapshot": true})) {
+                        Some(r) if r["status"] == "ok" => done += 1,
+                        Some(r) => panic!("COMPACT failed: {r}"),
+                        None => break,
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                done
+            })
+        });
         let handles: Vec<_> = logs
             .drain(..)
             .enumerate()
@@ -142,6 +190,9 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
             .into_iter()
             .map(|h| h.join().expect("writer thread"))
             .collect();
+        if let Some(h) = compactor {
+            compactions += h.join().expect("compactor thread");
+        }
         server.restart();
 
         let mut c = server.client();
@@ -225,7 +276,7 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
         }
         total_acked_writes = acked_writes;
         let instances: usize = logs.iter().map(|l| l.acked.len()).sum();
-        println!("cycle {cycle}: acknowledged writes so far {acked_writes}, instances {instances}, lost 0");
+        println!("{name} cycle {cycle}: acknowledged writes so far {acked_writes}, instances {instances}, COMPACTs answered {compactions}, lost 0");
     }
     // New writes work after the last restart.
     let mut c = server.client();
@@ -235,7 +286,27 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
     );
     let id = r["instance_id"].as_str().unwrap();
     c.ok("APPLY_EVENT", json!({"instance_id": id, "event": "PAY"}));
+    if compact {
+        assert!(compactions > 0, "no COMPACT completed");
+        let snaps = std::fs::read_dir(dir.path().join("shard-000/snapshots"))
+            .unwrap()
+            .count();
+        assert!(snaps > 0, "snapshots were written");
+        let oldest = std::fs::read_dir(dir.path().join("shard-000/wal"))
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".wal")
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+            })
+            .min()
+            .unwrap();
+        assert!(
+            oldest > 1,
+            "compaction deleted segments (oldest is {oldest})"
+        );
+    }
     println!(
-        "CRASH SUMMARY: cycles={cycles} acknowledged_writes={total_acked_writes} recovered={total_acked_writes} lost=0 in_flight_at_kill={total_in_flight}"
+        "CRASH SUMMARY ({name}): cycles={cycles} acknowledged_writes={total_acked_writes} recovered={total_acked_writes} lost=0 in_flight_at_kill={total_in_flight} compacts={compactions}"
     );
 }
