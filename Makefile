@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash clean
+.PHONY: all build run test tools lint fmt compat crash bench-recovery clean
 
 all: build
 
@@ -53,6 +53,10 @@ compat: tools
 crash:
 	CRASH_CYCLES=$(CRASH_CYCLES) ATOMIC_CRASH_CYCLES=$(ATOMIC_CRASH_CYCLES) \
 		$(CARGO) test --release --test crash --test atomic_crash -- --nocapture
+
+## Recovery time (snapshot + tail vs WAL only) and the snapshot pause, see docs/PERFORMANCE.md.
+bench-recovery:
+	bench/recovery.sh
 
 clean:
 	$(CARGO) clean

@@ -347,6 +347,8 @@ pub async fn run(
                             None => continue,
                         }
                     } else {
+                        // Let the executor's other tasks and I/O run.
+                        future::yield_now().await;
                         continue;
                     }
                 }
@@ -669,7 +671,7 @@ pub async fn run(
 /// Serialization time a snapshot gets per turn of a busy shard loop.
 const BUSY_SNAPSHOT_STEP: Duration = Duration::from_micros(500);
 /// ... and per turn while the shard has nothing else to do.
-const IDLE_SNAPSHOT_STEP: Duration = Duration::from_millis(2);
+const IDLE_SNAPSHOT_STEP: Duration = Duration::from_millis(1);
 
 /// The shard's snapshot bookkeeping.
 struct Snapshots {
@@ -722,9 +724,14 @@ impl Snapshots {
             return;
         }
         // Everything the snapshot will contain is durable in the WAL
-        // before the snapshot can be: the two never disagree.
-        if let Err(e) = writer.sync().await {
-            return fail(format!("syncing the WAL before the snapshot: {e}"));
+        // before the snapshot can be, so the two never disagree. With
+        // `never` the operator chose to risk the unsynced tail: flushing a
+        // large dirty log here would stall the shard for no promise made.
+        // (Recovery copes either way: offsets continue above the snapshot.)
+        if cfg.fsync != FsyncPolicy::Never {
+            if let Err(e) = writer.sync().await {
+                return fail(format!("syncing the WAL before the snapshot: {e}"));
+            }
         }
         // Every record of this shard so far is below the global next
         // offset, and every later one at or above it.

@@ -397,6 +397,18 @@ fn write_file(
     result
 }
 
+/// Makes the calling thread yield the CPU to the shards: compression is
+/// background work, and on a machine with as many busy threads as cores
+/// it would otherwise take time slices from request processing.
+fn lower_priority() {
+    // SAFETY: setpriority with PRIO_PROCESS and who = 0 affects only the
+    // calling thread on Linux; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc != 0 {
+        tracing::debug!("could not lower the snapshot thread's priority");
+    }
+}
+
 /// What a step of a snapshot did.
 #[derive(Debug)]
 pub enum Step {
@@ -478,6 +490,7 @@ impl SnapshotJob {
         let spawned = std::thread::Builder::new()
             .name(format!("snapshot-{shard}"))
             .spawn(move || {
+                lower_priority();
                 let r = match write_file(dir, shard, start, rx) {
                     Ok(Some(f)) => Ok(f),
                     Ok(None) => Err("snapshot abandoned".to_owned()),

@@ -1,0 +1,335 @@
+//! `rstmdb-bench`: load generation and benchmark scenarios against any
+//! RCP server (ours or the reference), over TCP.
+//!
+//! * `load`: registers a ring machine, creates instances and applies events
+//!   with pipelined connections; checks the end state of a sample.
+//! * `pause`: measures APPLY latency (one connection, one request at a time)
+//!   while a COMPACT snapshots everything: the longest pause a snapshot adds.
+
+mod rcp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use rcp::{result, Conn};
+
+#[derive(Parser)]
+#[command(
+    name = "rstmdb-bench",
+    about = "Load generator and benchmarks for rstmdb"
+)]
+struct Cli {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7401", global = true)]
+    addr: SocketAddr,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create instances and apply events, pipelined.
+    Load {
+        /// Instances to create (ids `b-0` … `b-{N-1}`).
+        #[arg(long, default_value_t = 10_000)]
+        instances: u64,
+        /// Events to apply, round-robin over the instances.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 4)]
+        connections: u64,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        pipeline: u64,
+        /// Bytes of filler in each instance's initial context.
+        #[arg(long, default_value_t = 0)]
+        ctx_bytes: usize,
+        /// Instances whose end state is checked (0 = all).
+        #[arg(long, default_value_t = 10_000)]
+        check: u64,
+    },
+    /// APPLY latency while a COMPACT {force_snapshot: true} runs.
+    Pause {
+        /// Instances (created by `load`) the applies go to.
+        #[arg(long, default_value_t = 10_000)]
+        instances: u64,
+        /// How long to measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// When to start the COMPACT.
+        #[arg(long, default_value_t = 2000)]
+        compact_at_ms: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.cmd {
+        Cmd::Load {
+            instances,
+            events,
+            connections,
+            pipeline,
+            ctx_bytes,
+            check,
+        } => load(
+            cli.addr,
+            instances,
+            events,
+            connections.max(1),
+            pipeline.max(1),
+            ctx_bytes,
+            check,
+        ),
+        Cmd::Pause {
+            instances,
+            seconds,
+            compact_at_ms,
+        } => pause(cli.addr, instances.max(1), seconds, compact_at_ms),
+    };
+    if let Err(e) = outcome {
+        eprintln!("rstmdb-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+const STATES: u64 = 4;
+
+fn ring_machine() -> Value {
+    let states: Vec<String> = (0..STATES).map(|i| format!("r{i}")).collect();
+    let transitions: Vec<Value> = (0..STATES)
+        .map(|i| {
+            json!({"from": format!("r{i}"), "event": "NEXT",
+                   "to": format!("r{}", (i + 1) % STATES), "guard": "ctx.n >= 0 && !ctx.blocked"})
+        })
+        .collect();
+    json!({"states": states, "initial": "r0", "transitions": transitions})
+}
+
+fn id(i: u64) -> String {
+    format!("b-{i}")
+}
+
+/// Runs `requests` (index → (op, params)) over `connections` pipelined
+/// connections; returns (elapsed, errors by message).
+fn run_pipelined(
+    addr: SocketAddr,
+    total: u64,
+    connections: u64,
+    pipeline: u64,
+    make: Arc<dyn Fn(u64) -> (&'static str, Value) + Send + Sync>,
+) -> Result<(Duration, Vec<String>), String> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..connections)
+        .map(|c| {
+            let make = make.clone();
+            std::thread::spawn(move || -> Result<Vec<String>, String> {
+                let mut conn = Conn::connect(addr).map_err(|e| e.to_string())?;
+                let mut errors = Vec::new();
+                // This connection's share: indexes c, c + C, c + 2C, ...
+                let mut next = c;
+                while next < total {
+                    let mut sent = 0;
+                    while sent < pipeline && next < total {
+                        let (op, params) = make(next);
+                        conn.queue(op, &params).map_err(|e| e.to_string())?;
+                        next += connections;
+                        sent += 1;
+                    }
+                    conn.flush().map_err(|e| e.to_string())?;
+                    for _ in 0..sent {
+                        let r = conn.read().map_err(|e| e.to_string())?;
+                        if let Err(e) = result(&r) {
+                            if errors.len() < 10 {
+                                errors.push(e);
+                            }
+                        }
+                    }
+                }
+                Ok(errors)
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for h in handles {
+        errors.extend(h.join().map_err(|_| "worker panicked".to_string())??);
+    }
+    Ok((started.elapsed(), errors))
+}
+
+fn load(
+    addr: SocketAddr,
+    instances: u64,
+    events: u64,
+    connections: u64,
+    pipeline: u64,
+    ctx_bytes: usize,
+    check: u64,
+) -> Result<(), String> {
+    let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+    let r = c
+        .call(
+            "PUT_MACHINE",
+            &json!({"machine": "ring", "version": 1, "definition": ring_machine()}),
+        )
+        .map_err(|e| e.to_string())?;
+    result(&r)?;
+    let filler = "f".repeat(ctx_bytes);
+    let (t_create, errors) = run_pipelined(
+        addr,
+        instances,
+        connections,
+        pipeline,
+        Arc::new(move |i| {
+            let ctx = if filler.is_empty() {
+                json!({"n": 0})
+            } else {
+                json!({"n": 0, "filler": filler})
+            };
+            (
+                "CREATE_INSTANCE",
+                json!({"instance_id": id(i), "machine": "ring", "version": 1, "initial_ctx": ctx}),
+            )
+        }),
+    )?;
+    if !errors.is_empty() {
+        return Err(format!("create errors: {errors:?}"));
+    }
+    println!(
+        "{}",
+        json!({"phase": "create", "requests": instances, "seconds": t_create.as_secs_f64(),
+               "per_second": instances as f64 / t_create.as_secs_f64()})
+    );
+    // Event k goes to instance k % N; round-robin keeps every connection's
+    // requests to one instance in order (k and k + N share a connection
+    // when N is a multiple of the connection count, or are N apart in
+    // sequence otherwise, far beyond any pipeline window).
+    let (t_apply, errors) = run_pipelined(
+        addr,
+        events,
+        connections,
+        pipeline,
+        Arc::new(move |k| {
+            (
+                "APPLY_EVENT",
+                json!({"instance_id": id(k % instances), "event": "NEXT", "payload": {"n": k}}),
+            )
+        }),
+    )?;
+    if !errors.is_empty() {
+        return Err(format!("apply errors: {errors:?}"));
+    }
+    println!(
+        "{}",
+        json!({"phase": "apply", "requests": events, "seconds": t_apply.as_secs_f64(),
+               "per_second": events as f64 / t_apply.as_secs_f64()})
+    );
+    // Consistency: instance i received ceil((events - i) / N) events.
+    let sample = if check == 0 {
+        instances
+    } else {
+        check.min(instances)
+    };
+    let step = (instances / sample.max(1)).max(1);
+    let mut wrong = 0u64;
+    let mut checked = 0u64;
+    let mut i = 0;
+    while i < instances && checked < sample {
+        let got = c
+            .call("GET_INSTANCE", &json!({"instance_id": id(i)}))
+            .map_err(|e| e.to_string())?;
+        let applied = if events > i {
+            (events - i).div_ceil(instances)
+        } else {
+            0
+        };
+        let want = format!("r{}", applied % STATES);
+        if result(&got)?["state"] != want.as_str() {
+            wrong += 1;
+        }
+        checked += 1;
+        i += step;
+    }
+    println!(
+        "{}",
+        json!({"phase": "check", "checked": checked, "wrong": wrong})
+    );
+    if wrong > 0 {
+        return Err(format!(
+            "{wrong} of {checked} instances are not in their expected state"
+        ));
+    }
+    Ok(())
+}
+
+fn pause(addr: SocketAddr, instances: u64, seconds: u64, compact_at_ms: u64) -> Result<(), String> {
+    let started = Instant::now();
+    let window = Arc::new((AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)));
+    let w = window.clone();
+    let compactor = std::thread::spawn(move || -> Result<Value, String> {
+        std::thread::sleep(Duration::from_millis(compact_at_ms));
+        let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+        w.0.store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+        let r = c
+            .call("COMPACT", &json!({"force_snapshot": true}))
+            .map_err(|e| e.to_string())?;
+        w.1.store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+        Ok(result(&r)?.clone())
+    });
+    let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+    let mut outside = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut during = outside.clone();
+    let mut k = 0u64;
+    let end = Duration::from_secs(seconds);
+    while started.elapsed() < end {
+        let t0 = Instant::now();
+        let at = started.elapsed().as_micros() as u64;
+        let r = c
+            .call(
+                "APPLY_EVENT",
+                &json!({"instance_id": id(k % instances), "event": "NEXT", "payload": {"n": k}}),
+            )
+            .map_err(|e| e.to_string())?;
+        let us = t0.elapsed().as_micros() as u64;
+        result(&r)?;
+        let (from, to) = (
+            window.0.load(Ordering::SeqCst),
+            window.1.load(Ordering::SeqCst),
+        );
+        // A request overlaps the compaction if it was in flight at any
+        // moment between the COMPACT's start and its answer.
+        let overlaps = from != u64::MAX && at + us >= from && (to == u64::MAX || at <= to);
+        if overlaps { &mut during } else { &mut outside }
+            .record(us.max(1))
+            .ok();
+        k += 1;
+    }
+    let report = compactor
+        .join()
+        .map_err(|_| "compactor panicked".to_string())??;
+    let (from, to) = (
+        window.0.load(Ordering::SeqCst),
+        window.1.load(Ordering::SeqCst),
+    );
+    let summary = |h: &Histogram<u64>| {
+        json!({"requests": h.len(), "p50_us": h.value_at_quantile(0.5),
+               "p99_us": h.value_at_quantile(0.99), "max_us": h.max()})
+    };
+    println!(
+        "{}",
+        json!({"compact_ms": (to.saturating_sub(from)) as f64 / 1000.0, "compact_result": report,
+               "apply_outside_compaction": summary(&outside),
+               "apply_during_compaction": summary(&during)})
+    );
+    if to == u64::MAX {
+        return Err("the COMPACT did not finish within the measurement".into());
+    }
+    Ok(())
+}
