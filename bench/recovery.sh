@@ -18,8 +18,8 @@ CONNECTIONS=${CONNECTIONS:-4}
 PIPELINE=${PIPELINE:-64}
 PORT=${PORT:-7409}
 DATA=${DATA:-$PWD/target/bench-recovery}
-BIN=target/release/rstmdb
-BENCH=target/release/rstmdb-bench
+BIN=${BIN:-target/release/rstmdb}
+BENCH=${BENCH:-target/release/rstmdb-bench}
 ADDR=127.0.0.1:$PORT
 LOG=$DATA.log
 
