@@ -809,23 +809,16 @@ impl Snapshots {
                         retained_from,
                         ..CompactOutcome::default()
                     };
-                    for p in &paths {
-                        match std::fs::remove_file(p) {
-                            Ok(()) => {
-                                out.segments_deleted += 1;
-                                out.bytes_reclaimed += seg_size;
-                            }
-                            Err(e) => {
-                                out.error = Some(format!("deleting {}: {e}", p.display()));
-                                break;
-                            }
-                        }
+                    // Out of the log at once (renamed, directory synced);
+                    // the space is freed gently in the background.
+                    let (retired, err) = rstmdb_wal::segment::retire(&wal_dir, &paths);
+                    out.segments_deleted = retired.len() as u64;
+                    out.bytes_reclaimed = retired.len() as u64 * seg_size;
+                    if let Some(e) = err {
+                        out.error = Some(e.to_string());
                     }
-                    if !paths.is_empty() {
-                        if let Err(e) = std::fs::File::open(&wal_dir).and_then(|d| d.sync_all()) {
-                            out.error
-                                .get_or_insert(format!("syncing {}: {e}", wal_dir.display()));
-                        }
+                    if !retired.is_empty() {
+                        free_in_background(shard, retired);
                     }
                     match crate::snapshot::list(&snap_dir) {
                         Ok(list) => {
@@ -856,6 +849,27 @@ impl Snapshots {
             let _ = req.reply_to.send_async((shard, outcome)).await;
         })
         .detach();
+    }
+}
+
+/// Frees retired segment files on a low-priority thread, a slice at a
+/// time (see [`rstmdb_wal::segment::remove_gradually`]). Files left by a
+/// crash are removed at the next start-up.
+fn free_in_background(shard: usize, files: Vec<std::path::PathBuf>) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("wal-free-{shard}"))
+        .spawn(move || {
+            crate::snapshot::lower_priority();
+            for f in files {
+                let step = 4 * 1024 * 1024;
+                let r = rstmdb_wal::segment::remove_gradually(&f, step, Duration::from_millis(2));
+                if let Err(e) = r {
+                    tracing::warn!(shard, file = %f.display(), error = %e, "freeing a retired WAL segment failed");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(shard, error = %e, "cannot start the thread freeing retired WAL segments");
     }
 }
 

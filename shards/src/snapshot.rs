@@ -400,7 +400,7 @@ fn write_file(
 /// Makes the calling thread yield the CPU to the shards: compression is
 /// background work, and on a machine with as many busy threads as cores
 /// it would otherwise take time slices from request processing.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: setpriority with PRIO_PROCESS and who = 0 affects only the
     // calling thread on Linux; no memory is passed.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
