@@ -303,6 +303,24 @@ fn rstmdb_cli_works_unchanged() {
     );
     assert!(err.starts_with("Error: "), "{err}");
 
+    // compact: our real figures in the CLI's layout; both shards snapshot.
+    let out = ok(&server, &["compact", "-f"]);
+    assert!(
+        out.starts_with("Compaction complete\n  Snapshots created: 2\n  WAL segments deleted: "),
+        "{out}"
+    );
+    for line in [
+        "  Bytes reclaimed: ",
+        "  ---\n",
+        "  Total snapshots: 2\n",
+        "  WAL segments remaining: ",
+    ] {
+        assert!(out.contains(line), "{line:?} in {out}");
+    }
+    // Without -f only shards that have no snapshot yet take one.
+    let out = ok(&server, &["compact"]);
+    assert!(out.contains("  Snapshots created: 0\n"), "{out}");
+
     // REPL: list-instances and wal-stats.
     let o = cli(
         &server,
