@@ -13,13 +13,13 @@ mod config;
 mod datadir;
 mod ops;
 mod protocol;
+mod recover;
 mod router;
 mod server;
 mod session;
 mod subscriptions;
 mod watch;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,11 +27,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use glommio::{LocalExecutorBuilder, Placement};
-use rstmdb_shards::definition::MachineDef;
 use rstmdb_shards::engine::EngineLimits;
-use rstmdb_shards::recovery::{recover_shard, RecoveredShard};
 use rstmdb_shards::shard::{self, FsyncPolicy, Sequencer, ShardConfig, ShardMsg};
-use rstmdb_wal::{RecoveryOptions, WriterConfig};
+use rstmdb_wal::WriterConfig;
 
 use crate::config::Config;
 use crate::datadir::DataDir;
@@ -79,25 +77,6 @@ fn init_logging() {
         .init();
 }
 
-/// Every shard holding a (name, version) must hold the same definition
-/// (PUT_MACHINE is two-phase through shard 0, so they always do); anything
-/// else means the data directory was tampered with.
-fn check_machines_agree(defs: &[(String, u32, Arc<MachineDef>)]) -> Result<(), String> {
-    let mut seen: HashMap<(&str, u32), &str> = HashMap::new();
-    for (name, version, def) in defs {
-        let sum = def.checksum();
-        if let Some(other) = seen.insert((name.as_str(), *version), sum) {
-            if other != sum {
-                return Err(format!(
-                    "machine {name:?} v{version} has different definitions on different shards \
-                     (checksums {other} and {sum}); refusing to start"
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     match p {
         config::FsyncPolicy::EveryWrite => FsyncPolicy::EveryWrite,
@@ -142,103 +121,14 @@ fn run(cfg: Config) -> Result<(), String> {
             .map_or(0, |d| d.as_millis() as i64),
     };
 
-    // Recover every shard in parallel (blocking reads), then union the
-    // machine definitions so a PUT_MACHINE cut short by a crash on some
-    // shards is complete everywhere.
-    let started = std::time::Instant::now();
-    let manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
-    let results: Vec<Result<RecoveredShard, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..shards)
-            .map(|i| {
-                let opts = RecoveryOptions {
-                    dir: data.wal_dir(i),
-                    shard: i as u32,
-                    segment_size,
-                };
-                let limits = limits.clone();
-                let snapshots = data.snapshot_dir(i);
-                let floor = manifest.shards[i].wal_floor;
-                s.spawn(move || {
-                    let t = std::time::Instant::now();
-                    let r = recover_shard(&opts, &limits, &snapshots, floor)
-                        .map_err(|e| format!("shard {i}: recovery failed: {e}"))?;
-                    tracing::info!(
-                        shard = i,
-                        snapshot_start = r.snapshot_start,
-                        skipped_snapshots = r.skipped.len(),
-                        wal_records = r.wal.records,
-                        elapsed_ms = t.elapsed().as_millis() as u64,
-                        "shard recovered"
-                    );
-                    Ok(r)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("recovery thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut recovered = Vec::with_capacity(shards);
-    let mut snapshot_starts = Vec::with_capacity(shards);
-    for r in results {
-        let r = r?;
-        recovered.push((r.engine, r.wal));
-        snapshot_starts.push(r.snapshot_start);
-    }
-    let all_machines: Vec<_> = recovered
-        .iter()
-        .flat_map(|(e, _)| e.machine_defs())
-        .collect();
-    check_machines_agree(&all_machines)?;
-    for (engine, _) in recovered.iter_mut() {
-        for (name, v, def) in &all_machines {
-            engine.adopt_machine(name.clone(), *v, def.clone());
-        }
-    }
-    // Atomic-batch parts count only if every participant's part is durable.
-    let mut present: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
-    for (i, (engine, _)) in recovered.iter().enumerate() {
-        for (id, _) in engine.unresolved_parts() {
-            present.entry(id).or_default().insert(i as u32);
-        }
-    }
-    let mut aborted: Vec<Vec<String>> = vec![Vec::new(); shards];
-    for (i, (engine, _)) in recovered.iter_mut().enumerate() {
-        for (id, participants) in engine.unresolved_parts() {
-            let complete = participants
-                .iter()
-                .all(|p| present.get(&id).is_some_and(|s| s.contains(p)));
-            engine.resolve_part(&id, complete);
-            if !complete {
-                aborted[i].push(id);
-            }
-        }
-    }
-    // Batch parts carry their first entry's offset: count their entries too.
-    let next_offset = recovered
-        .iter()
-        .map(|(e, r)| r.last_offset.max(e.max_offset()))
-        .max()
-        .unwrap_or(0)
-        + 1;
-    // Batches undone anywhere: subscribers replaying the log skip their parts.
-    let mut aborted_ever: std::collections::HashSet<String> = recovered
-        .iter()
-        .flat_map(|(e, _)| e.aborted_batches().iter().cloned())
-        .collect();
-    aborted_ever.extend(aborted.iter().flatten().cloned());
-    let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
-    tracing::info!(
-        shards,
-        instances,
+    let recover::Recovery {
+        shards: recovered,
+        snapshot_starts,
+        aborted,
+        aborted_ever,
         next_offset,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovery complete"
-    );
+        manifest,
+    } = recover::recover_all(&data, shards, &limits, segment_size)?;
     let seq = Sequencer::new(next_offset, shards);
 
     // Executors: the frontend on the first CPU, shards on the following ones,

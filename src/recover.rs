@@ -1,0 +1,163 @@
+//! Start-up recovery of every shard of a data directory: snapshots and
+//! WALs in parallel, then what needs all shards at once (machine
+//! definitions unioned, atomic-batch parts resolved, the next offset).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rstmdb_shards::definition::MachineDef;
+use rstmdb_shards::engine::{Engine, EngineLimits};
+use rstmdb_shards::recovery::{recover_shard, RecoveredShard};
+use rstmdb_wal::{Recovered, RecoveryOptions};
+
+use crate::datadir::{DataDir, Manifest};
+
+/// Every shard's recovered state.
+pub struct Recovery {
+    /// Engine and WAL position per shard.
+    pub shards: Vec<(Engine, Recovered)>,
+    /// Start of the snapshot each shard was loaded from.
+    pub snapshot_starts: Vec<Option<u64>>,
+    /// Per shard: batch parts undone now (their aborts must be logged).
+    pub aborted: Vec<Vec<String>>,
+    /// Every batch ever undone (subscribers replaying the log skip them).
+    pub aborted_ever: HashSet<String>,
+    /// The first offset not used by any shard.
+    pub next_offset: u64,
+    /// The compaction manifest read.
+    pub manifest: Manifest,
+}
+
+/// Recovers the `shards` shards of `data`. Blocking; one thread per shard.
+pub fn recover_all(
+    data: &DataDir,
+    shards: usize,
+    limits: &EngineLimits,
+    segment_size: u64,
+) -> Result<Recovery, String> {
+    // Recover every shard in parallel (blocking reads), then union the
+    // machine definitions so a PUT_MACHINE cut short by a crash on some
+    // shards is complete everywhere.
+    let started = std::time::Instant::now();
+    let manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
+    let results: Vec<Result<RecoveredShard, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..shards)
+            .map(|i| {
+                let opts = RecoveryOptions {
+                    dir: data.wal_dir(i),
+                    shard: i as u32,
+                    segment_size,
+                };
+                let limits = limits.clone();
+                let snapshots = data.snapshot_dir(i);
+                let floor = manifest.shards[i].wal_floor;
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    let r = recover_shard(&opts, &limits, &snapshots, floor)
+                        .map_err(|e| format!("shard {i}: recovery failed: {e}"))?;
+                    tracing::info!(
+                        shard = i,
+                        snapshot_start = r.snapshot_start,
+                        skipped_snapshots = r.skipped.len(),
+                        wal_records = r.wal.records,
+                        elapsed_ms = t.elapsed().as_millis() as u64,
+                        "shard recovered"
+                    );
+                    Ok(r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("recovery thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut recovered = Vec::with_capacity(shards);
+    let mut snapshot_starts = Vec::with_capacity(shards);
+    for r in results {
+        let r = r?;
+        recovered.push((r.engine, r.wal));
+        snapshot_starts.push(r.snapshot_start);
+    }
+    let all_machines: Vec<_> = recovered
+        .iter()
+        .flat_map(|(e, _)| e.machine_defs())
+        .collect();
+    check_machines_agree(&all_machines)?;
+    for (engine, _) in recovered.iter_mut() {
+        for (name, v, def) in &all_machines {
+            engine.adopt_machine(name.clone(), *v, def.clone());
+        }
+    }
+    // Atomic-batch parts count only if every participant's part is durable.
+    let mut present: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
+    for (i, (engine, _)) in recovered.iter().enumerate() {
+        for (id, _) in engine.unresolved_parts() {
+            present.entry(id).or_default().insert(i as u32);
+        }
+    }
+    let mut aborted: Vec<Vec<String>> = vec![Vec::new(); shards];
+    for (i, (engine, _)) in recovered.iter_mut().enumerate() {
+        for (id, participants) in engine.unresolved_parts() {
+            let complete = participants
+                .iter()
+                .all(|p| present.get(&id).is_some_and(|s| s.contains(p)));
+            engine.resolve_part(&id, complete);
+            if !complete {
+                aborted[i].push(id);
+            }
+        }
+    }
+    // Batch parts carry their first entry's offset: count their entries too.
+    let next_offset = recovered
+        .iter()
+        .map(|(e, r)| r.last_offset.max(e.max_offset()))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    // Batches undone anywhere: subscribers replaying the log skip their parts.
+    let mut aborted_ever: std::collections::HashSet<String> = recovered
+        .iter()
+        .flat_map(|(e, _)| e.aborted_batches().iter().cloned())
+        .collect();
+    aborted_ever.extend(aborted.iter().flatten().cloned());
+    let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
+    tracing::info!(
+        shards,
+        instances,
+        next_offset,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovery complete"
+    );
+    Ok(Recovery {
+        shards: recovered,
+        snapshot_starts,
+        aborted,
+        aborted_ever,
+        next_offset,
+        manifest,
+    })
+}
+
+/// Every shard holding a (name, version) must hold the same definition
+/// (PUT_MACHINE is two-phase through shard 0, so they always do); anything
+/// else means the data directory was tampered with.
+fn check_machines_agree(defs: &[(String, u32, Arc<MachineDef>)]) -> Result<(), String> {
+    let mut seen: HashMap<(&str, u32), &str> = HashMap::new();
+    for (name, version, def) in defs {
+        let sum = def.checksum();
+        if let Some(other) = seen.insert((name.as_str(), *version), sum) {
+            if other != sum {
+                return Err(format!(
+                    "machine {name:?} v{version} has different definitions on different shards \
+                     (checksums {other} and {sum}); refusing to start"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
