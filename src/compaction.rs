@@ -80,7 +80,10 @@ pub struct Compactor {
     router: Router,
     hub: Rc<RefCell<Hub>>,
     settings: Settings,
+    /// The data directory (instance exports go below it).
     data_root: PathBuf,
+    /// Where the manifest lives (the data directory's current layout).
+    manifest_dir: PathBuf,
     /// Shared by atomic batches between commit and release/abort;
     /// exclusive while a round asks the shards to snapshot.
     gate: RwLock<()>,
@@ -101,6 +104,7 @@ impl Compactor {
         hub: Rc<RefCell<Hub>>,
         settings: Settings,
         data_root: PathBuf,
+        manifest_dir: PathBuf,
         manifest: Manifest,
     ) -> Self {
         let floor = manifest
@@ -115,6 +119,7 @@ impl Compactor {
             hub,
             settings,
             data_root,
+            manifest_dir,
             gate: RwLock::new(()),
             rounds: Semaphore::new(1),
             manifest: RefCell::new(manifest),
@@ -211,7 +216,7 @@ impl Compactor {
         };
 
         // 4. The manifest, before anything is deleted.
-        let root = self.data_root.clone();
+        let root = self.manifest_dir.clone();
         let to_write = manifest.clone();
         glommio::executor()
             .spawn_blocking(move || to_write.write(&root))
@@ -255,7 +260,7 @@ impl Compactor {
         // floor allowed to drop, say so: recovery may then fall back to an
         // older snapshot, and subscribers may start lower.
         if retained != manifest {
-            let root = self.data_root.clone();
+            let root = self.manifest_dir.clone();
             let to_write = retained.clone();
             match glommio::executor()
                 .spawn_blocking(move || to_write.write(&root))

@@ -1,14 +1,20 @@
-//! The data directory: an exclusive lock, the recorded shard count, and the
-//! per-shard WAL directories.
+//! The data directory: an exclusive lock, the recorded shard count and
+//! layout, and the per-shard directories.
 //!
 //! ```text
 //! <data_dir>/LOCK              flock'ed while a server runs on it
-//! <data_dir>/meta.json         {"format":1,"shards":N}
-//! <data_dir>/shard-000/wal/    segments of shard 0
-//! <data_dir>/shard-000/snapshots/  snapshots of shard 0 (see rstmdb_shards::snapshot)
-//! <data_dir>/manifest.json     each shard's newest snapshot and WAL floor
+//! <data_dir>/meta.json         {"format":1,"shards":N[,"layout":"layout-…"]}
+//! <base>/shard-000/wal/        segments of shard 0
+//! <base>/shard-000/snapshots/  snapshots of shard 0 (see rstmdb_shards::snapshot)
+//! <base>/manifest.json         each shard's newest snapshot and WAL floor
 //! <data_dir>/instance-snapshots/   SNAPSHOT_INSTANCE exports
 //! ```
+//!
+//! `<base>` is the data directory itself, or, once the data has been
+//! re-sharded, the `layout-…` directory that `meta.json` names. Re-sharding
+//! writes a complete new layout beside the old one and switches by
+//! rewriting `meta.json` atomically; whatever `meta.json` does not name is
+//! garbage, removed when the directory is opened.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -37,20 +43,6 @@ pub enum DataDirError {
     /// Another process holds the lock.
     #[error("data directory {0} is in use by another rstmdb process (LOCK is held)")]
     Locked(PathBuf),
-    /// The shard count differs from the recorded one.
-    #[error(
-        "data directory {path} was created with {recorded} shard(s) but this server is configured for {configured}; \
-         instances are placed by hash(instance_id) % shards, so changing the count would strand them. \
-         Start with --shards {recorded} (or RSTMDB_SHARDS={recorded}); re-sharding is not supported yet"
-    )]
-    ShardCountMismatch {
-        /// Data directory.
-        path: PathBuf,
-        /// Count in meta.json.
-        recorded: usize,
-        /// Count configured now.
-        configured: usize,
-    },
     /// meta.json is unreadable.
     #[error("{path}: {reason}")]
     BadMeta {
@@ -65,17 +57,29 @@ pub enum DataDirError {
 struct Meta {
     format: u32,
     shards: usize,
+    /// The directory holding the shards, when not the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layout: Option<String>,
 }
+
+/// Prefix of layout directories written by re-sharding.
+const LAYOUT_PREFIX: &str = "layout-";
 
 /// An opened, locked data directory.
 pub struct DataDir {
     root: PathBuf,
+    /// Where the shard directories and the manifest live.
+    base: PathBuf,
+    layout: Option<String>,
+    /// The recorded shard count.
+    shards: usize,
     _lock: File,
 }
 
 impl DataDir {
-    /// Creates (if needed) and locks `root`, and checks or records the shard
-    /// count.
+    /// Creates (if needed) and locks `root`; records `shards` as the shard
+    /// count of a new directory. An existing directory keeps its recorded
+    /// count ([`DataDir::shards`]): the caller re-shards if it differs.
     pub fn open(root: &Path, shards: usize) -> Result<DataDir, DataDirError> {
         let io = |what, path: &Path, source| DataDirError::Io {
             what,
@@ -108,40 +112,135 @@ impl DataDir {
                         reason: format!("unsupported data directory format {}", meta.format),
                     });
                 }
-                if meta.shards != shards {
-                    return Err(DataDirError::ShardCountMismatch {
-                        path: root.to_path_buf(),
-                        recorded: meta.shards,
-                        configured: shards,
+                if meta.shards == 0
+                    || meta
+                        .layout
+                        .as_deref()
+                        .is_some_and(|l| !l.starts_with(LAYOUT_PREFIX) || l.contains('/'))
+                {
+                    return Err(DataDirError::BadMeta {
+                        path: meta_path,
+                        reason: format!("invalid shard count or layout: {meta:?}"),
                     });
                 }
+                let dir = DataDir {
+                    root: root.to_path_buf(),
+                    base: meta
+                        .layout
+                        .as_ref()
+                        .map_or_else(|| root.to_path_buf(), |l| root.join(l)),
+                    layout: meta.layout,
+                    shards: meta.shards,
+                    _lock: lock,
+                };
+                dir.collect_garbage()?;
+                Ok(dir)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let bytes = serde_json::to_vec(&Meta {
                     format: FORMAT,
                     shards,
+                    layout: None,
                 })
                 .expect("serializable");
                 write_atomically(root, "meta.json", &bytes)?;
+                let dir = DataDir {
+                    root: root.to_path_buf(),
+                    base: root.to_path_buf(),
+                    layout: None,
+                    shards,
+                    _lock: lock,
+                };
+                dir.collect_garbage()?;
+                Ok(dir)
             }
-            Err(e) => return Err(io("reading", &meta_path, e)),
+            Err(e) => Err(io("reading", &meta_path, e)),
         }
-        Ok(DataDir {
-            root: root.to_path_buf(),
-            _lock: lock,
+    }
+
+    /// The shard count the data is laid out for.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Removes layouts `meta.json` does not name: a re-sharding that
+    /// crashed before its switch, or the old layout of one that crashed
+    /// after it.
+    fn collect_garbage(&self) -> Result<(), DataDirError> {
+        let io = |what, path: &Path, source| DataDirError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        let entries = fs::read_dir(&self.root).map_err(|e| io("listing", &self.root, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io("listing", &self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale_layout =
+                name.starts_with(LAYOUT_PREFIX) && Some(name.as_str()) != self.layout.as_deref();
+            let stale_root_shard =
+                self.layout.is_some() && (name.starts_with("shard-") || name == MANIFEST);
+            if stale_layout || stale_root_shard {
+                let path = entry.path();
+                tracing::warn!(path = %path.display(), "removing data left by an earlier re-sharding");
+                let r = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                r.map_err(|e| io("removing", &path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates an empty directory for a new layout of `shards` shards, to
+    /// be filled and then switched to with [`DataDir::switch_layout`].
+    pub fn new_layout(&self, shards: usize) -> Result<(String, PathBuf), DataDirError> {
+        let name = format!(
+            "{LAYOUT_PREFIX}{shards}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
+        let path = self.root.join(&name);
+        fs::create_dir_all(&path).map_err(|e| DataDirError::Io {
+            what: "creating",
+            path: path.clone(),
+            source: e,
+        })?;
+        Ok((name, path))
+    }
+
+    /// Makes layout `name` (complete and synced) the data directory's, in
+    /// one atomic rename of `meta.json`, then removes the old layout.
+    pub fn switch_layout(&mut self, name: String, shards: usize) -> Result<(), DataDirError> {
+        let bytes = serde_json::to_vec(&Meta {
+            format: FORMAT,
+            shards,
+            layout: Some(name.clone()),
         })
+        .expect("serializable");
+        write_atomically(&self.root, "meta.json", &bytes)?;
+        self.base = self.root.join(&name);
+        self.layout = Some(name);
+        self.shards = shards;
+        self.collect_garbage()
+    }
+
+    /// Shard directory `i` inside layout directory `base`.
+    pub fn shard_dir_in(base: &Path, shard: usize) -> PathBuf {
+        base.join(format!("shard-{shard:03}"))
     }
 
     /// WAL directory of shard `i`.
     pub fn wal_dir(&self, shard: usize) -> PathBuf {
-        self.root.join(format!("shard-{shard:03}")).join("wal")
+        Self::shard_dir_in(&self.base, shard).join("wal")
     }
 
     /// Snapshot directory of shard `i`.
     pub fn snapshot_dir(&self, shard: usize) -> PathBuf {
-        self.root
-            .join(format!("shard-{shard:03}"))
-            .join("snapshots")
+        Self::shard_dir_in(&self.base, shard).join("snapshots")
     }
 
     /// The data directory.
@@ -149,9 +248,14 @@ impl DataDir {
         &self.root
     }
 
+    /// Where the shard directories and the manifest live.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
     /// Reads the manifest; an absent one means no compaction ever ran.
     pub fn read_manifest(&self, shards: usize) -> Result<Manifest, DataDirError> {
-        let path = self.root.join(MANIFEST);
+        let path = self.base.join(MANIFEST);
         let m: Manifest = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
                 path: path.clone(),
@@ -249,18 +353,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_and_checks_the_shard_count() {
+    fn records_the_shard_count() {
         let tmp = tempfile::tempdir().unwrap();
         drop(DataDir::open(tmp.path(), 3).unwrap());
-        assert!(DataDir::open(tmp.path(), 3).is_ok());
-        let err = DataDir::open(tmp.path(), 2)
-            .err()
-            .expect("mismatch refused")
-            .to_string();
-        assert!(
-            err.contains("created with 3 shard(s)") && err.contains("--shards 3"),
-            "{err}"
-        );
+        assert_eq!(DataDir::open(tmp.path(), 3).unwrap().shards(), 3);
+        assert_eq!(DataDir::open(tmp.path(), 2).unwrap().shards(), 3);
+    }
+
+    #[test]
+    fn switching_layouts_is_one_rename_and_leaves_no_garbage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DataDir::open(tmp.path(), 2).unwrap();
+        std::fs::create_dir_all(d.wal_dir(0)).unwrap();
+        std::fs::write(tmp.path().join(MANIFEST), b"{}").unwrap();
+        // A layout abandoned by a crash before its switch is removed.
+        let (_, abandoned) = d.new_layout(5).unwrap();
+        drop(d);
+        let mut d = DataDir::open(tmp.path(), 2).unwrap();
+        assert!(!abandoned.exists());
+        assert!(d.wal_dir(0).exists(), "the live layout is kept");
+        let (name, path) = d.new_layout(3).unwrap();
+        std::fs::create_dir_all(DataDir::shard_dir_in(&path, 2).join("wal")).unwrap();
+        d.switch_layout(name, 3).unwrap();
+        assert_eq!(d.shards(), 3);
+        assert_eq!(d.wal_dir(2), path.join("shard-002").join("wal"));
+        assert!(!tmp.path().join("shard-000").exists(), "old layout removed");
+        assert!(!tmp.path().join(MANIFEST).exists());
+        drop(d);
+        let d = DataDir::open(tmp.path(), 1).unwrap();
+        assert_eq!((d.shards(), d.base()), (3, path.as_path()));
+        assert!(d.wal_dir(2).exists());
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod datadir;
 mod ops;
 mod protocol;
 mod recover;
+mod reshard;
 mod router;
 mod server;
 mod session;
@@ -111,7 +112,7 @@ fn run(cfg: Config) -> Result<(), String> {
     cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
     refuse_unbuilt_features(&cfg)?;
     let shards = cfg.server.shard_count();
-    let data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
+    let mut data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
     let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
     let limits = EngineLimits {
         idempotency_entries: cfg.storage.idempotency_window,
@@ -121,6 +122,9 @@ fn run(cfg: Config) -> Result<(), String> {
             .map_or(0, |d| d.as_millis() as i64),
     };
 
+    if data.shards() != shards {
+        reshard::reshard(&mut data, shards, &limits, segment_size)?;
+    }
     let recover::Recovery {
         shards: recovered,
         snapshot_starts,
@@ -217,6 +221,7 @@ fn run(cfg: Config) -> Result<(), String> {
         keep_snapshots: cfg.compaction.keep_snapshots.max(1),
     };
     let data_root = data.root().to_path_buf();
+    let manifest_dir = data.base().to_path_buf();
     let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
         .name("frontend")
         .io_memory(io_memory)
@@ -238,6 +243,7 @@ fn run(cfg: Config) -> Result<(), String> {
                 hub.clone(),
                 compaction_settings,
                 data_root,
+                manifest_dir,
                 manifest,
             ));
             let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);

@@ -160,4 +160,3 @@ fn check_machines_agree(defs: &[(String, u32, Arc<MachineDef>)]) -> Result<(), S
     }
     Ok(())
 }
-

@@ -1,5 +1,6 @@
 //! Recovery: torn tails are cut, corruption is refused with file and byte
-//! position, a different shard count is refused, and group commit is visible.
+//! position, and group commit is visible. (A different shard count:
+//! tests/reshard.rs.)
 
 mod common;
 
@@ -119,45 +120,6 @@ fn corrupted_record_in_the_middle_refuses_to_start_naming_file_and_offset() {
         log.contains(&want),
         "log must name file and offset ({want}): {log}"
     );
-}
-
-#[test]
-fn a_different_shard_count_is_refused() {
-    let dir = common::data_dir("shardcount");
-    let mut server = Server::start(
-        dir.path(),
-        Opts {
-            shards: 2,
-            ..Opts::default()
-        },
-    );
-    setup(&server, 2);
-    server.stop();
-    let mut s = Server::spawn(
-        dir.path(),
-        Opts {
-            shards: 3,
-            ..Opts::default()
-        },
-    );
-    let (code, log) = s.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(1));
-    assert!(
-        log.contains("was created with 2 shard(s) but this server is configured for 3"),
-        "{log}"
-    );
-    assert!(log.contains("--shards 2"), "{log}");
-    // The original count still works and nothing was lost.
-    let server = Server::start(
-        dir.path(),
-        Opts {
-            shards: 2,
-            ..Opts::default()
-        },
-    );
-    server
-        .client()
-        .ok("GET_INSTANCE", json!({"instance_id": "i1"}));
 }
 
 #[test]

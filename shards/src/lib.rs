@@ -13,6 +13,7 @@ pub mod error;
 pub mod guard;
 pub mod idempotency;
 pub mod recovery;
+pub mod reshard;
 pub mod routing;
 pub mod sequencer;
 pub mod shard;

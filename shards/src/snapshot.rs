@@ -618,6 +618,30 @@ impl SnapshotJob {
     }
 }
 
+/// Writes a snapshot of `engine` in one go, waiting until it is durable:
+/// for an engine nothing else is using (re-sharding at start-up).
+pub fn write_blocking(
+    engine: &mut Engine,
+    dir: PathBuf,
+    shard: u32,
+    start: u64,
+    now: i64,
+) -> Result<SnapshotFile, String> {
+    let mut job = SnapshotJob::begin(engine, dir, shard, start, now);
+    loop {
+        match job.step(engine, Duration::from_millis(50)) {
+            Step::More => {}
+            Step::Blocked => std::thread::sleep(Duration::from_millis(1)),
+            Step::Finished(done) => {
+                return done
+                    .recv()
+                    .map_err(|_| "snapshot writer vanished".to_string())?
+            }
+            Step::Abandoned(why) => return Err(why.to_owned()),
+        }
+    }
+}
+
 // ---- reading -------------------------------------------------------------
 
 /// Header fields checked without reading the whole file.
