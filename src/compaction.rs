@@ -91,6 +91,14 @@ pub struct Compactor {
     rounds: Semaphore,
     manifest: RefCell<Manifest>,
     last_round: Cell<Option<Instant>>,
+    /// Per shard: start of its oldest snapshot file (after the last round's
+    /// pruning). The minimum bounds what shards must remember about
+    /// committed atomic batches.
+    oldest_snapshots: RefCell<Vec<Option<u64>>>,
+    /// Per shard: whether it skipped the last round (it takes a snapshot
+    /// in the next one whatever its log did, so that its oldest snapshot
+    /// keeps moving).
+    skipped_last: RefCell<Vec<bool>>,
 }
 
 fn internal(detail: impl std::fmt::Display) -> ApiError {
@@ -112,7 +120,8 @@ impl Compactor {
             .iter()
             .map(|s| s.wal_floor)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(manifest.history_floor);
         hub.borrow_mut().wal_floor = floor;
         Compactor {
             router,
@@ -122,6 +131,8 @@ impl Compactor {
             manifest_dir,
             gate: RwLock::new(()),
             rounds: Semaphore::new(1),
+            oldest_snapshots: RefCell::new(vec![None; manifest.shards.len()]),
+            skipped_last: RefCell::new(vec![false; manifest.shards.len()]),
             manifest: RefCell::new(manifest),
             last_round: Cell::new(None),
         }
@@ -157,11 +168,27 @@ impl Compactor {
 
         // 1. Snapshot requests, under the exclusive gate.
         let (tx, rx) = flume::bounded::<(usize, SnapshotOutcome)>(n);
+        let prune_upto = self
+            .oldest_snapshots
+            .borrow()
+            .iter()
+            .map(|o| o.unwrap_or(0))
+            .min()
+            .unwrap_or(0);
         {
             let _closed = self.gate.write().await.expect("the gate is never closed");
-            for s in shards {
+            for (i, s) in shards.iter().enumerate() {
+                // Automatic rounds only: COMPACT keeps the meaning its
+                // caller asked for.
+                let when = match when {
+                    SnapshotWhen::IfOver { .. } if self.skipped_last.borrow()[i] => {
+                        SnapshotWhen::Always
+                    }
+                    other => other,
+                };
                 let msg = ShardMsg::Snapshot(SnapshotRequest {
                     when,
+                    prune_committed_upto: prune_upto,
                     reply_to: tx.clone(),
                 });
                 s.send_async(msg)
@@ -180,6 +207,7 @@ impl Compactor {
                 .recv_async()
                 .await
                 .map_err(|_| internal("shard unavailable (server shutting down)"))?;
+            self.skipped_last.borrow_mut()[shard] = matches!(outcome, SnapshotOutcome::Skipped(_));
             match outcome {
                 SnapshotOutcome::Written(f) => {
                     report.snapshots_created += 1;
@@ -250,8 +278,10 @@ impl Compactor {
             report.bytes_reclaimed += o.bytes_reclaimed;
             report.total_snapshots += o.snapshots;
             report.wal_segments += o.wal_segments;
+            self.oldest_snapshots.borrow_mut()[shard] = o.oldest_snapshot;
+            let history = retained.history_floor;
             let e = &mut retained.shards[shard];
-            e.wal_floor = e.wal_floor.min(o.retained_from);
+            e.wal_floor = e.wal_floor.min(o.retained_from).max(history);
             if let Some(e) = o.error {
                 failure.get_or_insert(format!("shard {shard}: {e}"));
             }
@@ -272,7 +302,8 @@ impl Compactor {
                         .iter()
                         .map(|e| e.wal_floor)
                         .max()
-                        .unwrap_or(0);
+                        .unwrap_or(0)
+                        .max(retained.history_floor);
                     self.hub.borrow_mut().wal_floor = highest;
                     *self.manifest.borrow_mut() = retained;
                 }

@@ -296,6 +296,11 @@ pub struct Manifest {
     pub format: u32,
     /// One entry per shard, by shard number.
     pub shards: Vec<ShardManifest>,
+    /// Records below this offset exist only in snapshots, whatever the
+    /// segments say (set by re-sharding: the new layout's WALs start
+    /// there). No WAL floor is ever lowered below it.
+    #[serde(default)]
+    pub history_floor: u64,
 }
 
 /// One shard's entry in the [`Manifest`].
@@ -319,6 +324,7 @@ impl Manifest {
         Manifest {
             format: FORMAT,
             shards: vec![ShardManifest::default(); shards],
+            history_floor: 0,
         }
     }
 

@@ -50,7 +50,7 @@ pub fn recover_all(
                 };
                 let limits = limits.clone();
                 let snapshots = data.snapshot_dir(i);
-                let floor = manifest.shards[i].wal_floor;
+                let floor = manifest.shards[i].wal_floor.max(manifest.history_floor);
                 s.spawn(move || {
                     let t = std::time::Instant::now();
                     let r = recover_shard(&opts, &limits, &snapshots, floor)
@@ -92,11 +92,28 @@ pub fn recover_all(
             engine.adopt_machine(name.clone(), *v, def.clone());
         }
     }
-    // Atomic-batch parts count only if every participant's part is durable.
-    let mut present: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
+    // Batch parts carry their first entry's offset: count their entries too.
+    let next_offset = recovered
+        .iter()
+        .map(|(e, r)| r.last_offset.max(e.max_offset()))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    // Atomic-batch parts count only if every participant's part is durable:
+    // replayed from its WAL, or inside its snapshot with the batch known
+    // there as committed (the participant snapshotted after the release).
+    let mut present: HashMap<String, HashSet<u32>> = HashMap::new();
     for (i, (engine, _)) in recovered.iter().enumerate() {
         for (id, _) in engine.unresolved_parts() {
             present.entry(id).or_default().insert(i as u32);
+        }
+    }
+    let unresolved: HashSet<String> = present.keys().cloned().collect();
+    for (i, (engine, _)) in recovered.iter().enumerate() {
+        for id in &unresolved {
+            if engine.knows_committed(id) {
+                present.entry(id.clone()).or_default().insert(i as u32);
+            }
         }
     }
     let mut aborted: Vec<Vec<String>> = vec![Vec::new(); shards];
@@ -106,20 +123,17 @@ pub fn recover_all(
                 .iter()
                 .all(|p| present.get(&id).is_some_and(|s| s.contains(p)));
             engine.resolve_part(&id, complete);
-            if !complete {
+            if complete {
+                if !engine.knows_committed(&id) {
+                    engine.note_committed(id, next_offset);
+                }
+            } else {
                 aborted[i].push(id);
             }
         }
     }
-    // Batch parts carry their first entry's offset: count their entries too.
-    let next_offset = recovered
-        .iter()
-        .map(|(e, r)| r.last_offset.max(e.max_offset()))
-        .max()
-        .unwrap_or(0)
-        + 1;
     // Batches undone anywhere: subscribers replaying the log skip their parts.
-    let mut aborted_ever: std::collections::HashSet<String> = recovered
+    let mut aborted_ever: HashSet<String> = recovered
         .iter()
         .flat_map(|(e, _)| e.aborted_batches().iter().cloned())
         .collect();

@@ -65,6 +65,7 @@ pub fn reshard(
             wal_floor: start,
         };
     }
+    manifest.history_floor = start;
     manifest.write(&base).map_err(|e| e.to_string())?;
     sync_dir(data.root())?;
     // The switch: one atomic rename of meta.json.

@@ -60,7 +60,9 @@ pub async fn subscribe(
         .from_offset
         .unwrap_or_else(|| ctx.hub.borrow().released());
     let floor = ctx.hub.borrow().wal_floor;
-    if cursor < floor {
+    // Only a replay can ask for what compaction removed; a live watch
+    // starts at the released offset, whose history it does not need.
+    if spec.from_offset.is_some() && cursor < floor {
         return Err(ApiError::bad_request(format!(
             "from_offset {cursor} is no longer available: the oldest retained offset is {floor} \
              (older records were compacted into snapshots)"

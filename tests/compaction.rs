@@ -158,10 +158,14 @@ fn compact_deletes_segments_and_restarts_lose_nothing() {
     assert_eq!(again["snapshots_created"], 0, "{again}");
     assert_eq!(again["segments_deleted"], 0, "{again}");
 
-    // History that was compacted away cannot be replayed (D9).
+    // History that was compacted away cannot be replayed (D9); a live
+    // watch is fine.
     let (code, msg) = c.err("WATCH_ALL", json!({"from_offset": 1}));
     assert_eq!(code, "BAD_REQUEST");
     assert!(msg.contains("oldest retained offset"), "{msg}");
+    let mut w = server.client();
+    w.ok("WATCH_ALL", json!({}));
+    drop(w);
 
     let before = state_of_all(&mut c);
     drop(c);
@@ -435,4 +439,81 @@ fn no_usable_snapshot_stops_start_up_with_a_clear_message() {
     std::fs::write(&snap, good).unwrap();
     server.restart();
     check_after_restart(&server, &before, &applied);
+}
+
+/// A committed atomic batch must survive a restart when only one of its
+/// participants has snapshotted since (its part inside the snapshot, the
+/// other participant's part replayed from the WAL).
+#[test]
+fn an_atomic_batch_split_by_one_shards_snapshot_stays_committed() {
+    use rstmdb_shards::routing::shard_for;
+    let dir = common::data_dir("batch-split-snap");
+    let find = |shard: usize| {
+        (0..)
+            .map(|i| format!("s{shard}-{i}"))
+            .find(|id| shard_for(id, 2) == shard)
+            .unwrap()
+    };
+    let (x, y) = (find(0), find(1));
+    let env = [
+        ("RSTMDB_COMPACT_EVENTS", "40"),
+        ("RSTMDB_COMPACT_SIZE_MB", "0"),
+        ("RSTMDB_COMPACT_INTERVAL", "0"),
+    ];
+    let mut server = Server::start(dir.path(), opts(&env));
+    let mut c = server.client();
+    c.ok(
+        "PUT_MACHINE",
+        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
+    );
+    for id in [&x, &y] {
+        c.ok(
+            "CREATE_INSTANCE",
+            json!({"instance_id": id, "machine": "order", "version": 1}),
+        );
+    }
+    // Both shards snapshot, so the batch below is after both snapshots.
+    c.ok("COMPACT", json!({"force_snapshot": true}));
+    let r = c.ok(
+        "BATCH",
+        json!({"mode": "atomic", "ops": [
+            {"op": "APPLY_EVENT", "params": {"instance_id": x, "event": "TICK", "payload": {"batch": 1}}},
+            {"op": "APPLY_EVENT", "params": {"instance_id": y, "event": "TICK", "payload": {"batch": 1}}}
+        ]}),
+    );
+    assert_eq!(r["results"][1]["status"], "ok", "{r}");
+    // Only shard 0 crosses the automatic threshold: it snapshots (its part
+    // of the batch now inside), shard 1 does not.
+    let snaps0 = snapshot_files(dir.path(), 0);
+    let snaps1 = snapshot_files(dir.path(), 1);
+    for k in 0..60 {
+        c.ok(
+            "APPLY_EVENT",
+            json!({"instance_id": x, "event": "TICK", "payload": {"k": k}}),
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while snapshot_files(dir.path(), 0) == snaps0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 0 never snapshotted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        snapshot_files(dir.path(), 1),
+        snaps1,
+        "shard 1 did not snapshot"
+    );
+    drop(c);
+    server.kill9();
+    server.restart();
+    let mut c = server.client();
+    let gx = c.ok("GET_INSTANCE", json!({"instance_id": x}));
+    let gy = c.ok("GET_INSTANCE", json!({"instance_id": y}));
+    assert_eq!(gx["ctx"]["batch"], 1, "{gx}");
+    assert_eq!(
+        gy["ctx"]["batch"], 1,
+        "the batch's other half was undone: {gy}"
+    );
 }

@@ -151,6 +151,13 @@ pub struct Engine {
     /// Batches undone by a logged `batch_abort` (their parts stay in the
     /// log; subscribers replaying the log skip them).
     pub(crate) aborted: HashSet<String>,
+    /// Atomic batches committed with a part on this shard, each with the
+    /// global offset reached when it was released here (above every
+    /// participant's part). Kept in snapshots: a participant that replays
+    /// its part from the WAL after a restart finds the batch committed here
+    /// even though this shard's part is inside its snapshot. Pruned once
+    /// every shard's oldest snapshot starts above that offset.
+    pub(crate) committed: Vec<(String, u64)>,
 }
 
 /// A position in the engine's logs (see [`Engine::mark`]).
@@ -232,7 +239,26 @@ impl Engine {
             last_entry_size: 0,
             max_offset: 0,
             aborted: HashSet::new(),
+            committed: Vec::new(),
         }
+    }
+
+    /// Records that atomic batch `batch_id` committed (see `committed`);
+    /// `at` is the global next offset now.
+    pub fn note_committed(&mut self, batch_id: String, at: u64) {
+        debug_assert!(self.committed.last().is_none_or(|(_, v)| *v <= at));
+        self.committed.push((batch_id, at));
+    }
+
+    /// Forgets committed batches released below `upto`: every shard's
+    /// every snapshot holds their parts.
+    pub fn prune_committed(&mut self, upto: u64) {
+        self.committed.retain(|(_, at)| *at > upto);
+    }
+
+    /// Whether this shard knows `batch_id` as committed.
+    pub fn knows_committed(&self, batch_id: &str) -> bool {
+        self.committed.iter().any(|(id, _)| id == batch_id)
     }
 
     /// Keeps the snapshot-time value of `id` before it changes, if a

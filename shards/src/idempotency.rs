@@ -48,10 +48,10 @@ struct Entry {
 /// What an insert replaced or evicted.
 #[derive(Debug, Default)]
 pub struct InsertUndo {
-    /// The entry for the same (id, key), with its time.
-    pub prev: Option<(Cached, i64)>,
-    /// Entries pushed out of the window, with their times.
-    pub evicted: Vec<((String, String), Cached, i64)>,
+    /// The entry for the same (id, key), with its time and sequence.
+    pub prev: Option<(Cached, i64, u64)>,
+    /// Entries pushed out of the window, with their times and sequences.
+    pub evicted: Vec<((String, String), Cached, i64, u64)>,
 }
 
 /// Bounded map (instance id, key) → original result.
@@ -97,7 +97,7 @@ impl IdempotencyWindow {
         let prev = self
             .map
             .insert(k, Entry { cached, at_ms, seq })
-            .map(|e| (e.cached, e.at_ms));
+            .map(|e| (e.cached, e.at_ms, e.seq));
         let mut evicted = Vec::new();
         while self.map.len() > self.max_entries {
             evicted.extend(self.evict_oldest());
@@ -109,27 +109,30 @@ impl IdempotencyWindow {
         InsertUndo { prev, evicted }
     }
 
-    /// Reverses an insert of (id, key): restores what it replaced (with its
-    /// original time) and what it evicted.
+    /// Reverses an insert of (id, key): restores what it replaced and what
+    /// it evicted, each with its original time *and place in the order*,
+    /// so the window is exactly as before (a snapshot walking it by
+    /// sequence must find restored entries where they were).
     pub fn restore(&mut self, id: &str, key: &str, undo: InsertUndo) {
         let k = (id.to_owned(), key.to_owned());
         match undo.prev {
-            Some((c, at_ms)) => self.put_back(k, c, at_ms),
+            Some((c, at_ms, seq)) => self.put_back(k, c, at_ms, seq),
             None => {
                 self.map.remove(&k);
             }
         }
-        for (k, c, at_ms) in undo.evicted {
+        for (k, c, at_ms, seq) in undo.evicted {
             if !self.map.contains_key(&k) {
-                self.put_back(k, c, at_ms);
+                self.put_back(k, c, at_ms, seq);
             }
         }
     }
 
-    fn put_back(&mut self, k: (String, String), cached: Cached, at_ms: i64) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.order.push_back((k.clone(), seq));
+    fn put_back(&mut self, k: (String, String), cached: Cached, at_ms: i64, seq: u64) {
+        let pos = self.order.partition_point(|(_, s)| *s < seq);
+        if self.order.get(pos).is_none_or(|(_, s)| *s != seq) {
+            self.order.insert(pos, (k.clone(), seq));
+        }
         self.map.insert(k, Entry { cached, at_ms, seq });
     }
 
@@ -181,11 +184,11 @@ impl IdempotencyWindow {
         self.map.is_empty()
     }
 
-    fn evict_oldest(&mut self) -> Option<((String, String), Cached, i64)> {
+    fn evict_oldest(&mut self) -> Option<((String, String), Cached, i64, u64)> {
         let (k, seq) = self.order.pop_front()?;
         if self.map.get(&k).is_some_and(|e| e.seq == seq) {
             let e = self.map.remove(&k).expect("checked");
-            return Some((k, e.cached, e.at_ms));
+            return Some((k, e.cached, e.at_ms, seq));
         }
         None
     }
@@ -240,6 +243,20 @@ mod tests {
         assert_eq!(w.get("b", "k", 0), Some(&c(2)));
         assert!(w.get("c", "k", 0).is_none());
         assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn restored_entries_keep_their_place_in_the_order() {
+        let mut w = IdempotencyWindow::new(2, 0);
+        w.insert("a", "k", c(1), 0);
+        w.insert("b", "k", c(2), 0);
+        let begin = w.next_seq();
+        let undo = w.insert("c", "k", c(3), 0); // evicts a
+        w.restore("c", "k", undo);
+        // A walk of what existed before `begin` finds both, in order.
+        let mut seen = Vec::new();
+        w.visit_from(0, begin, usize::MAX, |id, _, _, _| seen.push(id.to_owned()));
+        assert_eq!(seen, vec!["a", "b"]);
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub enum SnapshotWhen {
     IfNone,
     /// If it has none or the log moved since (COMPACT `force_snapshot`).
     IfChanged,
+    /// Whatever the log did (a shard that skipped the previous round, so
+    /// its oldest snapshot does not hold back pruning for ever).
+    Always,
     /// If the log moved since and either threshold is reached (0 = that
     /// trigger is off): automatic compaction.
     IfOver {
@@ -130,6 +133,10 @@ pub enum SnapshotOutcome {
 pub struct SnapshotRequest {
     /// Condition.
     pub when: SnapshotWhen,
+    /// Every shard's oldest snapshot starts above this offset: committed
+    /// batches released below it need no remembering (see
+    /// `Engine::committed`).
+    pub prune_committed_upto: u64,
     /// Where the outcome goes once the file is durable.
     pub reply_to: flume::Sender<(usize, SnapshotOutcome)>,
 }
@@ -160,6 +167,8 @@ pub struct CompactOutcome {
     pub wal_segments: u64,
     /// Snapshot files left.
     pub snapshots: u64,
+    /// Start of the oldest snapshot file left.
+    pub oldest_snapshot: Option<u64>,
     /// Every record at or above this offset is still in the WAL (at most
     /// the requested floor; lower when retention kept segments).
     pub retained_from: u64,
@@ -331,6 +340,16 @@ pub async fn run(
                 Ok(m) => m,
                 Err(flume::TryRecvError::Disconnected) => break,
                 Err(flume::TryRecvError::Empty) => {
+                    // The every_ms timer lives in `next_message`, which an
+                    // idle shard with a snapshot running does not reach.
+                    if let (FsyncPolicy::EveryMs(ms), Some(since)) = (cfg.fsync, dirty_since) {
+                        if since.elapsed() >= Duration::from_millis(ms) {
+                            if let Err(e) = writer.sync().await {
+                                tracing::error!(shard = cfg.id, error = %e, "timed fdatasync failed");
+                            }
+                            dirty_since = None;
+                        }
+                    }
                     // Idle: give the snapshot the time, but wake for work.
                     if matches!(
                         snaps.step(&cfg, &mut engine, IDLE_SNAPSHOT_STEP),
@@ -394,6 +413,8 @@ pub async fn run(
                 ),
                 ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => {
                     let events = atomic.release(&batch_id);
+                    // Every participant's part is below the next offset.
+                    engine.note_committed(batch_id, seq.peek());
                     // Events first, then lift the hold, then say so: the
                     // hub must find them before the watermark passes them.
                     if !events.is_empty() {
@@ -701,6 +722,7 @@ impl Snapshots {
         if self.job.is_some() {
             return fail("a snapshot of this shard is already running".into());
         }
+        engine.prune_committed(req.prune_committed_upto);
         if atomic.hold_floor().is_some() {
             // The coordinator never asks while a batch is between commit
             // and release; refuse rather than snapshot a part that might
@@ -711,6 +733,7 @@ impl Snapshots {
         let wanted = match req.when {
             SnapshotWhen::IfNone => self.latest.is_none(),
             SnapshotWhen::IfChanged => changed,
+            SnapshotWhen::Always => true,
             SnapshotWhen::IfOver { records, wal_bytes } => {
                 changed
                     && ((records > 0 && self.records_since >= records)
@@ -824,12 +847,14 @@ impl Snapshots {
                         Ok(list) => {
                             let mut kept = 0u64;
                             for (i, (start, path)) in list.iter().enumerate() {
-                                // Keep the newest few, and never one newer
-                                // than what the manifest records.
-                                if i < keep || latest.is_none_or(|l| *start > l) {
+                                // Keep the newest few, the one the manifest
+                                // records, and any newer one.
+                                if i < keep || latest.is_none_or(|l| *start >= l) {
                                     kept += 1;
+                                    out.oldest_snapshot = Some(*start);
                                 } else if let Err(e) = std::fs::remove_file(path) {
                                     kept += 1;
+                                    out.oldest_snapshot = Some(*start);
                                     out.error
                                         .get_or_insert(format!("deleting {}: {e}", path.display()));
                                 }

@@ -154,6 +154,9 @@ struct MetaLine {
     start_offset: u64,
     created_at: i64,
     aborted: Vec<String>,
+    /// Committed atomic batches (see `Engine::committed`).
+    #[serde(default)]
+    committed: Vec<(String, u64)>,
 }
 
 #[derive(Serialize)]
@@ -329,7 +332,13 @@ fn write_file(
     start: u64,
     rx: flume::Receiver<SinkMsg>,
 ) -> Result<Option<SnapshotFile>, SnapshotError> {
-    fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    if !dir.exists() {
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        // The new directory's entry must survive a power loss too.
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
     let path = dir.join(file_name(start));
     let tmp = path.with_extension("tmp");
     let result = (|| {
@@ -465,6 +474,7 @@ impl SnapshotJob {
                 start_offset: start,
                 created_at: now,
                 aborted,
+                committed: engine.committed.clone(),
             },
         );
         let mut counts = EndLine::default();
@@ -737,6 +747,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
                     return Err(bad("meta line does not match the header".into()));
                 }
                 engine.aborted.extend(m.aborted);
+                engine.committed = m.committed;
                 saw_meta = true;
             }
             (b'M', true) => {
