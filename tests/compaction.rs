@@ -53,17 +53,7 @@ fn id(i: usize) -> String {
 
 /// Every instance as GET_INSTANCE shows it (or the error code).
 fn state_of_all(c: &mut Client) -> HashMap<String, Value> {
-    (0..N)
-        .map(|i| {
-            let r = c.call("GET_INSTANCE", json!({"instance_id": id(i)}));
-            let v = if r["status"] == "ok" {
-                r["result"].clone()
-            } else {
-                r["error"]["code"].clone()
-            };
-            (id(i), v)
-        })
-        .collect()
+    (0..N).map(|i| (id(i), c.view_instance(&id(i)))).collect()
 }
 
 /// Creates N instances with 8 KiB contexts, touches each once with an

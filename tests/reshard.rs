@@ -26,17 +26,7 @@ fn id(i: usize) -> String {
 }
 
 fn states(c: &mut Client) -> HashMap<String, Value> {
-    (0..N)
-        .map(|i| {
-            let r = c.call("GET_INSTANCE", json!({"instance_id": id(i)}));
-            let v = if r["status"] == "ok" {
-                r["result"].clone()
-            } else {
-                r["error"]["code"].clone()
-            };
-            (id(i), v)
-        })
-        .collect()
+    (0..N).map(|i| (id(i), c.view_instance(&id(i)))).collect()
 }
 
 fn meta_shards(data: &Path) -> u64 {

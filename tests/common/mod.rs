@@ -289,6 +289,16 @@ impl Client {
         r
     }
 
+    /// What GET_INSTANCE shows of `id`: the result, or the error code.
+    pub fn view_instance(&mut self, id: &str) -> Value {
+        let r = self.call("GET_INSTANCE", json!({ "instance_id": id }));
+        if r["status"] == "ok" {
+            r["result"].clone()
+        } else {
+            r["error"]["code"].clone()
+        }
+    }
+
     /// Like `call`, but `None` when the connection breaks (crash tests).
     pub fn try_call(&mut self, op: &str, params: &Value) -> Option<Value> {
         let id = self.next_id.to_string();
