@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash bench-recovery clean
+.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-recovery clean
 
 all: build
 
@@ -29,6 +29,21 @@ test: tools
 ## The real clients for the compatibility tests, installed once into .tools/:
 ## rstmdb-cli 0.3.0 (crates.io) and the Python client rstmdb 0.2.1 (PyPI, in a venv).
 tools: $(CLI) $(PY)
+
+REF := $(TOOLS)/bin/rstmdb
+
+## The reference server rstmdb 0.3.0, for the side-by-side bench only.
+$(REF):
+	$(CARGO) install --locked --version 0.3.0 --root $(TOOLS) rstmdb
+
+## Side-by-side bench, quick mode: null server, reference 0.3.0 and ours in one
+## run; the table goes into docs/PERFORMANCE.md.
+bench: $(REF)
+	MODE=quick bench/matrix.sh
+
+## The same, full matrix (the record; ~25 minutes).
+bench-full: $(REF)
+	MODE=full bench/matrix.sh
 
 $(CLI):
 	$(CARGO) install --locked --version 0.3.0 --root $(TOOLS) rstmdb-cli

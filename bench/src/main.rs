@@ -5,8 +5,15 @@
 //!   with pipelined connections; checks the end state of a sample.
 //! * `pause`: measures APPLY latency (one connection, one request at a time)
 //!   while a COMPACT snapshots everything: the longest pause a snapshot adds.
+//! * `run`: a closed-loop workload (apply, create, get, mixed, batch,
+//!   watch) with latency percentiles, errors by code, a consistency check
+//!   and the server's CPU time; `--json` for scripts.
+//! * `null-server`: answers every frame at once (the machine's ceiling).
 
+mod null_server;
 mod rcp;
+mod report;
+mod workload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +62,72 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         check: u64,
     },
+    /// A closed-loop workload with latency percentiles.
+    Run {
+        /// Workload.
+        #[arg(long, value_enum, default_value = "apply")]
+        workload: workload::Workload,
+        /// Connections.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 8)]
+        pipeline: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Total requests (instead of a duration).
+        #[arg(long)]
+        requests: Option<u64>,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Pre-created instances.
+        #[arg(long, default_value_t = 1000)]
+        instances: usize,
+        /// Pick instances at random (default: round-robin).
+        #[arg(long)]
+        random: bool,
+        /// Filler bytes in payloads and contexts.
+        #[arg(long, default_value_t = 0)]
+        payload_bytes: usize,
+        /// Share of GET_INSTANCE in `mixed`.
+        #[arg(long, default_value_t = 0.5)]
+        get_ratio: f64,
+        /// WATCH_ALL subscribers in `watch`.
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Server process whose CPU time to report.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Skip the end-of-run consistency check (the null server).
+        #[arg(long)]
+        no_check: bool,
+        /// `key=value` copied into the report's `tags` (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Writes the markdown table of a matrix run into a document.
+    Report {
+        /// JSON lines written by `run --json`.
+        #[arg(long)]
+        input: std::path::PathBuf,
+        /// Document whose bench section is replaced.
+        #[arg(long)]
+        into: std::path::PathBuf,
+        /// Markdown put above the table (command, machine, date).
+        #[arg(long, default_value = "")]
+        header: String,
+    },
+    /// Answers every frame at once with an empty ok (the ceiling).
+    NullServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        bind: String,
+    },
     /// APPLY latency while a COMPACT {force_snapshot: true} runs.
     Pause {
         /// Instances (created by `load`) the applies go to.
@@ -93,10 +166,97 @@ fn main() {
             seconds,
             compact_at_ms,
         } => pause(cli.addr, instances.max(1), seconds, compact_at_ms),
+        Cmd::Run {
+            workload,
+            connections,
+            pipeline,
+            duration,
+            requests,
+            warmup,
+            instances,
+            random,
+            payload_bytes,
+            get_ratio,
+            watchers,
+            server_pid,
+            json,
+            no_check,
+            tags,
+        } => {
+            let s = workload::Settings {
+                addr: cli.addr,
+                workload,
+                connections: connections.max(1),
+                pipeline: pipeline.max(1),
+                duration: Duration::from_secs_f64(duration.max(0.0)),
+                requests,
+                warmup: Duration::from_secs_f64(warmup.max(0.0)),
+                instances,
+                random,
+                payload_bytes,
+                get_ratio: get_ratio.clamp(0.0, 1.0),
+                watchers,
+                server_pid,
+                check: !no_check,
+            };
+            workload::run(&s).and_then(|mut report| {
+                let mut t = serde_json::Map::new();
+                for kv in &tags {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+                    t.insert(k.to_owned(), Value::from(v));
+                }
+                report["tags"] = Value::Object(t);
+                if json {
+                    println!("{report}");
+                } else {
+                    print_report(&report);
+                }
+                let wrong = report["consistency"]["wrong"].as_u64().unwrap_or(0);
+                if wrong > 0 {
+                    return Err(format!(
+                        "consistency check failed: {wrong} instances differ from the acknowledged applies"
+                    ));
+                }
+                Ok(())
+            })
+        }
+        Cmd::NullServer { bind } => null_server::serve(&bind).map_err(|e| e.to_string()),
+        Cmd::Report {
+            input,
+            into,
+            header,
+        } => report::write(&input, &into, &header),
     };
     if let Err(e) = outcome {
         eprintln!("rstmdb-bench: {e}");
         std::process::exit(1);
+    }
+}
+
+fn print_report(r: &Value) {
+    let l = &r["latency_us"];
+    println!(
+        "{} {}x{}: {:.0} ops/s over {:.1} s; latency µs p50 {} p90 {} p99 {} p99.9 {} max {}",
+        r["workload"].as_str().unwrap_or("?"),
+        r["connections"],
+        r["pipeline"],
+        r["ops_per_sec"].as_f64().unwrap_or(0.0),
+        r["seconds"].as_f64().unwrap_or(0.0),
+        l["p50"],
+        l["p90"],
+        l["p99"],
+        l["p999"],
+        l["max"]
+    );
+    println!(
+        "errors {} transport {} consistency {}",
+        r["errors"], r["transport_errors"], r["consistency"]
+    );
+    if let Some(cpu) = r["server_cpu_percent"].as_f64() {
+        println!("server CPU {cpu:.1}%");
+    }
+    if let Some(w) = r.get("watch") {
+        println!("watch {w}");
     }
 }
 

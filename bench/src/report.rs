@@ -1,0 +1,125 @@
+//! Turns the JSON lines of a matrix run (`bench/matrix.sh`) into the
+//! markdown table of docs/PERFORMANCE.md: ours next to the reference and
+//! the null server, with the ratios.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+fn ms(us: &Value) -> String {
+    us.as_f64()
+        .map_or_else(|| "–".into(), |v| format!("{:.2}", v / 1000.0))
+}
+
+fn ops(r: Option<&Value>) -> String {
+    r.and_then(|r| r["ops_per_sec"].as_f64())
+        .map_or_else(|| "–".into(), |v| format!("{v:.0}"))
+}
+
+fn ratio(a: Option<&Value>, b: Option<&Value>) -> String {
+    match (
+        a.and_then(|r| r["ops_per_sec"].as_f64()),
+        b.and_then(|r| r["ops_per_sec"].as_f64()),
+    ) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+        _ => "–".into(),
+    }
+}
+
+/// Writes the table for the runs in `input` between the bench markers of
+/// `into` (appending the section if the markers are missing).
+pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    // (workload, cell) → fsync → server → report
+    type Key = (String, u64, u64);
+    let mut rows: BTreeMap<Key, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+        let tag = |k: &str| v["tags"][k].as_str().unwrap_or("").to_owned();
+        let key = (
+            v["workload"].as_str().unwrap_or("?").to_owned(),
+            v["connections"].as_u64().unwrap_or(0),
+            v["pipeline"].as_u64().unwrap_or(0),
+        );
+        rows.entry(key)
+            .or_default()
+            .entry(tag("fsync"))
+            .or_default()
+            .insert(tag("server"), v);
+    }
+    let mut md = String::new();
+    md.push_str(BEGIN);
+    md.push('\n');
+    md.push_str(header.trim_end());
+    md.push_str("\n\n");
+    md.push_str("| workload | fsync | conns × pipeline | null ops/s | reference ops/s | ours ops/s | ours / reference | ours / null | reference p50 / p99 ms | ours p50 / p99 ms | ours errors | consistency (ours) |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for ((workload, c, p), by_fsync) in &rows {
+        let null = by_fsync.get("-").and_then(|m| m.get("null"));
+        for (fsync, servers) in by_fsync.iter().filter(|(f, _)| f.as_str() != "-") {
+            let reference = servers.get("reference");
+            let ours = servers.get("ours");
+            let lat = |r: Option<&Value>| {
+                r.map_or_else(
+                    || "–".into(),
+                    |r| {
+                        format!(
+                            "{} / {}",
+                            ms(&r["latency_us"]["p50"]),
+                            ms(&r["latency_us"]["p99"])
+                        )
+                    },
+                )
+            };
+            let errors = ours.map_or_else(
+                || "–".into(),
+                |r| {
+                    let e = r["errors"]
+                        .as_object()
+                        .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())
+                        + r["transport_errors"].as_u64().unwrap_or(0);
+                    e.to_string()
+                },
+            );
+            let consistency = ours.map_or_else(
+                || "–".into(),
+                |r| {
+                    let c = &r["consistency"];
+                    match (c["checked"].as_u64(), c["wrong"].as_u64()) {
+                        (Some(0), _) => "n/a".into(),
+                        (Some(n), Some(0)) => format!("{n} ok"),
+                        (Some(n), Some(w)) => format!("{w} of {n} WRONG"),
+                        _ => "–".into(),
+                    }
+                },
+            );
+            md.push_str(&format!(
+                "| {workload} | {fsync} | {c} × {p} | {} | {} | {} | {} | {} | {} | {} | {errors} | {consistency} |\n",
+                ops(null),
+                ops(reference),
+                ops(ours),
+                ratio(ours, reference),
+                ratio(ours, null),
+                lat(reference),
+                lat(ours),
+            ));
+        }
+    }
+    md.push_str(END);
+    md.push('\n');
+    let doc = std::fs::read_to_string(into).unwrap_or_default();
+    let out = match (doc.find(BEGIN), doc.find(END)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{}{}",
+            &doc[..b],
+            md,
+            &doc[e + END.len()..].trim_start_matches('\n')
+        ),
+        _ => format!("{}\n{}", doc.trim_end(), md),
+    };
+    std::fs::write(into, out).map_err(|e| format!("{}: {e}", into.display()))
+}
