@@ -142,6 +142,7 @@ fn run(cfg: Config) -> Result<(), String> {
         .unwrap_or_else(|_| vec![0]);
     let cpu_for = |i: usize| cpus[i % cpus.len()];
     let io_memory = cfg.server.io_memory_kib * 1024;
+    let spin = Duration::from_micros(cfg.server.spin_before_park_us);
 
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (hub_tx, hub_rx) = flume::unbounded::<shard::HubMsg>();
@@ -176,6 +177,7 @@ fn run(cfg: Config) -> Result<(), String> {
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
             .name(&format!("shard-{i}"))
             .io_memory(io_memory)
+            .spin_before_park(spin)
             .spawn(move || async move {
                 {
                     let resume = shard::Resume {
@@ -225,6 +227,7 @@ fn run(cfg: Config) -> Result<(), String> {
     let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
         .name("frontend")
         .io_memory(io_memory)
+            .spin_before_park(spin)
         .spawn(move || async move {
             let listener = match glommio::net::TcpListener::bind(bind) {
                 Ok(l) => l,
