@@ -128,6 +128,7 @@ fn run(cfg: Config) -> Result<(), String> {
     let recover::Recovery {
         shards: recovered,
         snapshot_starts,
+        records_ever,
         aborted,
         aborted_ever,
         next_offset,
@@ -149,10 +150,11 @@ fn run(cfg: Config) -> Result<(), String> {
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
     let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for (i, (((engine, rec), aborted), snapshot_start)) in recovered
+    for (i, ((((engine, rec), aborted), snapshot_start), records_ever)) in recovered
         .into_iter()
         .zip(aborted)
         .zip(snapshot_starts)
+        .zip(records_ever)
         .enumerate()
     {
         let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
@@ -183,6 +185,7 @@ fn run(cfg: Config) -> Result<(), String> {
                     let resume = shard::Resume {
                         aborted_batches: aborted,
                         snapshot_start,
+                        records_ever,
                     };
                     shard::run(scfg, engine, rec, rx, seq, resume, ready).await
                 }
@@ -227,7 +230,7 @@ fn run(cfg: Config) -> Result<(), String> {
     let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
         .name("frontend")
         .io_memory(io_memory)
-            .spin_before_park(spin)
+        .spin_before_park(spin)
         .spawn(move || async move {
             let listener = match glommio::net::TcpListener::bind(bind) {
                 Ok(l) => l,

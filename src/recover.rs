@@ -18,6 +18,8 @@ pub struct Recovery {
     pub shards: Vec<(Engine, Recovered)>,
     /// Start of the snapshot each shard was loaded from.
     pub snapshot_starts: Vec<Option<u64>>,
+    /// Records each shard has ever written.
+    pub records_ever: Vec<u64>,
     /// Per shard: batch parts undone now (their aborts must be logged).
     pub aborted: Vec<Vec<String>>,
     /// Every batch ever undone (subscribers replaying the log skip them).
@@ -77,10 +79,12 @@ pub fn recover_all(
     });
     let mut recovered = Vec::with_capacity(shards);
     let mut snapshot_starts = Vec::with_capacity(shards);
+    let mut records_ever = Vec::with_capacity(shards);
     for r in results {
         let r = r?;
         recovered.push((r.engine, r.wal));
         snapshot_starts.push(r.snapshot_start);
+        records_ever.push(r.records_ever);
     }
     let all_machines: Vec<_> = recovered
         .iter()
@@ -149,6 +153,7 @@ pub fn recover_all(
     Ok(Recovery {
         shards: recovered,
         snapshot_starts,
+        records_ever,
         aborted,
         aborted_ever,
         next_offset,

@@ -42,6 +42,7 @@ pub fn reshard(
     let rec = recover::recover_all(data, from, limits, segment_size)
         .map_err(|e| format!("re-sharding from {from} to {to} shards: {e}"))?;
     let start = rec.next_offset;
+    let records_total: u64 = rec.records_ever.iter().sum();
     let engines = rec.shards.into_iter().map(|(e, _)| e).collect();
     let mut new = redistribute(engines, to, limits, start);
     let instances: usize = new.iter().map(|e| e.active_instances()).sum();
@@ -53,8 +54,18 @@ pub fn reshard(
         let shard_dir = DataDir::shard_dir_in(&base, i);
         let wal = shard_dir.join("wal");
         std::fs::create_dir_all(&wal).map_err(|e| format!("creating {}: {e}", wal.display()))?;
-        let f = write_blocking(engine, shard_dir.join("snapshots"), i as u32, start, now)
-            .map_err(|e| format!("re-sharding: writing the snapshot of new shard {i}: {e}"))?;
+        // WAL_STATS entry_count stays what it was: the old total goes
+        // with new shard 0.
+        let records = if i == 0 { records_total } else { 0 };
+        let f = write_blocking(
+            engine,
+            shard_dir.join("snapshots"),
+            i as u32,
+            start,
+            now,
+            records,
+        )
+        .map_err(|e| format!("re-sharding: writing the snapshot of new shard {i}: {e}"))?;
         sync_dir(&shard_dir)?;
         manifest.shards[i] = ShardManifest {
             snapshot: f.path.file_name().map(|n| n.to_string_lossy().into_owned()),

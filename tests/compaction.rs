@@ -127,6 +127,7 @@ fn compact_deletes_segments_and_restarts_lose_nothing() {
         "the data set should span several segments per shard ({segs_before})"
     );
 
+    let entries = c.ok("WAL_STATS", json!({}))["entry_count"].clone();
     let r = c.ok("COMPACT", json!({"force_snapshot": true}));
     assert_eq!(r["snapshots_created"], 2, "{r}");
     let deleted = r["segments_deleted"].as_u64().unwrap();
@@ -163,6 +164,9 @@ fn compact_deletes_segments_and_restarts_lose_nothing() {
     // Graceful restart.
     assert_eq!(server.stop(), Some(0));
     server.restart();
+    // entry_count counts every record ever written, compacted or not.
+    let stats = server.client().ok("WAL_STATS", json!({}));
+    assert_eq!(stats["entry_count"], entries, "{stats}");
     check_after_restart(&server, &before, &applied);
 
     // More changes after the snapshot, then kill -9.

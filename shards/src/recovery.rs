@@ -44,6 +44,9 @@ pub struct RecoveredShard {
     pub snapshot_start: Option<u64>,
     /// Snapshots found damaged and skipped (path and reason), newest first.
     pub skipped: Vec<String>,
+    /// Records this shard has ever written (those in the snapshot's count
+    /// plus those replayed after it): WAL_STATS `entry_count`.
+    pub records_ever: u64,
 }
 
 /// Loads the newest intact snapshot whose start is at or above `wal_floor`
@@ -77,8 +80,8 @@ pub fn recover_shard(
             }
         }
     }
-    let (mut engine, start) = match loaded {
-        Some(l) => (l.engine, Some(l.start_offset)),
+    let (mut engine, start, mut records_ever) = match loaded {
+        Some(l) => (l.engine, Some(l.start_offset), l.wal_records),
         None if wal_floor > 1 => {
             return Err(RecoveryError::NoUsableSnapshot {
                 floor: wal_floor,
@@ -90,13 +93,14 @@ pub fn recover_shard(
                 },
             })
         }
-        None => (Engine::new(limits), None),
+        None => (Engine::new(limits), None, 0),
     };
     let below = start.unwrap_or(0);
     let wal = recover(opts, |r| {
         if r.offset < below {
             return Ok(()); // in the snapshot
         }
+        records_ever += 1;
         let entry: WalEntry = serde_json::from_slice(r.payload)
             .map_err(|e| format!("undecodable entry at offset {}: {e}", r.offset))?;
         if entry.kind() != r.kind {
@@ -113,5 +117,6 @@ pub fn recover_shard(
         wal,
         snapshot_start: start,
         skipped,
+        records_ever,
     })
 }

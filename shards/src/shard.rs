@@ -288,6 +288,8 @@ pub struct Resume {
     pub aborted_batches: Vec<String>,
     /// Start of the snapshot the shard was loaded from.
     pub snapshot_start: Option<u64>,
+    /// Records the shard has ever written (see `RecoveredShard`).
+    pub records_ever: u64,
 }
 
 /// Runs the shard until every sender of `rx` is gone, then syncs the WAL.
@@ -305,6 +307,7 @@ pub async fn run(
     let Resume {
         aborted_batches,
         snapshot_start,
+        records_ever,
     } = resume;
     let mut opened = WalWriter::open(cfg.wal.clone(), &recovered).await;
     if let (Ok(w), false) = (opened.as_mut(), aborted_batches.is_empty()) {
@@ -320,6 +323,9 @@ pub async fn run(
     // reporting (its sender is then gone too).
     drop(ready);
     let mut writer = opened?;
+    // Recovery counted the records compacted away too (plus any abort
+    // records just logged).
+    writer.set_records(records_ever + aborted_batches.len() as u64);
     drop(recovered);
     let mut unsynced_records: u64 = 0;
     let mut dirty_since: Option<Instant> = None;
@@ -765,6 +771,7 @@ impl Snapshots {
             cfg.id as u32,
             start,
             now_ms(),
+            writer.records(),
         );
         tracing::debug!(shard = cfg.id, start, "snapshot started");
         self.records_since = 0;

@@ -157,6 +157,10 @@ struct MetaLine {
     /// Committed atomic batches (see `Engine::committed`).
     #[serde(default)]
     committed: Vec<(String, u64)>,
+    /// Records the shard had written when the snapshot started (WAL_STATS
+    /// `entry_count` must not shrink when compaction deletes segments).
+    #[serde(default)]
+    wal_records: u64,
 }
 
 #[derive(Serialize)]
@@ -455,7 +459,14 @@ impl SnapshotJob {
     /// Starts a snapshot of `engine` covering every record below `start`
     /// (the shard must have applied all of them and none above). Starts
     /// the writer thread.
-    pub fn begin(engine: &mut Engine, dir: PathBuf, shard: u32, start: u64, now: i64) -> Self {
+    pub fn begin(
+        engine: &mut Engine,
+        dir: PathBuf,
+        shard: u32,
+        start: u64,
+        now: i64,
+        wal_records: u64,
+    ) -> Self {
         assert!(engine.snap.is_none(), "one snapshot at a time");
         engine.snap = Some(SnapCursor {
             next: 0,
@@ -475,6 +486,7 @@ impl SnapshotJob {
                 created_at: now,
                 aborted,
                 committed: engine.committed.clone(),
+                wal_records,
             },
         );
         let mut counts = EndLine::default();
@@ -636,8 +648,9 @@ pub fn write_blocking(
     shard: u32,
     start: u64,
     now: i64,
+    wal_records: u64,
 ) -> Result<SnapshotFile, String> {
-    let mut job = SnapshotJob::begin(engine, dir, shard, start, now);
+    let mut job = SnapshotJob::begin(engine, dir, shard, start, now, wal_records);
     loop {
         match job.step(engine, Duration::from_millis(50)) {
             Step::More => {}
@@ -704,6 +717,8 @@ pub struct Loaded {
     pub start_offset: u64,
     /// Instances loaded (tombstones included).
     pub instances: u64,
+    /// Records the shard had written when the snapshot started.
+    pub wal_records: u64,
 }
 
 /// Loads and verifies a snapshot of shard `shard`.
@@ -721,6 +736,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
     let mut counts = EndLine::default();
     let mut end: Option<EndLine> = None;
     let mut saw_meta = false;
+    let mut wal_records = 0;
     let mut line = Vec::with_capacity(4096);
     let mut n = 0u64;
     loop {
@@ -748,6 +764,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
                 }
                 engine.aborted.extend(m.aborted);
                 engine.committed = m.committed;
+                wal_records = m.wal_records;
                 saw_meta = true;
             }
             (b'M', true) => {
@@ -845,6 +862,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
         engine,
         start_offset: start,
         instances: counts.instances,
+        wal_records,
     })
 }
 
@@ -931,7 +949,7 @@ mod tests {
         /// Runs a snapshot to the end, calling `between` after every step.
         fn snapshot(&mut self, dir: &Path, mut between: impl FnMut(&mut T)) -> SnapshotFile {
             let start = self.next;
-            let mut job = SnapshotJob::begin(&mut self.e, dir.to_path_buf(), 0, start, 5);
+            let mut job = SnapshotJob::begin(&mut self.e, dir.to_path_buf(), 0, start, 5, 0);
             loop {
                 match job.step(&mut self.e, Duration::from_micros(1)) {
                     Step::More | Step::Blocked => between(self),
@@ -1058,7 +1076,7 @@ mod tests {
             t.create(&format!("i{i}"), i);
         }
         let start = t.next;
-        let mut job = SnapshotJob::begin(&mut t.e, dir.path().to_path_buf(), 0, start, 5);
+        let mut job = SnapshotJob::begin(&mut t.e, dir.path().to_path_buf(), 0, start, 5, 0);
         assert!(matches!(
             job.step(&mut t.e, Duration::from_micros(1)),
             Step::More

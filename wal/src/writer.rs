@@ -372,6 +372,13 @@ impl WalWriter {
         self.segments.iter().map(|s| s.used).sum()
     }
 
+    /// Sets the count of records written over the life of the log (when
+    /// compaction removed some, recovery knows the total from the
+    /// snapshot).
+    pub fn set_records(&mut self, total: u64) {
+        self.records = total;
+    }
+
     /// Records written over the life of this log (replayed + committed).
     pub fn records(&self) -> u64 {
         self.records
