@@ -123,6 +123,17 @@ impl DataDir {
                         reason: format!("invalid shard count or layout: {meta:?}"),
                     });
                 }
+                if let Some(l) = &meta.layout {
+                    if !root.join(l).is_dir() {
+                        return Err(DataDirError::BadMeta {
+                            path: meta_path,
+                            reason: format!(
+                                "names the layout directory {l}, which is missing: \
+                                 refusing to start without the data"
+                            ),
+                        });
+                    }
+                }
                 let dir = DataDir {
                     root: root.to_path_buf(),
                     base: meta
@@ -389,6 +400,13 @@ mod tests {
         let d = DataDir::open(tmp.path(), 1).unwrap();
         assert_eq!((d.shards(), d.base()), (3, path.as_path()));
         assert!(d.wal_dir(2).exists());
+        drop(d);
+        std::fs::remove_dir_all(&path).unwrap();
+        let err = DataDir::open(tmp.path(), 3)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
     }
 
     #[test]
