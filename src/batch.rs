@@ -256,10 +256,7 @@ async fn run_atomic(
     }
     if let Some(e) = commit_error {
         // Parts may be logged: replaying subscribers must skip them.
-        ctx.hub
-            .borrow_mut()
-            .aborted_batches
-            .insert(batch_id.clone());
+        ctx.hub.borrow().shared.add_aborted(batch_id.clone());
         abort(&batch_id, &voters, shards).await;
         return Err(e);
     }

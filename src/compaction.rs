@@ -21,12 +21,11 @@
 //! files are complete or absent, the manifest never claims more WAL than
 //! the disk holds, and segments go oldest first.
 
-use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use glommio::sync::{RwLock, Semaphore};
+use async_lock::RwLock;
 use rstmdb_shards::commands::Command;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use rstmdb_shards::shard::{
@@ -38,7 +37,7 @@ use serde_json::Value;
 
 use crate::datadir::Manifest;
 use crate::router::{Outcome, Router};
-use crate::subscriptions::Hub;
+use crate::subscriptions::Shared;
 
 /// How often automatic compaction looks at the shards' figures.
 const AUTO_CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -75,10 +74,12 @@ pub struct Report {
     pub wal_segments: u64,
 }
 
-/// The frontend's compaction coordinator.
+/// The compaction coordinator, shared by every frontend (`Send + Sync`:
+/// its locks are executor-agnostic, its state behind mutexes never held
+/// across an await).
 pub struct Compactor {
     router: Router,
-    hub: Rc<RefCell<Hub>>,
+    shared: Arc<Shared>,
     settings: Settings,
     /// The data directory (instance exports go below it).
     data_root: PathBuf,
@@ -88,17 +89,17 @@ pub struct Compactor {
     /// exclusive while a round asks the shards to snapshot.
     gate: RwLock<()>,
     /// One round at a time.
-    rounds: Semaphore,
-    manifest: RefCell<Manifest>,
-    last_round: Cell<Option<Instant>>,
+    rounds: async_lock::Mutex<()>,
+    manifest: Mutex<Manifest>,
+    last_round: Mutex<Option<Instant>>,
     /// Per shard: start of its oldest snapshot file (after the last round's
     /// pruning). The minimum bounds what shards must remember about
     /// committed atomic batches.
-    oldest_snapshots: RefCell<Vec<Option<u64>>>,
+    oldest_snapshots: Mutex<Vec<Option<u64>>>,
     /// Per shard: whether it skipped the last round (it takes a snapshot
     /// in the next one whatever its log did, so that its oldest snapshot
     /// keeps moving).
-    skipped_last: RefCell<Vec<bool>>,
+    skipped_last: Mutex<Vec<bool>>,
 }
 
 fn internal(detail: impl std::fmt::Display) -> ApiError {
@@ -109,7 +110,7 @@ impl Compactor {
     /// A coordinator over `router`'s shards; `manifest` as recovery read it.
     pub fn new(
         router: Router,
-        hub: Rc<RefCell<Hub>>,
+        shared: Arc<Shared>,
         settings: Settings,
         data_root: PathBuf,
         manifest_dir: PathBuf,
@@ -122,26 +123,26 @@ impl Compactor {
             .max()
             .unwrap_or(0)
             .max(manifest.history_floor);
-        hub.borrow_mut().wal_floor = floor;
+        shared.set_wal_floor(floor);
         Compactor {
             router,
-            hub,
+            shared,
             settings,
             data_root,
             manifest_dir,
             gate: RwLock::new(()),
-            rounds: Semaphore::new(1),
-            oldest_snapshots: RefCell::new(vec![None; manifest.shards.len()]),
-            skipped_last: RefCell::new(vec![false; manifest.shards.len()]),
-            manifest: RefCell::new(manifest),
-            last_round: Cell::new(None),
+            rounds: async_lock::Mutex::new(()),
+            oldest_snapshots: Mutex::new(vec![None; manifest.shards.len()]),
+            skipped_last: Mutex::new(vec![false; manifest.shards.len()]),
+            manifest: Mutex::new(manifest),
+            last_round: Mutex::new(None),
         }
     }
 
     /// Held shared by an atomic batch from its commit until its release
     /// or abort is sent.
-    pub async fn commit_gate(&self) -> glommio::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().await.expect("the gate is never closed")
+    pub async fn commit_gate(&self) -> async_lock::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
     }
 
     /// COMPACT: `force_snapshot` snapshots every shard that changed since
@@ -156,13 +157,9 @@ impl Compactor {
     }
 
     async fn round(&self, when: SnapshotWhen) -> Result<Report, ApiError> {
-        let _one = self
-            .rounds
-            .acquire_permit(1)
-            .await
-            .map_err(|e| internal(format!("compaction: {e}")))?;
+        let _one = self.rounds.lock().await;
         let began = Instant::now();
-        self.last_round.set(Some(began));
+        *self.last_round.lock().expect("not poisoned") = Some(began);
         let shards = self.router.shards();
         let n = shards.len();
 
@@ -170,18 +167,21 @@ impl Compactor {
         let (tx, rx) = flume::bounded::<(usize, SnapshotOutcome)>(n);
         let prune_upto = self
             .oldest_snapshots
-            .borrow()
+            .lock()
+            .expect("not poisoned")
             .iter()
             .map(|o| o.unwrap_or(0))
             .min()
             .unwrap_or(0);
         {
-            let _closed = self.gate.write().await.expect("the gate is never closed");
+            let _closed = self.gate.write().await;
             for (i, s) in shards.iter().enumerate() {
                 // Automatic rounds only: COMPACT keeps the meaning its
                 // caller asked for.
                 let when = match when {
-                    SnapshotWhen::IfOver { .. } if self.skipped_last.borrow()[i] => {
+                    SnapshotWhen::IfOver { .. }
+                        if self.skipped_last.lock().expect("not poisoned")[i] =>
+                    {
                         SnapshotWhen::Always
                     }
                     other => other,
@@ -207,12 +207,13 @@ impl Compactor {
                 .recv_async()
                 .await
                 .map_err(|_| internal("shard unavailable (server shutting down)"))?;
-            self.skipped_last.borrow_mut()[shard] = matches!(outcome, SnapshotOutcome::Skipped(_));
+            self.skipped_last.lock().expect("not poisoned")[shard] =
+                matches!(outcome, SnapshotOutcome::Skipped(_));
             match outcome {
                 SnapshotOutcome::Written(f) => {
                     report.snapshots_created += 1;
                     written[shard] = Some(f.start_offset);
-                    let mut m = self.manifest.borrow_mut();
+                    let mut m = self.manifest.lock().expect("not poisoned");
                     let e = &mut m.shards[shard];
                     e.snapshot = f.path.file_name().map(|s| s.to_string_lossy().into_owned());
                     e.start_offset = f.start_offset;
@@ -228,9 +229,9 @@ impl Compactor {
         }
 
         // 3. Floors: never above what the slowest subscription still needs.
-        let slowest = self.hub.borrow_mut().min_cursor();
+        let slowest = self.shared.min_cursor();
         let manifest = {
-            let mut m = self.manifest.borrow_mut();
+            let mut m = self.manifest.lock().expect("not poisoned");
             for e in m.shards.iter_mut() {
                 if e.snapshot.is_some() {
                     let floor = slowest.map_or(e.start_offset, |c| c.min(e.start_offset));
@@ -238,8 +239,8 @@ impl Compactor {
                 }
             }
             let highest = m.shards.iter().map(|e| e.wal_floor).max().unwrap_or(0);
-            let mut hub = self.hub.borrow_mut();
-            hub.wal_floor = hub.wal_floor.max(highest);
+            self.shared
+                .set_wal_floor(self.shared.wal_floor().max(highest));
             m.clone()
         };
 
@@ -278,7 +279,7 @@ impl Compactor {
             report.bytes_reclaimed += o.bytes_reclaimed;
             report.total_snapshots += o.snapshots;
             report.wal_segments += o.wal_segments;
-            self.oldest_snapshots.borrow_mut()[shard] = o.oldest_snapshot;
+            self.oldest_snapshots.lock().expect("not poisoned")[shard] = o.oldest_snapshot;
             let history = retained.history_floor;
             let e = &mut retained.shards[shard];
             e.wal_floor = e.wal_floor.min(o.retained_from).max(history);
@@ -304,8 +305,8 @@ impl Compactor {
                         .max()
                         .unwrap_or(0)
                         .max(retained.history_floor);
-                    self.hub.borrow_mut().wal_floor = highest;
-                    *self.manifest.borrow_mut() = retained;
+                    self.shared.set_wal_floor(highest);
+                    *self.manifest.lock().expect("not poisoned") = retained;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not lower the WAL floors in the manifest")
@@ -328,7 +329,7 @@ impl Compactor {
     }
 
     /// Runs automatic compaction until `stop` closes.
-    pub async fn run_auto(self: Rc<Self>, stop: flume::Receiver<()>) {
+    pub async fn run_auto(self: Arc<Self>, stop: flume::Receiver<()>) {
         let s = &self.settings;
         if !s.auto || (s.events_threshold == 0 && s.size_threshold_bytes == 0) {
             let _ = stop.recv_async().await;
@@ -349,11 +350,8 @@ impl Compactor {
             if stopped {
                 return;
             }
-            if self
-                .last_round
-                .get()
-                .is_some_and(|t| t.elapsed() < s.min_interval)
-            {
+            let last = *self.last_round.lock().expect("not poisoned");
+            if last.is_some_and(|t| t.elapsed() < s.min_interval) {
                 continue;
             }
             match self.stats().await {

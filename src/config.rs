@@ -43,6 +43,9 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
 /// per shard at start-up.
 pub const MAX_WAL_SEGMENT_SIZE_MB: u64 = 4096;
 
+/// Largest accepted frontend count.
+pub const MAX_FRONTENDS: usize = 64;
+
 /// Largest accepted shard count. Each shard is a pinned executor with its own
 /// WAL directory; more than this is certainly a typo.
 pub const MAX_SHARDS: usize = 256;
@@ -496,7 +499,8 @@ pub struct ServerConfig {
     /// Env `RSTMDB_SHARDS`, flag `--shards`.
     pub shards: Option<usize>,
     /// Number of frontend executors (accept, TLS, framing, routing). Default 1;
-    /// only 1 is supported for now. Env `RSTMDB_FRONTENDS`.
+    /// more spread connections over more cores (each binds the client
+    /// address with SO_REUSEPORT). Env `RSTMDB_FRONTENDS`.
     pub frontends: usize,
     /// glommio `io_memory` per executor in KiB (registered DMA buffer memory).
     /// Default 1024. glommio pins about 3 × this per executor as locked
@@ -1088,17 +1092,11 @@ impl Config {
                 ));
             }
         }
-        if s.frontends == 0 {
-            return Err(invalid(
-                "server.frontends",
-                "server.frontends must be 1 (got 0)",
-            ));
-        }
-        if s.frontends > 1 {
+        if s.frontends == 0 || s.frontends > MAX_FRONTENDS {
             return Err(invalid(
                 "server.frontends",
                 format!(
-                    "server.frontends > 1 is not supported yet (got {}); set it to 1",
+                    "server.frontends must be between 1 and {MAX_FRONTENDS} (got {})",
                     s.frontends
                 ),
             ));
@@ -2226,12 +2224,9 @@ replication:
             assert!(msg.contains(want), "message should name {want}: {msg}");
         }
 
-        let (key, msg) = invalid_key(|c| c.server.frontends = 2);
+        let (key, msg) = invalid_key(|c| c.server.frontends = MAX_FRONTENDS + 1);
         assert_eq!(key, "server.frontends");
-        assert!(
-            msg.contains("server.frontends > 1 is not supported yet"),
-            "{msg}"
-        );
+        assert!(msg.contains("between 1 and"), "{msg}");
 
         for role in [ReplicationRole::Primary, ReplicationRole::Replica] {
             let (key, msg) = invalid_key(|c| c.replication.role = role);

@@ -136,7 +136,7 @@ fn run(cfg: Config) -> Result<(), String> {
     } = recover::recover_all(&data, shards, &limits, segment_size)?;
     let seq = Sequencer::new(next_offset, shards);
 
-    // Executors: the frontend on the first CPU, shards on the following ones,
+    // Executors: the frontends on the first CPUs, shards on the following ones,
     // wrapping around when there are more executors than CPUs.
     let cpus: Vec<usize> = glommio::CpuSet::online()
         .map(|set| set.into_iter().map(|l| l.cpu).collect())
@@ -146,7 +146,10 @@ fn run(cfg: Config) -> Result<(), String> {
     let spin = Duration::from_micros(cfg.server.spin_before_park_us);
 
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (hub_tx, hub_rx) = flume::unbounded::<shard::HubMsg>();
+    let frontends = cfg.server.frontends;
+    let (hub_txs, hub_rxs): (Vec<_>, Vec<_>) = (0..frontends)
+        .map(|_| flume::unbounded::<shard::HubMsg>())
+        .unzip();
     let mut senders = Vec::with_capacity(shards);
     let mut shard_handles = Vec::with_capacity(shards);
     let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -170,13 +173,13 @@ fn run(cfg: Config) -> Result<(), String> {
             max_drain_commands: MAX_DRAIN_COMMANDS,
             events: shard::EventSink {
                 watching: watching.clone(),
-                tx: hub_tx.clone(),
+                tx: hub_txs.clone(),
             },
             snapshot_dir: data.snapshot_dir(i),
         };
         let seq = seq.clone();
         let ready = shard_ready_tx.clone();
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + 1)))
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + frontends)))
             .name(&format!("shard-{i}"))
             .io_memory(io_memory)
             .spin_before_park(spin)
@@ -215,7 +218,7 @@ fn run(cfg: Config) -> Result<(), String> {
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
     };
-    drop(hub_tx);
+    drop(hub_txs);
     let router = router::Router::new(senders, seq.clone());
     let compaction_settings = compaction::Settings {
         auto: cfg.compaction.enabled,
@@ -225,54 +228,84 @@ fn run(cfg: Config) -> Result<(), String> {
         retention: Duration::from_secs(cfg.compaction.wal_retention_secs),
         keep_snapshots: cfg.compaction.keep_snapshots.max(1),
     };
-    let data_root = data.root().to_path_buf();
-    let manifest_dir = data.base().to_path_buf();
-    let frontend = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(0)))
-        .name("frontend")
-        .io_memory(io_memory)
-        .spin_before_park(spin)
-        .spawn(move || async move {
-            let listener = match glommio::net::TcpListener::bind(bind) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot listen on {bind}: {e}")));
-                    return;
+    let shared = Arc::new(subscriptions::Shared::default());
+    shared.extend_aborted(aborted_ever);
+    let compactor = Arc::new(compaction::Compactor::new(
+        router.clone(),
+        shared.clone(),
+        compaction_settings,
+        data.root().to_path_buf(),
+        data.base().to_path_buf(),
+        manifest,
+    ));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Frontends: each binds the client address (SO_REUSEPORT, so the kernel
+    // spreads connections over them) and has its own subscription hub.
+    let mut frontend_handles = Vec::with_capacity(frontends);
+    for (f, hub_rx) in hub_rxs.into_iter().enumerate() {
+        let (ready_tx, router, fcfg, shutdown_rx) = (
+            ready_tx.clone(),
+            router.clone(),
+            fcfg.clone(),
+            shutdown_rx.clone(),
+        );
+        let (seq, watching, shared, compactor, active) = (
+            seq.clone(),
+            watching.clone(),
+            shared.clone(),
+            compactor.clone(),
+            active.clone(),
+        );
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(f)))
+            .name(&format!("frontend-{f}"))
+            .io_memory(io_memory)
+            .spin_before_park(spin)
+            .spawn(move || async move {
+                let listener = match glommio::net::TcpListener::bind(bind) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot listen on {bind}: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
+                drop(ready_tx);
+                let hub = subscriptions::Hub::new(seq, watching, shared);
+                let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
+                glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
+                // Automatic compaction runs on the first frontend.
+                let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
+                let auto = (f == 0)
+                    .then(|| glommio::spawn_local(compactor.clone().run_auto(auto_stop_rx)));
+                server::serve(listener, router, hub, compactor, fcfg, shutdown_rx, active).await;
+                // Let a running round finish; then nothing holds the shards'
+                // channels and they stop.
+                drop(auto_stop_tx);
+                if let Some(auto) = auto {
+                    auto.await;
                 }
-            };
-            let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
-            let mut hub = subscriptions::Hub::new(seq, watching);
-            hub.aborted_batches.extend(aborted_ever);
-            let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
-            glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
-            let compactor = std::rc::Rc::new(compaction::Compactor::new(
-                router.clone(),
-                hub.clone(),
-                compaction_settings,
-                data_root,
-                manifest_dir,
-                manifest,
-            ));
-            let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
-            let auto = glommio::spawn_local(compactor.clone().run_auto(auto_stop_rx));
-            server::serve(listener, router, hub, compactor, fcfg, shutdown_rx).await;
-            // Let a running round finish; then nothing holds the shards'
-            // channels and they stop.
-            drop(auto_stop_tx);
-            auto.await;
-        })
-        .map_err(|e| format!("starting frontend executor: {e}"))?;
-
-    match ready_rx.recv() {
-        Ok(Ok(addr)) => {
-            tracing::info!(%addr, shards, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening")
-        }
-        Ok(Err(e)) => {
-            drop(shutdown_tx);
-            let _ = frontend.join();
-            return Err(e);
-        }
-        Err(_) => return Err("frontend executor exited during start-up".into()),
+            })
+            .map_err(|e| format!("starting frontend executor {f}: {e}"))?;
+        frontend_handles.push(handle);
     }
+    drop((ready_tx, router, compactor, shutdown_rx));
+
+    for _ in 0..frontends {
+        match ready_rx.recv() {
+            Ok(Ok(addr)) => {
+                tracing::debug!(%addr, "frontend listening");
+            }
+            Ok(Err(e)) => {
+                drop(shutdown_tx);
+                for h in frontend_handles {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+            Err(_) => return Err("a frontend executor exited during start-up".into()),
+        }
+    }
+    tracing::info!(addr = %bind, shards, frontends, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening");
 
     // Signals: the first starts a graceful shutdown, a second exits at once.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -284,6 +317,8 @@ fn run(cfg: Config) -> Result<(), String> {
         .name("signals".into())
         .spawn(move || {
             let mut seen = 0;
+            // Dropped at the first signal: every frontend sees it.
+            let mut shutdown_tx = Some(shutdown_tx);
             for sig in signals.forever() {
                 seen += 1;
                 if seen == 1 {
@@ -291,7 +326,7 @@ fn run(cfg: Config) -> Result<(), String> {
                         signal = sig,
                         "shutting down: no new connections, finishing in-flight requests"
                     );
-                    let _ = shutdown_tx.send(());
+                    drop(shutdown_tx.take());
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting immediately");
                     std::process::exit(130);
@@ -300,9 +335,10 @@ fn run(cfg: Config) -> Result<(), String> {
         })
         .map_err(|e| format!("starting the signal thread: {e}"))?;
 
-    frontend
-        .join()
-        .map_err(|e| format!("frontend executor failed: {e}"))?;
+    for (f, h) in frontend_handles.into_iter().enumerate() {
+        h.join()
+            .map_err(|e| format!("frontend executor {f} failed: {e}"))?;
+    }
     let mut failed = None;
     for (i, h) in shard_handles.into_iter().enumerate() {
         match h.join() {

@@ -1,8 +1,10 @@
 //! The frontend: accepts connections, decodes frames, keeps sessions,
 //! routes requests to shards and writes answers in request order.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -47,11 +49,11 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     hub: Rc<RefCell<Hub>>,
-    compactor: Rc<Compactor>,
+    compactor: Arc<Compactor>,
     cfg: FrontendConfig,
     shutdown: flume::Receiver<()>,
+    active: Arc<AtomicUsize>,
 ) {
-    let active = Rc::new(Cell::new(0usize));
     // Dropping this sender tells every connection to stop after its cycle.
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     loop {
@@ -69,13 +71,14 @@ pub async fn serve(
                 continue;
             }
         };
-        if active.get() >= cfg.max_connections {
+        // Shared by every frontend: the limit is the server's.
+        if active.fetch_add(1, Ordering::SeqCst) >= cfg.max_connections {
+            active.fetch_sub(1, Ordering::SeqCst);
             // Over the limit: close without sending a byte (D18).
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
-        active.set(active.get() + 1);
         let (router, cfg, active, stop, hub, compactor) = (
             router.clone(),
             cfg.clone(),
@@ -88,14 +91,14 @@ pub async fn serve(
             if let Err(e) = connection(stream, router, hub, compactor, &cfg, stop).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            active.set(active.get() - 1);
+            active.fetch_sub(1, Ordering::SeqCst);
         })
         .detach();
     }
     tracing::info!("stopped accepting; finishing open connections");
     drop(stop_tx);
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
-    while active.get() > 0 && std::time::Instant::now() < deadline {
+    while active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -106,7 +109,7 @@ async fn connection(
     mut stream: TcpStream,
     router: Router,
     hub: Rc<RefCell<Hub>>,
-    compactor: Rc<Compactor>,
+    compactor: Arc<Compactor>,
     cfg: &FrontendConfig,
     stop: flume::Receiver<()>,
 ) -> std::io::Result<()> {

@@ -28,11 +28,11 @@
 //! the window's base: events below it are in the WAL, events at or above it
 //! all reach the hub.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use rstmdb_shards::commands::WatchEvent;
 use rstmdb_shards::error::ApiError;
@@ -89,9 +89,9 @@ pub struct Subscription {
     pub include_ctx: bool,
     /// Every matching event below this offset has been delivered.
     pub cursor: u64,
-    /// The cursor as the hub sees it: compaction keeps the WAL from the
-    /// lowest cursor of any subscription on.
-    pub lease: Rc<Cell<u64>>,
+    /// The cursor as compaction sees it: the WAL is kept from the lowest
+    /// cursor of any subscription on.
+    pub lease: Arc<AtomicU64>,
 }
 
 impl Subscription {
@@ -99,7 +99,7 @@ impl Subscription {
     pub fn advance(&mut self, next: u64) {
         debug_assert!(next >= self.cursor);
         self.cursor = next;
-        self.lease.set(next);
+        self.lease.store(next, Ordering::SeqCst);
     }
 }
 
@@ -227,19 +227,75 @@ pub struct Hub {
     pending: BTreeMap<u64, Arc<WatchEvent>>,
     /// Connections to wake when events arrive.
     doorbells: Vec<flume::Sender<()>>,
+    /// What all frontends' hubs share.
+    pub shared: Arc<Shared>,
+}
+
+/// State every frontend's hub shares: with several frontends, compaction
+/// and atomic batches on one must be seen by the subscribers of all.
+#[derive(Debug, Default)]
+pub struct Shared {
     /// Atomic batches undone after their parts were logged: replay skips
     /// those parts.
-    pub aborted_batches: HashSet<String>,
+    aborted: Mutex<HashSet<String>>,
     /// Cursors of every subscription (see [`Subscription::lease`]).
-    leases: Vec<Weak<Cell<u64>>>,
+    leases: Mutex<Vec<Weak<AtomicU64>>>,
     /// Records below this may have been compacted away: no subscription
     /// may start below it (D9).
-    pub wal_floor: u64,
+    wal_floor: AtomicU64,
+}
+
+impl Shared {
+    /// Remembers an undone batch.
+    pub fn add_aborted(&self, batch_id: String) {
+        self.aborted.lock().expect("not poisoned").insert(batch_id);
+    }
+
+    /// Remembers undone batches.
+    pub fn extend_aborted(&self, ids: impl IntoIterator<Item = String>) {
+        self.aborted.lock().expect("not poisoned").extend(ids);
+    }
+
+    /// The undone batches (held briefly, never across an await).
+    pub fn aborted(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.aborted.lock().expect("not poisoned")
+    }
+
+    /// A lease for a new subscription's cursor.
+    pub fn lease(&self, cursor: u64) -> Arc<AtomicU64> {
+        let lease = Arc::new(AtomicU64::new(cursor));
+        self.leases
+            .lock()
+            .expect("not poisoned")
+            .push(Arc::downgrade(&lease));
+        lease
+    }
+
+    /// The lowest cursor of any live subscription (forgetting the gone).
+    pub fn min_cursor(&self) -> Option<u64> {
+        let mut leases = self.leases.lock().expect("not poisoned");
+        leases.retain(|w| w.strong_count() > 0);
+        leases
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .map(|c| c.load(Ordering::SeqCst))
+            .min()
+    }
+
+    /// The oldest offset a subscription may start from.
+    pub fn wal_floor(&self) -> u64 {
+        self.wal_floor.load(Ordering::SeqCst)
+    }
+
+    /// Sets it.
+    pub fn set_wal_floor(&self, floor: u64) {
+        self.wal_floor.store(floor, Ordering::SeqCst);
+    }
 }
 
 impl Hub {
     /// A hub that is not collecting yet.
-    pub fn new(seq: Sequencer, watching: Arc<AtomicBool>) -> Self {
+    pub fn new(seq: Sequencer, watching: Arc<AtomicBool>, shared: Arc<Shared>) -> Self {
         Hub {
             seq,
             watching,
@@ -251,27 +307,8 @@ impl Hub {
             released: 0,
             pending: BTreeMap::new(),
             doorbells: Vec::new(),
-            aborted_batches: HashSet::new(),
-            leases: Vec::new(),
-            wal_floor: 0,
+            shared,
         }
-    }
-
-    /// A lease for a new subscription's cursor.
-    pub fn lease(&mut self, cursor: u64) -> Rc<Cell<u64>> {
-        let lease = Rc::new(Cell::new(cursor));
-        self.leases.push(Rc::downgrade(&lease));
-        lease
-    }
-
-    /// The lowest cursor of any live subscription (forgetting the gone).
-    pub fn min_cursor(&mut self) -> Option<u64> {
-        self.leases.retain(|w| w.strong_count() > 0);
-        self.leases
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .map(|c| c.get())
-            .min()
     }
 
     /// The offset below which every event has been released to the window

@@ -39,7 +39,7 @@ pub struct Ctx<'a> {
     /// The connection's reply channel.
     pub replies: &'a Replies,
     /// Snapshot rounds and the atomic-batch commit gate.
-    pub compactor: &'a Rc<Compactor>,
+    pub compactor: &'a std::sync::Arc<Compactor>,
 }
 
 /// Creates a subscription; answers the WATCH request.
@@ -59,7 +59,7 @@ pub async fn subscribe(
     let mut cursor = spec
         .from_offset
         .unwrap_or_else(|| ctx.hub.borrow().released());
-    let floor = ctx.hub.borrow().wal_floor;
+    let floor = ctx.hub.borrow().shared.wal_floor();
     // Only a replay can ask for what compaction removed; a live watch
     // starts at the released offset, whose history it does not need.
     if spec.from_offset.is_some() && cursor < floor {
@@ -70,7 +70,7 @@ pub async fn subscribe(
     }
     // Leased in the same synchronous step as the floor check: a compaction
     // round computing its floor from now on sees this cursor.
-    let lease = ctx.hub.borrow_mut().lease(cursor);
+    let lease = ctx.hub.borrow().shared.lease(cursor);
     let id = format!("sub-{}", uuid::Uuid::new_v4());
     let reply = match &spec.instance {
         Some((shard, instance_id)) => {
@@ -101,7 +101,7 @@ pub async fn subscribe(
         }
         None => json!({"subscription_id": id, "wal_offset": ctx.router.sequencer().peek()}),
     };
-    lease.set(cursor);
+    lease.store(cursor, std::sync::atomic::Ordering::SeqCst);
     session.subscriptions.push(Subscription {
         id,
         filter: spec.filter,
@@ -163,15 +163,11 @@ pub async fn deliver(
                         })?;
                     let mut events = Vec::new();
                     {
-                        let hub = ctx.hub.borrow();
+                        let shared = ctx.hub.borrow().shared.clone();
+                        let aborted = shared.aborted();
                         for r in &records {
-                            let evs = events_from_record(
-                                r.offset,
-                                r.kind,
-                                &r.payload,
-                                &hub.aborted_batches,
-                            )
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                            let evs = events_from_record(r.offset, r.kind, &r.payload, &aborted)
+                                .map_err(|e| std::io::Error::other(e.to_string()))?;
                             events.extend(evs);
                         }
                     }

@@ -54,8 +54,8 @@ pub struct ShardConfig {
     pub snapshot_dir: std::path::PathBuf,
 }
 
-/// What a shard tells the subscription hub.
-#[derive(Debug)]
+/// What a shard tells the subscription hubs.
+#[derive(Debug, Clone)]
 pub enum HubMsg {
     /// Committed transitions of one drain, sent *before* the shard releases
     /// its offsets (so they are in the channel before the watermark can
@@ -65,15 +65,28 @@ pub enum HubMsg {
     Released,
 }
 
-/// The shard's side of the subscription hub's channel.
+/// The shard's side of the subscription hubs' channels (one hub per
+/// frontend).
 #[derive(Debug, Clone)]
 pub struct EventSink {
-    /// Set by the hub once anyone subscribes; until then shards build no
+    /// Set by a hub once anyone subscribes; until then shards build no
     /// events.
     pub watching: Arc<AtomicBool>,
-    /// Unbounded on purpose: a shard must never wait for subscribers. The
-    /// hub on the frontend drains it at once into its bounded window.
-    pub tx: flume::Sender<HubMsg>,
+    /// Unbounded on purpose: a shard must never wait for subscribers. Each
+    /// hub drains its channel at once into its bounded window.
+    pub tx: Vec<flume::Sender<HubMsg>>,
+}
+
+impl EventSink {
+    /// Sends `msg` to every hub.
+    pub fn send(&self, msg: HubMsg) {
+        if let Some((last, rest)) = self.tx.split_last() {
+            for t in rest {
+                let _ = t.send(msg.clone());
+            }
+            let _ = last.send(msg);
+        }
+    }
 }
 
 /// The replies to one batch and where they go.
@@ -424,10 +437,10 @@ pub async fn run(
                     // Events first, then lift the hold, then say so: the
                     // hub must find them before the watermark passes them.
                     if !events.is_empty() {
-                        let _ = cfg.events.tx.send(HubMsg::Events(events));
+                        cfg.events.send(HubMsg::Events(events));
                     }
                     seq.hold(cfg.id, atomic.hold_floor());
-                    let _ = cfg.events.tx.send(HubMsg::Released);
+                    cfg.events.send(HubMsg::Released);
                     ready.extend(deferred.drain(..));
                 }
                 ShardMsg::Batch(b) => {
@@ -641,13 +654,13 @@ pub async fn run(
             let events = engine.take_events();
             let announce = engine.collect_events;
             if !events.is_empty() {
-                let _ = cfg.events.tx.send(HubMsg::Events(events));
+                cfg.events.send(HubMsg::Events(events));
             }
             // Everything reserved is written (or will never be): readers may
             // pass these offsets now.
             seq.release(cfg.id);
             if announce {
-                let _ = cfg.events.tx.send(HubMsg::Released);
+                cfg.events.send(HubMsg::Released);
             }
         }
         let stats = stats_wanted.then(|| ShardWalStats {
