@@ -228,6 +228,14 @@ fn run(cfg: Config) -> Result<(), String> {
         retention: Duration::from_secs(cfg.compaction.wal_retention_secs),
         keep_snapshots: cfg.compaction.keep_snapshots.max(1),
     };
+    // glommio binds with SO_REUSEPORT so that frontends can share the port;
+    // that would also let a second server on the same port start and split
+    // the connections with us. A plain bind first finds any listener there.
+    if bind.port() != 0 {
+        std::net::TcpListener::bind(bind).map_err(|e| {
+            format!("cannot listen on {bind}: {e} (is another server running there?)")
+        })?;
+    }
     let shared = Arc::new(subscriptions::Shared::default());
     shared.extend_aborted(aborted_ever);
     let compactor = Arc::new(compaction::Compactor::new(

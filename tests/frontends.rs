@@ -111,3 +111,15 @@ fn the_connection_limit_is_the_servers_not_each_frontends() {
         c.ok("PING", json!({}));
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    let dir = common::data_dir("port-taken");
+    let first = Server::start(dir.path(), opts());
+    let other = common::data_dir("port-taken-2");
+    let mut second = Server::spawn_on(other.path(), opts(), first.addr);
+    let (code, log) = second.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("cannot listen on"), "{log}");
+    first.client().ok("PING", json!({}));
+}

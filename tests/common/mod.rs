@@ -69,6 +69,11 @@ impl Server {
     /// Starts a server without waiting (for start-up failure tests).
     pub fn spawn(data: &Path, opts: Opts) -> Server {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Server::spawn_on(data, opts, addr)
+    }
+
+    /// Like `spawn`, on a given address.
+    pub fn spawn_on(data: &Path, opts: Opts, addr: SocketAddr) -> Server {
         let log = data.with_extension(format!("{}.log", addr.port()));
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rstmdb"));
