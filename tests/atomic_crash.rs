@@ -89,6 +89,9 @@ fn atomic_batches_are_all_or_nothing_across_kill_9() {
             ("RSTMDB_COMPACT_SIZE_MB".into(), "1".into()),
             ("RSTMDB_COMPACT_INTERVAL".into(), "0".into()),
             ("RSTMDB_COMPACT_RETENTION_SECS".into(), "3600".into()),
+            // Batches arrive on both frontends; rounds run on frontend 0:
+            // the commit gate must hold across executors.
+            ("RSTMDB_FRONTENDS".into(), "2".into()),
         ],
     };
     let mut server = Server::start(dir.path(), opts);
