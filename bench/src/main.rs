@@ -144,6 +144,15 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::NullServer { .. }) {
+        // Output piped into `head` and the like: end quietly, as a command
+        // line tool does, instead of panicking on a broken pipe. (Not for
+        // the null server, which writes to sockets.)
+        // SAFETY: restoring the default disposition of one signal.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let outcome = match cli.cmd {
         Cmd::Load {
             instances,
