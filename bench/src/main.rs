@@ -269,18 +269,7 @@ fn print_report(r: &Value) {
     }
 }
 
-const STATES: u64 = 4;
-
-fn ring_machine() -> Value {
-    let states: Vec<String> = (0..STATES).map(|i| format!("r{i}")).collect();
-    let transitions: Vec<Value> = (0..STATES)
-        .map(|i| {
-            json!({"from": format!("r{i}"), "event": "NEXT",
-                   "to": format!("r{}", (i + 1) % STATES), "guard": "ctx.n >= 0 && !ctx.blocked"})
-        })
-        .collect();
-    json!({"states": states, "initial": "r0", "transitions": transitions})
-}
+use workload::{ring_machine, STATES};
 
 fn id(i: u64) -> String {
     format!("b-{i}")

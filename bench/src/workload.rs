@@ -72,9 +72,12 @@ pub struct Settings {
     pub check: bool,
 }
 
-const STATES: u64 = 4;
+/// States of the ring machine every workload uses.
+pub const STATES: u64 = 4;
 
-fn ring_machine() -> Value {
+/// A ring of [`STATES`] states, `NEXT` moves one on, behind a guard (so
+/// every apply evaluates one): the end state tells how many applies landed.
+pub fn ring_machine() -> Value {
     let states: Vec<String> = (0..STATES).map(|i| format!("r{i}")).collect();
     let transitions: Vec<Value> = (0..STATES)
         .map(|i| {
