@@ -228,7 +228,6 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     }
 
     let cpu_before = s.server_pid.and_then(cpu_seconds);
-    let started = Instant::now();
     let mut handles = Vec::new();
     for conn in 0..s.connections {
         let stream = TcpStream::connect(s.addr).map_err(|e| format!("connect: {e}"))?;
@@ -457,7 +456,6 @@ pub fn run(s: &Settings) -> Result<Value, String> {
             "lag_us": {"p50": ql(0.5), "p99": ql(0.99), "max": l.max()},
         });
     }
-    let _ = started;
     Ok(report)
 }
 
