@@ -12,6 +12,7 @@ use rstmdb_shards::error::{ApiError, ErrorCode};
 use rstmdb_shards::routing;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::session::{Session, WireMode};
@@ -84,8 +85,54 @@ pub enum Action {
     SnapshotInstance(usize, String),
 }
 
-fn params<T: DeserializeOwned>(p: Value) -> Result<T, ApiError> {
-    serde_json::from_value(p).map_err(ApiError::bad_request)
+/// An operation's parameters: JSON text borrowed from the request frame
+/// (the connection's path: parsed once, straight into the operation's
+/// typed parameters), or a `Value` (an operation inside a BATCH).
+pub enum Params<'a> {
+    /// Text; `None` when absent or null.
+    Raw(Option<&'a RawValue>),
+    /// An already parsed value.
+    Value(Value),
+}
+
+impl Params<'_> {
+    /// The typed parameters. Errors read exactly as the reference's (a
+    /// `serde_json` message about the value, without a text position).
+    fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        match self {
+            Params::Value(v) => serde_json::from_value(v).map_err(ApiError::bad_request),
+            Params::Raw(raw) => serde_json::from_str(raw.map_or("null", RawValue::get))
+                .map_err(|e| ApiError::bad_request(without_position(&e))),
+        }
+    }
+
+    /// The parameters as a `Value` (operations that read them loosely).
+    fn into_value(self) -> Result<Value, ApiError> {
+        match self {
+            Params::Value(v) => Ok(v),
+            Params::Raw(None) => Ok(Value::Null),
+            Params::Raw(Some(raw)) => serde_json::from_str(raw.get())
+                .map_err(|e| ApiError::bad_request(without_position(&e))),
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        match self {
+            Params::Value(v) => v.is_null(),
+            Params::Raw(raw) => raw.is_none(),
+        }
+    }
+}
+
+/// A `serde_json` error message without its " at line L column C" suffix
+/// (the reference parses params from a value, where no position exists).
+fn without_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    match msg.strip_suffix(&suffix) {
+        Some(m) => m.to_owned(),
+        None => msg,
+    }
 }
 
 fn local<T: Serialize>(v: &T) -> Action {
@@ -96,6 +143,15 @@ fn local<T: Serialize>(v: &T) -> Action {
 
 /// Parses one request into an [`Action`].
 pub fn plan(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Action {
+    plan_params(op, Params::Value(p), session, s)
+}
+
+/// Parses one request whose params are still JSON text (see [`Params`]).
+pub fn plan_raw(op: &str, p: Option<&RawValue>, session: &mut Session, s: &OpSettings) -> Action {
+    plan_params(op, Params::Raw(p), session, s)
+}
+
+fn plan_params(op: &str, p: Params<'_>, session: &mut Session, s: &OpSettings) -> Action {
     match plan_inner(op, p, session, s) {
         Ok(a) => a,
         Err(e) => Action::Local(Err(e)),
@@ -104,7 +160,7 @@ pub fn plan(op: &str, p: Value, session: &mut Session, s: &OpSettings) -> Action
 
 fn plan_inner(
     op: &str,
-    p: Value,
+    p: Params<'_>,
     session: &mut Session,
     s: &OpSettings,
 ) -> Result<Action, ApiError> {
@@ -129,7 +185,7 @@ fn plan_inner(
                 machine: String,
                 version: u32,
             }
-            let q: GetMachineParams = params(p)?;
+            let q: GetMachineParams = p.parse()?;
             Action::Shard(
                 0,
                 Command::GetMachine {
@@ -145,7 +201,7 @@ fn plan_inner(
             struct GetInstanceParams {
                 instance_id: String,
             }
-            let q: GetInstanceParams = params(p)?;
+            let q: GetInstanceParams = p.parse()?;
             Action::Shard(
                 routing::shard_for(&q.instance_id, s.shards),
                 Command::GetInstance {
@@ -155,6 +211,7 @@ fn plan_inner(
         }
         "LIST_INSTANCES" => list_instances(p)?,
         "DELETE_INSTANCE" => {
+            let p = p.into_value()?;
             let id = match p.get("instance_id") {
                 Some(Value::String(id)) => id.clone(),
                 _ => return Err(ApiError::bad_request("missing instance_id")),
@@ -186,10 +243,10 @@ fn plan_inner(
             struct UnwatchParams {
                 subscription_id: String,
             }
-            let q: UnwatchParams = params(p)?;
+            let q: UnwatchParams = p.parse()?;
             Action::Unwatch(q.subscription_id)
         }
-        "BATCH" => Action::Batch(p),
+        "BATCH" => Action::Batch(p.into_value()?),
         "REPLICATE" | "REPLICATE_ACK" => {
             return Err(ApiError::bad_request(
                 "replication operations are handled internally",
@@ -198,6 +255,7 @@ fn plan_inner(
         "WAL_READ" => {
             // The reference's lenient parsing: from_offset must be a
             // non-negative integer; a limit that is not one is ignored.
+            let p = p.into_value()?;
             let from = p
                 .get("from_offset")
                 .and_then(Value::as_u64)
@@ -206,6 +264,7 @@ fn plan_inner(
             Action::WalRead { from, limit }
         }
         "SNAPSHOT_INSTANCE" => {
+            let p = p.into_value()?;
             let id = match p.get("instance_id") {
                 Some(Value::String(id)) => id.clone(),
                 _ => return Err(ApiError::bad_request("missing instance_id")),
@@ -214,7 +273,11 @@ fn plan_inner(
         }
         // The reference treats a non-bool force_snapshot as false.
         "COMPACT" => Action::Compact {
-            force: p.get("force_snapshot").and_then(Value::as_bool) == Some(true),
+            force: p
+                .into_value()?
+                .get("force_snapshot")
+                .and_then(Value::as_bool)
+                == Some(true),
         },
         other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
     })
@@ -237,7 +300,7 @@ fn default_true() -> bool {
     true
 }
 
-fn watch_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+fn watch_instance(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct WatchInstanceParams {
         instance_id: String,
@@ -246,7 +309,7 @@ fn watch_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
         #[serde(default)]
         from_offset: Option<u64>,
     }
-    let q: WatchInstanceParams = params(p)?;
+    let q: WatchInstanceParams = p.parse()?;
     let filter = Filter {
         instance_id: Some(q.instance_id.clone()),
         ..Filter::default()
@@ -259,7 +322,7 @@ fn watch_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
     }))
 }
 
-fn watch_all(p: Value) -> Result<Action, ApiError> {
+fn watch_all(p: Params<'_>) -> Result<Action, ApiError> {
     #[derive(Deserialize, Default)]
     struct WatchAllParams {
         #[serde(default = "default_true")]
@@ -281,7 +344,7 @@ fn watch_all(p: Value) -> Result<Action, ApiError> {
             ..WatchAllParams::default()
         }
     } else {
-        params(p)?
+        p.parse()?
     };
     let set = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().collect();
     Ok(Action::Watch(WatchSpec {
@@ -298,7 +361,7 @@ fn watch_all(p: Value) -> Result<Action, ApiError> {
     }))
 }
 
-fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
+fn hello(p: Params<'_>, session: &mut Session) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct HelloParams {
         protocol_version: u16,
@@ -310,7 +373,7 @@ fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
         #[serde(default)]
         features: Vec<String>,
     }
-    let h: HelloParams = params(p)?;
+    let h: HelloParams = p.parse()?;
     if h.protocol_version != 1 {
         return Err(ApiError::new(
             ErrorCode::UnsupportedProtocol,
@@ -341,13 +404,13 @@ fn hello(p: Value, session: &mut Session) -> Result<Action, ApiError> {
     })))
 }
 
-fn auth(p: Value) -> Result<Action, ApiError> {
+fn auth(p: Params<'_>) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct AuthParams {
         method: String,
         token: String,
     }
-    let a: AuthParams = params(p)?;
+    let a: AuthParams = p.parse()?;
     if a.method != "bearer" {
         return Err(ApiError::new(
             ErrorCode::AuthFailed,
@@ -366,7 +429,7 @@ fn auth(p: Value) -> Result<Action, ApiError> {
     Ok(local(&serde_json::json!({"authenticated": true})))
 }
 
-fn put_machine(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+fn put_machine(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct PutMachineParams {
         machine: String,
@@ -376,7 +439,7 @@ fn put_machine(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
         #[allow(dead_code)]
         checksum: Option<IgnoredAny>,
     }
-    let q: PutMachineParams = params(p)?;
+    let q: PutMachineParams = p.parse()?;
     let def = MachineDef::from_json(&q.definition)
         .map(Arc::new)
         .map_err(|e| ApiError::core(ErrorCode::BadRequest, e));
@@ -389,7 +452,7 @@ fn put_machine(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
     }))
 }
 
-fn create_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+fn create_instance(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct CreateInstanceParams {
         #[serde(default)]
@@ -401,7 +464,7 @@ fn create_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
         #[serde(default)]
         idempotency_key: Option<String>,
     }
-    let q: CreateInstanceParams = params(p)?;
+    let q: CreateInstanceParams = p.parse()?;
     // DECISIONS D1: absent or null → {}, any other non-object is refused.
     let ctx = match q.initial_ctx {
         None | Some(Value::Null) => Value::Object(Default::default()),
@@ -426,7 +489,7 @@ fn create_instance(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
     ))
 }
 
-fn list_instances(p: Value) -> Result<Action, ApiError> {
+fn list_instances(p: Params<'_>) -> Result<Action, ApiError> {
     #[derive(Deserialize, Default)]
     struct ListInstancesParams {
         #[serde(default)]
@@ -441,7 +504,7 @@ fn list_instances(p: Value) -> Result<Action, ApiError> {
     let q: ListInstancesParams = if p.is_null() {
         ListInstancesParams::default()
     } else {
-        params(p)?
+        p.parse()?
     };
     Ok(Action::ListInstances {
         machine: q.machine,
@@ -451,7 +514,7 @@ fn list_instances(p: Value) -> Result<Action, ApiError> {
     })
 }
 
-fn apply_event(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
+fn apply_event(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct ApplyEventParams {
         instance_id: String,
@@ -467,7 +530,7 @@ fn apply_event(p: Value, s: &OpSettings) -> Result<Action, ApiError> {
         #[serde(default)]
         idempotency_key: Option<String>,
     }
-    let q: ApplyEventParams = params(p)?;
+    let q: ApplyEventParams = p.parse()?;
     Ok(Action::Shard(
         routing::shard_for(&q.instance_id, s.shards),
         Command::ApplyEvent(ApplyEvent {

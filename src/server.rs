@@ -137,7 +137,7 @@ async fn connection(
                         break;
                     };
                     start += total;
-                    let action = ops::plan(&req.op, req.params, &mut session, &cfg.ops);
+                    let action = ops::plan_raw(&req.op, req.params, &mut session, &cfg.ops);
                     let bye = matches!(action, Action::Bye);
                     // A fan-out ends the cycle: it bounds the cycle's memory
                     // (one large LIST page at most) and keeps PUT_MACHINE,
@@ -155,7 +155,7 @@ async fn connection(
                             | Action::Compact { .. }
                             | Action::SnapshotInstance(..)
                     );
-                    requests.push((req.id, action, session.wire_mode));
+                    requests.push((req.id.into_owned(), action, session.wire_mode));
                     if bye {
                         close = true; // requests pipelined after BYE are discarded
                         break;
@@ -236,21 +236,27 @@ async fn connection(
             }
             wbuf.clear();
             for ((id, mode), outcome) in ids.iter().zip(outcomes) {
-                let mut payload = Vec::new();
+                // Each answer is written straight into the output buffer;
+                // a binary frame's header is filled in once its payload is.
+                let frame_start = (*mode == WireMode::Binary).then(|| frame::begin(&mut wbuf));
+                let body = wbuf.len();
                 match outcome {
-                    Outcome::Done(Ok(result)) => envelope::ok_response(id, &result, &mut payload),
-                    Outcome::Done(Err(e)) => envelope::error_response(id, &e, &mut payload),
-                    Outcome::Bye => envelope::ok_response(id, br#"{"goodbye":true}"#, &mut payload),
+                    Outcome::Done(Ok(result)) => envelope::ok_response(id, &result, &mut wbuf),
+                    Outcome::Done(Err(e)) => envelope::error_response(id, &e, &mut wbuf),
+                    Outcome::Bye => envelope::ok_response(id, br#"{"goodbye":true}"#, &mut wbuf),
                 }
-                if payload.len() > frame::MAX_PAYLOAD {
-                    payload.clear();
+                if wbuf.len() - body > frame::MAX_PAYLOAD {
+                    wbuf.truncate(body);
                     let e = ApiError::new(
                         ErrorCode::InternalError,
                         "response exceeds the 16 MiB frame limit; read less at once",
                     );
-                    envelope::error_response(id, &e, &mut payload);
+                    envelope::error_response(id, &e, &mut wbuf);
                 }
-                write_message(&mut wbuf, &payload, *mode);
+                match frame_start {
+                    Some(start) => frame::finish(&mut wbuf, start),
+                    None => wbuf.push(b'\n'),
+                }
                 if wbuf.len() >= WRITE_FLUSH_BYTES {
                     stream.write_all(&wbuf).await?;
                     wbuf.clear();
@@ -345,17 +351,6 @@ async fn connection(
         }
         if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {
             rbuf.shrink_to(READ_CHUNK);
-        }
-    }
-}
-
-/// Appends one outgoing message in the session's wire mode.
-fn write_message(out: &mut Vec<u8>, payload: &[u8], mode: WireMode) {
-    match mode {
-        WireMode::Binary => frame::encode(payload, out),
-        WireMode::Jsonl => {
-            out.extend_from_slice(payload);
-            out.push(b'\n');
         }
     }
 }

@@ -119,7 +119,7 @@ pub fn encode_event(sub: &Subscription, e: &WatchEvent) -> Vec<u8> {
         event: &'a str,
         payload: &'a Value,
         #[serde(skip_serializing_if = "Option::is_none")]
-        ctx: Option<&'a Value>,
+        ctx: Option<&'a rstmdb_shards::ctx::Ctx>,
     }
     serde_json::to_vec(&Msg {
         kind: "event",

@@ -1,26 +1,31 @@
 //! The closed-loop workload runner (`rstmdb-bench run`).
 //!
-//! Each connection has a writer thread and a reader thread: the writer
-//! keeps up to `pipeline` requests in flight (it takes a permit per
-//! request, the reader returns one per response), and hands the reader the
-//! send time of every request in order, so latency is measured per request
-//! from its send to its answer. Requests answered during the warm-up are
-//! not counted. At the end the `apply` workload checks every instance's
+//! Each connection is one thread that keeps `pipeline` requests in flight:
+//! it reads whatever answers have arrived, records each one's latency (from
+//! its send to its answer, in request order), and sends as many new
+//! requests in one write. Requests and answers are encoded and read
+//! without building `serde_json::Value` trees, and each thread keeps its
+//! own histogram and error counts, merged at the end: the load generator
+//! shares the machine's cores with the server, so its own cost per request
+//! must stay small or it, not the server, sets the figures. Requests
+//! answered during the warm-up are not counted. At the end the `apply` workload checks every instance's
 //! state against the applies acknowledged (a ring machine: the state is the
 //! count modulo 4).
 
-use std::collections::BTreeMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::rcp::{encode_request, result, Conn};
+use crate::rcp::{result, Conn};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,19 +93,8 @@ pub fn ring_machine() -> Value {
     json!({"states": states, "initial": "r0", "transitions": transitions})
 }
 
-/// Per-request bookkeeping the reader needs.
-struct Sent {
-    at: Instant,
-    /// Instance an APPLY went to (for the consistency check).
-    applied_to: Option<u32>,
-}
-
-/// Shared counters of a run.
+/// Shared state of a run (touched per request only through atomics).
 struct Totals {
-    hist: Mutex<Histogram<u64>>,
-    ok: AtomicU64,
-    errors: Mutex<BTreeMap<String, u64>>,
-    transport: AtomicU64,
     /// Acknowledged applies per instance.
     applied: Vec<AtomicU64>,
     /// Applies sent but never answered (a transport failure): their
@@ -174,10 +168,6 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     }
 
     let totals = Arc::new(Totals {
-        hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")),
-        ok: AtomicU64::new(0),
-        errors: Mutex::new(BTreeMap::new()),
-        transport: AtomicU64::new(0),
         applied: (0..instances).map(|_| AtomicU64::new(0)).collect(),
         uncertain: Mutex::new(Vec::new()),
         measuring: AtomicBool::new(s.warmup.is_zero()),
@@ -233,128 +223,17 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         let stream = TcpStream::connect(s.addr).map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        let reader_stream = stream.try_clone().map_err(|e| e.to_string())?;
-        let (permit_tx, permit_rx) = mpsc::channel::<()>();
-        for _ in 0..s.pipeline.max(1) {
-            let _ = permit_tx.send(());
-        }
-        let (sent_tx, sent_rx) = mpsc::channel::<Sent>();
-        let settings = s.clone();
-        let (stop_w, budget_w, prefix_w, filler_w) =
-            (stop.clone(), budget.clone(), prefix.clone(), filler.clone());
-        let writer = std::thread::spawn(move || {
-            let mut w = BufWriter::with_capacity(1 << 16, stream);
-            let mut buf = Vec::with_capacity(1024);
-            let mut rng =
-                0x9E37_79B9_7F4A_7C15u64 ^ (conn as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-            let mut k: u64 = 0;
-            let mut id: u64 = 0;
-            'outer: loop {
-                if permit_rx.recv().is_err() {
-                    break;
-                }
-                // Send every request we have a permit for, then flush once.
-                let mut burst = 1;
-                while permit_rx.try_recv().is_ok() {
-                    burst += 1;
-                }
-                for _ in 0..burst {
-                    if stop_w.load(Ordering::Relaxed)
-                        || budget_w
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                                b.checked_sub(1)
-                            })
-                            .is_err()
-                    {
-                        break 'outer;
-                    }
-                    let pick = |rng: &mut u64, k: u64| -> u32 {
-                        if settings.random {
-                            (next_rand(rng) % instances.max(1) as u64) as u32
-                        } else {
-                            ((k * settings.connections as u64 + conn as u64)
-                                % instances.max(1) as u64) as u32
-                        }
-                    };
-                    let (op, params, applied_to) =
-                        request(&settings, &prefix_w, &filler_w, conn, k, &mut rng, pick);
-                    k += 1;
-                    id += 1;
-                    buf.clear();
-                    encode_request(&mut buf, id, op, &params);
-                    if sent_tx
-                        .send(Sent {
-                            at: Instant::now(),
-                            applied_to,
-                        })
-                        .is_err()
-                    {
-                        break 'outer;
-                    }
-                    if w.write_all(&buf).is_err() {
-                        break 'outer;
-                    }
-                }
-                if w.flush().is_err() {
-                    break;
-                }
-            }
-            let _ = w.flush();
-        });
-        let (totals_r, workload) = (totals.clone(), s.workload);
-        let reader = std::thread::spawn(move || {
-            let mut r = BufReader::with_capacity(1 << 16, reader_stream);
-            let mut payload = Vec::new();
-            while let Ok(sent) = sent_rx.recv() {
-                let mut h = [0u8; 18];
-                let got = r.read_exact(&mut h).and_then(|_| {
-                    let len = u32::from_be_bytes([h[10], h[11], h[12], h[13]]) as usize;
-                    payload.resize(len, 0);
-                    r.read_exact(&mut payload)
-                });
-                if got.is_err() {
-                    totals_r.transport.fetch_add(1, Ordering::Relaxed);
-                    if let Some(i) = sent.applied_to {
-                        totals_r.uncertain.lock().unwrap().push(i);
-                    }
-                    // Everything else in flight is unknown too.
-                    while let Ok(s) = sent_rx.try_recv() {
-                        if let Some(i) = s.applied_to {
-                            totals_r.uncertain.lock().unwrap().push(i);
-                        }
-                    }
-                    break;
-                }
-                let us = sent.at.elapsed().as_micros() as u64;
-                let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
-                let measuring = totals_r.measuring.load(Ordering::Relaxed);
-                if v["status"] == "ok" {
-                    if let Some(i) = sent.applied_to {
-                        totals_r.applied[i as usize].fetch_add(1, Ordering::Relaxed);
-                        if workload == Workload::Watch {
-                            if let Some(off) = v["result"]["wal_offset"].as_u64() {
-                                totals_r
-                                    .acked_at
-                                    .lock()
-                                    .unwrap()
-                                    .insert(off, Instant::now());
-                            }
-                        }
-                    }
-                    if measuring {
-                        totals_r.ok.fetch_add(1, Ordering::Relaxed);
-                        let _ = totals_r.hist.lock().unwrap().record(us.max(1));
-                    }
-                } else if measuring {
-                    let code = v["error"]["code"].as_str().unwrap_or("?").to_owned();
-                    *totals_r.errors.lock().unwrap().entry(code).or_default() += 1;
-                }
-                if permit_tx.send(()).is_err() {
-                    // The writer is done; keep reading what is in flight.
-                }
-            }
-        });
-        handles.push((writer, reader));
+        let driver = Driver {
+            settings: s.clone(),
+            conn,
+            instances,
+            prefix: prefix.clone(),
+            filler: filler.clone(),
+            totals: totals.clone(),
+            stop: stop.clone(),
+            budget: budget.clone(),
+        };
+        handles.push(std::thread::spawn(move || driver.run(stream)));
     }
     // Warm-up, then the measured period.
     if !s.warmup.is_zero() {
@@ -367,9 +246,20 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         std::thread::sleep(s.duration);
         stop.store(true, Ordering::SeqCst);
     }
-    for (w, r) in handles {
-        let _ = w.join();
-        let _ = r.join();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut ok = 0u64;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut transport = 0u64;
+    for h in handles {
+        let c = h
+            .join()
+            .map_err(|_| "a connection thread panicked".to_string())?;
+        hist.add(&c.hist).expect("same bounds");
+        ok += c.ok;
+        for (code, n) in c.errors {
+            *errors.entry(code).or_default() += n;
+        }
+        transport += c.transport;
     }
     let elapsed = measured_from.elapsed().max(Duration::from_micros(1));
     let cpu_to = s.server_pid.and_then(cpu_seconds);
@@ -415,8 +305,7 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         }
     }
 
-    let h = totals.hist.lock().unwrap();
-    let ok = totals.ok.load(Ordering::Relaxed);
+    let h = &hist;
     let q = |p: f64| {
         if h.is_empty() {
             0
@@ -432,8 +321,8 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         "ok": ok,
         "ops_per_sec": ok as f64 / elapsed.as_secs_f64(),
         "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": h.max()},
-        "errors": *totals.errors.lock().unwrap(),
-        "transport_errors": totals.transport.load(Ordering::Relaxed),
+        "errors": errors,
+        "transport_errors": transport,
         "consistency": {"checked": checked, "wrong": wrong},
     });
     if let (Some(a), Some(b)) = (cpu_from, cpu_to) {
@@ -459,8 +348,11 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     Ok(report)
 }
 
-/// The k-th request of connection `conn`: (op, params, instance applied to).
+/// Appends the params of the k-th request of connection `conn` as JSON
+/// text (ids and filler need no escaping); returns (op, instance applied
+/// to).
 fn request(
+    out: &mut Vec<u8>,
     s: &Settings,
     prefix: &str,
     filler: &str,
@@ -468,68 +360,370 @@ fn request(
     k: u64,
     rng: &mut u64,
     pick: impl Fn(&mut u64, u64) -> u32,
-) -> (&'static str, Value, Option<u32>) {
-    let payload = |n: u64| {
+) -> (&'static str, Option<u32>) {
+    use std::io::Write as _;
+    let payload = |out: &mut Vec<u8>, n: u64| {
         if filler.is_empty() {
-            json!({"n": n})
+            let _ = write!(out, r#"{{"n":{n}}}"#);
         } else {
-            json!({"n": n, "filler": filler})
+            let _ = write!(out, r#"{{"n":{n},"filler":"{filler}"}}"#);
         }
     };
-    let apply = |i: u32, n: u64| {
-        (
-            "APPLY_EVENT",
-            json!({"instance_id": format!("{prefix}-{i}"), "event": "NEXT", "payload": payload(n)}),
-            Some(i),
-        )
+    let apply = |out: &mut Vec<u8>, i: u32, n: u64| {
+        let _ = write!(
+            out,
+            r#"{{"instance_id":"{prefix}-{i}","event":"NEXT","payload":"#
+        );
+        payload(out, n);
+        out.push(b'}');
+    };
+    let get = |out: &mut Vec<u8>, i: u32| {
+        let _ = write!(out, r#"{{"instance_id":"{prefix}-{i}"}}"#);
     };
     match s.workload {
         Workload::Apply | Workload::Watch => {
             let i = pick(rng, k);
-            apply(i, k)
+            apply(out, i, k);
+            ("APPLY_EVENT", Some(i))
         }
         Workload::Get => {
-            let i = pick(rng, k);
-            (
-                "GET_INSTANCE",
-                json!({"instance_id": format!("{prefix}-{i}")}),
-                None,
-            )
+            get(out, pick(rng, k));
+            ("GET_INSTANCE", None)
         }
         Workload::Mixed => {
             let i = pick(rng, k);
             // Deterministic interleaving with the requested share of GETs.
-            let get = ((k as f64 + 1.0) * s.get_ratio).floor() > (k as f64 * s.get_ratio).floor();
-            if get {
-                (
-                    "GET_INSTANCE",
-                    json!({"instance_id": format!("{prefix}-{i}")}),
-                    None,
-                )
+            let is_get =
+                ((k as f64 + 1.0) * s.get_ratio).floor() > (k as f64 * s.get_ratio).floor();
+            if is_get {
+                get(out, i);
+                ("GET_INSTANCE", None)
             } else {
-                apply(i, k)
+                apply(out, i, k);
+                ("APPLY_EVENT", Some(i))
             }
         }
-        Workload::Create => (
-            "CREATE_INSTANCE",
-            json!({"instance_id": format!("{prefix}-c{conn}-{k}"), "machine": "ring", "version": 1,
-                   "initial_ctx": payload(0)}),
-            None,
-        ),
+        Workload::Create => {
+            let _ = write!(
+                out,
+                r#"{{"instance_id":"{prefix}-c{conn}-{k}","machine":"ring","version":1,"initial_ctx":"#
+            );
+            payload(out, 0);
+            out.push(b'}');
+            ("CREATE_INSTANCE", None)
+        }
         Workload::Batch => {
             let a = pick(rng, k);
             let mut b = (next_rand(rng) % s.instances.max(1) as u64) as u32;
             if b == a {
                 b = (b + 1) % s.instances.max(1) as u32;
             }
-            (
-                "BATCH",
-                json!({"mode": "atomic", "ops": [
-                    {"op": "APPLY_EVENT", "params": {"instance_id": format!("{prefix}-{a}"), "event": "NEXT", "payload": payload(k)}},
-                    {"op": "APPLY_EVENT", "params": {"instance_id": format!("{prefix}-{b}"), "event": "NEXT", "payload": payload(k)}}
-                ]}),
-                None,
-            )
+            out.extend_from_slice(br#"{"mode":"atomic","ops":[{"op":"APPLY_EVENT","params":"#);
+            apply(out, a, k);
+            out.extend_from_slice(br#"},{"op":"APPLY_EVENT","params":"#);
+            apply(out, b, k);
+            out.extend_from_slice(b"}]}");
+            ("BATCH", None)
+        }
+    }
+}
+
+/// One request in flight.
+struct Sent {
+    at: Instant,
+    /// Instance an APPLY went to (for the consistency check).
+    applied_to: Option<u32>,
+}
+
+/// The parts of an answer the bench looks at, borrowed from the frame.
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default, borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<AnswerError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerError<'a> {
+    #[serde(borrow)]
+    code: Cow<'a, str>,
+}
+
+/// What one connection counted.
+struct ConnReport {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    transport: u64,
+}
+
+/// One connection's closed loop.
+struct Driver {
+    settings: Settings,
+    conn: usize,
+    instances: usize,
+    prefix: String,
+    filler: String,
+    totals: Arc<Totals>,
+    stop: Arc<AtomicBool>,
+    budget: Arc<AtomicU64>,
+}
+
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 256 * 1024;
+
+impl Driver {
+    fn run(self, mut stream: TcpStream) -> ConnReport {
+        let s = &self.settings;
+        let mut report = ConnReport {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            ok: 0,
+            errors: BTreeMap::new(),
+            transport: 0,
+        };
+        let mut rng =
+            0x9E37_79B9_7F4A_7C15u64 ^ (self.conn as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        let mut k: u64 = 0;
+        let mut in_flight: VecDeque<Sent> = VecDeque::with_capacity(s.pipeline);
+        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut params: Vec<u8> = Vec::with_capacity(1024);
+        let mut rbuf: Vec<u8> = vec![0; READ_CHUNK];
+        let (mut filled, mut pos) = (0usize, 0usize);
+        let mut sending = true;
+        let mut to_send = s.pipeline.max(1);
+        loop {
+            // Send one request per free slot, in one write.
+            out.clear();
+            while sending && to_send > 0 {
+                if self.stop.load(Ordering::Relaxed)
+                    || self
+                        .budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                        .is_err()
+                {
+                    sending = false;
+                    break;
+                }
+                let (conn, connections, instances, random) =
+                    (self.conn, s.connections, self.instances, s.random);
+                let pick = move |rng: &mut u64, k: u64| -> u32 {
+                    if random {
+                        (next_rand(rng) % instances.max(1) as u64) as u32
+                    } else {
+                        ((k * connections as u64 + conn as u64) % instances.max(1) as u64) as u32
+                    }
+                };
+                params.clear();
+                let (op, applied_to) = request(
+                    &mut params,
+                    s,
+                    &self.prefix,
+                    &self.filler,
+                    self.conn,
+                    k,
+                    &mut rng,
+                    pick,
+                );
+                k += 1;
+                encode_raw(&mut out, k, op, &params);
+                in_flight.push_back(Sent {
+                    at: Instant::now(),
+                    applied_to,
+                });
+                to_send -= 1;
+            }
+            if !out.is_empty() && stream.write_all(&out).is_err() {
+                self.lost(&mut in_flight, &mut report);
+                return report;
+            }
+            if in_flight.is_empty() {
+                return report;
+            }
+            // Read until at least one answer is complete; take them all.
+            let mut answered = 0;
+            while answered == 0 {
+                if pos > 0 && pos == filled {
+                    (pos, filled) = (0, 0);
+                }
+                if filled == rbuf.len() {
+                    // Make room: move the partial frame to the front, or
+                    // grow for a frame larger than the buffer.
+                    if pos > 0 {
+                        rbuf.copy_within(pos..filled, 0);
+                        (filled, pos) = (filled - pos, 0);
+                    } else {
+                        rbuf.resize(rbuf.len() * 2, 0);
+                    }
+                }
+                match stream.read(&mut rbuf[filled..]) {
+                    Ok(0) | Err(_) => {
+                        self.lost(&mut in_flight, &mut report);
+                        return report;
+                    }
+                    Ok(n) => filled += n,
+                }
+                while filled - pos >= 18 {
+                    let h = &rbuf[pos..pos + 18];
+                    let len = u32::from_be_bytes([h[10], h[11], h[12], h[13]]) as usize;
+                    if &h[0..4] != b"RCPX" || len > 16 * 1024 * 1024 {
+                        self.lost(&mut in_flight, &mut report);
+                        return report;
+                    }
+                    if filled - pos < 18 + len {
+                        break;
+                    }
+                    let crc = u32::from_be_bytes([h[14], h[15], h[16], h[17]]);
+                    let payload = &rbuf[pos + 18..pos + 18 + len];
+                    if crc32c::crc32c(payload) != crc {
+                        self.lost(&mut in_flight, &mut report);
+                        return report;
+                    }
+                    let Some(sent) = in_flight.pop_front() else {
+                        // An answer nobody asked for.
+                        report.transport += 1;
+                        return report;
+                    };
+                    self.answered(sent, payload, &mut report);
+                    pos += 18 + len;
+                    answered += 1;
+                }
+            }
+            to_send = answered;
+        }
+    }
+
+    /// Accounts one answer.
+    fn answered(&self, sent: Sent, payload: &[u8], report: &mut ConnReport) {
+        let us = sent.at.elapsed().as_micros() as u64;
+        let t = &self.totals;
+        let measuring = t.measuring.load(Ordering::Relaxed);
+        match serde_json::from_slice::<Answer<'_>>(payload) {
+            Ok(a) if a.status == "ok" => {
+                if let Some(i) = sent.applied_to {
+                    t.applied[i as usize].fetch_add(1, Ordering::Relaxed);
+                    if self.settings.workload == Workload::Watch {
+                        #[derive(Deserialize)]
+                        struct Offset {
+                            wal_offset: u64,
+                        }
+                        if let Some(o) = a
+                            .result
+                            .and_then(|r| serde_json::from_str::<Offset>(r.get()).ok())
+                        {
+                            t.acked_at
+                                .lock()
+                                .unwrap()
+                                .insert(o.wal_offset, Instant::now());
+                        }
+                    }
+                }
+                if measuring {
+                    report.ok += 1;
+                    let _ = report.hist.record(us.max(1));
+                }
+            }
+            Ok(a) => {
+                if measuring {
+                    let code = a.error.map_or(Cow::Borrowed("?"), |e| e.code);
+                    *report.errors.entry(code.into_owned()).or_default() += 1;
+                }
+            }
+            Err(_) => {
+                if measuring {
+                    *report.errors.entry("unparsable answer".into()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// The connection failed: every request in flight is unknown.
+    fn lost(&self, in_flight: &mut VecDeque<Sent>, report: &mut ConnReport) {
+        if in_flight.is_empty() && self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        report.transport += 1;
+        let mut uncertain = self.totals.uncertain.lock().unwrap();
+        for s in in_flight.drain(..) {
+            if let Some(i) = s.applied_to {
+                uncertain.push(i);
+            }
+        }
+    }
+}
+
+/// Appends one request frame whose params are JSON text.
+fn encode_raw(out: &mut Vec<u8>, id: u64, op: &str, params: &[u8]) {
+    use std::io::Write as _;
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 18]);
+    let _ = write!(
+        out,
+        r#"{{"type":"request","id":"{id}","op":"{op}","params":"#
+    );
+    out.extend_from_slice(params);
+    out.push(b'}');
+    let len = out.len() - start - 18;
+    let crc = crc32c::crc32c(&out[start + 18..]);
+    let h = &mut out[start..start + 18];
+    h[0..4].copy_from_slice(b"RCPX");
+    h[4..6].copy_from_slice(&1u16.to_be_bytes());
+    h[6..8].copy_from_slice(&1u16.to_be_bytes()); // CRC present
+    h[8..10].copy_from_slice(&0u16.to_be_bytes());
+    h[10..14].copy_from_slice(&(len as u32).to_be_bytes());
+    h[14..18].copy_from_slice(&crc.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rcp::encode_request;
+
+    #[test]
+    fn raw_requests_equal_value_encoded_ones() {
+        let s = Settings {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            workload: Workload::Batch,
+            connections: 2,
+            pipeline: 1,
+            duration: Duration::ZERO,
+            requests: None,
+            warmup: Duration::ZERO,
+            instances: 10,
+            random: false,
+            payload_bytes: 3,
+            get_ratio: 0.5,
+            watchers: 0,
+            server_pid: None,
+            check: true,
+        };
+        for w in [
+            Workload::Apply,
+            Workload::Get,
+            Workload::Create,
+            Workload::Mixed,
+            Workload::Batch,
+        ] {
+            let s = Settings {
+                workload: w,
+                ..s.clone()
+            };
+            let mut params = Vec::new();
+            let (op, _) = request(&mut params, &s, "p", "fff", 1, 7, &mut 1, |_, _| 3);
+            let v: Value = serde_json::from_slice(&params).expect("valid JSON params");
+            let mut raw = Vec::new();
+            encode_raw(&mut raw, 9, op, &params);
+            let mut via_value = Vec::new();
+            encode_request(&mut via_value, 9, op, &v);
+            let a: Value = serde_json::from_slice(&raw[18..]).unwrap();
+            let b: Value = serde_json::from_slice(&via_value[18..]).unwrap();
+            assert_eq!(a, b, "{w:?}");
+            assert_eq!(
+                u32::from_be_bytes(raw[14..18].try_into().unwrap()),
+                crc32c::crc32c(&raw[18..])
+            );
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::ctx::Ctx;
 use crate::definition::MachineDef;
 use crate::error::ApiError;
 
@@ -201,7 +202,7 @@ pub struct WatchEvent {
     /// The request's payload (null when absent).
     pub payload: Value,
     /// Context after the merge.
-    pub ctx: Value,
+    pub ctx: Ctx,
     /// Approximate bytes it occupies (its WAL entry's size): bounds the
     /// subscription hub's memory.
     pub size: usize,

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply, WatchEvent};
+use crate::ctx::Ctx;
 use crate::definition::MachineDef;
 use crate::error::{ApiError, ErrorCode};
 use crate::idempotency::{Cached, IdempotencyWindow, InsertUndo};
@@ -20,14 +21,14 @@ use crate::wal_entry::{BatchEntry, WalEntry};
 /// One instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
-    /// Machine name.
-    pub machine: String,
+    /// Machine name (interned: shared by every instance of the shard).
+    pub machine: Arc<str>,
     /// Machine version.
     pub version: u32,
-    /// Current state.
-    pub state: String,
+    /// Current state (interned).
+    pub state: Arc<str>,
     /// Context (an object for every instance created by this server).
-    pub ctx: Value,
+    pub ctx: Ctx,
     /// `event_id` of the latest apply, if it had one.
     pub last_event_id: Option<String>,
     /// Offset of the latest record (create, apply or delete).
@@ -129,6 +130,9 @@ pub struct EngineLimits {
 /// Everything one shard owns in memory.
 pub struct Engine {
     pub(crate) machines: Machines,
+    /// Machine and state names, interned: every instance shares one copy
+    /// of each (bounded by the definitions ever stored).
+    names: HashSet<Arc<str>>,
     pub(crate) instances: Instances,
     pub(crate) idempotency: IdempotencyWindow,
     /// Set while a snapshot walks `instances` (see [`SnapCursor`]).
@@ -205,25 +209,12 @@ fn machine_not_found(m: &str, v: u32) -> ApiError {
     )
 }
 
-/// Shallow merge (SEMANTICS.md §5): only when both are objects.
-pub fn merge_ctx(ctx: &Value, payload: &Value) -> Value {
-    match (ctx, payload) {
-        (Value::Object(c), Value::Object(p)) => {
-            let mut merged: Map<String, Value> = c.clone();
-            for (k, v) in p {
-                merged.insert(k.clone(), v.clone());
-            }
-            Value::Object(merged)
-        }
-        _ => ctx.clone(),
-    }
-}
-
 impl Engine {
     /// An empty shard.
     pub fn new(limits: &EngineLimits) -> Self {
         Engine {
             machines: HashMap::new(),
+            names: HashSet::new(),
             instances: Instances::default(),
             snap: None,
             idempotency: IdempotencyWindow::new(
@@ -308,6 +299,16 @@ impl Engine {
             .or_default()
             .entry(version)
             .or_insert(def);
+    }
+
+    /// The shared copy of a machine or state name.
+    pub(crate) fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
     }
 
     fn machine(&self, name: &str, version: u32) -> Option<&Arc<MachineDef>> {
@@ -670,16 +671,18 @@ impl Engine {
         }
         let def = self
             .machine(&machine, version)
-            .ok_or_else(|| machine_not_found(&machine, version))?;
-        let state = def.initial().to_owned();
+            .ok_or_else(|| machine_not_found(&machine, version))?
+            .clone();
+        let state = self.intern(def.initial());
+        let ctx = Ctx::from_value(&initial_ctx);
         let offset = self.stage(
             offsets,
             WalEntry::CreateInstance {
                 instance_id: id.clone(),
                 machine: machine.clone(),
                 version,
-                initial_state: state.clone(),
-                initial_ctx: initial_ctx.clone(),
+                initial_state: state.to_string(),
+                initial_ctx: ctx.clone(),
                 idempotency_key: idempotency_key.clone(),
                 ts: now,
             },
@@ -694,7 +697,7 @@ impl Engine {
                 &id,
                 &key,
                 Cached::Create {
-                    state: state.clone(),
+                    state: state.to_string(),
                     wal_offset: offset,
                 },
                 now,
@@ -702,10 +705,10 @@ impl Engine {
             self.undo.push(Undo::Idempotency(id.clone(), key, prev));
         }
         let inst = Instance {
-            machine,
+            machine: self.intern(&machine),
             version,
             state,
-            ctx: initial_ctx,
+            ctx,
             last_event_id: None,
             last_wal_offset: offset,
             created_offset: offset,
@@ -727,7 +730,7 @@ impl Engine {
             .ok_or_else(|| instance_not_found(id))?;
         #[derive(Serialize)]
         struct R<'a> {
-            ctx: &'a Value,
+            ctx: &'a Ctx,
             #[serde(skip_serializing_if = "Option::is_none")]
             last_event_id: Option<&'a str>,
             last_wal_offset: u64,
@@ -751,8 +754,8 @@ impl Engine {
             .iter()
             .filter(|(_, i)| {
                 !i.deleted
-                    && machine.is_none_or(|m| i.machine == m)
-                    && state.is_none_or(|s| i.state == s)
+                    && machine.is_none_or(|m| *i.machine == *m)
+                    && state.is_none_or(|s| *i.state == *s)
             })
             .collect();
         let total = matches.len() as u64;
@@ -768,8 +771,8 @@ impl Engine {
                 created_at: i.created_at,
                 id: id.clone(),
                 last_wal_offset: i.last_wal_offset,
-                machine: i.machine.clone(),
-                state: i.state.clone(),
+                machine: i.machine.to_string(),
+                state: i.state.to_string(),
                 updated_at: i.updated_at,
                 version: i.version,
             })
@@ -833,7 +836,7 @@ impl Engine {
         #[derive(Serialize)]
         struct R<'a> {
             applied: bool,
-            ctx: &'a Value,
+            ctx: &'a Ctx,
             #[serde(skip_serializing_if = "Option::is_none")]
             event_id: Option<&'a str>,
             from_state: &'a str,
@@ -867,7 +870,7 @@ impl Engine {
             }
         }
         if let Some(exp) = &a.expected_state {
-            if *exp != inst.state {
+            if **exp != *inst.state {
                 return Err(ApiError::core(
                     ErrorCode::Conflict,
                     format!("state conflict: expected '{exp}', actual '{}'", inst.state),
@@ -898,7 +901,7 @@ impl Engine {
             )
         })?;
         if let Some(g) = &t.guard {
-            if !g.eval(&inst.ctx) {
+            if !g.eval(&inst.ctx.to_value()) {
                 return Err(ApiError::core(
                     ErrorCode::GuardFailed,
                     format!(
@@ -908,20 +911,21 @@ impl Engine {
                 ));
             }
         }
-        let to_state = t.to.clone();
+        let to_name = t.to.clone();
         let incarnation = inst.created_offset;
-        let new_ctx = merge_ctx(&inst.ctx, &a.payload);
+        let new_ctx = inst.ctx.merged(&a.payload);
         let from_state = inst.state.clone();
         let (machine, version) = (inst.machine.clone(), inst.version);
+        let to_state = self.intern(&to_name);
         let offset = self.stage(
             offsets,
             WalEntry::ApplyEvent {
                 instance_id: a.instance_id.clone(),
-                machine: machine.clone(),
+                machine: machine.to_string(),
                 version,
                 event: a.event.clone(),
-                from_state: from_state.clone(),
-                to_state: to_state.clone(),
+                from_state: from_state.to_string(),
+                to_state: to_state.to_string(),
                 payload: a.payload.clone(),
                 ctx: new_ctx.clone(),
                 event_id: a.event_id.clone(),
@@ -933,10 +937,10 @@ impl Engine {
             self.events.push(WatchEvent {
                 wal_offset: offset,
                 instance_id: a.instance_id.clone(),
-                machine,
+                machine: machine.to_string(),
                 version,
-                from_state: from_state.clone(),
-                to_state: to_state.clone(),
+                from_state: from_state.to_string(),
+                to_state: to_state.to_string(),
                 event: a.event,
                 payload: a.payload,
                 ctx: new_ctx.clone(),
@@ -954,8 +958,8 @@ impl Engine {
         if let Some(key) = a.idempotency_key {
             let cached = Cached::Apply {
                 incarnation,
-                from_state: from_state.clone(),
-                to_state: to_state.clone(),
+                from_state: from_state.to_string(),
+                to_state: to_state.to_string(),
                 ctx: new_ctx.clone(),
                 wal_offset: offset,
             };
@@ -1133,12 +1137,13 @@ impl Engine {
                         u.push(Undo::Idempotency(instance_id.clone(), key, prev));
                     }
                 }
+                let (machine, state) = (self.intern(&machine), self.intern(&initial_state));
                 self.instances.insert(
                     instance_id,
                     Instance {
                         machine,
                         version,
-                        state: initial_state,
+                        state,
                         ctx: initial_ctx,
                         last_event_id: None,
                         last_wal_offset: offset,
@@ -1159,6 +1164,7 @@ impl Engine {
                 ts,
                 ..
             } => {
+                let to_name = self.intern(&to_state);
                 let inst = self
                     .instances
                     .get_mut(&instance_id)
@@ -1180,7 +1186,7 @@ impl Engine {
                         u.push(Undo::Idempotency(instance_id.clone(), key, prev));
                     }
                 }
-                inst.state = to_state;
+                inst.state = to_name;
                 inst.ctx = ctx;
                 inst.last_event_id = event_id;
                 inst.last_wal_offset = offset;
@@ -1236,7 +1242,7 @@ mod tests {
             machine: "m".into(),
             version: 1,
             initial_state: "a".into(),
-            initial_ctx: json!({"n": 0}),
+            initial_ctx: Ctx::from_value(&json!({"n": 0})),
             idempotency_key: None,
             ts: 1,
         }
@@ -1251,7 +1257,7 @@ mod tests {
             from_state: "a".into(),
             to_state: "b".into(),
             payload: json!({"n": n}),
-            ctx: json!({"n": n}),
+            ctx: Ctx::from_value(&json!({"n": n})),
             event_id: None,
             idempotency_key: key.map(str::to_owned),
             ts: 2,
@@ -1273,7 +1279,7 @@ mod tests {
         e.instances
             .get(id)
             .filter(|i| !i.deleted)
-            .map(|i| i.ctx["n"].as_i64().unwrap())
+            .map(|i| i.ctx.to_value()["n"].as_i64().unwrap())
     }
 
     #[test]

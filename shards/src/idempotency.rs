@@ -9,7 +9,6 @@
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
-use serde_json::Value;
 
 /// What a retry with the same key gets back.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +31,7 @@ pub enum Cached {
         /// State after.
         to_state: String,
         /// Context after the merge.
-        ctx: Value,
+        ctx: crate::ctx::Ctx,
         /// Offset of the apply record.
         wal_offset: u64,
     },

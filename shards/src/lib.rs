@@ -7,6 +7,7 @@
 
 pub mod atomic;
 pub mod commands;
+pub mod ctx;
 pub mod definition;
 pub mod engine;
 pub mod error;

@@ -104,7 +104,7 @@ mod tests {
                         machine: "m".into(),
                         version: 1,
                         initial_state: "a".into(),
-                        initial_ctx: json!({"i": i}),
+                        initial_ctx: crate::ctx::Ctx::from_value(&json!({"i": i})),
                         idempotency_key: Some(format!("k{i}")),
                         ts: i,
                     },

@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ctx::Ctx;
 use crate::definition::MachineDef;
 use crate::engine::{Engine, EngineLimits, Instance, SnapCursor};
 use crate::idempotency::Cached;
@@ -185,7 +186,7 @@ struct InstanceOut<'a> {
     machine: &'a str,
     version: u32,
     state: &'a str,
-    ctx: &'a Value,
+    ctx: &'a Ctx,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_event_id: Option<&'a str>,
     last_wal_offset: u64,
@@ -196,12 +197,14 @@ struct InstanceOut<'a> {
 }
 
 #[derive(Deserialize)]
-struct InstanceIn {
+struct InstanceIn<'a> {
     id: String,
-    machine: String,
+    #[serde(borrow)]
+    machine: std::borrow::Cow<'a, str>,
     version: u32,
-    state: String,
-    ctx: Value,
+    #[serde(borrow)]
+    state: std::borrow::Cow<'a, str>,
+    ctx: Ctx,
     #[serde(default)]
     last_event_id: Option<String>,
     last_wal_offset: u64,
@@ -225,7 +228,7 @@ struct IdemLine<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     from_state: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    ctx: Option<std::borrow::Cow<'a, Value>>,
+    ctx: Option<Ctx>,
 }
 
 #[derive(Serialize, Deserialize, PartialEq, Debug, Default)]
@@ -289,7 +292,7 @@ fn push_idem(out: &mut Vec<u8>, id: &str, key: &str, c: &Cached, at: i64) {
             state: Borrowed(to_state),
             incarnation: Some(*incarnation),
             from_state: Some(Borrowed(from_state)),
-            ctx: Some(Borrowed(ctx)),
+            ctx: Some(ctx.clone()),
         },
     };
     push_line(out, b'K', &line);
@@ -788,19 +791,20 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
                 counts.machines += 1;
             }
             (b'I', true) => {
-                let i: InstanceIn = serde_json::from_slice(json).map_err(parse_err)?;
+                let i: InstanceIn<'_> = serde_json::from_slice(json).map_err(parse_err)?;
                 if i.last_wal_offset >= start.max(1) {
                     return Err(bad(format!(
                         "instance {} is at offset {}, not below the snapshot's {start}",
                         i.id, i.last_wal_offset
                     )));
                 }
+                let (machine, state) = (engine.intern(&i.machine), engine.intern(&i.state));
                 let prev = engine.instances.insert(
                     i.id,
                     Instance {
-                        machine: i.machine,
+                        machine,
                         version: i.version,
-                        state: i.state,
+                        state,
                         ctx: i.ctx,
                         last_event_id: i.last_event_id,
                         last_wal_offset: i.last_wal_offset,
@@ -826,7 +830,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
                         incarnation,
                         from_state: from.into_owned(),
                         to_state: k.state.into_owned(),
-                        ctx: ctx.into_owned(),
+                        ctx,
                         wal_offset: k.wal_offset,
                     },
                     _ => return Err(bad(format!("line {n}: incomplete idempotency entry"))),

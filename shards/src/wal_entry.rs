@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ctx::Ctx;
+
 /// Record kind bytes (the reference's type numbers).
 pub mod kind {
     /// `put_machine`
@@ -58,7 +60,7 @@ pub enum WalEntry {
         /// The machine's initial state.
         initial_state: String,
         /// Initial context (always an object, D1).
-        initial_ctx: Value,
+        initial_ctx: Ctx,
         /// Idempotency key of the create, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
@@ -86,7 +88,7 @@ pub enum WalEntry {
         /// The request's payload (null when absent).
         payload: Value,
         /// Context after the merge.
-        ctx: Value,
+        ctx: Ctx,
         /// The request's event id.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         event_id: Option<String>,

@@ -96,11 +96,49 @@ pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Starts a server frame at the end of `out` whose payload will be written
+/// in place after it (no separate payload buffer); returns the frame's
+/// start for [`finish`].
+pub fn begin(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    start
+}
+
+/// Completes the frame begun at `start`: everything after its header is the
+/// payload (at most [`MAX_PAYLOAD`] bytes).
+pub fn finish(out: &mut [u8], start: usize) {
+    let payload_len = out.len() - start - HEADER_LEN;
+    assert!(
+        payload_len <= MAX_PAYLOAD,
+        "caller must keep responses within the frame limit"
+    );
+    let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    let h = &mut out[start..start + HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4..6].copy_from_slice(&1u16.to_be_bytes());
+    h[6..8].copy_from_slice(&FLAG_CRC.to_be_bytes());
+    h[8..10].copy_from_slice(&0u16.to_be_bytes());
+    h[10..14].copy_from_slice(&(payload_len as u32).to_be_bytes());
+    h[14..18].copy_from_slice(&crc.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const PING: &[u8] = br#"{"type":"request","id":"1","op":"PING","params":{}}"#;
+
+    #[test]
+    fn in_place_frames_equal_encoded_ones() {
+        let mut a = b"prefix".to_vec();
+        let start = begin(&mut a);
+        a.extend_from_slice(PING);
+        finish(&mut a, start);
+        let mut b = b"prefix".to_vec();
+        encode(PING, &mut b);
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn protocol_worked_examples() {
