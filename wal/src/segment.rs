@@ -171,6 +171,9 @@ pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
         .map_err(|e| WalError::io("syncing directory", dir, e))
 }
 
+/// Bytes of zeros written (and synced) at a time when creating a segment.
+const ZERO_CHUNK: usize = 1 << 20;
+
 /// Creates segment `id` of `size` bytes (blocking): header + zeros written to
 /// a temp file, file synced, renamed into place, directory synced.
 pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, WalError> {
@@ -199,12 +202,17 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
         .map_err(|e| io("creating segment", e))?;
     f.write_all(&encode_header(shard, id))
         .map_err(|e| io("writing segment header", e))?;
-    let zeros = vec![0u8; 1 << 20];
+    // Zeros go to disk 1 MiB at a time, each piece synced before the next
+    // is written: one 64 MiB flush at the end would occupy the device for
+    // hundreds of milliseconds, and every WAL write of the shard would
+    // wait behind it (measured: APPLY p99.9 of 60 ms instead of a few).
+    let zeros = vec![0u8; ZERO_CHUNK];
     let mut left = size - BLOCK;
     while left > 0 {
         let n = left.min(zeros.len() as u64) as usize;
         f.write_all(&zeros[..n])
             .map_err(|e| io("zero-filling segment", e))?;
+        f.sync_data().map_err(|e| io("syncing new segment", e))?;
         left -= n as u64;
     }
     f.sync_all().map_err(|e| io("syncing new segment", e))?;
