@@ -122,6 +122,11 @@ async fn connection(
     let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let replies = flume::bounded::<BatchReply>(router.shard_count());
     let mut chunk = vec![0u8; READ_CHUNK];
+    // The idle timeout: one timer for the connection's life, re-armed only
+    // when it fires early (a timer made and dropped per read costs the
+    // reactor work on every request).
+    let mut last_active = std::time::Instant::now();
+    let mut idle_timer = cfg.idle_timeout.map(glommio::timer::Timer::new);
     loop {
         // Decode every complete frame already buffered.
         // (request id, action, the output mode its answer is written in:
@@ -310,16 +315,14 @@ async fn connection(
             }
         }
         // A connection that watches is not idle while it waits for events.
-        let idle = if session.subscriptions.is_empty() {
-            cfg.idle_timeout
-        } else {
-            None
-        };
+        let watching = !session.subscriptions.is_empty();
         enum Woke {
             Read(std::io::Result<usize>),
             Bell,
             Stop,
+            Idle,
         }
+        let timer = &mut idle_timer;
         let woke = futures_lite::future::or(
             async { Woke::Read(stream.read(&mut chunk).await) },
             futures_lite::future::or(
@@ -333,11 +336,13 @@ async fn connection(
                         Woke::Stop
                     },
                     async move {
-                        match idle {
-                            Some(d) => glommio::timer::sleep(d).await,
-                            None => futures_lite::future::pending::<()>().await,
+                        match timer {
+                            Some(t) if !watching => {
+                                t.await;
+                            }
+                            _ => futures_lite::future::pending::<()>().await,
                         }
-                        Woke::Stop
+                        Woke::Idle
                     },
                 ),
             ),
@@ -346,7 +351,21 @@ async fn connection(
         match woke {
             Woke::Stop | Woke::Read(Ok(0)) => return Ok(()),
             Woke::Bell => continue,
-            Woke::Read(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            Woke::Idle => {
+                let d = cfg
+                    .idle_timeout
+                    .expect("an idle timer is set only with a timeout");
+                let quiet = last_active.elapsed();
+                if quiet >= d {
+                    return Ok(()); // idle: closed silently (D18)
+                }
+                idle_timer = Some(glommio::timer::Timer::new(d - quiet));
+                continue;
+            }
+            Woke::Read(Ok(n)) => {
+                last_active = std::time::Instant::now();
+                rbuf.extend_from_slice(&chunk[..n]);
+            }
             Woke::Read(Err(e)) => return Err(e),
         }
         if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {

@@ -404,6 +404,16 @@ fn idle_connections_are_closed() {
     assert_eq!(c.ok("PING", json!({})), json!({"pong": true}));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(c.is_closed(), "closed after idle_timeout_secs");
+    // Activity pushes the deadline on: a connection that sends a request
+    // every 400 ms outlives several timeouts, then closes once quiet.
+    let mut busy = server.client();
+    for _ in 0..6 {
+        assert_eq!(busy.ok("PING", json!({})), json!({"pong": true}));
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_eq!(busy.ok("PING", json!({})), json!({"pong": true}));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(busy.is_closed(), "closed once quiet for idle_timeout_secs");
 }
 
 #[test]
