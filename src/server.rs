@@ -117,11 +117,14 @@ async fn connection(
     // Rung by the hub when events arrive; registered at the first WATCH.
     let (bell_tx, bell_rx) = flume::bounded::<()>(1);
     let mut bell_registered = false;
-    let mut rbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut start = 0usize; // first unconsumed byte of rbuf
+    // Socket reads land straight in `rbuf` (kept initialized, so it is
+    // never zeroed or copied per read); bytes `start..filled` are
+    // unconsumed.
+    let mut rbuf: Vec<u8> = vec![0; READ_CHUNK];
+    let mut start = 0usize;
+    let mut filled = 0usize;
     let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let replies = flume::bounded::<BatchReply>(router.shard_count());
-    let mut chunk = vec![0u8; READ_CHUNK];
     // The idle timeout: one timer for the connection's life, re-armed only
     // when it fires early (a timer made and dropped per read costs the
     // reactor work on every request).
@@ -134,7 +137,7 @@ async fn connection(
         let mut requests: Vec<(String, Action, WireMode)> = Vec::new();
         let mut close = false;
         while requests.len() < MAX_REQUESTS_PER_CYCLE {
-            match frame::decode(&rbuf[start..]) {
+            match frame::decode(&rbuf[start..filled]) {
                 Ok(Some((range, total))) => {
                     let payload = &rbuf[start + range.start..start + range.end];
                     let Some(req) = envelope::parse(payload) else {
@@ -279,10 +282,11 @@ async fn connection(
         // Compact the read buffer, then read more unless a full cycle's worth
         // of frames is still waiting.
         if start > 0 {
-            rbuf.drain(..start);
+            rbuf.copy_within(start..filled, 0);
+            filled -= start;
             start = 0;
         }
-        match frame::decode(&rbuf) {
+        match frame::decode(&rbuf[..filled]) {
             Ok(Some(_)) => continue, // a full cycle's worth was already buffered
             Ok(None) => {}
             Err(e) => {
@@ -293,11 +297,17 @@ async fn connection(
         if stop.is_disconnected() {
             return Ok(());
         }
-        let want = frame::frame_len_hint(&rbuf)
+        // A buffer grown for a large frame is given back once it is used.
+        if filled == 0 && rbuf.len() > 4 * READ_CHUNK {
+            rbuf.truncate(READ_CHUNK);
+            rbuf.shrink_to_fit();
+        }
+        // Room for the whole frame being read, and for at least one byte.
+        let want = frame::frame_len_hint(&rbuf[..filled])
             .unwrap_or(0)
-            .max(rbuf.len() + 1);
-        if rbuf.capacity() < want {
-            rbuf.reserve(want - rbuf.len());
+            .max(filled + 1);
+        if rbuf.len() < want {
+            rbuf.resize(want.max(filled + READ_CHUNK), 0);
         }
         // Nothing buffered to answer: deliver what the subscriptions can
         // have, then wait for bytes, events, shutdown or idleness.
@@ -324,7 +334,7 @@ async fn connection(
         }
         let timer = &mut idle_timer;
         let woke = futures_lite::future::or(
-            async { Woke::Read(stream.read(&mut chunk).await) },
+            async { Woke::Read(stream.read(&mut rbuf[filled..]).await) },
             futures_lite::future::or(
                 async {
                     let _ = bell_rx.recv_async().await;
@@ -364,12 +374,9 @@ async fn connection(
             }
             Woke::Read(Ok(n)) => {
                 last_active = std::time::Instant::now();
-                rbuf.extend_from_slice(&chunk[..n]);
+                filled += n;
             }
             Woke::Read(Err(e)) => return Err(e),
-        }
-        if rbuf.capacity() > 2 * frame::MAX_PAYLOAD && rbuf.len() < READ_CHUNK {
-            rbuf.shrink_to(READ_CHUNK);
         }
     }
 }
