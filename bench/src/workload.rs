@@ -197,15 +197,29 @@ pub fn run(s: &Settings) -> Result<Value, String> {
                 .map_err(|e| e.to_string())?;
             result(&r)?;
             watcher_threads.push(std::thread::spawn(move || {
+                /// The fields of an event the bench reads.
+                #[derive(Deserialize)]
+                struct Event<'a> {
+                    #[serde(rename = "type", borrow)]
+                    kind: Cow<'a, str>,
+                    #[serde(default)]
+                    wal_offset: Option<u64>,
+                }
+                let mut payload = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(ev) = c.read() else { break };
-                    if ev["type"] != "event" {
+                    if c.read_raw(&mut payload).is_err() {
+                        break;
+                    }
+                    let Ok(ev) = serde_json::from_slice::<Event<'_>>(&payload) else {
+                        continue;
+                    };
+                    if ev.kind != "event" {
                         continue;
                     }
                     let now = Instant::now();
                     if totals.measuring.load(Ordering::Relaxed) {
                         watched.fetch_add(1, Ordering::Relaxed);
-                        if let Some(off) = ev["wal_offset"].as_u64() {
+                        if let Some(off) = ev.wal_offset {
                             if let Some(t) = totals.acked_at.lock().unwrap().get(&off) {
                                 let us = now.saturating_duration_since(*t).as_micros() as u64;
                                 let _ = lag.lock().unwrap().record(us.max(1));
