@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-recovery clean
+.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-extras bench-recovery clean
 
 all: build
 
@@ -44,6 +44,11 @@ bench: $(REF)
 ## The same, full matrix (the record; ~25 minutes).
 bench-full: $(REF)
 	MODE=full bench/matrix.sh
+
+## Watch fan-out (100 WATCH_ALL subscribers) and resident memory per
+## instance (1M instances), reference and ours in one run (~5 minutes).
+bench-extras: $(REF)
+	bench/extras.sh
 
 $(CLI):
 	$(CARGO) install --locked --version 0.3.0 --root $(TOOLS) rstmdb-cli
