@@ -103,25 +103,8 @@ impl Conn {
 
     /// Reads the next response (checks its CRC).
     pub fn read(&mut self) -> Result<Value, TransportError> {
-        let mut h = [0u8; 18];
-        self.reader
-            .read_exact(&mut h)
-            .map_err(|e| TransportError(format!("read: {e}")))?;
-        if &h[0..4] != b"RCPX" {
-            return Err(TransportError("bad frame magic".into()));
-        }
-        let len = u32::from_be_bytes([h[10], h[11], h[12], h[13]]) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(TransportError(format!("frame of {len} bytes")));
-        }
-        let crc = u32::from_be_bytes([h[14], h[15], h[16], h[17]]);
-        let mut p = vec![0u8; len];
-        self.reader
-            .read_exact(&mut p)
-            .map_err(|e| TransportError(format!("read: {e}")))?;
-        if u16::from_be_bytes([h[6], h[7]]) & 1 == 1 && crc32c::crc32c(&p) != crc {
-            return Err(TransportError("response CRC mismatch".into()));
-        }
+        let mut p = Vec::new();
+        self.read_raw(&mut p)?;
         serde_json::from_slice(&p).map_err(|e| TransportError(format!("response JSON: {e}")))
     }
 
