@@ -23,7 +23,7 @@ run: build
 ## black-box, CLI compatibility, crash and recovery).
 test: tools
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RSTMDB_CLI=$(CLI) RSTMDB_PYTHON=$(PY) $(CARGO) test --workspace
 
 ## The real clients for the compatibility tests, installed once into .tools/:
@@ -60,7 +60,7 @@ $(PY):
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -240,7 +240,6 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         let driver = Driver {
             settings: s.clone(),
             conn,
-            instances,
             prefix: prefix.clone(),
             filler: filler.clone(),
             totals: totals.clone(),
@@ -364,7 +363,8 @@ pub fn run(s: &Settings) -> Result<Value, String> {
 
 /// Appends the params of the k-th request of connection `conn` as JSON
 /// text (ids and filler need no escaping); returns (op, instance applied
-/// to).
+/// to). Instances `0..s.instances` are picked at random or round-robin
+/// over the connections.
 fn request(
     out: &mut Vec<u8>,
     s: &Settings,
@@ -373,9 +373,16 @@ fn request(
     conn: usize,
     k: u64,
     rng: &mut u64,
-    pick: impl Fn(&mut u64, u64) -> u32,
 ) -> (&'static str, Option<u32>) {
     use std::io::Write as _;
+    let instances = s.instances.max(1) as u64;
+    let pick = |rng: &mut u64, k: u64| -> u32 {
+        if s.random {
+            (next_rand(rng) % instances) as u32
+        } else {
+            ((k * s.connections as u64 + conn as u64) % instances) as u32
+        }
+    };
     let payload = |out: &mut Vec<u8>, n: u64| {
         if filler.is_empty() {
             let _ = write!(out, r#"{{"n":{n}}}"#);
@@ -478,7 +485,6 @@ struct ConnReport {
 struct Driver {
     settings: Settings,
     conn: usize,
-    instances: usize,
     prefix: String,
     filler: String,
     totals: Arc<Totals>,
@@ -521,15 +527,6 @@ impl Driver {
                     sending = false;
                     break;
                 }
-                let (conn, connections, instances, random) =
-                    (self.conn, s.connections, self.instances, s.random);
-                let pick = move |rng: &mut u64, k: u64| -> u32 {
-                    if random {
-                        (next_rand(rng) % instances.max(1) as u64) as u32
-                    } else {
-                        ((k * connections as u64 + conn as u64) % instances.max(1) as u64) as u32
-                    }
-                };
                 params.clear();
                 let (op, applied_to) = request(
                     &mut params,
@@ -539,7 +536,6 @@ impl Driver {
                     self.conn,
                     k,
                     &mut rng,
-                    pick,
                 );
                 k += 1;
                 encode_raw(&mut out, k, op, &params);
@@ -725,7 +721,7 @@ mod tests {
                 ..s.clone()
             };
             let mut params = Vec::new();
-            let (op, _) = request(&mut params, &s, "p", "fff", 1, 7, &mut 1, |_, _| 3);
+            let (op, _) = request(&mut params, &s, "p", "fff", 1, 7, &mut 1);
             let v: Value = serde_json::from_slice(&params).expect("valid JSON params");
             let mut raw = Vec::new();
             encode_raw(&mut raw, 9, op, &params);
