@@ -51,16 +51,28 @@ impl Ctx {
     /// payload keys replace context keys, only when both are objects;
     /// otherwise the context is unchanged (and shared, not copied).
     pub fn merged(&self, payload: &Value) -> Ctx {
-        match payload {
-            Value::Object(p) if !p.is_empty() => match self.to_value() {
-                Value::Object(mut c) => {
-                    for (k, v) in p {
-                        c.insert(k.clone(), v.clone());
-                    }
-                    Ctx::from_value(&Value::Object(c))
+        if Ctx::merge_changes(payload) {
+            self.merged_from(self.to_value(), payload)
+        } else {
+            self.clone()
+        }
+    }
+
+    /// Whether merging `payload` can change a context (a non-empty object).
+    pub fn merge_changes(payload: &Value) -> bool {
+        matches!(payload, Value::Object(p) if !p.is_empty())
+    }
+
+    /// [`Ctx::merged`] given this context already parsed (`current`), so
+    /// an apply that evaluated a guard on it does not parse it again.
+    pub fn merged_from(&self, current: Value, payload: &Value) -> Ctx {
+        match (current, payload) {
+            (Value::Object(mut c), Value::Object(p)) if !p.is_empty() => {
+                for (k, v) in p {
+                    c.insert(k.clone(), v.clone());
                 }
-                _ => self.clone(),
-            },
+                Ctx::from_value(&Value::Object(c))
+            }
             _ => self.clone(),
         }
     }

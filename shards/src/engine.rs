@@ -900,8 +900,11 @@ impl Engine {
                 ),
             )
         })?;
-        if let Some(g) = &t.guard {
-            if !g.eval(&inst.ctx.to_value()) {
+        // Parsed once, for the guard and the merge, and only if needed.
+        let current =
+            (t.guard.is_some() || Ctx::merge_changes(&a.payload)).then(|| inst.ctx.to_value());
+        if let (Some(g), Some(cur)) = (&t.guard, &current) {
+            if !g.eval(cur) {
                 return Err(ApiError::core(
                     ErrorCode::GuardFailed,
                     format!(
@@ -913,7 +916,10 @@ impl Engine {
         }
         let to_name = t.to.clone();
         let incarnation = inst.created_offset;
-        let new_ctx = inst.ctx.merged(&a.payload);
+        let new_ctx = match current {
+            Some(cur) => inst.ctx.merged_from(cur, &a.payload),
+            None => inst.ctx.clone(),
+        };
         let from_state = inst.state.clone();
         let (machine, version) = (inst.machine.clone(), inst.version);
         let to_state = self.intern(&to_name);
