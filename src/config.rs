@@ -157,6 +157,12 @@ pub struct Cli {
     /// Print the commented default configuration (YAML) and exit.
     #[arg(long)]
     pub print_default_config: bool,
+
+    /// Write a development CA, a server certificate for 127.0.0.1 and
+    /// localhost, and a client certificate (mTLS) into DIR, then exit.
+    /// For local TLS trials only.
+    #[arg(long, value_name = "DIR")]
+    pub gen_dev_certs: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1829,6 +1835,7 @@ replication:
             fsync_policy: Some(FsyncPolicy::EveryN(9)),
             wal_segment_size_mb: Some(32),
             print_default_config: false,
+            gen_dev_certs: None,
         };
         let c = load(&cli, &env).unwrap();
         assert_eq!(c.network.bind_addr, "10.0.0.3:3000".parse().unwrap());

@@ -7,6 +7,7 @@
 //! → serve until SIGINT/SIGTERM → stop accepting, finish in-flight cycles,
 //! sync every WAL, exit 0. A second signal exits at once.
 
+mod auth;
 mod batch;
 mod compaction;
 mod config;
@@ -19,6 +20,7 @@ mod router;
 mod server;
 mod session;
 mod subscriptions;
+mod tls;
 mod watch;
 
 use std::io::Write;
@@ -46,6 +48,22 @@ fn main() -> ExitCode {
     if cli.print_default_config {
         let _ = std::io::stdout().write_all(config::EMBEDDED_DEFAULT.as_bytes());
         return ExitCode::SUCCESS;
+    }
+    if let Some(dir) = &cli.gen_dev_certs {
+        return match tls::generate_dev_certs(dir) {
+            Ok(()) => {
+                println!(
+                    "wrote {} to {} (keys mode 0600)",
+                    tls::DEV_CERT_FILES.join(", "),
+                    dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rstmdb: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     init_logging();
     let cfg = match config::load(&cli, &|k| std::env::var(k).ok()) {
@@ -75,6 +93,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never into log files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -96,12 +116,6 @@ fn refuse_unbuilt_features(cfg: &Config) -> Result<(), String> {
             "{what} is not supported by this server version yet; refusing to start without it"
         ))
     };
-    if cfg.auth.required {
-        return not_yet("auth.required (bearer-token authentication)");
-    }
-    if cfg.tls.enabled {
-        return not_yet("tls.enabled (TLS/mTLS)");
-    }
     if cfg.metrics.enabled {
         return not_yet("metrics.enabled (the Prometheus endpoint)");
     }
@@ -109,8 +123,12 @@ fn refuse_unbuilt_features(cfg: &Config) -> Result<(), String> {
 }
 
 fn run(cfg: Config) -> Result<(), String> {
-    cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
+    let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
+    let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
     refuse_unbuilt_features(&cfg)?;
+    let tls = tls::server_config(&cfg.tls)
+        .map_err(|e| e.to_string())?
+        .map(futures_rustls::TlsAcceptor::from);
     let shards = cfg.server.shard_count();
     let mut data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
     let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
@@ -214,9 +232,11 @@ fn run(cfg: Config) -> Result<(), String> {
             allow_instance_recreate: cfg.storage.allow_instance_recreate,
             allow_flush_all: cfg.storage.allow_flush_all,
             shards,
+            auth: authenticator,
         },
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
+        tls,
     };
     drop(hub_txs);
     let router = router::Router::new(senders, seq.clone());

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::auth::{self, Authenticator};
 use crate::session::{Session, WireMode};
 use crate::subscriptions::Filter;
 
@@ -36,6 +37,8 @@ pub struct OpSettings {
     pub allow_flush_all: bool,
     /// Number of shards.
     pub shards: usize,
+    /// Token check (`auth.*`).
+    pub auth: Arc<Authenticator>,
 }
 
 /// What to do with one request.
@@ -164,9 +167,12 @@ fn plan_inner(
     session: &mut Session,
     s: &OpSettings,
 ) -> Result<Action, ApiError> {
+    if s.auth.required() && !session.authenticated && !auth::EXEMPT_OPS.contains(&op) {
+        return Err(auth::unauthorized());
+    }
     Ok(match op {
         "HELLO" => hello(p, session)?,
-        "AUTH" => auth(p)?,
+        "AUTH" => authenticate(p, session, s)?,
         "PING" => local(&serde_json::json!({"pong": true})),
         "BYE" => Action::Bye,
         "INFO" => local(&serde_json::json!({
@@ -404,28 +410,17 @@ fn hello(p: Params<'_>, session: &mut Session) -> Result<Action, ApiError> {
     })))
 }
 
-fn auth(p: Params<'_>) -> Result<Action, ApiError> {
+/// AUTH: a success authenticates the session for good; a later failure
+/// does not revoke it (the reference's rule).
+fn authenticate(p: Params<'_>, session: &mut Session, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct AuthParams {
         method: String,
         token: String,
     }
     let a: AuthParams = p.parse()?;
-    if a.method != "bearer" {
-        return Err(ApiError::new(
-            ErrorCode::AuthFailed,
-            format!(
-                "authentication failed: unsupported auth method: {}",
-                a.method
-            ),
-        ));
-    }
-    if a.token.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::AuthFailed,
-            "authentication failed: empty token",
-        ));
-    }
+    s.auth.authenticate(&a.method, &a.token)?;
+    session.authenticated = true;
     Ok(local(&serde_json::json!({"authenticated": true})))
 }
 
@@ -563,6 +558,7 @@ mod tests {
             allow_instance_recreate: true,
             allow_flush_all: false,
             shards: 3,
+            auth: Arc::default(),
         }
     }
 

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpListener;
 use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
@@ -41,6 +41,8 @@ pub struct FrontendConfig {
     /// `network.idle_timeout_secs` (None = never): a connection that sends
     /// nothing for this long is closed silently (D18).
     pub idle_timeout: Option<Duration>,
+    /// TLS on the listener (`tls.*`), None for plain TCP.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 /// Runs the accept loop until `shutdown` fires (or its sender is dropped),
@@ -88,7 +90,14 @@ pub async fn serve(
             compactor.clone(),
         );
         glommio::spawn_local(async move {
-            if let Err(e) = connection(stream, router, hub, compactor, &cfg, stop).await {
+            let ended = match cfg.tls.clone() {
+                None => connection(stream, router, hub, compactor, &cfg, stop).await,
+                Some(acceptor) => match handshake(acceptor, stream).await {
+                    Ok(tls) => connection(tls, router, hub, compactor, &cfg, stop).await,
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             active.fetch_sub(1, Ordering::SeqCst);
@@ -103,10 +112,26 @@ pub async fn serve(
     }
 }
 
+/// The TLS handshake, bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]; a
+/// failure closes the connection (no RCP bytes are ever sent).
+async fn handshake(
+    acceptor: futures_rustls::TlsAcceptor,
+    stream: glommio::net::TcpStream,
+) -> std::io::Result<futures_rustls::server::TlsStream<glommio::net::TcpStream>> {
+    futures_lite::future::or(acceptor.accept(stream), async {
+        glommio::timer::sleep(crate::tls::HANDSHAKE_TIMEOUT).await;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        ))
+    })
+    .await
+}
+
 /// Serves one connection until EOF, BYE, a fatal framing/envelope error, or
 /// shutdown.
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     router: Router,
     hub: Rc<RefCell<Hub>>,
     compactor: Arc<Compactor>,
@@ -271,6 +296,8 @@ async fn connection(
                 }
             }
             stream.write_all(&wbuf).await?;
+            // A TLS stream may hold the last record until flushed.
+            stream.flush().await?;
             if wbuf.capacity() > 4 * READ_CHUNK {
                 wbuf = Vec::with_capacity(READ_CHUNK);
             }

@@ -26,6 +26,8 @@ impl WireMode {
 pub struct Session {
     /// Output mode chosen by the latest HELLO.
     pub wire_mode: WireMode,
+    /// A successful AUTH was seen (never reset: there is no de-authentication).
+    pub authenticated: bool,
     /// This connection's subscriptions (dropped with the connection).
     pub subscriptions: Vec<crate::subscriptions::Subscription>,
 }

@@ -4,8 +4,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
+use futures_lite::{AsyncWrite, AsyncWriteExt};
 use rstmdb_shards::commands::{BatchReply, Command};
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use serde_json::{json, Value};
@@ -125,10 +124,10 @@ pub fn unwatch(id: String, session: &mut Session) -> Vec<u8> {
 /// same connection are not kept waiting behind a long catch-up. Returns
 /// whether more is waiting. `Err` when the connection must close (socket
 /// error, or a catch-up read that failed: never a silent gap, D19).
-pub async fn deliver(
+pub async fn deliver<S: AsyncWrite + Unpin>(
     session: &mut Session,
     ctx: &Ctx<'_>,
-    stream: &mut TcpStream,
+    stream: &mut S,
 ) -> std::io::Result<bool> {
     let mode = session.wire_mode;
     let mut out = Vec::new();
@@ -139,6 +138,8 @@ pub async fn deliver(
                 if !out.is_empty() {
                     stream.write_all(&out).await?;
                 }
+                // A TLS stream may hold the last record until flushed.
+                stream.flush().await?;
                 return Ok(true);
             }
             steps += 1;
@@ -192,6 +193,7 @@ pub async fn deliver(
     if !out.is_empty() {
         stream.write_all(&out).await?;
     }
+    stream.flush().await?;
     Ok(false)
 }
 
@@ -211,7 +213,10 @@ fn push(out: &mut Vec<u8>, payload: &[u8], mode: WireMode) {
     }
 }
 
-async fn flush_if_large(out: &mut Vec<u8>, stream: &mut TcpStream) -> std::io::Result<()> {
+async fn flush_if_large<S: AsyncWrite + Unpin>(
+    out: &mut Vec<u8>,
+    stream: &mut S,
+) -> std::io::Result<()> {
     if out.len() >= FLUSH_BYTES {
         stream.write_all(out).await?;
         out.clear();
