@@ -347,35 +347,3 @@ fn hello_switches_the_mode_from_its_own_answer_on() {
         assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["id"], id);
     }
 }
-
-#[test]
-fn features_not_built_yet_refuse_to_start() {
-    for (var, what) in [
-        ("RSTMDB_AUTH_REQUIRED", "auth.required"),
-        ("RSTMDB_TLS_ENABLED", "tls.enabled"),
-        ("RSTMDB_METRICS_ENABLED", "metrics.enabled"),
-    ] {
-        let dir = common::data_dir("unbuilt");
-        let mut env = vec![(var.to_owned(), "true".to_owned())];
-        if var == "RSTMDB_AUTH_REQUIRED" {
-            env.push((
-                "RSTMDB_AUTH_TOKEN_HASH".into(),
-                "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8".into(),
-            ));
-        }
-        if var == "RSTMDB_TLS_ENABLED" {
-            env.push(("RSTMDB_TLS_CERT".into(), "/nonexistent/cert.pem".into()));
-            env.push(("RSTMDB_TLS_KEY".into(), "/nonexistent/key.pem".into()));
-        }
-        let mut s = Server::spawn(
-            dir.path(),
-            Opts {
-                extra_env: env,
-                ..Opts::default()
-            },
-        );
-        let (code, log) = s.wait_exit(Duration::from_secs(30));
-        assert_ne!(code, Some(0), "{var}: {log}");
-        assert!(log.contains(what), "{var}: {log}");
-    }
-}
