@@ -20,6 +20,7 @@ mod router;
 mod server;
 mod session;
 mod subscriptions;
+mod telemetry;
 mod tls;
 mod watch;
 
@@ -107,25 +108,18 @@ fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     }
 }
 
-/// Security and operations features that are configured but not built yet
-/// stop start-up: running without authentication or TLS because the
-/// operator asked for them would be worse than not running.
-fn refuse_unbuilt_features(cfg: &Config) -> Result<(), String> {
-    let not_yet = |what: &str| {
-        Err(format!(
-            "{what} is not supported by this server version yet; refusing to start without it"
-        ))
-    };
-    if cfg.metrics.enabled {
-        return not_yet("metrics.enabled (the Prometheus endpoint)");
-    }
-    Ok(())
-}
-
 fn run(cfg: Config) -> Result<(), String> {
     let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
     let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
-    refuse_unbuilt_features(&cfg)?;
+    // Before any executor starts: instruments made earlier stay no-ops.
+    let prometheus = if cfg.metrics.enabled {
+        Some(telemetry::install()?)
+    } else {
+        None
+    };
+    let request_metrics = prometheus
+        .is_some()
+        .then(|| Arc::new(telemetry::RequestMetrics::new()));
     let tls = tls::server_config(&cfg.tls)
         .map_err(|e| e.to_string())?
         .map(futures_rustls::TlsAcceptor::from);
@@ -237,8 +231,10 @@ fn run(cfg: Config) -> Result<(), String> {
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
         tls,
+        metrics: request_metrics,
     };
     drop(hub_txs);
+    let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
     let router = router::Router::new(senders, seq.clone());
     let compaction_settings = compaction::Settings {
         auto: cfg.compaction.enabled,
@@ -267,6 +263,14 @@ fn run(cfg: Config) -> Result<(), String> {
         manifest,
     ));
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    if let Some(handle) = prometheus {
+        let collector = telemetry::Collector {
+            shards: weak_senders,
+            active_connections: active.clone(),
+        };
+        let addr = telemetry::serve(cfg.metrics.bind_addr, handle, collector)?;
+        tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
+    }
     // Frontends: each binds the client address (SO_REUSEPORT, so the kernel
     // spreads connections over them) and has its own subscription hub.
     let mut frontend_handles = Vec::with_capacity(frontends);

@@ -19,6 +19,7 @@ use crate::protocol::{envelope, frame};
 use crate::router::{Outcome, Router};
 use crate::session::{Session, WireMode};
 use crate::subscriptions::Hub;
+use crate::telemetry::RequestMetrics;
 use crate::watch;
 
 /// Most requests decoded and dispatched in one cycle; more complete frames
@@ -43,6 +44,9 @@ pub struct FrontendConfig {
     pub idle_timeout: Option<Duration>,
     /// TLS on the listener (`tls.*`), None for plain TCP.
     pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// Request instruments, None when `metrics.enabled` is off (then the
+    /// request path does no metrics work at all).
+    pub metrics: Option<Arc<RequestMetrics>>,
 }
 
 /// Runs the accept loop until `shutdown` fires (or its sender is dropped),
@@ -81,6 +85,9 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
+        if let Some(m) = &cfg.metrics {
+            m.connections.increment(1);
+        }
         let (router, cfg, active, stop, hub, compactor) = (
             router.clone(),
             cfg.clone(),
@@ -159,8 +166,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         // Decode every complete frame already buffered.
         // (request id, action, the output mode its answer is written in:
         // a HELLO switches the mode for its own answer and later ones only).
-        let mut requests: Vec<(String, Action, WireMode)> = Vec::new();
+        let mut requests: Vec<(String, Action, WireMode, u8)> = Vec::new();
         let mut close = false;
+        let cycle_start = cfg.metrics.as_ref().map(|_| std::time::Instant::now());
         while requests.len() < MAX_REQUESTS_PER_CYCLE {
             match frame::decode(&rbuf[start..filled]) {
                 Ok(Some((range, total))) => {
@@ -170,6 +178,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         break;
                     };
                     start += total;
+                    let op = match &cfg.metrics {
+                        Some(_) => RequestMetrics::op_index(&req.op).unwrap_or(0),
+                        None => 0,
+                    };
                     let action = ops::plan_raw(&req.op, req.params, &mut session, &cfg.ops);
                     let bye = matches!(action, Action::Bye);
                     // A fan-out ends the cycle: it bounds the cycle's memory
@@ -188,7 +200,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                             | Action::Compact { .. }
                             | Action::SnapshotInstance(..)
                     );
-                    requests.push((req.id.into_owned(), action, session.wire_mode));
+                    requests.push((req.id.into_owned(), action, session.wire_mode, op));
                     if bye {
                         close = true; // requests pipelined after BYE are discarded
                         break;
@@ -208,8 +220,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         if !requests.is_empty() {
             let mut ids = Vec::with_capacity(requests.len());
             let mut actions = Vec::with_capacity(requests.len());
-            for (id, action, mode) in requests {
-                ids.push((id, mode));
+            for (id, action, mode, op) in requests {
+                ids.push((id, mode, op));
                 actions.push(action);
             }
             // BATCH and WATCH/UNWATCH need the session and end their cycle:
@@ -268,7 +280,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 bell_registered = true;
             }
             wbuf.clear();
-            for ((id, mode), outcome) in ids.iter().zip(outcomes) {
+            // Every request of the cycle waited for the whole cycle.
+            let elapsed = cycle_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            for ((id, mode, op), outcome) in ids.iter().zip(outcomes) {
+                if let Some(m) = &cfg.metrics {
+                    let error = match &outcome {
+                        Outcome::Done(Err(e)) => Some(e.code),
+                        _ => None,
+                    };
+                    m.observe(*op, elapsed, error);
+                }
                 // Each answer is written straight into the output buffer;
                 // a binary frame's header is filled in once its payload is.
                 let frame_start = (*mode == WireMode::Binary).then(|| frame::begin(&mut wbuf));

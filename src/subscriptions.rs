@@ -79,7 +79,7 @@ impl Filter {
 }
 
 /// One subscription of a connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Subscription {
     /// `sub-` + UUID v4.
     pub id: String,
@@ -92,6 +92,42 @@ pub struct Subscription {
     /// The cursor as compaction sees it: the WAL is kept from the lowest
     /// cursor of any subscription on.
     pub lease: Arc<AtomicU64>,
+    /// Metrics instruments (no-ops without a recorder).
+    pub metrics: SubscriptionMetrics,
+}
+
+/// A subscription's instruments: made once when it starts, so delivery
+/// never looks anything up in the metrics registry. Not `Clone`: each one
+/// is counted once in the active gauge and uncounted when dropped.
+#[derive(Debug)]
+pub struct SubscriptionMetrics {
+    /// `instance` or `all`: the `type` label.
+    kind: &'static str,
+    /// `rstmdb_events_forwarded_total{type}`.
+    pub forwarded: metrics::Counter,
+    /// `rstmdb_subscriber_lag_offsets`.
+    pub lag: metrics::Histogram,
+}
+
+impl SubscriptionMetrics {
+    /// Instruments for a new subscription; counts it in
+    /// `rstmdb_subscriptions_active{type}` until dropped (UNWATCH or the
+    /// connection closing, unlike the reference, which only counted UNWATCH).
+    pub fn new(watch_instance: bool) -> Self {
+        let kind = if watch_instance { "instance" } else { "all" };
+        metrics::gauge!(crate::telemetry::SUBSCRIPTIONS_ACTIVE, "type" => kind).increment(1.0);
+        Self {
+            kind,
+            forwarded: metrics::counter!(crate::telemetry::EVENTS_FORWARDED, "type" => kind),
+            lag: metrics::histogram!(crate::telemetry::SUBSCRIBER_LAG),
+        }
+    }
+}
+
+impl Drop for SubscriptionMetrics {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::SUBSCRIPTIONS_ACTIVE, "type" => self.kind).decrement(1.0);
+    }
 }
 
 impl Subscription {

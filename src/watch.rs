@@ -15,8 +15,8 @@ use crate::protocol::frame;
 use crate::router::{Outcome, Router};
 use crate::session::{Session, WireMode};
 use crate::subscriptions::{
-    encode_event, ensure_live, events_from_record, Hub, Subscription, Take, CHUNK,
-    MAX_SUBSCRIPTIONS_PER_CONNECTION,
+    encode_event, ensure_live, events_from_record, Hub, Subscription, SubscriptionMetrics, Take,
+    CHUNK, MAX_SUBSCRIPTIONS_PER_CONNECTION,
 };
 
 /// Most delivery steps (window chunks or catch-up reads) per pass.
@@ -102,6 +102,7 @@ pub async fn subscribe(
     };
     lease.store(cursor, std::sync::atomic::Ordering::SeqCst);
     session.subscriptions.push(Subscription {
+        metrics: SubscriptionMetrics::new(spec.instance.is_some()),
         id,
         filter: spec.filter,
         include_ctx: spec.include_ctx,
@@ -149,6 +150,7 @@ pub async fn deliver<S: AsyncWrite + Unpin>(
                     let more = events.len() == CHUNK;
                     for e in events.iter().filter(|e| sub.filter.matches(e)) {
                         push(&mut out, &encode_event(sub, e), mode);
+                        sub.metrics.forwarded.increment(1);
                     }
                     sub.advance(next);
                     flush_if_large(&mut out, stream).await?;
@@ -179,6 +181,7 @@ pub async fn deliver<S: AsyncWrite + Unpin>(
                     events.retain(|e| e.wal_offset >= sub.cursor && e.wal_offset < below);
                     for e in events.iter().filter(|e| sub.filter.matches(e)) {
                         push(&mut out, &encode_event(sub, e), mode);
+                        sub.metrics.forwarded.increment(1);
                     }
                     debug_assert!(next > sub.cursor || records.is_empty());
                     if next <= sub.cursor {
@@ -189,6 +192,10 @@ pub async fn deliver<S: AsyncWrite + Unpin>(
                 }
             }
         }
+        let released = ctx.hub.borrow().released();
+        sub.metrics
+            .lag
+            .record(released.saturating_sub(sub.cursor) as f64);
     }
     if !out.is_empty() {
         stream.write_all(&out).await?;

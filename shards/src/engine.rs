@@ -280,6 +280,11 @@ impl Engine {
         self.instances.values().filter(|i| !i.deleted).count()
     }
 
+    /// Number of machine versions held.
+    pub fn machine_versions(&self) -> usize {
+        self.machines.values().map(|v| v.len()).sum()
+    }
+
     /// Every machine version held, for the start-up union across shards.
     pub fn machine_defs(&self) -> Vec<(String, u32, Arc<MachineDef>)> {
         let mut out = Vec::new();

@@ -109,6 +109,20 @@ pub enum ShardMsg {
     Compact(CompactRequest),
     /// Figures for automatic compaction.
     Stats(flume::Sender<(usize, ShardStats)>),
+    /// Figures for the metrics endpoint (counts instances: O(instances),
+    /// so asked once per scrape, not per request).
+    Telemetry(flume::Sender<(usize, Telemetry)>),
+}
+
+/// A shard's figures for the metrics endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Telemetry {
+    /// Live (not deleted) instances.
+    pub instances: u64,
+    /// Machine versions held (every shard holds all of them).
+    pub machine_versions: u64,
+    /// WAL figures, as WAL_STATS sums them.
+    pub wal: ShardWalStats,
 }
 
 /// When a [`ShardMsg::Snapshot`] should write one.
@@ -213,6 +227,7 @@ impl ShardMsg {
             ShardMsg::Snapshot(_) => "snapshot",
             ShardMsg::Compact(_) => "compact",
             ShardMsg::Stats(_) => "stats",
+            ShardMsg::Telemetry(_) => "telemetry",
         }
     }
 }
@@ -351,7 +366,10 @@ pub async fn run(
         latest: snapshot_start,
         records_since: writer.records(),
         job: None,
+        job_started: Instant::now(),
     };
+    // Records per group commit (no-op handles without a metrics recorder).
+    let commit_records = metrics::histogram!(GROUP_COMMIT_RECORDS);
     loop {
         let first = match ready.pop_front() {
             Some(m) => m,
@@ -421,6 +439,21 @@ pub async fn run(
                             wal_bytes: writer.used_bytes(),
                             wal_segments: writer.segments().len() as u64,
                             snapshot_start: snaps.latest,
+                        },
+                    ));
+                }
+                ShardMsg::Telemetry(to) => {
+                    let _ = to.try_send((
+                        cfg.id,
+                        Telemetry {
+                            instances: engine.active_instances() as u64,
+                            machine_versions: engine.machine_versions() as u64,
+                            wal: ShardWalStats {
+                                entries: writer.records(),
+                                segments: writer.segments().len() as u64,
+                                used_bytes: writer.used_bytes(),
+                                io: writer.io_stats(),
+                            },
                         },
                     ));
                 }
@@ -585,6 +618,7 @@ pub async fn run(
         let staged = engine.take_staged();
         let mut result = Ok(());
         if !staged.is_empty() {
+            commit_records.record(staged.len() as f64);
             for s in &staged {
                 if let Err(e) = writer.stage(s.offset, s.kind, &s.bytes) {
                     result = Err(e);
@@ -708,6 +742,11 @@ pub async fn run(
     Ok(())
 }
 
+/// Histogram of records written per group commit (metrics endpoint).
+pub const GROUP_COMMIT_RECORDS: &str = "rstmdb_group_commit_records";
+/// Histogram of seconds from a snapshot's start to its file being durable.
+pub const SNAPSHOT_SECONDS: &str = "rstmdb_snapshot_duration_seconds";
+
 /// Serialization time a snapshot gets per turn of a busy shard loop.
 const BUSY_SNAPSHOT_STEP: Duration = Duration::from_micros(500);
 /// ... and per turn while the shard has nothing else to do.
@@ -721,6 +760,8 @@ struct Snapshots {
     records_since: u64,
     /// The snapshot being written and who wants its outcome.
     job: Option<(SnapshotJob, flume::Sender<(usize, SnapshotOutcome)>)>,
+    /// When the running (or last) snapshot began.
+    job_started: Instant,
 }
 
 impl Snapshots {
@@ -789,6 +830,7 @@ impl Snapshots {
         tracing::debug!(shard = cfg.id, start, "snapshot started");
         self.records_since = 0;
         self.job = Some((job, req.reply_to));
+        self.job_started = Instant::now();
     }
 
     /// Advances the running snapshot by about `budget`.
@@ -802,9 +844,14 @@ impl Snapshots {
             Step::Finished(done) => {
                 let (job, reply_to) = self.job.take().expect("running");
                 let (done, shard, start) = (done.clone(), cfg.id, job.start());
+                let started = self.job_started;
                 glommio::spawn_local(async move {
                     let outcome = match done.recv_async().await {
-                        Ok(Ok(file)) => SnapshotOutcome::Written(file),
+                        Ok(Ok(file)) => {
+                            metrics::histogram!(SNAPSHOT_SECONDS)
+                                .record(started.elapsed().as_secs_f64());
+                            SnapshotOutcome::Written(file)
+                        }
                         Ok(Err(e)) => SnapshotOutcome::Failed(e),
                         Err(_) => SnapshotOutcome::Failed("snapshot writer vanished".into()),
                     };

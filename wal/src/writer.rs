@@ -21,6 +21,9 @@ use crate::recovery::Recovered;
 use crate::segment::{self, align_up, BLOCK};
 use crate::{record, WalError, MAX_RECORD_PAYLOAD, REPAIR_KIND};
 
+/// Histogram of `fdatasync` durations, in seconds (metrics endpoint).
+pub const FSYNC_SECONDS: &str = "rstmdb_wal_fsync_duration_seconds";
+
 /// Cumulative I/O counters (WAL_STATS `io_stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IoStats {
@@ -98,6 +101,9 @@ pub struct WalWriter {
     stats: IoStats,
     records: u64,
     last_offset: u64,
+    /// `rstmdb_wal_fsync_duration_seconds`: how long each `fdatasync`
+    /// took (a no-op handle when no metrics recorder is installed).
+    fsync_seconds: metrics::Histogram,
 }
 
 impl WalWriter {
@@ -156,6 +162,7 @@ impl WalWriter {
             },
             records: recovered.records,
             last_offset: recovered.last_offset,
+            fsync_seconds: metrics::histogram!(FSYNC_SECONDS),
         };
         w.prepare_next();
         Ok(w)
@@ -260,8 +267,10 @@ impl WalWriter {
             return Err(self.poison_error(why.clone()));
         }
         self.stats.fsyncs += 1;
+        let started = std::time::Instant::now();
         match self.file.fdatasync().await {
             Ok(()) => {
+                self.fsync_seconds.record(started.elapsed().as_secs_f64());
                 self.unsynced = false;
                 self.synced_pos = self.write_pos;
                 Ok(())
