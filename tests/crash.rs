@@ -110,7 +110,39 @@ fn cycles() -> usize {
 
 #[test]
 fn kill_9_under_load_loses_no_acknowledged_write() {
-    crash_cycles("crash", cycles(), &[("RSTMDB_COMPACT_ENABLED", "0")], false);
+    crash_cycles(
+        "crash",
+        cycles(),
+        &[("RSTMDB_COMPACT_ENABLED", "0")],
+        false,
+        Stop::Kill9,
+    );
+}
+
+/// SIGTERM under load: a graceful shutdown answers what is in flight,
+/// syncs the WAL and exits 0; after the restart every acknowledged write
+/// is there, with compaction running during the load.
+#[test]
+fn sigterm_under_load_exits_0_and_loses_no_acknowledged_write() {
+    crash_cycles(
+        "sigterm",
+        3,
+        &[
+            ("RSTMDB_COMPACT_EVENTS", "200"),
+            ("RSTMDB_COMPACT_INTERVAL", "0"),
+        ],
+        false,
+        Stop::Term,
+    );
+}
+
+/// How each cycle stops the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL: a crash.
+    Kill9,
+    /// SIGTERM: a graceful shutdown, which must exit 0.
+    Term,
 }
 
 /// The same while snapshots and compaction run all the time: automatic
@@ -128,13 +160,14 @@ fn kill_9_during_snapshots_and_compaction_loses_no_acknowledged_write() {
             ("RSTMDB_COMPACT_INTERVAL", "0"),
         ],
         true,
+        Stop::Kill9,
     );
 }
 
 /// Runs writers (and a COMPACT loop if `compact`) against a server killed
 /// with SIGKILL `cycles` times, checking every acknowledged write after
 /// each restart.
-fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool) {
+fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool, how: Stop) {
     let dir = common::data_dir(name);
     let opts = Opts {
         shards: 2,
@@ -184,7 +217,13 @@ fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool) 
             .collect();
         // Let the load run a varying while, then kill -9 mid-load.
         std::thread::sleep(Duration::from_millis(300 + 97 * (cycle as u64 % 5)));
-        server.kill9();
+        match how {
+            Stop::Kill9 => server.kill9(),
+            Stop::Term => {
+                let log = server.log_text();
+                assert_eq!(server.stop(), Some(0), "exit status after SIGTERM: {log}");
+            }
+        }
         stop.store(true, Ordering::Relaxed);
         logs = handles
             .into_iter()

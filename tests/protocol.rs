@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{frame, request_frame, Client, Opts, Server};
@@ -299,21 +299,43 @@ fn operation_level_errors_keep_the_connection_and_ops_not_yet_built_answer_clear
 
 #[test]
 fn over_max_connections_is_closed_without_bytes() {
+    const MAX: usize = 5;
     let dir = common::data_dir("maxconn");
     let opts = Opts {
-        extra_env: vec![("RSTMDB_MAX_CONNECTIONS".into(), "2".into())],
+        extra_env: vec![("RSTMDB_MAX_CONNECTIONS".into(), MAX.to_string())],
         ..Opts::default()
     };
     let server = Server::start(dir.path(), opts);
     // Let the server see the start-up probe connection close.
     std::thread::sleep(Duration::from_millis(300));
-    let mut a = server.client();
-    let mut b = server.client();
-    assert_eq!(a.ok("PING", json!({})), json!({"pong": true}));
-    assert_eq!(b.ok("PING", json!({})), json!({"pong": true}));
-    let mut c = Client::connect(server.addr);
-    assert!(c.is_closed(), "third connection must be dropped");
-    drop(a);
+    let mut first: Vec<Client> = (0..MAX).map(|_| server.client()).collect();
+    for c in first.iter_mut() {
+        assert_eq!(c.ok("PING", json!({})), json!({"pong": true}));
+    }
+    // max_connections + 5: the extra five are closed without a byte, even
+    // when they send a request.
+    for i in 0..5 {
+        let mut extra = Client::connect(server.addr);
+        let _ = extra
+            .stream
+            .write_all(&common::request_frame("1", "PING", &json!({})));
+        extra
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        match extra.stream.read_to_end(&mut got) {
+            Ok(_) => assert!(got.is_empty(), "extra connection {i} got bytes: {got:?}"),
+            // A reset (the request arrived after the close) is a close too.
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    // The first ones still work.
+    for c in first.iter_mut() {
+        assert_eq!(c.ok("PING", json!({})), json!({"pong": true}));
+    }
+    // A freed slot is usable again.
+    drop(first.pop());
     std::thread::sleep(Duration::from_millis(200));
     let mut d = server.client();
     assert_eq!(d.ok("PING", json!({})), json!({"pong": true}));
