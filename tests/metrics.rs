@@ -24,6 +24,9 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     (status, head.to_owned(), body.to_owned())
 }
 
+/// A series' labels other than `le`, sorted.
+type Labels = Vec<(String, String)>;
+
 /// A parsed sample: family name, labels, value.
 #[derive(Debug)]
 struct Sample {
@@ -125,7 +128,7 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
             continue;
         }
         let bucket = format!("{family}_bucket");
-        let mut series: HashMap<Vec<(String, String)>, Vec<(f64, f64)>> = HashMap::new();
+        let mut series: HashMap<Labels, Vec<(f64, f64)>> = HashMap::new();
         for s in samples.iter().filter(|s| s.name == bucket) {
             let le: f64 = match s.labels["le"].as_str() {
                 "+Inf" => f64::INFINITY,
