@@ -264,10 +264,7 @@ fn run(cfg: Config) -> Result<(), String> {
     ));
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if let Some(handle) = prometheus {
-        let collector = telemetry::Collector {
-            shards: weak_senders,
-            active_connections: active.clone(),
-        };
+        let collector = telemetry::Collector::new(weak_senders, active.clone());
         let addr = telemetry::serve(cfg.metrics.bind_addr, handle, collector)?;
         tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
     }

@@ -187,10 +187,28 @@ pub struct Collector {
     pub shards: Vec<flume::WeakSender<ShardMsg>>,
     /// Open client connections (shared by every frontend).
     pub active_connections: Arc<AtomicUsize>,
+    /// The standard `process_*` families (CPU seconds, open and max fds,
+    /// resident and virtual memory, start time, threads), read from /proc.
+    pub process: metrics_process::Collector,
 }
 
 impl Collector {
+    /// A collector for these shards and this connection count.
+    pub fn new(
+        shards: Vec<flume::WeakSender<ShardMsg>>,
+        active_connections: Arc<AtomicUsize>,
+    ) -> Self {
+        let process = metrics_process::Collector::default();
+        process.describe();
+        Self {
+            shards,
+            active_connections,
+            process,
+        }
+    }
+
     fn refresh(&self) {
+        self.process.collect();
         metrics::gauge!("rstmdb_connections_active")
             .set(self.active_connections.load(Ordering::Relaxed) as f64);
         let (tx, rx) = flume::bounded::<(usize, Telemetry)>(self.shards.len());

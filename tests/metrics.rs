@@ -293,6 +293,13 @@ fn metrics_after_a_workload_are_valid_prometheus_text_with_the_reference_familie
         value(&s, "rstmdb_shard_queue_depth", &[("shard", "1")]),
         0.0
     );
+    // The standard process families.
+    assert!(value(&s, "process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value(&s, "process_open_fds", &[]) > 3.0);
+    assert!(value(&s, "process_threads", &[]) >= 3.0);
+    assert!(value(&s, "process_start_time_seconds", &[]) > 1.6e9);
+    // A counter of whole seconds (the metrics crate's counters are integers).
+    assert!(value(&s, "process_cpu_seconds_total", &[]) >= 0.0);
 
     // A closed watcher no longer counts as subscribed.
     drop(watcher);
