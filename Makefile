@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-extras bench-recovery clean
+.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-extras bench-recovery certs run-secure clean
 
 all: build
 
@@ -18,6 +18,16 @@ build:
 ## Build and start the daemon: 127.0.0.1:7401, data in ./data (Ctrl-C stops it cleanly).
 run: build
 	./target/release/rstmdb $(ARGS)
+
+## Development TLS material in ./certs: a CA, a server certificate for
+## 127.0.0.1 and localhost, a client certificate for mTLS (rcgen, via the
+## server's --gen-dev-certs).
+certs: build
+	./target/release/rstmdb --gen-dev-certs certs
+
+## The daemon with TLS, mTLS, token auth and metrics (config/tls-auth.yaml).
+run-secure: certs
+	./target/release/rstmdb --config config/tls-auth.yaml $(ARGS)
 
 ## Everything CI checks: formatting, clippy, and every test (unit, property,
 ## black-box, CLI compatibility, crash and recovery).

@@ -1504,6 +1504,15 @@ mod tests {
         let mut fixed = prod.clone();
         fixed.auth.token_hashes = vec![HASH_A.into()];
         fixed.validate().unwrap();
+        let secure = Config::from_yaml(include_str!("../config/tls-auth.yaml")).unwrap();
+        secure.validate().unwrap();
+        assert!(secure.auth.required && secure.tls.enabled && secure.tls.require_client_cert);
+        // The documented token: sha256("dev-token").
+        let hashes = secure.auth.load_token_hashes().unwrap();
+        assert_eq!(
+            hashes,
+            vec!["c91cbbedf8c712e8e2b7517ddeca8fe4fde839ebd8339e0b2001363002b37712".to_owned()]
+        );
     }
 
     #[test]

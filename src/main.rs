@@ -108,6 +108,19 @@ fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     }
 }
 
+/// An executor that cannot start almost always means io_uring is not
+/// available (a container's default seccomp profile) or the locked-memory
+/// limit is too small for its registered buffers: say which knob to turn.
+fn executor_error(what: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "{what}: {e}. rstmdb needs io_uring (Linux 5.8+; in containers allow the \
+         io_uring_setup/io_uring_enter/io_uring_register system calls, e.g. \
+         --security-opt seccomp=unconfined) and locked memory for its I/O buffers (about \
+         3 x server.io_memory_kib per executor: `ulimit -l`, systemd LimitMEMLOCK=, docker \
+         --ulimit memlock=-1:-1); see README, \"Running in production\""
+    )
+}
+
 fn run(cfg: Config) -> Result<(), String> {
     let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
     let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
@@ -205,7 +218,7 @@ fn run(cfg: Config) -> Result<(), String> {
                     shard::run(scfg, engine, rec, rx, seq, resume, ready).await
                 }
             })
-            .map_err(|e| format!("starting shard {i} executor: {e}"))?;
+            .map_err(|e| executor_error(&format!("starting shard {i} executor"), e))?;
         shard_handles.push(handle);
     }
     drop(shard_ready_tx);
@@ -213,7 +226,12 @@ fn run(cfg: Config) -> Result<(), String> {
         match shard_ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err("a shard executor exited during start-up".into()),
+            Err(_) => {
+                return Err(executor_error(
+                    "a shard executor exited during start-up",
+                    "its io_uring could not be set up",
+                ))
+            }
         }
     }
 
@@ -314,7 +332,7 @@ fn run(cfg: Config) -> Result<(), String> {
                     auto.await;
                 }
             })
-            .map_err(|e| format!("starting frontend executor {f}: {e}"))?;
+            .map_err(|e| executor_error(&format!("starting frontend executor {f}"), e))?;
         frontend_handles.push(handle);
     }
     drop((ready_tx, router, compactor, shutdown_rx));
@@ -331,7 +349,12 @@ fn run(cfg: Config) -> Result<(), String> {
                 }
                 return Err(e);
             }
-            Err(_) => return Err("a frontend executor exited during start-up".into()),
+            Err(_) => {
+                return Err(executor_error(
+                    "a frontend executor exited during start-up",
+                    "its io_uring could not be set up",
+                ))
+            }
         }
     }
     tracing::info!(addr = %bind, shards, frontends, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening");
