@@ -7,20 +7,9 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Opts, Server};
-
-fn cli_path() -> PathBuf {
-    common::tool("RSTMDB_CLI", "bin/rstmdb-cli", "rstmdb-cli 0.3.0")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use common::{cli_path, CliOut as Out, Opts, Server};
 
 fn cli(server: &Server, args: &[&str], stdin: Option<&str>) -> Out {
     let mut cmd = Command::new(cli_path());

@@ -6,22 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Client, Opts, Server};
+use common::{cli_path, CliOut as Out, Client, Opts, Server};
 use serde_json::json;
-
-fn cli_path() -> PathBuf {
-    common::tool("RSTMDB_CLI", "bin/rstmdb-cli", "rstmdb-cli 0.3.0")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
 
 /// Runs `rstmdb-cli -s <server> ARGS` with `env` set (and `RSTMDB_TOKEN`
 /// removed unless `env` sets it).

@@ -359,6 +359,18 @@ pub fn tool(env: &str, rel: &str, what: &str) -> PathBuf {
     p
 }
 
+/// The real `rstmdb-cli` 0.3.0 (`make tools`, or `RSTMDB_CLI`).
+pub fn cli_path() -> PathBuf {
+    tool("RSTMDB_CLI", "bin/rstmdb-cli", "rstmdb-cli 0.3.0")
+}
+
+/// What a run of `rstmdb-cli` produced.
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// The fixed `retryable` flag of an error code (PROTOCOL.md §8).
 pub fn retryable(code: &str) -> bool {
     matches!(
