@@ -198,6 +198,49 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any sequence of records, some marked as commit starts, decodes
+        /// back to exactly what was encoded, record by record.
+        #[test]
+        fn any_records_round_trip(
+            records in proptest::collection::vec(
+                (1u64.., 1u8.., proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                 proptest::option::of(0u64..1 << 40)),
+                1..20,
+            )
+        ) {
+            let mut buf = Vec::new();
+            for (offset, kind, payload, synced) in &records {
+                let start = buf.len();
+                encode(&mut buf, *offset, *kind, payload);
+                if let Some(s) = synced {
+                    mark_commit_start(&mut buf[start..], *s);
+                }
+            }
+            let mut at = 0;
+            for (offset, kind, payload, synced) in &records {
+                let Decoded::Record(r, m, n) = decode(&buf[at..]) else {
+                    panic!("record at {at} did not decode");
+                };
+                proptest::prop_assert_eq!((r.offset, r.kind, r.payload), (*offset, *kind, &payload[..]));
+                proptest::prop_assert_eq!(m.commit_start, synced.is_some());
+                proptest::prop_assert_eq!(m.synced_to, synced.unwrap_or(0));
+                at += n;
+            }
+            proptest::prop_assert_eq!(at, buf.len());
+        }
+
+        /// Arbitrary bytes never panic the decoder, and whatever it
+        /// accepts lies within the input.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            if let Decoded::Record(r, _, n) = decode(&bytes) {
+                proptest::prop_assert!(n <= bytes.len());
+                proptest::prop_assert_eq!(n, HEADER_LEN + r.payload.len());
+            }
+        }
+    }
+
     #[test]
     fn truncation_is_detected() {
         let mut buf = Vec::new();
