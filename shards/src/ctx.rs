@@ -117,6 +117,51 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "[a-c]{0,3}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-e]{1,2}", inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The merge against a model of SEMANTICS.md §5: when both are
+        /// objects every payload key replaces the context's, the others
+        /// stay; otherwise the context is unchanged. The result's text is
+        /// canonical, and merging from an already parsed context agrees.
+        #[test]
+        fn merge_matches_the_shallow_merge_model(ctx in json(), payload in json()) {
+            let c = Ctx::from_value(&ctx);
+            let got = c.merged(&payload);
+            let want = match (&ctx, &payload) {
+                (Value::Object(c), Value::Object(p)) => {
+                    let mut m = c.clone();
+                    for (k, v) in p {
+                        m.insert(k.clone(), v.clone());
+                    }
+                    Value::Object(m)
+                }
+                _ => ctx.clone(),
+            };
+            proptest::prop_assert_eq!(got.to_value(), want);
+            let reencoded = Ctx::from_value(&got.to_value());
+            proptest::prop_assert_eq!(reencoded.as_str(), got.as_str());
+            let from_parsed = c.merged_from(c.to_value(), &payload);
+            proptest::prop_assert_eq!(from_parsed.as_str(), got.as_str());
+        }
+    }
+
     #[test]
     fn text_is_canonical_and_round_trips() {
         let c = Ctx::from_value(
