@@ -49,6 +49,7 @@ pub fn recover_all(
                     dir: data.wal_dir(i),
                     shard: i as u32,
                     segment_size,
+                    read_only: false,
                 };
                 let limits = limits.clone();
                 let snapshots = data.snapshot_dir(i);

@@ -33,6 +33,10 @@ pub struct RecoveryOptions {
     pub shard: u32,
     /// Full size of a segment in bytes (multiple of 4096).
     pub segment_size: u64,
+    /// Scan only: create, remove, repair or extend nothing (the offline
+    /// `wal verify` / `wal dump` tools, which may run beside a server).
+    /// A torn tail is still reported in [`Recovered::torn`].
+    pub read_only: bool,
 }
 
 /// A torn tail that recovery cut off.
@@ -89,12 +93,22 @@ where
     F: FnMut(RecordRef<'_>) -> Result<(), String>,
 {
     assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size.is_multiple_of(BLOCK));
-    fs::create_dir_all(&opts.dir)
-        .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
-    segment::sync_dir(&opts.dir)?;
-    if let Some(parent) = opts.dir.parent() {
-        segment::sync_dir(parent)?;
+    if !opts.read_only {
+        fs::create_dir_all(&opts.dir)
+            .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
+        segment::sync_dir(&opts.dir)?;
+        if let Some(parent) = opts.dir.parent() {
+            segment::sync_dir(parent)?;
+        }
     }
+    // Every change to the files goes through this one gate.
+    let finish = |path: &Path, buf: &[u8], resume, repair| {
+        if opts.read_only {
+            Ok(())
+        } else {
+            finish_newest(path, buf, resume, repair, opts.segment_size)
+        }
+    };
     let mut ids = segment::list(&opts.dir)?;
     for pair in ids.windows(2) {
         if pair[1] != pair[0] + 1 {
@@ -134,7 +148,7 @@ where
             ScanEnd::Clean { end } => {
                 let resume = align_up(end);
                 if newest {
-                    finish_newest(&path, &buf, resume, None, opts.segment_size)?;
+                    finish(&path, &buf, resume, None)?;
                     out.resume = Some((id, resume));
                 }
                 resume
@@ -150,20 +164,21 @@ where
                     });
                 }
                 let resume = if pos.is_multiple_of(BLOCK) {
-                    finish_newest(&path, &buf, pos, None, opts.segment_size)?;
+                    finish(&path, &buf, pos, None)?;
                     pos
                 } else {
                     let repair_at = align_up(pos);
-                    finish_newest(
+                    finish(
                         &path,
                         &buf,
                         repair_at + BLOCK,
                         Some((repair_at, pos, out.last_offset)),
-                        opts.segment_size,
                     )?;
                     repair_at + BLOCK
                 };
-                tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
+                if !opts.read_only {
+                    tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
+                }
                 out.torn = Some(TornTail {
                     path: path.clone(),
                     position: pos,
@@ -211,9 +226,11 @@ fn drop_trailing_empty_segments(
         if !(header_ok && no_record) {
             break;
         }
-        fs::remove_file(&path).map_err(|e| WalError::io("removing empty segment", &path, e))?;
+        if !opts.read_only {
+            fs::remove_file(&path).map_err(|e| WalError::io("removing empty segment", &path, e))?;
+            removed = true;
+        }
         ids.pop();
-        removed = true;
     }
     if removed {
         segment::sync_dir(&opts.dir)?;

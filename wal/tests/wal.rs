@@ -20,6 +20,7 @@ fn opts(dir: &Path) -> RecoveryOptions {
         dir: dir.to_path_buf(),
         shard: 0,
         segment_size: SEG,
+        read_only: false,
     }
 }
 
@@ -132,6 +133,61 @@ fn torn_tail_is_cut_and_restart_works_twice() {
     write(tmp.path(), 6, &[2], true);
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=7).collect::<Vec<_>>());
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=7).collect::<Vec<_>>());
+}
+
+/// Every file of a directory, by name, with its bytes.
+fn snapshot_dir(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn read_only_recovery_reports_a_torn_tail_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), 1, &[3, 3], true);
+    let seg = newest_segment(tmp.path());
+    let data = std::fs::read(&seg).unwrap();
+    let end = data.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    let mut f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(end - 10).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(b"garbage garbage garbage").unwrap();
+    drop(f);
+    let before = snapshot_dir(tmp.path());
+    let ro = RecoveryOptions {
+        read_only: true,
+        ..opts(tmp.path())
+    };
+    let mut seen = Vec::new();
+    let rec = recover(&ro, |r| {
+        seen.push(r.offset);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, (1..=5).collect::<Vec<_>>());
+    let torn = rec.torn.expect("the torn tail is reported");
+    assert_eq!(torn.path, seg);
+    assert_eq!(snapshot_dir(tmp.path()), before, "read-only recovery wrote");
+    // A missing directory is an error, not created.
+    let missing = tmp.path().join("absent");
+    assert!(recover(
+        &RecoveryOptions {
+            read_only: true,
+            ..opts(&missing)
+        },
+        |_| Ok(())
+    )
+    .is_err());
+    assert!(!missing.exists());
+    // The normal recovery then repairs as before.
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=5).collect::<Vec<_>>());
 }
 
 #[test]
@@ -269,6 +325,7 @@ fn reads_from_any_offset_through_the_index() {
                         dir: d.clone(),
                         shard: 0,
                         segment_size: BIG,
+                        read_only: false,
                     };
                     let rec = recover(&o, |_| Ok(())).expect("recover");
                     let cfg = WriterConfig {
