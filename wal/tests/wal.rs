@@ -113,20 +113,24 @@ fn group_commit_is_one_fsync_per_batch() {
     assert_eq!(fsyncs, 1);
 }
 
+/// Cuts the newest segment's last record in half and appends garbage (a
+/// torn write); returns the segment.
+fn tear_tail(dir: &Path) -> std::path::PathBuf {
+    let seg = newest_segment(dir);
+    let data = std::fs::read(&seg).unwrap();
+    let end = data.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    let mut f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(end - 10).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(b"garbage garbage garbage").unwrap();
+    seg
+}
+
 #[test]
 fn torn_tail_is_cut_and_restart_works_twice() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), 1, &[3, 3], true);
-    let seg = newest_segment(tmp.path());
-    // Find the end of the data, cut the last record in half, append garbage.
-    let data = std::fs::read(&seg).unwrap();
-    let end = data.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
-    let f = OpenOptions::new().write(true).open(&seg).unwrap();
-    f.set_len(end - 10).unwrap();
-    let mut f = f;
-    f.seek(SeekFrom::End(0)).unwrap();
-    f.write_all(b"garbage garbage garbage").unwrap();
-    drop(f);
+    tear_tail(tmp.path());
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=5).collect::<Vec<_>>());
     // Second restart: same answer, and appends after the repair work.
     assert_eq!(read_all(tmp.path()).unwrap(), (1..=5).collect::<Vec<_>>());
@@ -152,14 +156,7 @@ fn snapshot_dir(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
 fn read_only_recovery_reports_a_torn_tail_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), 1, &[3, 3], true);
-    let seg = newest_segment(tmp.path());
-    let data = std::fs::read(&seg).unwrap();
-    let end = data.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
-    let mut f = OpenOptions::new().write(true).open(&seg).unwrap();
-    f.set_len(end - 10).unwrap();
-    f.seek(SeekFrom::End(0)).unwrap();
-    f.write_all(b"garbage garbage garbage").unwrap();
-    drop(f);
+    let seg = tear_tail(tmp.path());
     let before = snapshot_dir(tmp.path());
     let ro = RecoveryOptions {
         read_only: true,
