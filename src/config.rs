@@ -163,6 +163,52 @@ pub struct Cli {
     /// For local TLS trials only.
     #[arg(long, value_name = "DIR")]
     pub gen_dev_certs: Option<PathBuf>,
+
+    /// An offline tool instead of the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The offline tools (`rstmdb wal …`).
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum Command {
+    /// Check, repair or print the write-ahead log and snapshots of a data
+    /// directory (offline; see README, "Offline WAL tools").
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+/// `rstmdb wal …`.
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum WalCommand {
+    /// Check every WAL segment and snapshot the way start-up reads them,
+    /// changing nothing; name the first bad record of each shard with its
+    /// file and byte position. Exit status: 0 intact, 1 damage found, 2 the
+    /// directory could not be examined.
+    Verify {
+        /// The data directory (storage.data_dir).
+        data_dir: PathBuf,
+        /// Cut a damaged WAL at its first bad record (DECISIONS D14),
+        /// after copying the affected segments into
+        /// DATA_DIR/repair-<ms>/. Discards every record after the damage.
+        /// Refused while a server holds the directory.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Print WAL records as JSON lines, in offset order across shards.
+    Dump {
+        /// The data directory (storage.data_dir).
+        data_dir: PathBuf,
+        /// First WAL offset to print.
+        #[arg(long, value_name = "OFFSET", default_value_t = 0)]
+        from: u64,
+        /// Most records to print.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Only this shard's records.
+        #[arg(long, value_name = "N")]
+        shard: Option<usize>,
+    },
 }
 
 // ---------------------------------------------------------------------------
@@ -1845,6 +1891,7 @@ replication:
             wal_segment_size_mb: Some(32),
             print_default_config: false,
             gen_dev_certs: None,
+            command: None,
         };
         let c = load(&cli, &env).unwrap();
         assert_eq!(c.network.bind_addr, "10.0.0.3:3000".parse().unwrap());

@@ -62,6 +62,91 @@ struct Meta {
     layout: Option<String>,
 }
 
+impl Meta {
+    /// The directory holding the shard directories.
+    fn base(&self, root: &Path) -> PathBuf {
+        self.layout
+            .as_ref()
+            .map_or_else(|| root.to_path_buf(), |l| root.join(l))
+    }
+}
+
+/// Reads and checks `meta.json`; `None` when there is none (a new
+/// directory).
+fn read_meta(root: &Path) -> Result<Option<Meta>, DataDirError> {
+    let meta_path = root.join("meta.json");
+    let bytes = match fs::read(&meta_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(DataDirError::Io {
+                what: "reading",
+                path: meta_path,
+                source: e,
+            })
+        }
+    };
+    let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
+        path: meta_path.clone(),
+        reason: e.to_string(),
+    })?;
+    if meta.format != FORMAT {
+        return Err(DataDirError::BadMeta {
+            path: meta_path,
+            reason: format!("unsupported data directory format {}", meta.format),
+        });
+    }
+    if meta.shards == 0
+        || meta
+            .layout
+            .as_deref()
+            .is_some_and(|l| !l.starts_with(LAYOUT_PREFIX) || l.contains('/'))
+    {
+        return Err(DataDirError::BadMeta {
+            path: meta_path,
+            reason: format!("invalid shard count or layout: {meta:?}"),
+        });
+    }
+    if let Some(l) = &meta.layout {
+        if !root.join(l).is_dir() {
+            return Err(DataDirError::BadMeta {
+                path: meta_path,
+                reason: format!(
+                    "names the layout directory {l}, which is missing: \
+                     refusing to start without the data"
+                ),
+            });
+        }
+    }
+    Ok(Some(meta))
+}
+
+/// The shape of a data directory, read-only (see [`DataDir::inspect`]).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Where the shard directories and the manifest live.
+    pub base: PathBuf,
+    /// The recorded shard count.
+    pub shards: usize,
+}
+
+impl Layout {
+    /// WAL directory of shard `i`.
+    pub fn wal_dir(&self, shard: usize) -> PathBuf {
+        DataDir::shard_dir_in(&self.base, shard).join("wal")
+    }
+
+    /// Snapshot directory of shard `i`.
+    pub fn snapshot_dir(&self, shard: usize) -> PathBuf {
+        DataDir::shard_dir_in(&self.base, shard).join("snapshots")
+    }
+
+    /// The compaction manifest (see [`DataDir::read_manifest`]).
+    pub fn read_manifest(&self) -> Result<Manifest, DataDirError> {
+        read_manifest_in(&self.base, self.shards)
+    }
+}
+
 /// Prefix of layout directories written by re-sharding.
 const LAYOUT_PREFIX: &str = "layout-";
 
@@ -98,48 +183,11 @@ impl DataDir {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(DataDirError::Locked(root.to_path_buf()));
         }
-        let meta_path = root.join("meta.json");
-        match fs::read(&meta_path) {
-            Ok(bytes) => {
-                let meta: Meta =
-                    serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
-                        path: meta_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if meta.format != FORMAT {
-                    return Err(DataDirError::BadMeta {
-                        path: meta_path,
-                        reason: format!("unsupported data directory format {}", meta.format),
-                    });
-                }
-                if meta.shards == 0
-                    || meta
-                        .layout
-                        .as_deref()
-                        .is_some_and(|l| !l.starts_with(LAYOUT_PREFIX) || l.contains('/'))
-                {
-                    return Err(DataDirError::BadMeta {
-                        path: meta_path,
-                        reason: format!("invalid shard count or layout: {meta:?}"),
-                    });
-                }
-                if let Some(l) = &meta.layout {
-                    if !root.join(l).is_dir() {
-                        return Err(DataDirError::BadMeta {
-                            path: meta_path,
-                            reason: format!(
-                                "names the layout directory {l}, which is missing: \
-                                 refusing to start without the data"
-                            ),
-                        });
-                    }
-                }
+        match read_meta(root)? {
+            Some(meta) => {
                 let dir = DataDir {
                     root: root.to_path_buf(),
-                    base: meta
-                        .layout
-                        .as_ref()
-                        .map_or_else(|| root.to_path_buf(), |l| root.join(l)),
+                    base: meta.base(root),
                     layout: meta.layout,
                     shards: meta.shards,
                     _lock: lock,
@@ -147,7 +195,7 @@ impl DataDir {
                 dir.collect_garbage()?;
                 Ok(dir)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            None => {
                 let bytes = serde_json::to_vec(&Meta {
                     format: FORMAT,
                     shards,
@@ -165,7 +213,23 @@ impl DataDir {
                 dir.collect_garbage()?;
                 Ok(dir)
             }
-            Err(e) => Err(io("reading", &meta_path, e)),
+        }
+    }
+
+    /// Where an existing data directory keeps its shards, read without
+    /// creating, locking or removing anything (the offline tools, which
+    /// may look at a directory a server is using). A directory without
+    /// `meta.json` is refused: it is not a data directory.
+    pub fn inspect(root: &Path) -> Result<Layout, DataDirError> {
+        match read_meta(root)? {
+            Some(meta) => Ok(Layout {
+                base: meta.base(root),
+                shards: meta.shards,
+            }),
+            None => Err(DataDirError::BadMeta {
+                path: root.join("meta.json"),
+                reason: "not found: not an rstmdb data directory".into(),
+            }),
         }
     }
 
@@ -266,32 +330,37 @@ impl DataDir {
 
     /// Reads the manifest; an absent one means no compaction ever ran.
     pub fn read_manifest(&self, shards: usize) -> Result<Manifest, DataDirError> {
-        let path = self.base.join(MANIFEST);
-        let m: Manifest = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::empty(shards),
-            Err(e) => {
-                return Err(DataDirError::Io {
-                    what: "reading",
-                    path,
-                    source: e,
-                })
-            }
-        };
-        if m.shards.len() != shards {
-            return Err(DataDirError::BadMeta {
-                path,
-                reason: format!(
-                    "lists {} shard(s), the data directory has {shards}",
-                    m.shards.len()
-                ),
-            });
-        }
-        Ok(m)
+        read_manifest_in(&self.base, shards)
     }
+}
+
+/// Reads the manifest in `base`, checking it lists `shards` shards.
+fn read_manifest_in(base: &Path, shards: usize) -> Result<Manifest, DataDirError> {
+    let path = base.join(MANIFEST);
+    let m: Manifest = match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DataDirError::BadMeta {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::empty(shards),
+        Err(e) => {
+            return Err(DataDirError::Io {
+                what: "reading",
+                path,
+                source: e,
+            })
+        }
+    };
+    if m.shards.len() != shards {
+        return Err(DataDirError::BadMeta {
+            path,
+            reason: format!(
+                "lists {} shard(s), the data directory has {shards}",
+                m.shards.len()
+            ),
+        });
+    }
+    Ok(m)
 }
 
 const MANIFEST: &str = "manifest.json";

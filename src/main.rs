@@ -22,6 +22,7 @@ mod session;
 mod subscriptions;
 mod telemetry;
 mod tls;
+mod wal_tool;
 mod watch;
 
 use std::io::Write;
@@ -46,6 +47,9 @@ const MAX_DRAIN_COMMANDS: usize = 8192;
 
 fn main() -> ExitCode {
     let cli = config::Cli::parse();
+    if let Some(config::Command::Wal(cmd)) = &cli.command {
+        return wal_tool::run(cmd);
+    }
     if cli.print_default_config {
         let _ = std::io::stdout().write_all(config::EMBEDDED_DEFAULT.as_bytes());
         return ExitCode::SUCCESS;

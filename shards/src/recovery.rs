@@ -63,10 +63,7 @@ pub fn recover_shard(
     let mut loaded = None;
     for (start, path) in snapshot::list(snapshot_dir)? {
         if start < wal_floor {
-            skipped.push(format!(
-                "{}: starts at {start}, below the WAL floor {wal_floor}",
-                path.display()
-            ));
+            skipped.push(below_floor(&path, start, wal_floor));
             continue;
         }
         match snapshot::load(&path, opts.shard, limits) {
@@ -80,6 +77,101 @@ pub fn recover_shard(
             }
         }
     }
+    replay_after(opts, limits, snapshot_dir, wal_floor, loaded, skipped)
+}
+
+/// One snapshot file as [`verify_shard`] found it.
+#[derive(Debug)]
+pub struct SnapshotCheck {
+    /// The file.
+    pub path: PathBuf,
+    /// Its start offset (from the file name).
+    pub start_offset: u64,
+    /// Instances it holds, or why it is unusable.
+    pub result: Result<u64, String>,
+}
+
+/// What [`verify_shard`] found.
+pub struct ShardReport {
+    /// Every snapshot file, newest first.
+    pub snapshots: Vec<SnapshotCheck>,
+    /// The outcome start-up would have: the snapshot it would load and the
+    /// WAL replayed after it, or the error that would stop it.
+    pub recovery: Result<RecoveredShard, RecoveryError>,
+}
+
+/// Checks a shard's files the way start-up reads them, changing nothing
+/// (the offline `rstmdb wal verify`): *every* snapshot is decoded in full
+/// (start-up stops at the first intact one), then the WAL is replayed
+/// read-only on top of the one start-up would choose. `opts.read_only`
+/// must be set.
+pub fn verify_shard(
+    opts: &RecoveryOptions,
+    limits: &EngineLimits,
+    snapshot_dir: &Path,
+    wal_floor: u64,
+) -> ShardReport {
+    assert!(opts.read_only, "verification must not change the files");
+    let files = match snapshot::list_files(snapshot_dir, false) {
+        Ok(f) => f,
+        Err(e) => {
+            return ShardReport {
+                snapshots: Vec::new(),
+                recovery: Err(e.into()),
+            }
+        }
+    };
+    let mut snapshots = Vec::with_capacity(files.len());
+    let mut skipped = Vec::new();
+    let mut loaded = None;
+    for (start, path) in files {
+        let result = match snapshot::load(&path, opts.shard, limits) {
+            Ok(l) => {
+                let instances = l.instances;
+                if start < wal_floor {
+                    skipped.push(below_floor(&path, start, wal_floor));
+                } else if loaded.is_none() {
+                    loaded = Some(l);
+                }
+                Ok(instances)
+            }
+            Err(e) => {
+                if start >= wal_floor && loaded.is_none() {
+                    skipped.push(e.to_string());
+                }
+                Err(e.to_string())
+            }
+        };
+        snapshots.push(SnapshotCheck {
+            path,
+            start_offset: start,
+            result,
+        });
+    }
+    let recovery = replay_after(opts, limits, snapshot_dir, wal_floor, loaded, skipped);
+    ShardReport {
+        snapshots,
+        recovery,
+    }
+}
+
+fn below_floor(path: &Path, start: u64, wal_floor: u64) -> String {
+    format!(
+        "{}: starts at {start}, below the WAL floor {wal_floor}",
+        path.display()
+    )
+}
+
+/// Replays the WAL on top of `loaded` (or an empty engine when no
+/// snapshot is needed).
+fn replay_after(
+    opts: &RecoveryOptions,
+    limits: &EngineLimits,
+    snapshot_dir: &Path,
+    wal_floor: u64,
+    loaded: Option<snapshot::Loaded>,
+    skipped: Vec<String>,
+) -> Result<RecoveredShard, RecoveryError> {
     let (mut engine, start, mut records_ever) = match loaded {
         Some(l) => (l.engine, Some(l.start_offset), l.wal_records),
         None if wal_floor > 1 => {

@@ -126,6 +126,15 @@ fn parse_name(name: &str) -> Option<u64> {
 /// Snapshot files in `dir`, newest (highest start offset) first. Leftover
 /// `.tmp` files of interrupted snapshots are removed.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    list_files(dir, true)
+}
+
+/// [`list`], removing the leftovers only when `remove_leftovers` (the
+/// offline tools look without touching anything).
+pub fn list_files(
+    dir: &Path,
+    remove_leftovers: bool,
+) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -137,7 +146,9 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.ends_with(".tmp") {
-            let _ = fs::remove_file(entry.path());
+            if remove_leftovers {
+                let _ = fs::remove_file(entry.path());
+            }
         } else if let Some(start) = parse_name(&name) {
             out.push((start, entry.path()));
         }

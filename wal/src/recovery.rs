@@ -109,7 +109,7 @@ where
             finish_newest(path, buf, resume, repair, opts.segment_size)
         }
     };
-    let mut ids = segment::list(&opts.dir)?;
+    let mut ids = segment::list_ids(&opts.dir, !opts.read_only)?;
     for pair in ids.windows(2) {
         if pair[1] != pair[0] + 1 {
             return Err(WalError::BadSegment {

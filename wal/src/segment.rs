@@ -98,6 +98,12 @@ pub fn check_header(buf: &[u8], shard: u32, id: u64) -> Result<(), String> {
 /// they hold no record), and so are `*.wal.retired` files that compaction
 /// had not finished freeing.
 pub fn list(dir: &Path) -> Result<Vec<u64>, WalError> {
+    list_ids(dir, true)
+}
+
+/// [`list`], removing the leftovers only when `remove_leftovers` (the
+/// offline tools look without touching anything).
+pub fn list_ids(dir: &Path, remove_leftovers: bool) -> Result<Vec<u64>, WalError> {
     let mut ids = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| WalError::io("listing", dir, e))?;
     for entry in entries {
@@ -106,7 +112,7 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, WalError> {
         let Some(name) = name.to_str() else { continue };
         if let Some(id) = parse_name(name) {
             ids.push(id);
-        } else if name.ends_with(".wal.tmp") || name.ends_with(RETIRED) {
+        } else if remove_leftovers && (name.ends_with(".wal.tmp") || name.ends_with(RETIRED)) {
             let p = entry.path();
             match fs::remove_file(&p) {
                 Ok(()) => {}

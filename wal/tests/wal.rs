@@ -157,6 +157,9 @@ fn read_only_recovery_reports_a_torn_tail_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), 1, &[3, 3], true);
     let seg = tear_tail(tmp.path());
+    // Leftovers that normal recovery deletes are left alone too.
+    std::fs::write(tmp.path().join("0000000000000009.wal.tmp"), b"x").unwrap();
+    std::fs::write(tmp.path().join("0000000000000000.wal.retired"), b"y").unwrap();
     let before = snapshot_dir(tmp.path());
     let ro = RecoveryOptions {
         read_only: true,
