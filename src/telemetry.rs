@@ -142,6 +142,12 @@ pub struct RequestMetrics {
     pub connections: Counter,
 }
 
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestMetrics {
     /// Registers the instruments (after [`install`]).
     pub fn new() -> Self {
