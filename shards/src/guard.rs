@@ -770,6 +770,278 @@ mod tests {
                     let _ = g.eval(&serde_json::json!({"a": 1, "b": {"a": "x"}}));
                 }
             }
+
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Any expression of the grammar, printed with minimal
+            /// parentheses and random spacing, evaluates as a model written
+            /// straight from SEMANTICS §6.2-6.3 says.
+            #[test]
+            fn evaluation_matches_the_model(
+                e in super::model::expr(),
+                ctx in super::model::ctx(),
+                spacing in proptest::collection::vec(0u8..4, 64),
+            ) {
+                let mut ws = spacing.into_iter().cycle();
+                // Every sub-expression on its own too: a wrong leaf hidden
+                // by `||` or `&&` above it is still seen.
+                for sub in super::model::parts(&e) {
+                    let text = super::model::print(sub, 0, &mut ws);
+                    let g = Guard::parse(&text)
+                        .map_err(|err| TestCaseError::fail(format!("{text:?}: {err}")))?;
+                    prop_assert_eq!(g.eval(&ctx), super::model::eval(sub, &ctx), "{} on {}", text, ctx);
+                }
+            }
+        }
+    }
+
+    /// A reference model of the guard language: its own AST, printer and
+    /// evaluator, sharing nothing with the parser under test.
+    mod model {
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        #[derive(Debug, Clone)]
+        pub enum Lit {
+            Null,
+            Bool(bool),
+            Num(String, f64),
+            Str(String),
+        }
+
+        #[derive(Debug, Clone)]
+        pub enum E {
+            Or(Box<E>, Box<E>),
+            And(Box<E>, Box<E>),
+            Not(Box<E>),
+            Path(Vec<String>),
+            Eq(Vec<String>, bool, Lit),
+            Ord(Vec<String>, &'static str, String, f64),
+        }
+
+        fn path() -> impl Strategy<Value = Vec<String>> {
+            prop_oneof![
+                3 => prop_oneof!["a", "b", "_x1"].prop_map(|k| vec![k]),
+                1 => proptest::collection::vec(prop_oneof!["a", "b", "c", "_x1"], 1..3),
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = (String, f64)> {
+            // Few distinct values, each in several spellings, so that
+            // comparisons meet their boundaries (equal values) often.
+            proptest::sample::select(vec![
+                "0", "-0", "1", "1.0", "1e0", "-1", "0.5", ".5", "5e-1", "10", "1e1", "-0.25",
+            ])
+            .prop_map(str::to_string)
+            .prop_map(|t| {
+                let v = t.parse().expect("a number");
+                (t, v)
+            })
+        }
+
+        fn lit() -> impl Strategy<Value = Lit> {
+            prop_oneof![
+                Just(Lit::Null),
+                any::<bool>().prop_map(Lit::Bool),
+                number().prop_map(|(t, v)| Lit::Num(t, v)),
+                prop_oneof!["", "x", "yes", "1"].prop_map(Lit::Str),
+            ]
+        }
+
+        pub fn expr() -> impl Strategy<Value = E> {
+            let leaf = prop_oneof![
+                path().prop_map(E::Path),
+                (path(), any::<bool>(), lit()).prop_map(|(p, eq, l)| E::Eq(p, eq, l)),
+                (
+                    path(),
+                    prop_oneof![Just(">"), Just(">="), Just("<"), Just("<=")],
+                    number()
+                )
+                    .prop_map(|(p, op, (t, v))| E::Ord(p, op, t, v)),
+            ];
+            leaf.prop_recursive(4, 24, 2, |inner| {
+                prop_oneof![
+                    (inner.clone(), inner.clone()).prop_map(|(a, b)| E::Or(a.into(), b.into())),
+                    (inner.clone(), inner.clone()).prop_map(|(a, b)| E::And(a.into(), b.into())),
+                    inner.prop_map(|a| E::Not(a.into())),
+                ]
+            })
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                1 => Just(Value::Null),
+                1 => any::<bool>().prop_map(Value::from),
+                // The literals' own numbers, so that comparisons often meet
+                // their boundaries (equal values).
+                4 => number().prop_map(|(_, v)| {
+                    if v.fract() == 0.0 {
+                        Value::from(v as i64)
+                    } else {
+                        Value::from(v)
+                    }
+                }),
+                1 => prop_oneof!["", "x", "yes", "1"].prop_map(Value::from),
+            ];
+            leaf.prop_recursive(2, 12, 3, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..2).prop_map(Value::Array),
+                    proptest::collection::btree_map(prop_oneof!["a", "b", "c", "_x1"], inner, 0..3)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        pub fn ctx() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                9 => proptest::collection::btree_map(prop_oneof!["a", "b", "c", "_x1"], value(), 1..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                1 => value(),
+            ]
+        }
+
+        fn space(ws: &mut impl Iterator<Item = u8>) -> &'static str {
+            match ws.next().unwrap_or(0) {
+                0 => "",
+                1 => " ",
+                2 => "  ",
+                _ => "\t",
+            }
+        }
+
+        /// Prints `e` inside an operator of precedence `outer` (0 top,
+        /// 1 `||`, 2 `&&`, 3 `!`), with parentheses only where needed.
+        pub fn print(e: &E, outer: u8, ws: &mut impl Iterator<Item = u8>) -> String {
+            let (prec, text) = match e {
+                E::Or(a, b) => (
+                    1,
+                    format!(
+                        "{}{}||{}{}",
+                        print(a, 1, ws),
+                        space(ws),
+                        space(ws),
+                        print(b, 2, ws)
+                    ),
+                ),
+                E::And(a, b) => (
+                    2,
+                    format!(
+                        "{}{}&&{}{}",
+                        print(a, 2, ws),
+                        space(ws),
+                        space(ws),
+                        print(b, 3, ws)
+                    ),
+                ),
+                E::Not(a) => (3, format!("!{}{}", space(ws), print(a, 3, ws))),
+                E::Path(p) => (4, format!("ctx.{}", p.join("."))),
+                E::Eq(p, eq, l) => {
+                    let l = match l {
+                        Lit::Null => "null".to_string(),
+                        Lit::Bool(b) => b.to_string(),
+                        Lit::Num(t, _) => t.clone(),
+                        Lit::Str(s) => format!("\"{s}\""),
+                    };
+                    let op = if *eq { "==" } else { "!=" };
+                    (
+                        4,
+                        format!("ctx.{}{}{op}{}{l}", p.join("."), space(ws), space(ws)),
+                    )
+                }
+                E::Ord(p, op, t, _) => (
+                    4,
+                    format!("ctx.{}{}{op}{}{t}", p.join("."), space(ws), space(ws)),
+                ),
+            };
+            if prec < outer {
+                format!("({}{text}{})", space(ws), space(ws))
+            } else {
+                text
+            }
+        }
+
+        fn resolve<'v>(ctx: &'v Value, p: &[String]) -> &'v Value {
+            static NULL: Value = Value::Null;
+            let mut v = ctx;
+            for k in p {
+                match v {
+                    Value::Object(m) => v = m.get(k).unwrap_or(&NULL),
+                    _ => return &NULL,
+                }
+            }
+            v
+        }
+
+        fn truthy(v: &Value) -> bool {
+            match v {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                Value::String(s) => !s.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+            }
+        }
+
+        fn equal(v: &Value, l: &Lit) -> bool {
+            match (v, l) {
+                (Value::Null, Lit::Null) => true,
+                (Value::Bool(a), Lit::Bool(b)) => a == b,
+                (Value::Number(a), Lit::Num(_, b)) => {
+                    (a.as_f64().unwrap() - b).abs() < f64::EPSILON
+                }
+                (Value::String(a), Lit::Str(b)) => a == b,
+                _ => false,
+            }
+        }
+
+        /// `e` and every expression inside it.
+        pub fn parts(e: &E) -> Vec<&E> {
+            let mut out = vec![e];
+            match e {
+                E::Or(a, b) | E::And(a, b) => {
+                    out.extend(parts(a));
+                    out.extend(parts(b));
+                }
+                E::Not(a) => out.extend(parts(a)),
+                _ => {}
+            }
+            out
+        }
+
+        pub fn eval(e: &E, ctx: &Value) -> bool {
+            match e {
+                E::Or(a, b) => eval(a, ctx) || eval(b, ctx),
+                E::And(a, b) => eval(a, ctx) && eval(b, ctx),
+                E::Not(a) => !eval(a, ctx),
+                E::Path(p) => truthy(resolve(ctx, p)),
+                E::Eq(p, eq, l) => equal(resolve(ctx, p), l) == *eq,
+                E::Ord(p, op, _, n) => match resolve(ctx, p).as_f64() {
+                    Some(v) => match *op {
+                        ">" => v > *n,
+                        ">=" => v >= *n,
+                        "<" => v < *n,
+                        _ => v <= *n,
+                    },
+                    None => false,
+                },
+            }
+        }
+
+        #[test]
+        fn the_model_reads_the_spec_examples() {
+            let ctx = json!({"amount": 5, "s": "5"});
+            let p = |k: &str| vec![k.to_string()];
+            assert!(!eval(&E::Eq(p("amount"), true, Lit::Str("5".into())), &ctx));
+            assert!(eval(&E::Eq(p("missing"), true, Lit::Null), &ctx));
+            assert!(eval(
+                &E::Eq(p("missing"), false, Lit::Num("1".into(), 1.0)),
+                &ctx
+            ));
+            assert!(!eval(&E::Ord(p("s"), ">", "1".into(), 1.0), &ctx));
         }
     }
 }
