@@ -29,6 +29,12 @@ const MAX_REQUESTS_PER_CYCLE: usize = 1024;
 const WRITE_FLUSH_BYTES: usize = 256 * 1024;
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
+/// Requests of a cycle sent to the shards at once when a connection starts;
+/// see [`AnswerBudget`].
+const FIRST_CHUNK: usize = 16;
+/// Answer bytes one chunk of a cycle aims to stay under (see
+/// [`AnswerBudget`]).
+const CHUNK_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// How long shutdown waits for connections to finish their current cycle.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -162,6 +168,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     // reactor work on every request).
     let mut last_active = std::time::Instant::now();
     let mut idle_timer = cfg.idle_timeout.map(glommio::timer::Timer::new);
+    let mut budget = AnswerBudget::default();
     loop {
         // Decode every complete frame already buffered.
         // (request id, action, the output mode its answer is written in:
@@ -218,7 +225,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if !requests.is_empty() {
-            let mut ids = Vec::with_capacity(requests.len());
+            let mut ids: Vec<(String, WireMode, u8)> = Vec::with_capacity(requests.len());
             let mut actions = Vec::with_capacity(requests.len());
             for (id, action, mode, op) in requests {
                 ids.push((id, mode, op));
@@ -236,11 +243,28 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 ) => actions.pop(),
                 _ => None,
             };
-            let mut outcomes = if actions.is_empty() {
-                Vec::new()
-            } else {
-                router.run(actions, &replies).await
+            // The plain actions go to the shards a chunk at a time, each
+            // chunk's answers written out before the next is sent: a
+            // client pipelining reads of large values that never reads its
+            // answers holds at most one chunk of them in server memory
+            // (then TCP backpressure stops its requests).
+            let cycle = Cycle {
+                metrics: cfg.metrics.as_deref(),
+                elapsed: cycle_start,
             };
+            wbuf.clear();
+            let mut ids = ids.into_iter();
+            let mut actions = actions;
+            while !actions.is_empty() {
+                let rest = actions.split_off(budget.chunk.min(actions.len()));
+                let n = actions.len();
+                let outcomes = router.run(actions, &replies).await;
+                let answered = ids.by_ref().take(n).zip(outcomes);
+                let bytes = write_answers(&mut stream, &mut wbuf, answered, &cycle).await?;
+                budget.update(n, bytes);
+                actions = rest;
+            }
+            let mut outcomes = Vec::new();
             let ctx = watch::Ctx {
                 router: &router,
                 hub: &hub,
@@ -279,43 +303,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 hub.borrow_mut().register(bell_tx.clone());
                 bell_registered = true;
             }
-            wbuf.clear();
-            // Every request of the cycle waited for the whole cycle.
-            let elapsed = cycle_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            for ((id, mode, op), outcome) in ids.iter().zip(outcomes) {
-                if let Some(m) = &cfg.metrics {
-                    let error = match &outcome {
-                        Outcome::Done(Err(e)) => Some(e.code),
-                        _ => None,
-                    };
-                    m.observe(*op, elapsed, error);
-                }
-                // Each answer is written straight into the output buffer;
-                // a binary frame's header is filled in once its payload is.
-                let frame_start = (*mode == WireMode::Binary).then(|| frame::begin(&mut wbuf));
-                let body = wbuf.len();
-                match outcome {
-                    Outcome::Done(Ok(result)) => envelope::ok_response(id, &result, &mut wbuf),
-                    Outcome::Done(Err(e)) => envelope::error_response(id, &e, &mut wbuf),
-                    Outcome::Bye => envelope::ok_response(id, br#"{"goodbye":true}"#, &mut wbuf),
-                }
-                if wbuf.len() - body > frame::MAX_PAYLOAD {
-                    wbuf.truncate(body);
-                    let e = ApiError::new(
-                        ErrorCode::InternalError,
-                        "response exceeds the 16 MiB frame limit; read less at once",
-                    );
-                    envelope::error_response(id, &e, &mut wbuf);
-                }
-                match frame_start {
-                    Some(start) => frame::finish(&mut wbuf, start),
-                    None => wbuf.push(b'\n'),
-                }
-                if wbuf.len() >= WRITE_FLUSH_BYTES {
-                    stream.write_all(&wbuf).await?;
-                    wbuf.clear();
-                }
-            }
+            let answered = ids.zip(outcomes);
+            write_answers(&mut stream, &mut wbuf, answered, &cycle).await?;
             stream.write_all(&wbuf).await?;
             // A TLS stream may hold the last record until flushed.
             stream.flush().await?;
@@ -350,12 +339,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             rbuf.truncate(READ_CHUNK);
             rbuf.shrink_to_fit();
         }
-        // Room for the whole frame being read, and for at least one byte.
-        let want = frame::frame_len_hint(&rbuf[..filled])
+        // Room for at least one more byte, growing with the bytes that
+        // arrive (up to the frame being read), never with what a header
+        // merely declares: a client that announces 16 MiB and trickles
+        // costs what it sent.
+        let need = frame::frame_len_hint(&rbuf[..filled])
             .unwrap_or(0)
             .max(filled + 1);
+        let want = need.min(filled + READ_CHUNK);
         if rbuf.len() < want {
-            rbuf.resize(want.max(filled + READ_CHUNK), 0);
+            rbuf.resize(want, 0);
         }
         // Nothing buffered to answer: deliver what the subscriptions can
         // have, then wait for bytes, events, shutdown or idleness.
@@ -427,4 +420,90 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Woke::Read(Err(e)) => return Err(e),
         }
     }
+}
+
+/// How many of a cycle's requests go to the shards at once. It starts at
+/// [`FIRST_CHUNK`], doubles while a chunk's answers stay under half of
+/// [`CHUNK_ANSWER_BYTES`] (so pipelined small requests soon go in one
+/// chunk per cycle, as group commit wants), and shrinks in proportion when
+/// they exceed it (large values).
+struct AnswerBudget {
+    chunk: usize,
+}
+
+impl Default for AnswerBudget {
+    fn default() -> Self {
+        AnswerBudget { chunk: FIRST_CHUNK }
+    }
+}
+
+impl AnswerBudget {
+    /// Adapts to a chunk of `n` requests whose answers took `bytes`.
+    fn update(&mut self, n: usize, bytes: usize) {
+        debug_assert!(n >= 1);
+        if bytes > CHUNK_ANSWER_BYTES {
+            self.chunk = (n * CHUNK_ANSWER_BYTES / bytes).max(1);
+        } else if bytes < CHUNK_ANSWER_BYTES / 2 && n == self.chunk {
+            self.chunk = (self.chunk * 2).min(MAX_REQUESTS_PER_CYCLE);
+        }
+        debug_assert!((1..=MAX_REQUESTS_PER_CYCLE).contains(&self.chunk));
+    }
+}
+
+/// What every answer of a cycle shares.
+struct Cycle<'a> {
+    metrics: Option<&'a RequestMetrics>,
+    /// When the cycle started (metrics only): every request of the cycle
+    /// waited for the whole cycle.
+    elapsed: Option<std::time::Instant>,
+}
+
+/// Frames the answers into `wbuf`, writing it out whenever
+/// [`WRITE_FLUSH_BYTES`] are buffered (the rest stays for the caller's
+/// final write). Returns the bytes of answers framed.
+async fn write_answers<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    wbuf: &mut Vec<u8>,
+    answered: impl Iterator<Item = ((String, WireMode, u8), Outcome)>,
+    cycle: &Cycle<'_>,
+) -> std::io::Result<usize> {
+    let mut bytes = 0;
+    let elapsed = cycle.elapsed.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    for ((id, mode, op), outcome) in answered {
+        if let Some(m) = cycle.metrics {
+            let error = match &outcome {
+                Outcome::Done(Err(e)) => Some(e.code),
+                _ => None,
+            };
+            m.observe(op, elapsed, error);
+        }
+        let before = wbuf.len();
+        // Each answer is written straight into the output buffer; a binary
+        // frame's header is filled in once its payload is.
+        let frame_start = (mode == WireMode::Binary).then(|| frame::begin(wbuf));
+        let body = wbuf.len();
+        match outcome {
+            Outcome::Done(Ok(result)) => envelope::ok_response(&id, &result, wbuf),
+            Outcome::Done(Err(e)) => envelope::error_response(&id, &e, wbuf),
+            Outcome::Bye => envelope::ok_response(&id, br#"{"goodbye":true}"#, wbuf),
+        }
+        if wbuf.len() - body > frame::MAX_PAYLOAD {
+            wbuf.truncate(body);
+            let e = ApiError::new(
+                ErrorCode::InternalError,
+                "response exceeds the 16 MiB frame limit; read less at once",
+            );
+            envelope::error_response(&id, &e, wbuf);
+        }
+        match frame_start {
+            Some(start) => frame::finish(wbuf, start),
+            None => wbuf.push(b'\n'),
+        }
+        bytes += wbuf.len() - before;
+        if wbuf.len() >= WRITE_FLUSH_BYTES {
+            stream.write_all(wbuf).await?;
+            wbuf.clear();
+        }
+    }
+    Ok(bytes)
 }

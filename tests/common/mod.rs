@@ -228,6 +228,11 @@ impl Client {
         Client { stream, next_id: 1 }
     }
 
+    /// A client over an already connected stream.
+    pub fn from_stream(stream: TcpStream) -> Client {
+        Client { stream, next_id: 1 }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
