@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
         match op % 3 {
             0 => {
                 let v = input.byte().unwrap_or(1);
-                if v != 0 {
+                if v != 0 && at < seg.len() {
                     seg[at] ^= v;
                     damaged = true;
                 }

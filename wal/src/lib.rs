@@ -9,6 +9,8 @@ pub mod reader;
 pub mod record;
 pub mod recovery;
 pub mod segment;
+pub mod sim;
+pub mod storage;
 mod writer;
 
 pub use error::WalError;

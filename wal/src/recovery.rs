@@ -16,12 +16,11 @@
 //!   valid record that is not the matching repair record) is corruption:
 //!   recovery fails naming the file and byte position. Nothing is skipped.
 
-use std::fs::{self, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::record::{self, Decoded, RecordRef};
 use crate::segment::{self, align_up, BLOCK};
+use crate::storage::{Disk, Storage};
 use crate::{WalError, REPAIR_KIND};
 
 /// What recovery needs to know.
@@ -88,17 +87,36 @@ enum ScanEnd {
 /// Replays the WAL in `opts.dir`, calling `visit` for every record in order.
 /// A visitor error stops recovery (the record passed its CRC, so a payload
 /// the caller cannot apply is a bug or corruption, never something to skip).
-pub fn recover<F>(opts: &RecoveryOptions, mut visit: F) -> Result<Recovered, WalError>
+pub fn recover<F>(opts: &RecoveryOptions, visit: F) -> Result<Recovered, WalError>
 where
     F: FnMut(RecordRef<'_>) -> Result<(), String>,
 {
+    recover_on(&Disk, opts, visit)
+}
+
+/// [`recover`] on any [`Storage`].
+pub fn recover_on<S, F>(
+    storage: &S,
+    opts: &RecoveryOptions,
+    mut visit: F,
+) -> Result<Recovered, WalError>
+where
+    S: Storage,
+    F: FnMut(RecordRef<'_>) -> Result<(), String>,
+{
     assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size.is_multiple_of(BLOCK));
+    let sync_dir = |dir: &Path| {
+        storage
+            .sync_dir(dir)
+            .map_err(|e| WalError::io("syncing directory", dir, e))
+    };
     if !opts.read_only {
-        fs::create_dir_all(&opts.dir)
+        storage
+            .create_dir_all(&opts.dir)
             .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
-        segment::sync_dir(&opts.dir)?;
+        sync_dir(&opts.dir)?;
         if let Some(parent) = opts.dir.parent() {
-            segment::sync_dir(parent)?;
+            sync_dir(parent)?;
         }
     }
     // Every change to the files goes through this one gate.
@@ -106,10 +124,10 @@ where
         if opts.read_only {
             Ok(())
         } else {
-            finish_newest(path, buf, resume, repair, opts.segment_size)
+            finish_newest(storage, path, buf, resume, repair, opts.segment_size)
         }
     };
-    let mut ids = segment::list_ids(&opts.dir, !opts.read_only)?;
+    let mut ids = segment::list_on(storage, &opts.dir, !opts.read_only)?;
     for pair in ids.windows(2) {
         if pair[1] != pair[0] + 1 {
             return Err(WalError::BadSegment {
@@ -118,7 +136,7 @@ where
             });
         }
     }
-    drop_trailing_empty_segments(opts, &mut ids)?;
+    drop_trailing_empty_segments(storage, opts, &mut ids)?;
     let mut out = Recovered {
         segments: ids.clone(),
         ..Recovered::default()
@@ -126,7 +144,9 @@ where
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
         let path = opts.dir.join(segment::file_name(id));
-        let buf = fs::read(&path).map_err(|e| WalError::io("reading segment", &path, e))?;
+        let buf = storage
+            .read(&path)
+            .map_err(|e| WalError::io("reading segment", &path, e))?;
         out.bytes_read += buf.len() as u64;
         out.reads += 1;
         segment::check_header(&buf, opts.shard, id).map_err(|reason| WalError::BadSegment {
@@ -197,7 +217,8 @@ where
 /// prepares the next segment ahead of time, so after a crash the newest file
 /// is usually empty and the real tail (possibly torn) is in the one before.
 /// Keeps at least one segment.
-fn drop_trailing_empty_segments(
+fn drop_trailing_empty_segments<S: Storage>(
+    storage: &S,
     opts: &RecoveryOptions,
     ids: &mut Vec<u64>,
 ) -> Result<(), WalError> {
@@ -205,21 +226,10 @@ fn drop_trailing_empty_segments(
     while ids.len() > 1 {
         let id = *ids.last().expect("non-empty");
         let path = opts.dir.join(segment::file_name(id));
-        let mut head = vec![0u8; 2 * BLOCK as usize];
-        let n = {
-            use std::io::Read;
-            let mut f =
-                fs::File::open(&path).map_err(|e| WalError::io("opening segment", &path, e))?;
-            let mut got = 0;
-            while got < head.len() {
-                match f.read(&mut head[got..]) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) => return Err(WalError::io("reading segment", &path, e)),
-                }
-            }
-            got
-        };
+        let head = storage
+            .read_prefix(&path, 2 * BLOCK as usize)
+            .map_err(|e| WalError::io("reading segment", &path, e))?;
+        let n = head.len();
         let header_ok =
             segment::check_header(&head[..n.min(BLOCK as usize)], opts.shard, id).is_ok();
         let no_record = n <= BLOCK as usize || head[BLOCK as usize] == 0;
@@ -227,13 +237,17 @@ fn drop_trailing_empty_segments(
             break;
         }
         if !opts.read_only {
-            fs::remove_file(&path).map_err(|e| WalError::io("removing empty segment", &path, e))?;
+            storage
+                .remove(&path)
+                .map_err(|e| WalError::io("removing empty segment", &path, e))?;
             removed = true;
         }
         ids.pop();
     }
     if removed {
-        segment::sync_dir(&opts.dir)?;
+        storage
+            .sync_dir(&opts.dir)
+            .map_err(|e| WalError::io("syncing directory", &opts.dir, e))?;
     }
     Ok(())
 }
@@ -375,7 +389,8 @@ fn classify_invalid(buf: &[u8], pos: u64) -> Verdict {
 /// the repair record `(at, torn_pos, offset)`, zeroes every non-zero byte
 /// from `resume` on, restores the full segment size, and syncs (always: the
 /// writer treats everything before `resume` as durable).
-fn finish_newest(
+fn finish_newest<S: Storage>(
+    storage: &S,
     path: &Path,
     buf: &[u8],
     resume: u64,
@@ -390,10 +405,6 @@ fn finish_newest(
         .map(|i| i as u64 + 1)
         .filter(|&e| e > resume);
     let target_len = segment_size.max(align_up(len)).max(resume);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| io("opening segment for repair", e))?;
     if let Some((at, torn_pos, offset)) = repair {
         let mut block = Vec::with_capacity(BLOCK as usize);
         record::encode(
@@ -403,22 +414,23 @@ fn finish_newest(
             &torn_pos.to_le_bytes(),
         );
         block.resize(BLOCK as usize, 0);
-        f.seek(SeekFrom::Start(at)).map_err(|e| io("seeking", e))?;
-        f.write_all(&block)
+        storage
+            .write_at(path, at, &block)
             .map_err(|e| io("writing repair record", e))?;
     }
     if let Some(end) = dirty_end {
         let zeros = vec![0u8; (end - resume) as usize];
-        f.seek(SeekFrom::Start(resume))
-            .map_err(|e| io("seeking", e))?;
-        f.write_all(&zeros)
+        storage
+            .write_at(path, resume, &zeros)
             .map_err(|e| io("zeroing torn tail", e))?;
     }
-    if f.metadata().map_err(|e| io("stat", e))?.len() < target_len {
-        f.set_len(target_len)
+    if storage.len(path).map_err(|e| io("stat", e))? < target_len {
+        storage
+            .set_len(path, target_len)
             .map_err(|e| io("extending segment", e))?;
     }
-    f.sync_all()
+    storage
+        .sync_file(path)
         .map_err(|e| io("syncing repaired segment", e))?;
     Ok(())
 }

@@ -15,9 +15,9 @@
 //! written again, so a torn write can only damage unacknowledged data.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::storage::{Disk, Storage};
 use crate::WalError;
 
 /// Unit of alignment for every write (and the header block size). 4 KiB is
@@ -98,23 +98,31 @@ pub fn check_header(buf: &[u8], shard: u32, id: u64) -> Result<(), String> {
 /// they hold no record), and so are `*.wal.retired` files that compaction
 /// had not finished freeing.
 pub fn list(dir: &Path) -> Result<Vec<u64>, WalError> {
-    list_ids(dir, true)
+    list_on(&Disk, dir, true)
 }
 
 /// [`list`], removing the leftovers only when `remove_leftovers` (the
 /// offline tools look without touching anything).
 pub fn list_ids(dir: &Path, remove_leftovers: bool) -> Result<Vec<u64>, WalError> {
+    list_on(&Disk, dir, remove_leftovers)
+}
+
+/// [`list_ids`] on any [`Storage`].
+pub fn list_on<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    remove_leftovers: bool,
+) -> Result<Vec<u64>, WalError> {
     let mut ids = Vec::new();
-    let entries = fs::read_dir(dir).map_err(|e| WalError::io("listing", dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| WalError::io("listing", dir, e))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(id) = parse_name(name) {
+    let names = storage
+        .read_dir(dir)
+        .map_err(|e| WalError::io("listing", dir, e))?;
+    for name in names {
+        if let Some(id) = parse_name(&name) {
             ids.push(id);
         } else if remove_leftovers && (name.ends_with(".wal.tmp") || name.ends_with(RETIRED)) {
-            let p = entry.path();
-            match fs::remove_file(&p) {
+            let p = dir.join(&name);
+            match storage.remove(&p) {
                 Ok(()) => {}
                 // Gone already (renamed by a creation that just finished).
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -183,15 +191,26 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// Creates segment `id` of `size` bytes (blocking): header + zeros written to
 /// a temp file, file synced, renamed into place, directory synced.
 pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, WalError> {
+    create_on(&Disk, dir, shard, id, size)
+}
+
+/// [`create`] on any [`Storage`].
+pub fn create_on<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    shard: u32,
+    id: u64,
+    size: u64,
+) -> Result<PathBuf, WalError> {
     assert!(size >= 2 * BLOCK && size.is_multiple_of(BLOCK));
     let final_path = dir.join(file_name(id));
     let tmp = dir.join(format!("{}.tmp", file_name(id)));
     let io = |op, e| WalError::io(op, &tmp, e);
-    if final_path.exists() {
+    if storage.exists(&final_path) {
         // A creation whose caller gave up after the rename (e.g. the
         // directory sync failed) left a complete segment: reuse it if it
         // holds no record; never touch one that does.
-        return match reusable(&final_path, shard, id) {
+        return match reusable(storage, &final_path, shard, id) {
             Ok(true) => Ok(final_path),
             Ok(false) => Err(WalError::BadSegment {
                 path: final_path,
@@ -200,47 +219,44 @@ pub fn create(dir: &Path, shard: u32, id: u64, size: u64) -> Result<PathBuf, Wal
             Err(e) => Err(WalError::io("checking existing segment", &final_path, e)),
         };
     }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
+    storage
+        .create_file(&tmp)
         .map_err(|e| io("creating segment", e))?;
-    f.write_all(&encode_header(shard, id))
+    storage
+        .write_at(&tmp, 0, &encode_header(shard, id))
         .map_err(|e| io("writing segment header", e))?;
     // Zeros go to disk 1 MiB at a time, each piece synced before the next
     // is written: one 64 MiB flush at the end would occupy the device for
     // hundreds of milliseconds, and every WAL write of the shard would
     // wait behind it (measured: APPLY p99.9 of 60 ms instead of a few).
-    let zeros = vec![0u8; ZERO_CHUNK];
-    let mut left = size - BLOCK;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        f.write_all(&zeros[..n])
+    let zeros = vec![0u8; ZERO_CHUNK.min(size as usize)];
+    let mut pos = BLOCK;
+    while pos < size {
+        let n = (size - pos).min(zeros.len() as u64) as usize;
+        storage
+            .write_at(&tmp, pos, &zeros[..n])
             .map_err(|e| io("zero-filling segment", e))?;
-        f.sync_data().map_err(|e| io("syncing new segment", e))?;
-        left -= n as u64;
+        storage
+            .sync_file(&tmp)
+            .map_err(|e| io("syncing new segment", e))?;
+        pos += n as u64;
     }
-    f.sync_all().map_err(|e| io("syncing new segment", e))?;
-    drop(f);
-    fs::rename(&tmp, &final_path).map_err(|e| io("renaming new segment", e))?;
-    sync_dir(dir)?;
+    storage
+        .sync_file(&tmp)
+        .map_err(|e| io("syncing new segment", e))?;
+    storage
+        .rename(&tmp, &final_path)
+        .map_err(|e| io("renaming new segment", e))?;
+    storage
+        .sync_dir(dir)
+        .map_err(|e| WalError::io("syncing directory", dir, e))?;
     Ok(final_path)
 }
 
 /// Whether an existing segment file is a valid, record-free segment `id`.
-fn reusable(path: &Path, shard: u32, id: u64) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut head = vec![0u8; 2 * BLOCK as usize];
-    let mut f = File::open(path)?;
-    let mut got = 0;
-    while got < head.len() {
-        match f.read(&mut head[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(got == head.len()
+fn reusable<S: Storage>(storage: &S, path: &Path, shard: u32, id: u64) -> std::io::Result<bool> {
+    let head = storage.read_prefix(path, 2 * BLOCK as usize)?;
+    Ok(head.len() == 2 * BLOCK as usize
         && check_header(&head[..BLOCK as usize], shard, id).is_ok()
         && head[BLOCK as usize] == 0)
 }

@@ -13,12 +13,11 @@
 //! writer then refuses every later commit ("poisoned") until the process is
 //! restarted and recovery re-establishes the truth from the disk.
 
-use std::path::PathBuf;
-
-use glommio::io::{DmaFile, OpenOptions};
+use std::path::{Path, PathBuf};
 
 use crate::recovery::Recovered;
 use crate::segment::{self, align_up, BLOCK};
+use crate::storage::{Disk, SegmentFile, Storage};
 use crate::{record, WalError, MAX_RECORD_PAYLOAD, REPAIR_KIND};
 
 /// Histogram of `fdatasync` durations, in seconds (metrics endpoint).
@@ -64,18 +63,35 @@ pub struct WriterConfig {
     pub segment_size: u64,
 }
 
-/// Creation of the next segment, running in glommio's blocking pool. A
-/// spawned task (not a bare future): glommio's `spawn_blocking` only starts
-/// its work when first polled.
-type Pending = glommio::Task<Result<PathBuf, WalError>>;
+/// Creation of the next segment.
+enum Pending {
+    /// Running in glommio's blocking pool. A spawned task (not a bare
+    /// future): glommio's `spawn_blocking` only starts its work when first
+    /// polled.
+    Task(glommio::Task<Result<PathBuf, WalError>>),
+    /// Done inline (a storage that asks for it: the simulated disk).
+    Done(Result<PathBuf, WalError>),
+}
+
+impl Pending {
+    async fn wait(self) -> Result<PathBuf, WalError> {
+        match self {
+            Pending::Task(t) => t.await,
+            Pending::Done(r) => r,
+        }
+    }
+}
 
 /// Spacing of the sparse read index (bytes of segment between entries).
 pub const INDEX_EVERY: u64 = 64 * 1024;
 
 /// Per-shard WAL writer. Not `Send`: it lives on one glommio executor.
-pub struct WalWriter {
+/// Generic over its [`Storage`] so that tests can run it on a simulated
+/// disk; the server uses the real one ([`Disk`]).
+pub struct WalWriter<S: Storage = Disk> {
+    storage: S,
     cfg: WriterConfig,
-    file: DmaFile,
+    file: S::Segment,
     seg_id: u64,
     /// Next write position in the current segment; always block-aligned.
     write_pos: u64,
@@ -106,12 +122,24 @@ pub struct WalWriter {
     fsync_seconds: metrics::Histogram,
 }
 
-impl WalWriter {
-    /// Opens the writer where recovery left the log. Must run inside a
-    /// glommio executor.
+impl WalWriter<Disk> {
+    /// Opens the writer where recovery left the log, on the real disk.
+    /// Must run inside a glommio executor.
     pub async fn open(cfg: WriterConfig, recovered: &Recovered) -> Result<WalWriter, WalError> {
-        assert!(cfg.segment_size >= 2 * BLOCK && cfg.segment_size.is_multiple_of(BLOCK));
         warn_if_no_direct_io(&cfg.dir);
+        WalWriter::open_on(Disk, cfg, recovered).await
+    }
+}
+
+impl<S: Storage> WalWriter<S> {
+    /// Opens the writer where recovery left the log, on `storage`. Must
+    /// run inside a glommio executor.
+    pub async fn open_on(
+        storage: S,
+        cfg: WriterConfig,
+        recovered: &Recovered,
+    ) -> Result<WalWriter<S>, WalError> {
+        assert!(cfg.segment_size >= 2 * BLOCK && cfg.segment_size.is_multiple_of(BLOCK));
         let mut segments: Vec<SegmentInfo> = (0..recovered.segments.len())
             .map(|i| SegmentInfo {
                 id: recovered.segments[i],
@@ -123,10 +151,7 @@ impl WalWriter {
         let (seg_id, write_pos) = match recovered.resume {
             Some(r) => r,
             None => {
-                let (dir, shard, size) = (cfg.dir.clone(), cfg.shard, cfg.segment_size);
-                glommio::executor()
-                    .spawn_blocking(move || segment::create(&dir, shard, 1, size))
-                    .await?;
+                create(&storage, &cfg, 1).wait().await?;
                 segments.push(SegmentInfo {
                     id: 1,
                     used: BLOCK,
@@ -137,8 +162,9 @@ impl WalWriter {
             }
         };
         assert_eq!(write_pos % BLOCK, 0);
-        let file = open_dma(&cfg.dir.join(segment::file_name(seg_id))).await?;
+        let file = open_segment(&storage, &cfg.dir.join(segment::file_name(seg_id))).await?;
         let mut w = WalWriter {
+            storage,
             cfg,
             file,
             seg_id,
@@ -268,14 +294,14 @@ impl WalWriter {
         }
         self.stats.fsyncs += 1;
         let started = std::time::Instant::now();
-        match self.file.fdatasync().await {
+        match self.file.sync().await {
             Ok(()) => {
                 self.fsync_seconds.record(started.elapsed().as_secs_f64());
                 self.unsynced = false;
                 self.synced_pos = self.write_pos;
                 Ok(())
             }
-            Err(e) => Err(self.poison("fdatasync", std::io::Error::other(e.to_string()))),
+            Err(e) => Err(self.poison("fdatasync", e)),
         }
     }
 
@@ -285,12 +311,18 @@ impl WalWriter {
     pub async fn close(mut self) -> Result<(), WalError> {
         let synced = self.sync().await;
         if let Some(pending) = self.next_segment.take() {
-            if let Err(e) = pending.await {
+            if let Err(e) = pending.wait().await {
                 tracing::warn!(error = %e, "preparing the next WAL segment failed");
             }
         }
-        let _ = self.file.close().await;
+        self.file.close().await;
         synced
+    }
+
+    /// Whether a failed write or sync made the writer refuse every later
+    /// commit (until a restart recovers the truth from the disk).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
     }
 
     /// Whether written data awaits an `fdatasync`.
@@ -426,15 +458,18 @@ impl WalWriter {
     /// whole blocks, its first record marked as a commit start.
     async fn write_block(&mut self, data: &[u8]) -> Result<(), WalError> {
         let len = align_up(data.len() as u64) as usize;
-        let mut buf = self.file.alloc_dma_buffer(len);
-        let bytes = buf.as_bytes_mut();
-        bytes[..data.len()].copy_from_slice(data);
-        bytes[data.len()..].fill(0);
-        record::mark_commit_start(&mut bytes[..data.len()], self.synced_pos);
+        let synced_pos = self.synced_pos;
         self.stats.writes += 1;
         self.stats.bytes_written += len as u64;
         self.unsynced = true;
-        match self.file.write_at(buf, self.write_pos).await {
+        let written = self
+            .file
+            .write_block(self.write_pos, len, |bytes| {
+                bytes[..data.len()].copy_from_slice(data);
+                record::mark_commit_start(&mut bytes[..data.len()], synced_pos);
+            })
+            .await;
+        match written {
             Ok(n) if n == len => {
                 let at = self.write_pos;
                 self.write_pos += len as u64;
@@ -455,15 +490,15 @@ impl WalWriter {
                 "write",
                 std::io::Error::other(format!("short write: {n} of {len} bytes")),
             )),
-            Err(e) => Err(self.poison("write", std::io::Error::other(e.to_string()))),
+            Err(e) => Err(self.poison("write", e)),
         }
     }
 
     /// Closes the current segment (synced) and continues in `next`.
-    async fn switch_to(&mut self, next: DmaFile) -> Result<(), WalError> {
+    async fn switch_to(&mut self, next: S::Segment) -> Result<(), WalError> {
         self.sync().await?;
         let old = std::mem::replace(&mut self.file, next);
-        let _ = old.close().await;
+        old.close().await;
         self.seg_id += 1;
         self.write_pos = BLOCK;
         // The header block was synced when the segment was created.
@@ -480,38 +515,28 @@ impl WalWriter {
 
     /// Starts creating segment `seg_id + 1` in the background.
     fn prepare_next(&mut self) {
-        let (dir, shard, size, id) = (
-            self.cfg.dir.clone(),
-            self.cfg.shard,
-            self.cfg.segment_size,
-            self.seg_id + 1,
-        );
-        self.next_segment = Some(glommio::spawn_local(async move {
-            glommio::executor()
-                .spawn_blocking(move || segment::create(&dir, shard, id, size))
-                .await
-        }));
+        self.next_segment = Some(create(&self.storage, &self.cfg, self.seg_id + 1));
     }
 
     /// Returns segment `id`, opened: the one prepared in the background when
     /// it is the next one (retrying its creation once, as the background
     /// attempt may have failed for a passing reason such as a full disk),
     /// else created now (a commit spanning several segments).
-    async fn take_next_segment(&mut self, id: u64) -> Result<DmaFile, WalError> {
+    async fn take_next_segment(&mut self, id: u64) -> Result<S::Segment, WalError> {
         let pending = if id == self.seg_id + 1 {
             self.next_segment.take()
         } else {
             None
         };
         let created = match pending {
-            Some(p) => p.await,
-            None => self.create_segment(id).await,
+            Some(p) => p.wait().await,
+            None => create(&self.storage, &self.cfg, id).wait().await,
         };
         let path = match created {
             Ok(p) => p,
             Err(first) => {
                 tracing::warn!(error = %first, "creating WAL segment {id} failed; retrying");
-                match self.create_segment(id).await {
+                match create(&self.storage, &self.cfg, id).wait().await {
                     Ok(p) => p,
                     Err(e) => {
                         if self.next_segment.is_none() {
@@ -522,14 +547,7 @@ impl WalWriter {
                 }
             }
         };
-        open_dma(&path).await
-    }
-
-    async fn create_segment(&self, id: u64) -> Result<PathBuf, WalError> {
-        let (dir, shard, size) = (self.cfg.dir.clone(), self.cfg.shard, self.cfg.segment_size);
-        glommio::executor()
-            .spawn_blocking(move || segment::create(&dir, shard, id, size))
-            .await
+        open_segment(&self.storage, &path).await
     }
 
     fn poison(&mut self, op: &'static str, e: std::io::Error) -> WalError {
@@ -549,19 +567,30 @@ impl WalWriter {
     }
 }
 
-async fn open_dma(path: &std::path::Path) -> Result<DmaFile, WalError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .dma_open(path)
+/// Creates segment `id` (see [`segment::create_on`]): in glommio's
+/// blocking pool for the real disk, inline for a storage that asks so.
+fn create<S: Storage>(storage: &S, cfg: &WriterConfig, id: u64) -> Pending {
+    let (storage, dir, shard, size) = (
+        storage.clone(),
+        cfg.dir.clone(),
+        cfg.shard,
+        cfg.segment_size,
+    );
+    if !storage.create_in_background() {
+        return Pending::Done(segment::create_on(&storage, &dir, shard, id, size));
+    }
+    Pending::Task(glommio::spawn_local(async move {
+        glommio::executor()
+            .spawn_blocking(move || segment::create_on(&storage, &dir, shard, id, size))
+            .await
+    }))
+}
+
+async fn open_segment<S: Storage>(storage: &S, path: &Path) -> Result<S::Segment, WalError> {
+    storage
+        .open_segment(path)
         .await
-        .map_err(|e| {
-            WalError::io(
-                "opening segment (O_DIRECT)",
-                path,
-                std::io::Error::other(e.to_string()),
-            )
-        })
+        .map_err(|e| WalError::io("opening segment (O_DIRECT)", path, e))
 }
 
 /// glommio silently drops O_DIRECT on tmpfs: say so, since the WAL is then
