@@ -1082,6 +1082,15 @@ impl Engine {
         }
     }
 
+    /// Marks every offset below `start` as used: a snapshot starting there
+    /// exists, even if recovery could not read it (a passing I/O error).
+    /// New records must never take offsets it claims to cover: a later
+    /// start-up that can read it would skip them as "in the snapshot" and
+    /// lose them (found by the storage simulation).
+    pub fn reserve_below(&mut self, start: u64) {
+        self.max_offset = self.max_offset.max(start.saturating_sub(1));
+    }
+
     /// Highest offset replayed (batch entries included).
     pub fn max_offset(&self) -> u64 {
         self.max_offset

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rstmdb_wal::{recover, Recovered, RecoveryOptions, WalError};
+use rstmdb_wal::recovery::recover_on;
+use rstmdb_wal::storage::{Disk, Storage};
+use rstmdb_wal::{Recovered, RecoveryOptions, WalError};
 
 use crate::engine::{Engine, EngineLimits};
 use crate::snapshot;
@@ -59,14 +61,27 @@ pub fn recover_shard(
     snapshot_dir: &Path,
     wal_floor: u64,
 ) -> Result<RecoveredShard, RecoveryError> {
+    recover_shard_on(&Disk, opts, limits, snapshot_dir, wal_floor)
+}
+
+/// [`recover_shard`] on any [`Storage`] (the simulated disk in tests).
+pub fn recover_shard_on<S: Storage>(
+    storage: &S,
+    opts: &RecoveryOptions,
+    limits: &EngineLimits,
+    snapshot_dir: &Path,
+    wal_floor: u64,
+) -> Result<RecoveredShard, RecoveryError> {
     let mut skipped = Vec::new();
     let mut loaded = None;
-    for (start, path) in snapshot::list(snapshot_dir)? {
+    let files = snapshot::list_on(storage, snapshot_dir, !opts.read_only)?;
+    let newest = files.first().map_or(0, |f| f.0);
+    for (start, path) in files {
         if start < wal_floor {
             skipped.push(below_floor(&path, start, wal_floor));
             continue;
         }
-        match snapshot::load(&path, opts.shard, limits) {
+        match snapshot::load_on(storage, &path, opts.shard, limits) {
             Ok(l) => {
                 loaded = Some(l);
                 break;
@@ -77,7 +92,17 @@ pub fn recover_shard(
             }
         }
     }
-    replay_after(opts, limits, snapshot_dir, wal_floor, loaded, skipped)
+    let mut r = replay_after(
+        storage,
+        opts,
+        limits,
+        snapshot_dir,
+        wal_floor,
+        loaded,
+        skipped,
+    )?;
+    r.engine.reserve_below(newest);
+    Ok(r)
 }
 
 /// One snapshot file as [`verify_shard`] found it.
@@ -148,7 +173,15 @@ pub fn verify_shard(
             result,
         });
     }
-    let recovery = replay_after(opts, limits, snapshot_dir, wal_floor, loaded, skipped);
+    let recovery = replay_after(
+        &Disk,
+        opts,
+        limits,
+        snapshot_dir,
+        wal_floor,
+        loaded,
+        skipped,
+    );
     ShardReport {
         snapshots,
         recovery,
@@ -164,7 +197,8 @@ fn below_floor(path: &Path, start: u64, wal_floor: u64) -> String {
 
 /// Replays the WAL on top of `loaded` (or an empty engine when no
 /// snapshot is needed).
-fn replay_after(
+fn replay_after<S: Storage>(
+    storage: &S,
     opts: &RecoveryOptions,
     limits: &EngineLimits,
     snapshot_dir: &Path,
@@ -188,7 +222,7 @@ fn replay_after(
         None => (Engine::new(limits), None, 0),
     };
     let below = start.unwrap_or(0);
-    let wal = recover(opts, |r| {
+    let wal = recover_on(storage, opts, |r| {
         if r.offset < below {
             return Ok(()); // in the snapshot
         }

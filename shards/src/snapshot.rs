@@ -38,7 +38,6 @@
 //! fsynced: a snapshot either exists complete or not at all. The CRC (and
 //! the end line's counts) let recovery refuse a damaged one and fall back.
 
-use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +45,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use rstmdb_wal::storage::{Disk, Storage};
 
 use crate::ctx::Ctx;
 use crate::definition::MachineDef;
@@ -126,7 +127,7 @@ fn parse_name(name: &str) -> Option<u64> {
 /// Snapshot files in `dir`, newest (highest start offset) first. Leftover
 /// `.tmp` files of interrupted snapshots are removed.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
-    list_files(dir, true)
+    list_on(&Disk, dir, true)
 }
 
 /// [`list`], removing the leftovers only when `remove_leftovers` (the
@@ -135,22 +136,28 @@ pub fn list_files(
     dir: &Path,
     remove_leftovers: bool,
 ) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    list_on(&Disk, dir, remove_leftovers)
+}
+
+/// [`list_files`] on any [`Storage`].
+pub fn list_on<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    remove_leftovers: bool,
+) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
     let mut out = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
+    let names = match storage.read_dir(dir) {
+        Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(io_err("listing snapshots in", dir)(e)),
     };
-    for entry in entries {
-        let entry = entry.map_err(io_err("listing snapshots in", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for name in names {
         if name.ends_with(".tmp") {
             if remove_leftovers {
-                let _ = fs::remove_file(entry.path());
+                let _ = storage.remove(&dir.join(&name));
             }
         } else if let Some(start) = parse_name(&name) {
-            out.push((start, entry.path()));
+            out.push((start, dir.join(&name)));
         }
     }
     out.sort_by_key(|e| std::cmp::Reverse(e.0));
@@ -335,23 +342,39 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing directory", dir))
+/// Appends to a file of a [`Storage`] (buffered by the caller).
+struct Appender<'a, S: Storage> {
+    storage: &'a S,
+    path: &'a Path,
+    pos: u64,
+}
+
+impl<S: Storage> Write for Appender<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.storage.write_at(self.path, self.pos, buf)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The writer thread: compresses chunks into `<name>.tmp`; on `Finish`
 /// writes the trailer, fsyncs, renames and fsyncs the directory. If the
 /// shard goes away without `Finish`, the temporary file is removed.
-fn write_file(
+fn write_file<S: Storage>(
+    storage: &S,
     dir: PathBuf,
     shard: u32,
     start: u64,
     rx: flume::Receiver<SinkMsg>,
 ) -> Result<Option<SnapshotFile>, SnapshotError> {
-    if !dir.exists() {
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let sync_dir = |d: &Path| storage.sync_dir(d).map_err(io_err("syncing directory", d));
+    if !storage.exists(&dir) {
+        storage
+            .create_dir_all(&dir)
+            .map_err(io_err("creating", &dir))?;
         // The new directory's entry must survive a power loss too.
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
@@ -360,13 +383,20 @@ fn write_file(
     let path = dir.join(file_name(start));
     let tmp = path.with_extension("tmp");
     let result = (|| {
-        let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        storage
+            .create_file(&tmp)
+            .map_err(io_err("creating", &tmp))?;
         let mut header = Vec::with_capacity(HEADER);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&FORMAT.to_le_bytes());
         header.extend_from_slice(&shard.to_le_bytes());
         header.extend_from_slice(&start.to_le_bytes());
         header.extend_from_slice(&0u64.to_le_bytes());
+        let file = Appender {
+            storage,
+            path: &tmp,
+            pos: 0,
+        };
         let mut out = CrcWriter {
             inner: BufWriter::with_capacity(1 << 20, file),
             crc: 0,
@@ -399,17 +429,14 @@ fn write_file(
         out.inner
             .write_all(&trailer)
             .map_err(io_err("writing", &tmp))?;
-        let file = out
-            .inner
+        out.inner
             .into_inner()
             .map_err(|e| io_err("writing", &tmp)(e.into_error()))?;
-        file.sync_all().map_err(io_err("syncing", &tmp))?;
-        let size = file
-            .metadata()
-            .map_err(io_err("reading size of", &tmp))?
-            .len();
-        drop(file);
-        fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+        storage.sync_file(&tmp).map_err(io_err("syncing", &tmp))?;
+        let size = storage.len(&tmp).map_err(io_err("reading size of", &tmp))?;
+        storage
+            .rename(&tmp, &path)
+            .map_err(io_err("renaming", &tmp))?;
         sync_dir(&dir)?;
         Ok(Some(SnapshotFile {
             path: path.clone(),
@@ -419,7 +446,7 @@ fn write_file(
         }))
     })();
     if !matches!(result, Ok(Some(_))) {
-        let _ = fs::remove_file(&tmp);
+        let _ = storage.remove(&tmp);
     }
     result
 }
@@ -481,6 +508,19 @@ impl SnapshotJob {
         now: i64,
         wal_records: u64,
     ) -> Self {
+        Self::begin_on(Disk, engine, dir, shard, start, now, wal_records)
+    }
+
+    /// [`SnapshotJob::begin`] writing to any [`Storage`].
+    pub fn begin_on<S: Storage>(
+        storage: S,
+        engine: &mut Engine,
+        dir: PathBuf,
+        shard: u32,
+        start: u64,
+        now: i64,
+        wal_records: u64,
+    ) -> Self {
         assert!(engine.snap.is_none(), "one snapshot at a time");
         engine.snap = Some(SnapCursor {
             next: 0,
@@ -527,7 +567,7 @@ impl SnapshotJob {
             .name(format!("snapshot-{shard}"))
             .spawn(move || {
                 lower_priority();
-                let r = match write_file(dir, shard, start, rx) {
+                let r = match write_file(&storage, dir, shard, start, rx) {
                     Ok(Some(f)) => Ok(f),
                     Ok(None) => Err("snapshot abandoned".to_owned()),
                     Err(e) => Err(e.to_string()),
@@ -737,7 +777,17 @@ pub struct Loaded {
 
 /// Loads and verifies a snapshot of shard `shard`.
 pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, SnapshotError> {
-    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    load_on(&Disk, path, shard, limits)
+}
+
+/// [`load`] from any [`Storage`].
+pub fn load_on<S: Storage>(
+    storage: &S,
+    path: &Path,
+    shard: u32,
+    limits: &EngineLimits,
+) -> Result<Loaded, SnapshotError> {
+    let bytes = storage.read(path).map_err(io_err("reading", path))?;
     let (start, _) = check_frame(path, &bytes, shard)?;
     let bad = |reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
@@ -884,7 +934,7 @@ pub fn load(path: &Path, shard: u32, limits: &EngineLimits) -> Result<Loaded, Sn
 /// Reads just the checksum and start offset of a snapshot file (verifying
 /// its CRC).
 pub fn verify(path: &Path, shard: u32) -> Result<(u64, String), SnapshotError> {
-    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    let bytes = std::fs::read(path).map_err(io_err("reading", path))?;
     let (start, crc) = check_frame(path, &bytes, shard)?;
     Ok((start, format!("{crc:08x}")))
 }

@@ -211,7 +211,14 @@ pub fn create_on<S: Storage>(
         // directory sync failed) left a complete segment: reuse it if it
         // holds no record; never touch one that does.
         return match reusable(storage, &final_path, shard, id) {
-            Ok(true) => Ok(final_path),
+            // The earlier attempt may have stopped at the directory sync:
+            // its rename is then not durable, and data synced into the
+            // segment would vanish with the entry in a crash (found by the
+            // storage simulation: acknowledged records lost). Sync again.
+            Ok(true) => storage
+                .sync_dir(dir)
+                .map(|()| final_path)
+                .map_err(|e| WalError::io("syncing directory", dir, e)),
             Ok(false) => Err(WalError::BadSegment {
                 path: final_path,
                 reason: "segment already exists and holds records".into(),
