@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash bench bench-full bench-extras bench-recovery certs run-secure clean
+.PHONY: all build run test tools lint fmt compat crash sim fuzz bench bench-full bench-extras bench-recovery certs run-secure clean
 
 all: build
 
@@ -83,6 +83,24 @@ compat: tools
 crash:
 	CRASH_CYCLES=$(CRASH_CYCLES) ATOMIC_CRASH_CYCLES=$(ATOMIC_CRASH_CYCLES) \
 		$(CARGO) test --release --test crash --test atomic_crash -- --nocapture
+
+SIM_SEEDS ?= 20000
+SIM_SHARD_SEEDS ?= 5000
+## The deterministic storage simulation, long mode: the WAL (SIM_SEEDS
+## seeds) and the whole shard path with snapshots and compaction
+## (SIM_SHARD_SEEDS seeds) on the simulated disk; figures in
+## docs/DURABILITY.md. `make test` runs 200 and 60 seeds.
+sim:
+	SIM_SEEDS=$(SIM_SEEDS) $(CARGO) test --release -p rstmdb-wal --test sim wal_survives -- --nocapture
+	SIM_SEEDS=$(SIM_SHARD_SEEDS) $(CARGO) test --release -p rstmdb-shards --test sim shard_state -- --nocapture
+
+FUZZ_SECONDS ?= 600
+## Every fuzz target (or TARGETS="a b") for FUZZ_SECONDS each, one after
+## another (nightly toolchain; cargo-fuzz installed when missing); see
+## docs/FUZZING.md.
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh $(TARGETS)
 
 ## Recovery time (snapshot + tail vs WAL only) and the snapshot pause, see docs/PERFORMANCE.md.
 bench-recovery:

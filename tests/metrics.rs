@@ -326,6 +326,20 @@ fn metrics_after_a_workload_are_valid_prometheus_text_with_the_reference_familie
     assert!(body.contains("/metrics"), "{body}");
     let (status, _, body) = get(maddr, "/nope");
     assert_eq!((status, body.as_str()), (404, "Not Found"));
+
+    // A request head over 8 KiB is refused with 431, and the endpoint goes
+    // on answering.
+    let mut s = TcpStream::connect(maddr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let _ = s.write_all(huge.as_bytes());
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    assert!(raw.starts_with("HTTP/1.1 431"), "{raw}");
+    assert_eq!(get(maddr, "/health").0, 200);
 }
 
 #[test]
