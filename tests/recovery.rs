@@ -35,22 +35,11 @@ fn one_shard() -> Opts {
     }
 }
 
-fn setup(server: &Server, n: usize) {
-    let mut c = server.client();
-    c.ok(
-        "PUT_MACHINE",
-        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
-    );
-    for i in 0..n {
-        c.ok("CREATE_INSTANCE", json!({"instance_id": format!("i{i}"), "machine": "order", "version": 1, "initial_ctx": {"amount": i}}));
-    }
-}
-
 #[test]
 fn torn_tail_is_truncated_and_restart_works_twice() {
     let dir = common::data_dir("torn");
     let mut server = Server::start(dir.path(), one_shard());
-    setup(&server, 5);
+    common::setup_orders(&server, 5);
     // The last record: an apply that the tear will cut in half.
     server.client().ok(
         "APPLY_EVENT",
@@ -99,7 +88,7 @@ fn torn_tail_is_truncated_and_restart_works_twice() {
 fn corrupted_record_in_the_middle_refuses_to_start_naming_file_and_offset() {
     let dir = common::data_dir("corrupt");
     let mut server = Server::start(dir.path(), one_shard());
-    setup(&server, 3);
+    common::setup_orders(&server, 3);
     server.stop();
     let seg = newest_segment(dir.path(), 0);
     // The first record of the segment starts at byte 4096 (after the header
@@ -132,7 +121,7 @@ fn graceful_shutdown_exits_zero_and_keeps_everything() {
             ..Opts::default()
         },
     );
-    setup(&server, 20);
+    common::setup_orders(&server, 20);
     assert_eq!(server.stop(), Some(0));
     let server = Server::start(
         dir.path(),
@@ -156,7 +145,7 @@ fn group_commit_syncs_far_fewer_times_than_it_writes() {
             ..Opts::default()
         },
     );
-    setup(&server, 64);
+    common::setup_orders(&server, 64);
     let mut c = server.client();
     let before = c.ok("WAL_STATS", json!({}));
     // 64 APPLY_EVENTs pipelined in one write, all to the one shard.

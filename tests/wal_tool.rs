@@ -51,17 +51,6 @@ fn dump_lines(stdout: &str) -> Vec<Value> {
         .collect()
 }
 
-fn setup(server: &Server, n: usize) {
-    let mut c = server.client();
-    c.ok(
-        "PUT_MACHINE",
-        json!({"machine": "order", "version": 1, "definition": common::order_machine()}),
-    );
-    for i in 0..n {
-        c.ok("CREATE_INSTANCE", json!({"instance_id": format!("i{i}"), "machine": "order", "version": 1, "initial_ctx": {"amount": i}}));
-    }
-}
-
 #[test]
 fn verify_and_dump_read_a_live_directory_without_changing_it() {
     let dir = common::data_dir("waltool-ok");
@@ -72,7 +61,7 @@ fn verify_and_dump_read_a_live_directory_without_changing_it() {
             ..Opts::default()
         },
     );
-    setup(&server, 12);
+    common::setup_orders(&server, 12);
     let mut c = server.client();
     c.ok("COMPACT", json!({"force_snapshot": true}));
     for i in 0..6 {
@@ -186,7 +175,7 @@ fn verify_names_a_corrupted_record_and_repair_cuts_the_log_there() {
     // With every_write and one request at a time, each record is its own
     // commit, at its own block: PUT_MACHINE at 4096, i0 at 8192, i1 at
     // 12288, i2 at 16384.
-    setup(&server, 3);
+    common::setup_orders(&server, 3);
     server.stop();
     let seg = dir.path().join("shard-000/wal/0000000000000001.wal");
     flip(&seg, 12288 + 40);

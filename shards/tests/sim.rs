@@ -17,14 +17,13 @@
 
 use std::path::{Path, PathBuf};
 
-use glommio::LocalExecutorBuilder;
 use rstmdb_shards::commands::{ApplyEvent, Command, Reply};
 use rstmdb_shards::definition::MachineDef;
 use rstmdb_shards::engine::{Engine, EngineLimits, Offsets};
 use rstmdb_shards::recovery::{recover_shard_on, RecoveryError};
 use rstmdb_shards::snapshot::{SnapshotJob, Step};
 use rstmdb_wal::segment::BLOCK;
-use rstmdb_wal::sim::{CrashMode, Faults, Rng, SimDisk};
+use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk};
 use rstmdb_wal::storage::Storage;
 use rstmdb_wal::{RecoveryOptions, WalError, WalWriter, WriterConfig};
 use serde_json::json;
@@ -416,36 +415,22 @@ async fn run_seed(seed: u64, t: &mut Totals) {
     t.writes_torn += s.writes_torn;
 }
 
-fn run_seeds(first: u64, count: u64) -> Totals {
-    std::thread::spawn(move || {
-        LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let mut t = Totals::default();
-                for seed in first..first + count {
-                    run_seed(seed, &mut t).await;
-                }
-                t
-            })
-            .expect("executor")
-            .join()
-            .expect("simulation")
+fn run_seeds(seeds: std::ops::Range<u64>) -> Totals {
+    on_executor(move || async move {
+        let mut t = Totals::default();
+        for seed in seeds {
+            run_seed(seed, &mut t).await;
+        }
+        t
     })
-    .join()
-    .expect("simulation thread")
 }
 
 #[test]
 fn shard_state_survives_random_faults_crashes_and_compaction() {
-    let count: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let first: u64 = std::env::var("SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let t = run_seeds(first, count);
-    println!("[sim-shard] seeds {first}..{}: {t:?}", first + count);
+    let seeds = seeds_from_env(60);
+    let t = run_seeds(seeds.clone());
+    println!("[sim-shard] seeds {seeds:?}: {t:?}");
+    assert_eq!(t.seeds, seeds.end - seeds.start);
     assert!(
         t.crashes > 0 && t.commits_acked > 0 && t.snapshots > 0,
         "{t:?}"
@@ -461,7 +446,7 @@ fn shard_state_survives_random_faults_crashes_and_compaction() {
 #[test]
 fn seeds_that_found_bugs_stay_fixed() {
     for seed in [195, 657] {
-        let t = run_seeds(seed, 1);
+        let t = run_seeds(seed..seed + 1);
         assert_eq!(t.seeds, 1);
     }
 }

@@ -385,6 +385,22 @@ pub fn retryable(code: &str) -> bool {
 }
 
 /// A machine used by many tests.
+/// Registers `order` v1 and creates `i0`..`i{n-1}` with `amount` = i.
+pub fn setup_orders(server: &Server, n: usize) {
+    let mut c = server.client();
+    c.ok(
+        "PUT_MACHINE",
+        json!({"machine": "order", "version": 1, "definition": order_machine()}),
+    );
+    for i in 0..n {
+        c.ok(
+            "CREATE_INSTANCE",
+            json!({"instance_id": format!("i{i}"), "machine": "order", "version": 1,
+                   "initial_ctx": {"amount": i}}),
+        );
+    }
+}
+
 pub fn order_machine() -> Value {
     json!({
         "states": ["created", "paid", "shipped", "cancelled"],

@@ -548,6 +548,37 @@ impl SegmentFile for SimSegment {
     async fn close(self) {}
 }
 
+/// The seeds a simulation test runs: `SIM_FIRST_SEED` (default 0) onwards,
+/// `SIM_SEEDS` of them (default `default_count`), so that CI runs a few and
+/// `make sim` many, and a failing seed can be replayed alone.
+pub fn seeds_from_env(default_count: u64) -> std::ops::Range<u64> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let first = var("SIM_FIRST_SEED").unwrap_or(0);
+    first..first + var("SIM_SEEDS").unwrap_or(default_count)
+}
+
+/// Runs `f` on a fresh glommio executor (the writer needs one) in a thread
+/// of its own, and returns what it returns; a panic inside is re-raised.
+pub fn on_executor<T, F, Fut>(f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let joined = std::thread::spawn(move || {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(f)
+            .expect("a glommio executor")
+            .join()
+    })
+    .join();
+    match joined {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("simulation failed: {e}"),
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,9 +20,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use glommio::LocalExecutorBuilder;
 use rstmdb_wal::segment::BLOCK;
-use rstmdb_wal::sim::{CrashMode, Faults, Rng, SimDisk};
+use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk};
 use rstmdb_wal::{recovery::recover_on, RecoveryOptions, WalError, WalWriter, WriterConfig};
 
 /// Small segments, so that commits rotate and span segments often.
@@ -288,36 +287,22 @@ async fn run_seed(seed: u64, t: &mut Totals) {
     t.writes_torn += s.writes_torn;
 }
 
-fn run_seeds(first: u64, count: u64) -> Totals {
-    std::thread::spawn(move || {
-        LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let mut t = Totals::default();
-                for seed in first..first + count {
-                    run_seed(seed, &mut t).await;
-                }
-                t
-            })
-            .expect("executor")
-            .join()
-            .expect("simulation")
+fn run_seeds(seeds: std::ops::Range<u64>) -> Totals {
+    on_executor(move || async move {
+        let mut t = Totals::default();
+        for seed in seeds {
+            run_seed(seed, &mut t).await;
+        }
+        t
     })
-    .join()
-    .expect("simulation thread")
 }
 
 #[test]
 fn wal_survives_random_faults_and_crashes() {
-    let count: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    let first: u64 = std::env::var("SIM_FIRST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let t = run_seeds(first, count);
-    println!("[sim] seeds {first}..{}: {t:?}", first + count);
+    let seeds = seeds_from_env(200);
+    let count = seeds.end - seeds.start;
+    let t = run_seeds(seeds.clone());
+    println!("[sim] seeds {seeds:?}: {t:?}");
     assert_eq!(t.seeds, count);
     assert!(
         t.crashes > 0 && t.faults > 0 && t.records_acked > 0,
@@ -327,7 +312,7 @@ fn wal_survives_random_faults_and_crashes() {
 
 #[test]
 fn the_same_seed_gives_the_same_run() {
-    let a = run_seeds(7, 5);
-    let b = run_seeds(7, 5);
+    let a = run_seeds(7..12);
+    let b = run_seeds(7..12);
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
 }
