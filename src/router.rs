@@ -195,7 +195,7 @@ impl Router {
                 }
             });
         }
-        self.dispatch(per_shard, &mut slots, replies).await;
+        self.dispatch_all(per_shard, &mut slots, replies).await;
 
         // Phase 2 of PUT_MACHINE: the other shards, once shard 0 accepted.
         let mut phase2: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
@@ -217,7 +217,7 @@ impl Router {
             }
         }
         if phase2.iter().any(|l| !l.is_empty()) {
-            self.dispatch(phase2, &mut slots, replies).await;
+            self.dispatch_all(phase2, &mut slots, replies).await;
         }
         for slot in slots.iter_mut() {
             if let Slot::WalRead { from, limit } = *slot {
@@ -227,13 +227,112 @@ impl Router {
         slots.into_iter().map(|s| self.finish(s)).collect()
     }
 
-    /// Sends each shard its list and merges every answer into `slots`.
+    /// Executes the plain actions of a cycle (answered locally or by one
+    /// shard) until some shard defers part of its list because its answers
+    /// reached [`rstmdb_shards::commands::BATCH_ANSWER_BYTES`]; returns the outcomes of the leading
+    /// actions that are complete, and what is left, in order, for the next
+    /// call (completed answers beyond the first deferred one come back as
+    /// `Action::Local`). The caller writes each prefix before the next call,
+    /// so a connection holds at most one round of answers per shard.
+    ///
+    /// `fresh`: the actions come straight from a cycle (nothing carried).
+    /// Otherwise only the commands ahead of the first carried answer are
+    /// sent: a shard that ran ahead waits until the others catch up, so
+    /// carried answers never pile up.
+    pub async fn run_prefix(
+        &self,
+        actions: Vec<Action>,
+        fresh: bool,
+        replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
+    ) -> (Vec<Outcome>, Vec<Action>) {
+        let n = self.shards.len();
+        let window = if fresh {
+            actions.len()
+        } else {
+            actions
+                .iter()
+                .position(|a| !matches!(a, Action::Shard(..)))
+                .unwrap_or(actions.len())
+                .max(1)
+        };
+        let mut per_shard: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
+        let mut slots = Vec::with_capacity(actions.len());
+        let mut unsent = Vec::new();
+        for (i, action) in actions.into_iter().enumerate() {
+            slots.push(match action {
+                Action::Local(r) => Slot::Done(r),
+                Action::Bye => Slot::Bye,
+                Action::Shard(s, cmd) if i < window => {
+                    per_shard[s].push((i as u32, cmd));
+                    Slot::Single
+                }
+                Action::Shard(s, cmd) => {
+                    unsent.push((i, s, cmd));
+                    Slot::Single
+                }
+                _ => unreachable!("run_prefix takes plain actions only"),
+            });
+        }
+        let deferred = self.dispatch(per_shard, &mut slots, replies).await;
+        let mut again: Vec<Option<(usize, Command)>> = (0..slots.len()).map(|_| None).collect();
+        for (shard, list) in deferred.into_iter().enumerate() {
+            for (slot, cmd) in list {
+                again[slot as usize] = Some((shard, cmd));
+            }
+        }
+        for (i, s, cmd) in unsent {
+            again[i] = Some((s, cmd));
+        }
+        let first = again
+            .iter()
+            .position(Option::is_some)
+            .unwrap_or(slots.len());
+        // The first action always completes (a shard runs the first
+        // command of every list it gets), so each call makes progress.
+        assert!(first > 0 || slots.is_empty(), "a round answered nothing");
+        let mut outcomes = Vec::with_capacity(first);
+        let mut rest = Vec::with_capacity(slots.len() - first);
+        for (i, (slot, retry)) in slots.into_iter().zip(again).enumerate() {
+            if i < first {
+                outcomes.push(self.finish(slot));
+                continue;
+            }
+            rest.push(match retry {
+                Some((shard, cmd)) => Action::Shard(shard, cmd),
+                None => match self.finish(slot) {
+                    Outcome::Done(r) => Action::Local(r),
+                    Outcome::Bye => Action::Bye,
+                },
+            });
+        }
+        (outcomes, rest)
+    }
+
+    /// [`Router::dispatch`] until every command has run (deferred ones are
+    /// sent again, in order).
+    async fn dispatch_all(
+        &self,
+        mut per_shard: Vec<Vec<(u32, Command)>>,
+        slots: &mut [Slot],
+        replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
+    ) {
+        loop {
+            per_shard = self.dispatch(per_shard, slots, replies).await;
+            if per_shard.iter().all(Vec::is_empty) {
+                return;
+            }
+        }
+    }
+
+    /// Sends each shard its list and merges every answer into `slots`;
+    /// returns, per shard, the commands it deferred (in order).
     async fn dispatch(
         &self,
         per_shard: Vec<Vec<(u32, Command)>>,
         slots: &mut [Slot],
         replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
-    ) {
+    ) -> Vec<Vec<(u32, Command)>> {
+        let mut deferred: Vec<Vec<(u32, Command)>> = vec![Vec::new(); self.shards.len()];
         let mut waiting = 0;
         for (shard, commands) in per_shard.into_iter().enumerate() {
             if commands.is_empty() {
@@ -259,9 +358,13 @@ impl Router {
             };
             waiting -= 1;
             for (slot, r) in reply.replies {
-                merge(&mut slots[slot as usize], reply.shard, r);
+                match r {
+                    Reply::Deferred(cmd) => deferred[reply.shard].push((slot, cmd)),
+                    r => merge(&mut slots[slot as usize], reply.shard, r),
+                }
             }
         }
+        deferred
     }
 
     fn finish(&self, slot: Slot) -> Outcome {

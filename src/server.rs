@@ -29,12 +29,6 @@ const MAX_REQUESTS_PER_CYCLE: usize = 1024;
 const WRITE_FLUSH_BYTES: usize = 256 * 1024;
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
-/// Requests of a cycle sent to the shards at once when a connection starts;
-/// see [`AnswerBudget`].
-const FIRST_CHUNK: usize = 16;
-/// Answer bytes one chunk of a cycle aims to stay under (see
-/// [`AnswerBudget`]).
-const CHUNK_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// How long shutdown waits for connections to finish their current cycle.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -168,7 +162,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     // reactor work on every request).
     let mut last_active = std::time::Instant::now();
     let mut idle_timer = cfg.idle_timeout.map(glommio::timer::Timer::new);
-    let mut budget = AnswerBudget::default();
     loop {
         // Decode every complete frame already buffered.
         // (request id, action, the output mode its answer is written in:
@@ -243,26 +236,44 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 ) => actions.pop(),
                 _ => None,
             };
-            // The plain actions go to the shards a chunk at a time, each
-            // chunk's answers written out before the next is sent: a
-            // client pipelining reads of large values that never reads its
-            // answers holds at most one chunk of them in server memory
-            // (then TCP backpressure stops its requests).
+            // A trailing fan-out (PUT_MACHINE, LIST_INSTANCES, WAL_STATS,
+            // WAL_READ, FLUSH_ALL) runs once everything before it is
+            // answered.
+            let fan_out = match actions.last() {
+                Some(
+                    Action::PutMachine(_)
+                    | Action::ListInstances { .. }
+                    | Action::WalStats
+                    | Action::WalRead { .. }
+                    | Action::FlushAll,
+                ) => actions.pop(),
+                _ => None,
+            };
+            // The plain actions: each shard answers its share of the cycle
+            // until its answers reach a budget and defers the rest; the
+            // complete prefix is written before the rest is sent again. A
+            // client pipelining reads of large values that never reads
+            // its answers holds one round of them per shard in server
+            // memory; then TCP backpressure stops its requests.
             let cycle = Cycle {
                 metrics: cfg.metrics.as_deref(),
                 elapsed: cycle_start,
             };
             wbuf.clear();
             let mut ids = ids.into_iter();
-            let mut actions = actions;
-            while !actions.is_empty() {
-                let rest = actions.split_off(budget.chunk.min(actions.len()));
-                let n = actions.len();
-                let outcomes = router.run(actions, &replies).await;
-                let answered = ids.by_ref().take(n).zip(outcomes);
-                let bytes = write_answers(&mut stream, &mut wbuf, answered, &cycle).await?;
-                budget.update(n, bytes);
-                actions = rest;
+            let mut pending = actions;
+            let mut fresh = true;
+            while !pending.is_empty() {
+                let (outcomes, rest) = router.run_prefix(pending, fresh, &replies).await;
+                fresh = false;
+                let answered = ids.by_ref().take(outcomes.len()).zip(outcomes);
+                write_answers(&mut stream, &mut wbuf, answered, &cycle).await?;
+                pending = rest;
+            }
+            if let Some(f) = fan_out {
+                let outcomes = router.run(vec![f], &replies).await;
+                let answered = ids.by_ref().take(1).zip(outcomes);
+                write_answers(&mut stream, &mut wbuf, answered, &cycle).await?;
             }
             let mut outcomes = Vec::new();
             let ctx = watch::Ctx {
@@ -422,34 +433,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How many of a cycle's requests go to the shards at once. It starts at
-/// [`FIRST_CHUNK`], doubles while a chunk's answers stay under half of
-/// [`CHUNK_ANSWER_BYTES`] (so pipelined small requests soon go in one
-/// chunk per cycle, as group commit wants), and shrinks in proportion when
-/// they exceed it (large values).
-struct AnswerBudget {
-    chunk: usize,
-}
-
-impl Default for AnswerBudget {
-    fn default() -> Self {
-        AnswerBudget { chunk: FIRST_CHUNK }
-    }
-}
-
-impl AnswerBudget {
-    /// Adapts to a chunk of `n` requests whose answers took `bytes`.
-    fn update(&mut self, n: usize, bytes: usize) {
-        debug_assert!(n >= 1);
-        if bytes > CHUNK_ANSWER_BYTES {
-            self.chunk = (n * CHUNK_ANSWER_BYTES / bytes).max(1);
-        } else if bytes < CHUNK_ANSWER_BYTES / 2 && n == self.chunk {
-            self.chunk = (self.chunk * 2).min(MAX_REQUESTS_PER_CYCLE);
-        }
-        debug_assert!((1..=MAX_REQUESTS_PER_CYCLE).contains(&self.chunk));
-    }
-}
-
 /// What every answer of a cycle shares.
 struct Cycle<'a> {
     metrics: Option<&'a RequestMetrics>,
@@ -460,14 +443,13 @@ struct Cycle<'a> {
 
 /// Frames the answers into `wbuf`, writing it out whenever
 /// [`WRITE_FLUSH_BYTES`] are buffered (the rest stays for the caller's
-/// final write). Returns the bytes of answers framed.
+/// final write).
 async fn write_answers<S: AsyncWrite + Unpin>(
     stream: &mut S,
     wbuf: &mut Vec<u8>,
     answered: impl Iterator<Item = ((String, WireMode, u8), Outcome)>,
     cycle: &Cycle<'_>,
-) -> std::io::Result<usize> {
-    let mut bytes = 0;
+) -> std::io::Result<()> {
     let elapsed = cycle.elapsed.map_or(0.0, |t| t.elapsed().as_secs_f64());
     for ((id, mode, op), outcome) in answered {
         if let Some(m) = cycle.metrics {
@@ -477,7 +459,6 @@ async fn write_answers<S: AsyncWrite + Unpin>(
             };
             m.observe(op, elapsed, error);
         }
-        let before = wbuf.len();
         // Each answer is written straight into the output buffer; a binary
         // frame's header is filled in once its payload is.
         let frame_start = (mode == WireMode::Binary).then(|| frame::begin(wbuf));
@@ -499,11 +480,10 @@ async fn write_answers<S: AsyncWrite + Unpin>(
             Some(start) => frame::finish(wbuf, start),
             None => wbuf.push(b'\n'),
         }
-        bytes += wbuf.len() - before;
         if wbuf.len() >= WRITE_FLUSH_BYTES {
             stream.write_all(wbuf).await?;
             wbuf.clear();
         }
     }
-    Ok(bytes)
+    Ok(())
 }

@@ -312,7 +312,14 @@ fn cut_wal(dir: &Path, cut: &Cut, backup: &Path) -> Result<usize, String> {
             .and_then(|_| fs::File::open(&to)?.sync_all())
             .map_err(|e| format!("backing up {}: {e}", from.display()))?;
     }
-    segment::sync_dir(backup).map_err(|e| e.to_string())?;
+    // The backup must be durable before anything is cut: its directory,
+    // the repair directory and the data directory's entry for it.
+    let mut dir_to_sync = Some(backup);
+    for _ in 0..3 {
+        let Some(d) = dir_to_sync else { break };
+        segment::sync_dir(d).map_err(|e| e.to_string())?;
+        dir_to_sync = d.parent();
+    }
     // Newest first, so a crash halfway leaves a contiguous log.
     for &id in affected.iter().rev() {
         let path = dir.join(segment::file_name(id));

@@ -193,32 +193,41 @@ fn clients_that_never_read_do_not_grow_the_server_or_stall_others() {
     let (_dir, server) = server(1000);
     let mut c = server.client();
     setup_machine(&mut c);
-    // A 512 KiB context: every GET answer is that large.
-    let big = "x".repeat(512 * 1024);
+    // A 2 MiB context: every GET answer is that large; and a small one.
+    let big = "x".repeat(2 * 1024 * 1024);
     c.ok(
         "CREATE_INSTANCE",
         json!({"instance_id": "big", "machine": "order", "version": 1, "initial_ctx": {"blob": big}}),
     );
+    c.ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": "small", "machine": "order", "version": 1}),
+    );
     c.ok("WATCH_ALL", json!({}));
     let (base, _) = rss_kib(&server);
-    // Each client pipelines 2,000 GETs (1 GiB of answers) and never reads;
-    // the server must stop taking their requests (TCP backpressure) rather
-    // than buffer the answers.
+    // Each client first pipelines small reads and reads their answers (a
+    // server that sized its work by past answers would now trust this
+    // connection), then pipelines 1,000 GETs of the big instance (2 GiB of
+    // answers) and never reads; the server must stop taking its requests
+    // (TCP backpressure) rather than buffer the answers.
+    let small = request_frame("s", "GET_INSTANCE", &json!({"instance_id": "small"}));
     let get = request_frame("g", "GET_INSTANCE", &json!({"instance_id": "big"}));
-    let mut burst = Vec::new();
-    for _ in 0..2000 {
-        burst.extend_from_slice(&get);
-    }
+    let warmup: Vec<u8> = small.repeat(500);
+    let burst: Vec<u8> = get.repeat(1000);
     let writers: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let s = TcpStream::connect(server.addr).unwrap();
             s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-            let burst = burst.clone();
+            let (warmup, burst) = (warmup.clone(), burst.clone());
             std::thread::spawn(move || {
-                let mut s = s;
+                let mut c = Client::from_stream(s);
+                c.send(&warmup);
+                for _ in 0..500 {
+                    assert_eq!(c.read_frame().expect("answer")["status"], "ok");
+                }
                 // Stops when the server stops reading (the write times out).
-                let _ = s.write_all(&burst);
-                s
+                let _ = c.stream.write_all(&burst);
+                c
             })
         })
         .collect();
@@ -238,8 +247,8 @@ fn clients_that_never_read_do_not_grow_the_server_or_stall_others() {
             json!({"instance_id": format!("n{i}"), "event": "TICK", "payload": {"pad": "y".repeat(2048)}}),
         );
     }
-    let stuck: Vec<TcpStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    let peak = report("8 clients not reading 1 GiB of answers each", &server, base);
+    let stuck: Vec<Client> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let peak = report("8 clients not reading 2 GiB of answers each", &server, base);
     assert!(
         peak - base < 256 * 1024,
         "answers nobody reads were buffered: {} MiB",

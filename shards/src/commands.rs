@@ -147,6 +147,26 @@ pub enum Reply {
         /// (name, version) pairs removed.
         machines: u64,
     },
+    /// Not executed: the answers to the batch's earlier commands reached
+    /// [`BATCH_ANSWER_BYTES`]. The command comes back to be sent again,
+    /// with every later command of the batch (so order is kept).
+    Deferred(Command),
+}
+
+/// Answer bytes a shard produces for one [`Batch`] before it defers the
+/// rest of it ([`Reply::Deferred`]): what one connection's answers may
+/// hold in memory per shard, plus the one answer that crosses it.
+pub const BATCH_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+impl Reply {
+    /// About how many bytes the answer occupies.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Reply::Json(b) => b.len(),
+            Reply::Instances { items, .. } => items.len() * 96,
+            _ => 64,
+        }
+    }
 }
 
 /// One LIST_INSTANCES item (fields in the reference's alphabetical order).

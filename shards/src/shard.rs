@@ -15,7 +15,7 @@ use rstmdb_wal::{Page, ReadRange, Recovered, SegmentInfo, WalError, WalWriter, W
 
 use crate::atomic::{AtomicState, Vote};
 use crate::commands::WatchEvent;
-use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats};
+use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats, BATCH_ANSWER_BYTES};
 use crate::engine::{now_ms, Engine, Mark, Offsets};
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
@@ -542,13 +542,21 @@ pub async fn run(
                         continue;
                     }
                     let mut replies = Vec::with_capacity(b.commands.len());
+                    let mut answer_bytes = 0usize;
                     for (slot, cmd) in b.commands {
+                        if answer_bytes >= BATCH_ANSWER_BYTES {
+                            // Bounds what a connection's answers hold in
+                            // memory; the rest comes back later, in order.
+                            replies.push((slot, Reply::Deferred(cmd)));
+                            continue;
+                        }
                         let reply = if matches!(cmd, Command::WalStats) {
                             stats_wanted = true;
                             Reply::WalStats(ShardWalStats::default())
                         } else {
                             engine.execute(cmd, &mut offsets, now)
                         };
+                        answer_bytes += reply.approx_bytes();
                         replies.push((slot, reply));
                     }
                     answers.push((b.reply_to, replies));
@@ -705,7 +713,9 @@ pub async fn run(
         });
         for (to, mut replies) in answers {
             for (_, r) in replies.iter_mut() {
-                if let Some(err) = &failure {
+                if matches!(r, Reply::Deferred(_)) {
+                    // Never executed: not touched by the drain's outcome.
+                } else if let Some(err) = &failure {
                     // Every answer of a failed drain, errors included, was
                     // computed against state that has been rolled back.
                     *r = Reply::Error(err.clone());
