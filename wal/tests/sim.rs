@@ -40,6 +40,8 @@ struct Totals {
     crashes: u64,
     writes_lost: u64,
     writes_torn: u64,
+    /// Synced records damaged on purpose (each refused by recovery).
+    damaged: u64,
 }
 
 /// What the test knows of every record handed to the writer.
@@ -154,6 +156,68 @@ fn recover_checked(
 
 fn trace() -> bool {
     std::env::var_os("SIM_TRACE").is_some()
+}
+
+/// Media damage to data that was made durable: a byte flipped inside the
+/// records of a segment that is not the newest one holding records (every
+/// such segment was synced before the next one got a record). Start-up must
+/// stop and name the file and the byte, never go on without the records;
+/// then the byte is restored (as from a backup) and the run goes on.
+fn damage_synced_data(
+    disk: &SimDisk,
+    opts: &RecoveryOptions,
+    rng: &mut Rng,
+    seed: u64,
+    t: &mut Totals,
+) {
+    use rstmdb_wal::storage::Storage;
+    let mut with_records: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    let mut names = disk.read_dir(&opts.dir).unwrap_or_default();
+    names.sort();
+    for name in names.iter().filter(|n| n.ends_with(".wal")) {
+        let path = opts.dir.join(name);
+        let bytes = disk.read(&path).expect("read");
+        if bytes.len() > BLOCK as usize && bytes[BLOCK as usize] != 0 {
+            with_records.push((path, bytes));
+        }
+    }
+    if with_records.len() < 2 {
+        return;
+    }
+    let (path, bytes) = with_records.swap_remove(rng.below(with_records.len() as u64 - 1) as usize);
+    // The byte ranges of its records (padding is never read: a flip there
+    // destroys nothing).
+    let mut records = Vec::new();
+    let mut at = BLOCK as usize;
+    while at < bytes.len() && bytes[at] != 0 {
+        match rstmdb_wal::record::decode(&bytes[at..]) {
+            rstmdb_wal::record::Decoded::Record(_, _, n) => {
+                records.push((at, n));
+                at += n;
+                if at >= bytes.len() || bytes[at] == 0 {
+                    at = (at as u64).div_ceil(BLOCK) as usize * BLOCK as usize;
+                }
+            }
+            rstmdb_wal::record::Decoded::Invalid(_) => break,
+        }
+    }
+    let Some(&(start, n)) = records.get(rng.below(records.len().max(1) as u64) as usize) else {
+        return;
+    };
+    let pos = (start + rng.below(n as u64) as usize) as u64;
+    let old = bytes[pos as usize];
+    disk.write_at(&path, pos, &[old ^ 0x5A]).expect("damage");
+    disk.sync_file(&path).expect("damage");
+    t.damaged += 1;
+    match recover_on(disk, opts, |_| Ok(())) {
+        Err(WalError::Corrupt { path: p, .. }) => assert_eq!(p, path, "seed {seed}"),
+        other => panic!(
+            "seed {seed}: a damaged synced record in {} at byte {pos} was not refused: {other:?}",
+            path.display()
+        ),
+    }
+    disk.write_at(&path, pos, &[old]).expect("restore");
+    disk.sync_file(&path).expect("restore");
 }
 
 async fn run_seed(seed: u64, t: &mut Totals) {
@@ -272,6 +336,9 @@ async fn run_seed(seed: u64, t: &mut Totals) {
             eprintln!("crash {mode:?}");
         }
         disk.crash(mode);
+        if rng.chance(0.2) {
+            damage_synced_data(&disk, &opts, &mut rng, seed, t);
+        }
     }
     // A last recovery without faults always succeeds.
     disk.set_faults(Faults::default());
