@@ -292,7 +292,9 @@ impl State {
 
     /// Whether growing the files by `grow` bytes fits the capacity.
     fn fits(&self, grow: u64) -> bool {
-        self.capacity.is_none_or(|c| self.used() + grow <= c)
+        // Overwrites need no new space, even on a disk already over its
+        // (lowered) capacity.
+        grow == 0 || self.capacity.is_none_or(|c| self.used() + grow <= c)
     }
 
     /// A write of `data` at `pos` of inode `ino`, with faults (`torn_on_eio`:
