@@ -7,8 +7,9 @@
 //!
 //! * [`CrashMode::DropUnsynced`]: every write since the last sync is lost.
 //! * [`CrashMode::Subset`]: each such write independently survives or not,
-//!   and one that survives may be torn at any byte (only a prefix of it
-//!   reached the medium), in any order relative to the others.
+//!   and one that survives may be torn: cut at any byte (only a prefix
+//!   reached the medium) or with any subset of its 512-byte sectors
+//!   written, in any order relative to the other writes.
 //!
 //! Directory entries (creations, renames, removals) become durable with
 //! `sync_dir` of their directory; at a crash, a random prefix of those not
@@ -60,6 +61,10 @@ impl Rng {
         p > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 }
+
+/// The unit a device writes atomically; a torn multi-sector write may keep
+/// any subset of its sectors.
+const SECTOR: usize = 512;
 
 /// Fault probabilities, per operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -227,13 +232,27 @@ impl SimDisk {
                 }
                 match op {
                     FileOp::Write { pos, data: bytes } => {
-                        let n = if st.rng.chance(0.3) {
-                            st.stats.writes_torn += 1;
-                            st.rng.below(bytes.len() as u64 + 1) as usize
+                        if !st.rng.chance(0.3) {
+                            write_into(&mut data, *pos, bytes);
+                            continue;
+                        }
+                        st.stats.writes_torn += 1;
+                        if st.rng.chance(0.5) {
+                            // Cut at any byte: a prefix reached the medium.
+                            let n = st.rng.below(bytes.len() as u64 + 1) as usize;
+                            write_into(&mut data, *pos, &bytes[..n]);
                         } else {
-                            bytes.len()
-                        };
-                        write_into(&mut data, *pos, &bytes[..n]);
+                            // Any subset of its 512-byte sectors, in any
+                            // order (a multi-block write is not ordered).
+                            // Bytes of sectors lost keep their old content.
+                            for (i, sector) in bytes.chunks(SECTOR).enumerate() {
+                                if st.rng.chance(0.5) {
+                                    write_into(&mut data, pos + (i * SECTOR) as u64, sector);
+                                } else if data.len() < (*pos as usize + i * SECTOR) {
+                                    data.resize(*pos as usize + i * SECTOR, 0);
+                                }
+                            }
+                        }
                     }
                     FileOp::SetLen(len) => data.resize(*len as usize, 0),
                 }
