@@ -182,11 +182,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn metrics_after_a_workload_are_valid_prometheus_text_with_the_reference_families() {
     let dir = common::data_dir("metrics");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let maddr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let server = Server::start(
         dir.path(),

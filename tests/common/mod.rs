@@ -21,12 +21,26 @@ pub fn data_dir(name: &str) -> tempfile::TempDir {
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port no other listener holds, below the kernel's ephemeral range
+/// (32768 and up here): a port the kernel hands out for `bind(0)` can also
+/// become the source port of any client socket, and a server given it could
+/// then find it taken (the hostile-client tests open thousands of client
+/// sockets). Each test process walks its own stretch of the range, so tests
+/// running in parallel in one process never get the same port.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    let start = (std::process::id() % 1_000) * 20;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Options for starting a server.
