@@ -84,6 +84,19 @@ fn init_logging() {
         .init();
 }
 
+/// Binds a socket to `addr` the way a listener would (address reuse on,
+/// port reuse off), without listening, and closes it: fails when another
+/// socket listens there.
+fn probe_bind(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+}
+
 fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     match p {
         config::FsyncPolicy::EveryWrite => FsyncPolicy::EveryWrite,
@@ -250,8 +263,10 @@ fn run(cfg: Config) -> Result<(), String> {
     // glommio binds with SO_REUSEPORT so that frontends can share the port;
     // that would also let a second server on the same port start and split
     // the connections with us. A plain bind first finds any listener there.
+    // Bind only, never listen: a listener, even for an instant, could
+    // accept a client's connection and then drop it.
     if bind.port() != 0 {
-        std::net::TcpListener::bind(bind).map_err(|e| {
+        probe_bind(bind).map_err(|e| {
             format!("cannot listen on {bind}: {e} (is another server running there?)")
         })?;
     }
