@@ -23,7 +23,7 @@ use rstmdb_shards::engine::{Engine, EngineLimits, Offsets};
 use rstmdb_shards::recovery::{recover_shard_on, RecoveryError};
 use rstmdb_shards::snapshot::{SnapshotJob, Step};
 use rstmdb_wal::segment::BLOCK;
-use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk};
+use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk, SimStats};
 use rstmdb_wal::storage::Storage;
 use rstmdb_wal::{RecoveryOptions, WalError, WalWriter, WriterConfig};
 use serde_json::json;
@@ -59,10 +59,8 @@ struct Totals {
     recoveries: u64,
     recoveries_failed: u64,
     recovered_from_snapshot: u64,
-    faults: u64,
-    crashes: u64,
-    writes_lost: u64,
-    writes_torn: u64,
+    /// What the simulated disk did (faults, crashes, writes lost and torn).
+    disk: SimStats,
 }
 
 /// What a client could see of the shard: every instance and the machine.
@@ -243,7 +241,7 @@ async fn run_seed(seed: u64, t: &mut Totals) {
                 rec.snapshot_start, rec.skipped, rec.wal.segments, rec.wal.records, rec.wal.last_offset, rec.wal.torn
             );
         }
-        let now_next = rec.wal.last_offset.max(rec.engine.max_offset()) + 1;
+        let next_offset = rec.wal.last_offset.max(rec.engine.max_offset()) + 1;
         let mut engine = rec.engine;
         let now = visible(&mut engine);
         if allowed.is_empty() {
@@ -277,7 +275,7 @@ async fn run_seed(seed: u64, t: &mut Totals) {
         // What recovery returned is durable: the new acknowledged state.
         allowed = vec![now];
         // As start-up computes it (src/recover.rs).
-        let mut next = now_next;
+        let mut next = next_offset;
         disk.set_capacity(if rng.chance(0.2) {
             Some(disk.used() + rng.below(4 * SEG))
         } else {
@@ -408,11 +406,7 @@ async fn run_seed(seed: u64, t: &mut Totals) {
         }
         disk.crash(mode);
     }
-    let s = disk.stats();
-    t.faults += s.faults;
-    t.crashes += s.crashes;
-    t.writes_lost += s.writes_lost;
-    t.writes_torn += s.writes_torn;
+    t.disk += disk.stats();
 }
 
 fn run_seeds(seeds: std::ops::Range<u64>) -> Totals {
@@ -432,7 +426,7 @@ fn shard_state_survives_random_faults_crashes_and_compaction() {
     println!("[sim-shard] seeds {seeds:?}: {t:?}");
     assert_eq!(t.seeds, seeds.end - seeds.start);
     assert!(
-        t.crashes > 0 && t.commits_acked > 0 && t.snapshots > 0,
+        t.disk.crashes > 0 && t.commits_acked > 0 && t.snapshots > 0,
         "{t:?}"
     );
 }

@@ -272,6 +272,15 @@ impl SimDisk {
     }
 }
 
+impl std::ops::AddAssign for SimStats {
+    fn add_assign(&mut self, o: SimStats) {
+        self.faults += o.faults;
+        self.crashes += o.crashes;
+        self.writes_lost += o.writes_lost;
+        self.writes_torn += o.writes_torn;
+    }
+}
+
 fn write_into(buf: &mut Vec<u8>, pos: u64, data: &[u8]) {
     let end = pos as usize + data.len();
     if buf.len() < end {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use rstmdb_wal::segment::BLOCK;
-use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk};
+use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk, SimStats};
 use rstmdb_wal::{recovery::recover_on, RecoveryOptions, WalError, WalWriter, WriterConfig};
 
 /// Small segments, so that commits rotate and span segments often.
@@ -36,10 +36,8 @@ struct Totals {
     records_acked: u64,
     recoveries: u64,
     recoveries_failed: u64,
-    faults: u64,
-    crashes: u64,
-    writes_lost: u64,
-    writes_torn: u64,
+    /// What the simulated disk did (faults, crashes, writes lost and torn).
+    disk: SimStats,
     /// Synced records damaged on purpose (each refused by recovery).
     damaged: u64,
 }
@@ -324,8 +322,6 @@ async fn run_seed(seed: u64, t: &mut Totals) {
             }
         }
         drop(w);
-        let s = disk.stats();
-        let _ = s;
         disk.set_faults(Faults::default());
         let mode = if rng.chance(0.5) {
             CrashMode::DropUnsynced
@@ -347,11 +343,7 @@ async fn run_seed(seed: u64, t: &mut Totals) {
         recover_checked(&disk, &opts, &mut model, seed, t).is_some(),
         "seed {seed}: final recovery failed"
     );
-    let s = disk.stats();
-    t.faults += s.faults;
-    t.crashes += s.crashes;
-    t.writes_lost += s.writes_lost;
-    t.writes_torn += s.writes_torn;
+    t.disk += disk.stats();
 }
 
 fn run_seeds(seeds: std::ops::Range<u64>) -> Totals {
@@ -372,7 +364,7 @@ fn wal_survives_random_faults_and_crashes() {
     println!("[sim] seeds {seeds:?}: {t:?}");
     assert_eq!(t.seeds, count);
     assert!(
-        t.crashes > 0 && t.faults > 0 && t.records_acked > 0,
+        t.disk.crashes > 0 && t.disk.faults > 0 && t.records_acked > 0,
         "{t:?}"
     );
 }
