@@ -15,8 +15,8 @@ use rstmdb_wal::WriterConfig;
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::{
-    auth, compaction, config, ops, recover, reshard, router, server, subscriptions, telemetry, tls,
-    wal_tool,
+    auth, compaction, config, listen, ops, recover, reshard, router, server, subscriptions,
+    telemetry, tls, wal_tool,
 };
 
 /// Bound of each shard's inbound channel (batches, not requests): a full
@@ -84,19 +84,6 @@ fn init_logging() {
         .init();
 }
 
-/// Binds a socket to `addr` the way a listener would (address reuse on,
-/// port reuse off), without listening, and closes it: fails when another
-/// socket listens there.
-fn probe_bind(addr: std::net::SocketAddr) -> std::io::Result<()> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())
-}
-
 fn fsync_policy(p: config::FsyncPolicy) -> FsyncPolicy {
     match p {
         config::FsyncPolicy::EveryWrite => FsyncPolicy::EveryWrite,
@@ -120,6 +107,12 @@ fn executor_error(what: &str, e: impl std::fmt::Display) -> String {
 }
 
 fn run(cfg: Config) -> Result<(), String> {
+    // Before recovery: a start refused for its address costs no recovery.
+    listen::check_free(cfg.network.bind_addr, "network.bind_addr").map_err(|e| e.to_string())?;
+    if cfg.metrics.enabled {
+        listen::check_free(cfg.metrics.bind_addr, "metrics.bind_addr")
+            .map_err(|e| e.to_string())?;
+    }
     let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
     let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
     // Before any executor starts: instruments made earlier stay no-ops.
@@ -260,16 +253,6 @@ fn run(cfg: Config) -> Result<(), String> {
         retention: Duration::from_secs(cfg.compaction.wal_retention_secs),
         keep_snapshots: cfg.compaction.keep_snapshots.max(1),
     };
-    // glommio binds with SO_REUSEPORT so that frontends can share the port;
-    // that would also let a second server on the same port start and split
-    // the connections with us. A plain bind first finds any listener there.
-    // Bind only, never listen: a listener, even for an instant, could
-    // accept a client's connection and then drop it.
-    if bind.port() != 0 {
-        probe_bind(bind).map_err(|e| {
-            format!("cannot listen on {bind}: {e} (is another server running there?)")
-        })?;
-    }
     let shared = Arc::new(subscriptions::Shared::default());
     shared.extend_aborted(aborted_ever);
     let compactor = Arc::new(compaction::Compactor::new(
@@ -308,7 +291,7 @@ fn run(cfg: Config) -> Result<(), String> {
             .io_memory(io_memory)
             .spin_before_park(spin)
             .spawn(move || async move {
-                let listener = match glommio::net::TcpListener::bind(bind) {
+                let listener = match listen::listener(bind) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("cannot listen on {bind}: {e}")));

@@ -13,6 +13,7 @@ pub mod compaction;
 pub mod config;
 pub mod daemon;
 pub mod datadir;
+pub mod listen;
 pub mod ops;
 pub mod protocol;
 pub mod recover;

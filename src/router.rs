@@ -18,6 +18,7 @@
 use rstmdb_shards::commands::{Batch, BatchReply, Command, InstanceSummary, Reply, ShardWalStats};
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use rstmdb_shards::shard::{Sequencer, ShardMsg, WalReadRequest};
+use rstmdb_shards::wal_entry;
 use rstmdb_wal::{OwnedRecord, ReadRange};
 use serde::Serialize;
 
@@ -418,17 +419,21 @@ impl Router {
         let mut body = Vec::new();
         let mut last = None;
         for (i, r) in records.iter().take(limit).enumerate() {
-            if i > 0 && body.len() + r.payload.len() + 64 > WAL_READ_BYTES {
-                break;
-            }
+            let before = body.len();
             if i > 0 {
                 body.push(b',');
             }
             body.extend_from_slice(br#"{"entry":"#);
-            body.extend_from_slice(&r.payload);
+            wal_entry::append_read_view(r.kind, &r.payload, &mut body);
             body.extend_from_slice(
                 format!(r#","offset":{o},"sequence":{o}}}"#, o = r.offset).as_bytes(),
             );
+            // The first record always goes (a record fits a frame); later
+            // ones only while the answer stays within its bound.
+            if i > 0 && body.len() + 64 > WAL_READ_BYTES {
+                body.truncate(before);
+                break;
+            }
             last = Some(r.offset);
         }
         match last {

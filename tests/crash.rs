@@ -136,6 +136,12 @@ fn sigterm_under_load_exits_0_and_loses_no_acknowledged_write() {
     );
 }
 
+/// SIGINT (Ctrl-C) under load: the same graceful shutdown as SIGTERM.
+#[test]
+fn sigint_under_load_exits_0_and_loses_no_acknowledged_write() {
+    crash_cycles("sigint", 2, &[], false, Stop::Int);
+}
+
 /// How each cycle stops the server.
 #[derive(Clone, Copy, PartialEq)]
 enum Stop {
@@ -143,6 +149,8 @@ enum Stop {
     Kill9,
     /// SIGTERM: a graceful shutdown, which must exit 0.
     Term,
+    /// SIGINT: the same, from a terminal.
+    Int,
 }
 
 /// The same while snapshots and compaction run all the time: automatic
@@ -164,9 +172,10 @@ fn kill_9_during_snapshots_and_compaction_loses_no_acknowledged_write() {
     );
 }
 
-/// Runs writers (and a COMPACT loop if `compact`) against a server killed
-/// with SIGKILL `cycles` times, checking every acknowledged write after
-/// each restart.
+/// Runs writers (and a COMPACT loop if `compact`) against a server stopped
+/// `how` `cycles` times, with idle connections open too, and restarted at
+/// once on the same address (where the stopped server's connections still
+/// linger), checking every acknowledged write after each restart.
 fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool, how: Stop) {
     let dir = common::data_dir(name);
     let opts = Opts {
@@ -215,13 +224,30 @@ fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool, 
                 std::thread::spawn(move || writer(addr, w, cycle, log, stop))
             })
             .collect();
-        // Let the load run a varying while, then kill -9 mid-load.
+        // Connections that sit idle through the stop.
+        let idle: Vec<_> = (0..3)
+            .map(|_| {
+                let mut c = server.client();
+                c.ok("PING", json!({}));
+                c
+            })
+            .collect();
+        // Let the load run a varying while, then stop the server mid-load.
         std::thread::sleep(Duration::from_millis(300 + 97 * (cycle as u64 % 5)));
-        match how {
-            Stop::Kill9 => server.kill9(),
-            Stop::Term => {
+        let signal = match how {
+            Stop::Kill9 => None,
+            Stop::Term => Some(libc::SIGTERM),
+            Stop::Int => Some(libc::SIGINT),
+        };
+        match signal {
+            None => server.kill9(),
+            Some(sig) => {
                 let log = server.log_text();
-                assert_eq!(server.stop(), Some(0), "exit status after SIGTERM: {log}");
+                assert_eq!(
+                    server.signal(sig),
+                    Some(0),
+                    "exit status after signal {sig}: {log}"
+                );
             }
         }
         stop.store(true, Ordering::Relaxed);
@@ -233,6 +259,7 @@ fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool, 
             compactions += h.join().expect("compactor thread");
         }
         server.restart();
+        drop(idle);
 
         let mut c = server.client();
         let mut acked_writes = 0;

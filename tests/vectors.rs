@@ -1,4 +1,4 @@
-//! Every case of `shared/spec/vectors/` replayed against the real binary
+//! Every case of `tests/vectors/` (a copy of `shared/spec/vectors/`) replayed against the real binary
 //! over RCP and compared with its `expected` outcome (format and comparison
 //! rules in the vectors' README).
 
@@ -8,10 +8,7 @@ use common::{frame, retryable, Client, Opts, Server};
 use serde_json::{json, Value};
 
 fn vectors(name: &str) -> Vec<Value> {
-    let path = format!(
-        "{}/../shared/spec/vectors/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/tests/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     text.lines()
         .filter(|l| !l.trim().is_empty())

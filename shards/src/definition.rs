@@ -421,7 +421,7 @@ mod tests {
 
     const DEFINITION_VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/spec/vectors/definitions.jsonl"
+        "/../tests/vectors/definitions.jsonl"
     );
 
     /// JSON equality that also tells `1` from `1.0` and `0.0` from `-0.0`,

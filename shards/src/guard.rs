@@ -564,10 +564,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const GUARD_VECTORS: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/spec/vectors/guards.jsonl"
-    );
+    const GUARD_VECTORS: &str =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vectors/guards.jsonl");
 
     /// What a vector case expects from PUT_MACHINE + APPLY_EVENT, reduced to
     /// the logic level.

@@ -11,7 +11,9 @@
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
-use rstmdb_wal::{Page, ReadRange, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig};
+use rstmdb_wal::{
+    Page, ReadRange, ReaderIo, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig,
+};
 
 use crate::atomic::{AtomicState, Vote};
 use crate::commands::WatchEvent;
@@ -291,10 +293,12 @@ pub struct WalReadRequest {
 /// Serves a WAL read on the blocking pool, so the shard loop keeps going.
 /// The records below the watermark are already in the written part of the
 /// segments listed now, which is never rewritten.
+/// Its reads are counted into the writer's `io_stats` through `io`.
 fn spawn_wal_read(
     shard: usize,
     dir: std::path::PathBuf,
     segments: Vec<SegmentInfo>,
+    io: ReaderIo,
     req: WalReadRequest,
 ) {
     glommio::spawn_local(async move {
@@ -302,6 +306,7 @@ fn spawn_wal_read(
         let result = glommio::executor()
             .spawn_blocking(move || rstmdb_wal::read(&dir, &segments, range))
             .await
+            .inspect(|page| io.add(page))
             .map_err(ApiError::wal);
         let _ = req.reply_to.send_async((shard, result)).await;
     })
@@ -461,6 +466,7 @@ pub async fn run(
                     cfg.id,
                     cfg.wal.dir.clone(),
                     writer.read_plan(req.range.from),
+                    writer.reader_io(),
                     req,
                 ),
                 ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => {

@@ -150,3 +150,84 @@ impl WalEntry {
         }
     }
 }
+
+/// Appends a logged entry as WAL_READ shows it: the logged object with
+/// `timestamp` (Unix ms, the value of `ts`) added beside `ts`, the name
+/// rstmdb-studio reads for an instance's history. Inside a `batch_part`
+/// each change gets it too. An entry without `ts` is copied unchanged.
+pub fn append_read_view(kind_byte: u8, payload: &[u8], out: &mut Vec<u8>) {
+    if kind_byte == kind::BATCH_PART {
+        if let Some(text) = batch_part_read_view(payload) {
+            out.extend_from_slice(&text);
+            return;
+        }
+    }
+    /// Only `ts`; every other field is skipped unparsed.
+    #[derive(Deserialize)]
+    struct Ts {
+        ts: Option<i64>,
+    }
+    match (serde_json::from_slice::<Ts>(payload), payload.split_first()) {
+        (Ok(Ts { ts: Some(ts) }), Some((b'{', rest))) => {
+            out.extend_from_slice(b"{\"timestamp\":");
+            out.extend_from_slice(ts.to_string().as_bytes());
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        _ => out.extend_from_slice(payload),
+    }
+}
+
+/// A `batch_part` with `timestamp` beside `ts` in each of its changes;
+/// `None` when the payload is not such an object.
+fn batch_part_read_view(payload: &[u8]) -> Option<Vec<u8>> {
+    let mut part: Value = serde_json::from_slice(payload).ok()?;
+    for change in part.get_mut("entries")?.as_array_mut()? {
+        if let Some(entry) = change.get_mut("entry").and_then(Value::as_object_mut) {
+            if let Some(ts) = entry.get("ts").cloned() {
+                entry.insert("timestamp".into(), ts);
+            }
+        }
+    }
+    serde_json::to_vec(&part).ok()
+}
+
+#[cfg(test)]
+mod read_view_tests {
+    use super::*;
+
+    fn view(kind_byte: u8, payload: &str) -> Value {
+        let mut out = Vec::new();
+        append_read_view(kind_byte, payload.as_bytes(), &mut out);
+        serde_json::from_slice(&out).expect("the view is JSON")
+    }
+
+    #[test]
+    fn timestamp_repeats_ts() {
+        let v = view(
+            kind::APPLY_EVENT,
+            r#"{"type":"apply_event","instance_id":"a","ctx":{"ts":1},"ts":1700000000123}"#,
+        );
+        assert_eq!(v["timestamp"], 1_700_000_000_123i64);
+        assert_eq!(v["ts"], 1_700_000_000_123i64);
+        assert_eq!(v["ctx"], serde_json::json!({"ts": 1}));
+    }
+
+    #[test]
+    fn entries_without_ts_are_unchanged() {
+        let text = r#"{"type":"put_machine","machine":"m","version":1}"#;
+        let mut out = Vec::new();
+        append_read_view(kind::PUT_MACHINE, text.as_bytes(), &mut out);
+        assert_eq!(out, text.as_bytes());
+    }
+
+    #[test]
+    fn batch_part_changes_get_timestamp() {
+        let v = view(
+            kind::BATCH_PART,
+            r#"{"type":"batch_part","batch_id":"b","participants":[0],"entries":[{"offset":3,"entry":{"type":"delete_instance","instance_id":"x","ts":5}}]}"#,
+        );
+        assert_eq!(v["entries"][0]["entry"]["timestamp"], 5);
+        assert_eq!(v["entries"][0]["offset"], 3);
+    }
+}

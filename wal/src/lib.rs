@@ -17,7 +17,7 @@ pub use error::WalError;
 pub use reader::{read, OwnedRecord, Page, ReadRange};
 pub use record::RecordRef;
 pub use recovery::{recover, Recovered, RecoveryOptions, TornTail};
-pub use writer::{IoStats, SegmentInfo, WalWriter, WriterConfig, FSYNC_SECONDS};
+pub use writer::{IoStats, ReaderIo, SegmentInfo, WalWriter, WriterConfig, FSYNC_SECONDS};
 
 /// Largest record payload accepted: 16 MiB (the largest RCP frame) plus
 /// room for the record's own envelope, so that any request that fits a

@@ -53,6 +53,10 @@ pub struct Page {
     /// Whether a limit cut the page short (more records below `below` may
     /// follow the last one).
     pub truncated: bool,
+    /// Bytes read from segment files to produce this page.
+    pub bytes_read: u64,
+    /// Read calls made to produce this page.
+    pub reads: u64,
 }
 
 /// A forward-only window over the written part of one segment.
@@ -62,6 +66,10 @@ struct SegmentWindow {
     used: u64,
     buf: Vec<u8>,
     buf_start: u64,
+    /// Bytes read so far (WAL_STATS `io_stats.bytes_read`).
+    bytes_read: u64,
+    /// Read calls so far (WAL_STATS `io_stats.reads`).
+    reads: u64,
 }
 
 impl SegmentWindow {
@@ -73,6 +81,8 @@ impl SegmentWindow {
             used,
             buf: Vec::new(),
             buf_start: 0,
+            bytes_read: 0,
+            reads: 0,
         })
     }
 
@@ -88,9 +98,25 @@ impl SegmentWindow {
             self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
             self.file.read_exact(&mut self.buf).map_err(io)?;
             self.buf_start = pos;
+            self.reads += 1;
+            self.bytes_read += len;
         }
         let from = (pos - self.buf_start) as usize;
         Ok(&self.buf[from..])
+    }
+}
+
+/// A window that adds what it read to the page's counters when it is
+/// dropped, on every way out of the scan (early returns included).
+struct CountedWindow<'a> {
+    window: SegmentWindow,
+    io: &'a mut (u64, u64),
+}
+
+impl Drop for CountedWindow<'_> {
+    fn drop(&mut self) {
+        self.io.0 += self.window.bytes_read;
+        self.io.1 += self.window.reads;
     }
 }
 
@@ -98,9 +124,29 @@ impl SegmentWindow {
 /// limits. `segments` is the writer's view (ascending), possibly narrowed by
 /// `WalWriter::read_plan`.
 pub fn read(dir: &Path, segments: &[SegmentInfo], range: ReadRange) -> Result<Page, WalError> {
+    let mut io = (0u64, 0u64);
+    let mut page = read_counting(dir, segments, range, &mut io)?;
+    (page.bytes_read, page.reads) = io;
+    Ok(page)
+}
+
+/// [`read`], adding the bytes and calls of every segment window it used to
+/// `io` as it goes.
+fn read_counting(
+    dir: &Path,
+    segments: &[SegmentInfo],
+    range: ReadRange,
+    io: &mut (u64, u64),
+) -> Result<Page, WalError> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
-    let page = |records, truncated| Ok(Page { records, truncated });
+    let page = |records, truncated| {
+        Ok(Page {
+            records,
+            truncated,
+            ..Page::default()
+        })
+    };
     if range.limit == 0 || range.from >= range.below {
         return page(out, range.limit == 0);
     }
@@ -120,7 +166,11 @@ pub fn read(dir: &Path, segments: &[SegmentInfo], range: ReadRange) -> Result<Pa
         if seg.first_offset >= range.below {
             return page(out, false);
         }
-        let mut w = SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used)?;
+        let mut w = CountedWindow {
+            window: SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used)?,
+            io: &mut *io,
+        };
+        let w = &mut w.window;
         let mut pos = seg.start.max(BLOCK);
         while pos < seg.used {
             let head = w.at(pos, record::HEADER_LEN as u64)?;

@@ -38,6 +38,19 @@ pub struct IoStats {
     pub fsyncs: u64,
 }
 
+/// Counts the reads of a log's readers for its writer's `io_stats`. Lives
+/// on the writer's executor (not `Send`), like the writer.
+#[derive(Debug, Clone, Default)]
+pub struct ReaderIo(std::rc::Rc<std::cell::Cell<(u64, u64)>>);
+
+impl ReaderIo {
+    /// Adds one page's reads.
+    pub fn add(&self, page: &crate::Page) {
+        let (bytes, calls) = self.0.get();
+        self.0.set((bytes + page.bytes_read, calls + page.reads));
+    }
+}
+
 /// One segment as the writer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -115,6 +128,9 @@ pub struct WalWriter<S: Storage = Disk> {
     /// Set by a failed write or fsync; every later commit fails.
     poisoned: Option<String>,
     stats: IoStats,
+    /// What readers of this log (WAL_READ, watch catch-up) read, counted
+    /// into `io_stats` beside the writer's own I/O.
+    reader_io: ReaderIo,
     records: u64,
     last_offset: u64,
     /// `rstmdb_wal_fsync_duration_seconds`: how long each `fdatasync`
@@ -186,6 +202,7 @@ impl<S: Storage> WalWriter<S> {
                 reads: recovered.reads,
                 ..IoStats::default()
             },
+            reader_io: ReaderIo::default(),
             records: recovered.records,
             last_offset: recovered.last_offset,
             fsync_seconds: metrics::histogram!(FSYNC_SECONDS),
@@ -330,9 +347,21 @@ impl<S: Storage> WalWriter<S> {
         self.unsynced
     }
 
-    /// I/O counters.
+    /// I/O counters: the writer's own, recovery's reads, and those of the
+    /// readers that reported through [`WalWriter::reader_io`].
     pub fn io_stats(&self) -> IoStats {
-        self.stats
+        let (bytes_read, reads) = self.reader_io.0.get();
+        IoStats {
+            bytes_read: self.stats.bytes_read + bytes_read,
+            reads: self.stats.reads + reads,
+            ..self.stats
+        }
+    }
+
+    /// A handle through which reads of this log done elsewhere (a reader on
+    /// a blocking thread, see [`crate::read`]) are counted in `io_stats`.
+    pub fn reader_io(&self) -> ReaderIo {
+        self.reader_io.clone()
     }
 
     /// (segment id, bytes used) of every segment, ascending.
