@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::layout::Layout;
 use serde::de::{self, Deserializer, EnumAccess, MapAccess, VariantAccess, Visitor};
 use serde::Deserialize;
 
@@ -62,6 +63,7 @@ const ENV_VARS: &[&str] = &[
     "RSTMDB_CONFIG",
     "RSTMDB_SHARDS",
     "RSTMDB_FRONTENDS",
+    "RSTMDB_LAYOUT",
     "RSTMDB_IO_MEMORY_KIB",
     "RSTMDB_SPIN_BEFORE_PARK_US",
     "RSTMDB_BIND",
@@ -544,16 +546,19 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
-    /// Number of shard executors (1–256). Default `null`: available cores minus
-    /// the frontends, at least 1, so a 2-core machine runs 1 frontend + 1
-    /// shard. The count is recorded in the data directory; changing it later
-    /// is handled (or refused) by the storage layer, never silently.
+    /// Number of shards (1–256), each with its own WAL on an executor pinned
+    /// to a core. Default `null`: the available cores minus one, at least 1
+    /// (the spare core is for the kernel's network work, the blocking pool
+    /// and clients on the same machine; a 2-core machine runs 1 shard). The
+    /// count is recorded in the data directory; changing it later is handled
+    /// (or refused) by the storage layer, never silently.
     /// Env `RSTMDB_SHARDS`, flag `--shards`.
     pub shards: Option<usize>,
-    /// Number of frontend executors (accept, TLS, framing, routing). Default 1;
-    /// more spread connections over more cores (each binds the client
-    /// address with SO_REUSEPORT). Env `RSTMDB_FRONTENDS`.
-    pub frontends: usize,
+    /// Number of frontends (accept, TLS, framing, routing). Default `null`:
+    /// one per shard executor with the colocated layout (every executor
+    /// accepts: the kernel spreads connections over them with SO_REUSEPORT),
+    /// 1 with the dedicated layout. Env `RSTMDB_FRONTENDS`.
+    pub frontends: Option<usize>,
     /// glommio `io_memory` per executor in KiB (registered DMA buffer memory).
     /// Default 1024. glommio pins about 3 × this per executor as locked
     /// memory, so keep it within the memlock limit (systemd `LimitMEMLOCK=`)
@@ -567,13 +572,19 @@ pub struct ServerConfig {
     /// CPU is taken from them (measured on 2 cores: no gain), so the
     /// default is 0 = sleep at once. Env `RSTMDB_SPIN_BEFORE_PARK_US`.
     pub spin_before_park_us: u64,
+    /// `colocated` (default): every executor owns a shard and the first
+    /// `frontends` of them also accept connections, so a request for a
+    /// local shard never leaves its core; `dedicated`: frontends on
+    /// executors of their own (see `src/layout.rs`). Env `RSTMDB_LAYOUT`.
+    pub layout: Layout,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             shards: None,
-            frontends: 1,
+            layout: Layout::default(),
+            frontends: None,
             io_memory_kib: 1024,
             spin_before_park_us: 0,
         }
@@ -582,7 +593,8 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The shard count to start: `shards` if set, else the CPUs this process
-    /// may run on minus the frontends (at least 1, at most [`MAX_SHARDS`]).
+    /// may run on minus one (colocated) or minus the frontends (dedicated);
+    /// at least 1, at most [`MAX_SHARDS`].
     pub fn shard_count(&self) -> usize {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         self.shard_count_for(cores)
@@ -590,8 +602,25 @@ impl ServerConfig {
 
     /// [`Self::shard_count`] for a given number of available cores.
     pub fn shard_count_for(&self, cores: usize) -> usize {
-        self.shards
-            .unwrap_or_else(|| cores.saturating_sub(self.frontends).clamp(1, MAX_SHARDS))
+        let spare = match self.layout {
+            Layout::Colocated => cores.saturating_sub(1),
+            Layout::Dedicated => cores.saturating_sub(self.frontends.unwrap_or(1)),
+        };
+        self.shards.unwrap_or_else(|| spare.clamp(1, MAX_SHARDS))
+    }
+
+    /// The frontend count to start: `frontends` if set, else one per shard
+    /// (colocated, at most [`MAX_FRONTENDS`]) or 1 (dedicated).
+    pub fn frontend_count(&self) -> usize {
+        self.frontend_count_for(self.shard_count())
+    }
+
+    /// [`Self::frontend_count`] for a given shard count.
+    pub fn frontend_count_for(&self, shards: usize) -> usize {
+        self.frontends.unwrap_or(match self.layout {
+            Layout::Colocated => shards.min(MAX_FRONTENDS),
+            Layout::Dedicated => 1,
+        })
     }
 }
 
@@ -1012,7 +1041,8 @@ impl Config {
 
         let s = &mut self.server;
         e.number_opt("RSTMDB_SHARDS", &mut s.shards);
-        e.number("RSTMDB_FRONTENDS", &mut s.frontends);
+        e.number_opt("RSTMDB_FRONTENDS", &mut s.frontends);
+        e.parsed("RSTMDB_LAYOUT", "colocated or dedicated", &mut s.layout);
         e.number("RSTMDB_IO_MEMORY_KIB", &mut s.io_memory_kib);
         e.number("RSTMDB_SPIN_BEFORE_PARK_US", &mut s.spin_before_park_us);
 
@@ -1144,13 +1174,10 @@ impl Config {
                 ));
             }
         }
-        if s.frontends == 0 || s.frontends > MAX_FRONTENDS {
+        if let Some(f) = s.frontends.filter(|&f| f == 0 || f > MAX_FRONTENDS) {
             return Err(invalid(
                 "server.frontends",
-                format!(
-                    "server.frontends must be between 1 and {MAX_FRONTENDS} (got {})",
-                    s.frontends
-                ),
+                format!("server.frontends must be between 1 and {MAX_FRONTENDS} (got {f})"),
             ));
         }
         if s.io_memory_kib == 0 {
@@ -1492,7 +1519,8 @@ mod tests {
         assert_eq!(r.lag_check_interval_secs, 10);
         assert!(!r.tls_enabled && !r.tls_insecure && r.tls_ca_path.is_none());
         assert_eq!(c.server.shards, None);
-        assert_eq!(c.server.frontends, 1);
+        assert_eq!(c.server.frontends, None);
+        assert_eq!(c.server.layout, Layout::Colocated);
         assert_eq!(c.server.io_memory_kib, 1024);
         assert!(c.warnings.is_empty());
         c.validate().unwrap();
@@ -2050,9 +2078,10 @@ replication:
             c.server,
             ServerConfig {
                 shards: Some(7),
-                frontends: 2,
+                frontends: Some(2),
                 io_memory_kib: 4096,
                 spin_before_park_us: 0,
+                layout: Layout::Colocated,
             }
         );
         assert_eq!(
@@ -2183,12 +2212,29 @@ replication:
     }
 
     #[test]
-    fn shard_count_defaults_to_cores_minus_frontends() {
+    fn shard_and_frontend_counts_default_by_layout() {
         let s = ServerConfig::default();
+        assert_eq!(s.layout, Layout::Colocated);
         assert_eq!(s.shard_count_for(1), 1);
         assert_eq!(s.shard_count_for(2), 1);
         assert_eq!(s.shard_count_for(8), 7);
         assert_eq!(s.shard_count_for(1000), MAX_SHARDS);
+        assert_eq!(s.frontend_count_for(7), 7);
+        assert_eq!(s.frontend_count_for(MAX_SHARDS), MAX_FRONTENDS);
+        let dedicated = ServerConfig {
+            layout: Layout::Dedicated,
+            frontends: Some(2),
+            ..s.clone()
+        };
+        assert_eq!(dedicated.shard_count_for(2), 1);
+        assert_eq!(dedicated.shard_count_for(8), 6);
+        assert_eq!(dedicated.frontend_count_for(6), 2);
+        let one = ServerConfig {
+            layout: Layout::Dedicated,
+            ..s.clone()
+        };
+        assert_eq!(one.frontend_count_for(6), 1);
+        assert_eq!(one.shard_count_for(8), 7);
         let fixed = ServerConfig {
             shards: Some(3),
             ..s
@@ -2203,7 +2249,10 @@ replication:
         let cases: Vec<(&str, Mutator)> = vec![
             ("server.shards", Box::new(|c| c.server.shards = Some(0))),
             ("server.shards", Box::new(|c| c.server.shards = Some(257))),
-            ("server.frontends", Box::new(|c| c.server.frontends = 0)),
+            (
+                "server.frontends",
+                Box::new(|c| c.server.frontends = Some(0)),
+            ),
             (
                 "server.io_memory_kib",
                 Box::new(|c| c.server.io_memory_kib = 0),
@@ -2287,7 +2336,7 @@ replication:
             assert!(msg.contains(want), "message should name {want}: {msg}");
         }
 
-        let (key, msg) = invalid_key(|c| c.server.frontends = MAX_FRONTENDS + 1);
+        let (key, msg) = invalid_key(|c| c.server.frontends = Some(MAX_FRONTENDS + 1));
         assert_eq!(key, "server.frontends");
         assert!(msg.contains("between 1 and"), "{msg}");
 

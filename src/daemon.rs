@@ -15,7 +15,7 @@ use rstmdb_wal::WriterConfig;
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::{
-    auth, compaction, config, listen, ops, recover, reshard, router, server, subscriptions,
+    auth, compaction, config, layout, listen, ops, recover, reshard, router, server, subscriptions,
     telemetry, tls, wal_tool,
 };
 
@@ -106,243 +106,433 @@ fn executor_error(what: &str, e: impl std::fmt::Display) -> String {
     )
 }
 
+/// The server: a page of named steps (the crate docs give the sequence).
 fn run(cfg: Config) -> Result<(), String> {
     // Before recovery: a start refused for its address costs no recovery.
+    check_addresses(&cfg)?;
+    let security = Security::load(&cfg)?;
+    let shards = cfg.server.shard_count();
+    let storage = StorageSettings::of(&cfg);
+    let mut data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
+    if data.shards() != shards {
+        reshard::reshard(&mut data, shards, &storage.limits, storage.segment_size)?;
+    }
+    let recovery = recover::recover_all(&data, shards, &storage.limits, storage.segment_size)?;
+    let roles = layout::plan(
+        cfg.server.layout,
+        shards,
+        cfg.server.frontend_count_for(shards),
+    );
+    let Wiring {
+        shards: shard_parts,
+        frontends: frontend_parts,
+        start,
+    } = Wiring::build(&cfg, &data, recovery, security, &storage)?;
+    let executors = start_executors(&cfg, &roles, shard_parts, frontend_parts)?;
+    start.wait()?;
+    tracing::info!(addr = %cfg.network.bind_addr, shards, frontends = cfg.server.frontend_count_for(shards),
+        layout = %cfg.server.layout, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening");
+    watch_signals(start.shutdown_tx)?;
+    let outcome = join_executors(executors);
+    drop(data);
+    std::thread::sleep(Duration::from_millis(1));
+    if outcome.is_ok() {
+        tracing::info!("shutdown complete");
+    }
+    outcome
+}
+
+/// Refuses addresses another process listens on (see `listen`).
+fn check_addresses(cfg: &Config) -> Result<(), String> {
     listen::check_free(cfg.network.bind_addr, "network.bind_addr").map_err(|e| e.to_string())?;
     if cfg.metrics.enabled {
         listen::check_free(cfg.metrics.bind_addr, "metrics.bind_addr")
             .map_err(|e| e.to_string())?;
     }
-    let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
-    let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
-    // Before any executor starts: instruments made earlier stay no-ops.
-    let prometheus = if cfg.metrics.enabled {
-        Some(telemetry::install()?)
-    } else {
-        None
-    };
-    let request_metrics = prometheus
-        .is_some()
-        .then(|| Arc::new(telemetry::RequestMetrics::new()));
-    let tls = tls::server_config(&cfg.tls)
-        .map_err(|e| e.to_string())?
-        .map(futures_rustls::TlsAcceptor::from);
-    let shards = cfg.server.shard_count();
-    let mut data = DataDir::open(&cfg.storage.data_dir, shards).map_err(|e| e.to_string())?;
-    let segment_size = cfg.storage.wal_segment_size_mb * 1024 * 1024;
-    let limits = EngineLimits {
-        idempotency_entries: cfg.storage.idempotency_window,
-        idempotency_max_age_ms: cfg
-            .storage
-            .idempotency_max_age()
-            .map_or(0, |d| d.as_millis() as i64),
-    };
+    Ok(())
+}
 
-    if data.shards() != shards {
-        reshard::reshard(&mut data, shards, &limits, segment_size)?;
-    }
-    let recover::Recovery {
-        shards: recovered,
-        snapshot_starts,
-        records_ever,
-        aborted,
-        aborted_ever,
-        next_offset,
-        manifest,
-    } = recover::recover_all(&data, shards, &limits, segment_size)?;
-    let seq = Sequencer::new(next_offset, shards);
+/// Token check, TLS and the metrics recorder, loaded before anything starts
+/// (instruments made before the recorder is installed stay no-ops).
+struct Security {
+    authenticator: Arc<auth::Authenticator>,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    request_metrics: Option<Arc<telemetry::RequestMetrics>>,
+}
 
-    // Executors: the frontends on the first CPUs, shards on the following ones,
-    // wrapping around when there are more executors than CPUs.
-    let cpus: Vec<usize> = glommio::CpuSet::online()
-        .map(|set| set.into_iter().map(|l| l.cpu).collect())
-        .unwrap_or_else(|_| vec![0]);
-    let cpu_for = |i: usize| cpus[i % cpus.len()];
-    let io_memory = cfg.server.io_memory_kib * 1024;
-    let spin = Duration::from_micros(cfg.server.spin_before_park_us);
-
-    let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let frontends = cfg.server.frontends;
-    let (hub_txs, hub_rxs): (Vec<_>, Vec<_>) = (0..frontends)
-        .map(|_| flume::unbounded::<shard::HubMsg>())
-        .unzip();
-    let mut senders = Vec::with_capacity(shards);
-    let mut shard_handles = Vec::with_capacity(shards);
-    let (shard_ready_tx, shard_ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for (i, ((((engine, rec), aborted), snapshot_start), records_ever)) in recovered
-        .into_iter()
-        .zip(aborted)
-        .zip(snapshot_starts)
-        .zip(records_ever)
-        .enumerate()
-    {
-        let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
-        senders.push(tx);
-        let scfg = ShardConfig {
-            id: i,
-            wal: WriterConfig {
-                dir: data.wal_dir(i),
-                shard: i as u32,
-                segment_size,
-            },
-            fsync: fsync_policy(cfg.storage.fsync_policy),
-            max_drain_commands: MAX_DRAIN_COMMANDS,
-            events: shard::EventSink {
-                watching: watching.clone(),
-                tx: hub_txs.clone(),
-            },
-            snapshot_dir: data.snapshot_dir(i),
+impl Security {
+    fn load(cfg: &Config) -> Result<Security, String> {
+        let token_hashes = cfg.auth.load_token_hashes().map_err(|e| e.to_string())?;
+        let authenticator = Arc::new(auth::Authenticator::new(cfg.auth.required, &token_hashes));
+        let prometheus = if cfg.metrics.enabled {
+            Some(telemetry::install()?)
+        } else {
+            None
         };
-        let seq = seq.clone();
-        let ready = shard_ready_tx.clone();
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(i + frontends)))
-            .name(&format!("shard-{i}"))
-            .io_memory(io_memory)
-            .spin_before_park(spin)
-            .spawn(move || async move {
-                {
-                    let resume = shard::Resume {
-                        aborted_batches: aborted,
-                        snapshot_start,
-                        records_ever,
-                    };
-                    shard::run(scfg, engine, rec, rx, seq, resume, ready).await
-                }
-            })
-            .map_err(|e| executor_error(&format!("starting shard {i} executor"), e))?;
-        shard_handles.push(handle);
+        let request_metrics = prometheus
+            .is_some()
+            .then(|| Arc::new(telemetry::RequestMetrics::new()));
+        let tls = tls::server_config(&cfg.tls)
+            .map_err(|e| e.to_string())?
+            .map(futures_rustls::TlsAcceptor::from);
+        Ok(Security {
+            authenticator,
+            tls,
+            prometheus,
+            request_metrics,
+        })
     }
-    drop(shard_ready_tx);
-    for _ in 0..shards {
-        match shard_ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(executor_error(
-                    "a shard executor exited during start-up",
-                    "its io_uring could not be set up",
-                ))
-            }
+}
+
+/// Engine limits and WAL segment size, from `storage.*`.
+struct StorageSettings {
+    limits: EngineLimits,
+    segment_size: u64,
+}
+
+impl StorageSettings {
+    fn of(cfg: &Config) -> StorageSettings {
+        StorageSettings {
+            limits: EngineLimits {
+                idempotency_entries: cfg.storage.idempotency_window,
+                idempotency_max_age_ms: cfg
+                    .storage
+                    .idempotency_max_age()
+                    .map_or(0, |d| d.as_millis() as i64),
+            },
+            segment_size: cfg.storage.wal_segment_size_mb * 1024 * 1024,
         }
     }
+}
 
-    let (shutdown_tx, shutdown_rx) = flume::bounded::<()>(1);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<std::net::SocketAddr, String>>();
-    let bind = cfg.network.bind_addr;
-    let fcfg = server::FrontendConfig {
-        ops: ops::OpSettings {
-            max_machine_versions: cfg.storage.max_machine_versions,
-            allow_instance_recreate: cfg.storage.allow_instance_recreate,
-            allow_flush_all: cfg.storage.allow_flush_all,
+/// What one shard task needs: its recovered engine and WAL position, its
+/// inbound channel, and where to say it is ready.
+struct ShardPart {
+    cfg: ShardConfig,
+    engine: rstmdb_shards::engine::Engine,
+    recovered: rstmdb_wal::Recovered,
+    rx: flume::Receiver<ShardMsg>,
+    seq: Sequencer,
+    resume: shard::Resume,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+/// What one frontend task needs.
+struct FrontendPart {
+    index: usize,
+    bind: std::net::SocketAddr,
+    hub_rx: flume::Receiver<shard::HubMsg>,
+    router: router::Router,
+    fcfg: server::FrontendConfig,
+    seq: Sequencer,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<subscriptions::Shared>,
+    compactor: Arc<compaction::Compactor>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// Fires (or closes) once every shard is ready: listen only then.
+    go: flume::Receiver<()>,
+    shutdown: flume::Receiver<()>,
+    ready: std::sync::mpsc::Sender<Result<std::net::SocketAddr, String>>,
+}
+
+/// The start-up handshake the main thread runs: every shard ready, then
+/// every frontend told to listen, then every frontend listening.
+struct Start {
+    shards: usize,
+    frontends: usize,
+    shard_ready: std::sync::mpsc::Receiver<Result<(), String>>,
+    go: flume::Sender<()>,
+    frontend_ready: std::sync::mpsc::Receiver<Result<std::net::SocketAddr, String>>,
+    /// Dropped at the first signal (or a failed start): frontends stop.
+    shutdown_tx: flume::Sender<()>,
+}
+
+impl Start {
+    fn wait(&self) -> Result<(), String> {
+        for _ in 0..self.shards {
+            match self.shard_ready.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(executor_error(
+                        "a shard executor exited during start-up",
+                        "its io_uring could not be set up",
+                    ))
+                }
+            }
+        }
+        for _ in 0..self.frontends {
+            let _ = self.go.send(());
+        }
+        for _ in 0..self.frontends {
+            match self.frontend_ready.recv() {
+                Ok(Ok(addr)) => tracing::debug!(%addr, "frontend listening"),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(executor_error(
+                        "a frontend executor exited during start-up",
+                        "its io_uring could not be set up",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parts of every shard and frontend, wired together: shard channels,
+/// the hubs' event channels, the router, compaction and metrics.
+struct Wiring {
+    shards: Vec<ShardPart>,
+    frontends: Vec<FrontendPart>,
+    start: Start,
+}
+
+impl Wiring {
+    fn build(
+        cfg: &Config,
+        data: &DataDir,
+        recovery: recover::Recovery,
+        security: Security,
+        storage: &StorageSettings,
+    ) -> Result<Wiring, String> {
+        let recover::Recovery {
+            shards: recovered,
+            snapshot_starts,
+            records_ever,
+            aborted,
+            aborted_ever,
+            next_offset,
+            manifest,
+        } = recovery;
+        let shards = recovered.len();
+        let frontends = cfg.server.frontend_count_for(shards);
+        let seq = Sequencer::new(next_offset, shards);
+        let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (hub_txs, hub_rxs): (Vec<_>, Vec<_>) = (0..frontends)
+            .map(|_| flume::unbounded::<shard::HubMsg>())
+            .unzip();
+        let (shard_ready_tx, shard_ready) = std::sync::mpsc::channel();
+        let mut senders = Vec::with_capacity(shards);
+        let mut shard_parts = Vec::with_capacity(shards);
+        let per_shard = recovered
+            .into_iter()
+            .zip(aborted)
+            .zip(snapshot_starts)
+            .zip(records_ever);
+        for (i, ((((engine, recovered), aborted), snapshot_start), records_ever)) in
+            per_shard.enumerate()
+        {
+            let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
+            senders.push(tx);
+            shard_parts.push(ShardPart {
+                cfg: ShardConfig {
+                    id: i,
+                    wal: WriterConfig {
+                        dir: data.wal_dir(i),
+                        shard: i as u32,
+                        segment_size: storage.segment_size,
+                    },
+                    fsync: fsync_policy(cfg.storage.fsync_policy),
+                    max_drain_commands: MAX_DRAIN_COMMANDS,
+                    events: shard::EventSink {
+                        watching: watching.clone(),
+                        tx: hub_txs.clone(),
+                    },
+                    snapshot_dir: data.snapshot_dir(i),
+                },
+                engine,
+                recovered,
+                rx,
+                seq: seq.clone(),
+                resume: shard::Resume {
+                    aborted_batches: aborted,
+                    snapshot_start,
+                    records_ever,
+                },
+                ready: shard_ready_tx.clone(),
+            });
+        }
+        drop(hub_txs);
+        let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
+        let router = router::Router::new(senders, seq.clone());
+        let shared = Arc::new(subscriptions::Shared::default());
+        shared.extend_aborted(aborted_ever);
+        let compactor = Arc::new(compaction::Compactor::new(
+            router.clone(),
+            shared.clone(),
+            compaction_settings(cfg),
+            data.root().to_path_buf(),
+            data.base().to_path_buf(),
+            manifest,
+        ));
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        if let Some(handle) = security.prometheus {
+            let collector = telemetry::Collector::new(weak_senders, active.clone());
+            let addr = telemetry::serve(cfg.metrics.bind_addr, handle, collector)?;
+            tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
+        }
+        let fcfg = server::FrontendConfig {
+            ops: ops::OpSettings {
+                max_machine_versions: cfg.storage.max_machine_versions,
+                allow_instance_recreate: cfg.storage.allow_instance_recreate,
+                allow_flush_all: cfg.storage.allow_flush_all,
+                shards,
+                auth: security.authenticator,
+            },
+            max_connections: cfg.network.max_connections,
+            idle_timeout: cfg.network.idle_timeout(),
+            tls: security.tls,
+            metrics: security.request_metrics,
+        };
+        let (go_tx, go) = flume::bounded::<()>(frontends);
+        let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
+        let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
+        let frontend_parts = hub_rxs
+            .into_iter()
+            .enumerate()
+            .map(|(index, hub_rx)| FrontendPart {
+                index,
+                bind: cfg.network.bind_addr,
+                hub_rx,
+                router: router.clone(),
+                fcfg: fcfg.clone(),
+                seq: seq.clone(),
+                watching: watching.clone(),
+                shared: shared.clone(),
+                compactor: compactor.clone(),
+                active: active.clone(),
+                go: go.clone(),
+                shutdown: shutdown.clone(),
+                ready: frontend_ready_tx.clone(),
+            })
+            .collect();
+        let start = Start {
             shards,
-            auth: authenticator,
-        },
-        max_connections: cfg.network.max_connections,
-        idle_timeout: cfg.network.idle_timeout(),
-        tls,
-        metrics: request_metrics,
-    };
-    drop(hub_txs);
-    let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
-    let router = router::Router::new(senders, seq.clone());
-    let compaction_settings = compaction::Settings {
+            frontends,
+            shard_ready,
+            go: go_tx,
+            frontend_ready,
+            shutdown_tx,
+        };
+        Ok(Wiring {
+            shards: shard_parts,
+            frontends: frontend_parts,
+            start,
+        })
+    }
+}
+
+fn compaction_settings(cfg: &Config) -> compaction::Settings {
+    compaction::Settings {
         auto: cfg.compaction.enabled,
         events_threshold: cfg.compaction.events_threshold,
         size_threshold_bytes: cfg.compaction.size_threshold_mb * 1024 * 1024,
         min_interval: Duration::from_secs(cfg.compaction.min_interval_secs),
         retention: Duration::from_secs(cfg.compaction.wal_retention_secs),
         keep_snapshots: cfg.compaction.keep_snapshots.max(1),
-    };
-    let shared = Arc::new(subscriptions::Shared::default());
-    shared.extend_aborted(aborted_ever);
-    let compactor = Arc::new(compaction::Compactor::new(
-        router.clone(),
-        shared.clone(),
-        compaction_settings,
-        data.root().to_path_buf(),
-        data.base().to_path_buf(),
-        manifest,
-    ));
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    if let Some(handle) = prometheus {
-        let collector = telemetry::Collector::new(weak_senders, active.clone());
-        let addr = telemetry::serve(cfg.metrics.bind_addr, handle, collector)?;
-        tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
     }
-    // Frontends: each binds the client address (SO_REUSEPORT, so the kernel
-    // spreads connections over them) and has its own subscription hub.
-    let mut frontend_handles = Vec::with_capacity(frontends);
-    for (f, hub_rx) in hub_rxs.into_iter().enumerate() {
-        let (ready_tx, router, fcfg, shutdown_rx) = (
-            ready_tx.clone(),
-            router.clone(),
-            fcfg.clone(),
-            shutdown_rx.clone(),
-        );
-        let (seq, watching, shared, compactor, active) = (
-            seq.clone(),
-            watching.clone(),
-            shared.clone(),
-            compactor.clone(),
-            active.clone(),
-        );
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu_for(f)))
-            .name(&format!("frontend-{f}"))
-            .io_memory(io_memory)
-            .spin_before_park(spin)
-            .spawn(move || async move {
-                let listener = match listen::listener(bind) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot listen on {bind}: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(bind)));
-                drop(ready_tx);
-                let hub = subscriptions::Hub::new(seq, watching, shared);
-                let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
-                glommio::spawn_local(subscriptions::run_hub(hub.clone(), hub_rx)).detach();
-                // Automatic compaction runs on the first frontend.
-                let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
-                let auto = (f == 0)
-                    .then(|| glommio::spawn_local(compactor.clone().run_auto(auto_stop_rx)));
-                server::serve(listener, router, hub, compactor, fcfg, shutdown_rx, active).await;
-                // Let a running round finish; then nothing holds the shards'
-                // channels and they stop.
-                drop(auto_stop_tx);
-                if let Some(auto) = auto {
-                    auto.await;
-                }
-            })
-            .map_err(|e| executor_error(&format!("starting frontend executor {f}"), e))?;
-        frontend_handles.push(handle);
-    }
-    drop((ready_tx, router, compactor, shutdown_rx));
+}
 
-    for _ in 0..frontends {
-        match ready_rx.recv() {
-            Ok(Ok(addr)) => {
-                tracing::debug!(%addr, "frontend listening");
-            }
-            Ok(Err(e)) => {
-                drop(shutdown_tx);
-                for h in frontend_handles {
-                    let _ = h.join();
-                }
-                return Err(e);
-            }
-            Err(_) => {
-                return Err(executor_error(
-                    "a frontend executor exited during start-up",
-                    "its io_uring could not be set up",
-                ))
-            }
+type ExecutorHandle = glommio::ExecutorJoinHandle<Result<(), String>>;
+
+/// One pinned executor per role of the layout, each running its shard task
+/// and its frontend, whichever it has.
+fn start_executors(
+    cfg: &Config,
+    roles: &[layout::Role],
+    shard_parts: Vec<ShardPart>,
+    frontend_parts: Vec<FrontendPart>,
+) -> Result<Vec<(String, ExecutorHandle)>, String> {
+    let cpus: Vec<usize> = glommio::CpuSet::online()
+        .map(|set| set.into_iter().map(|l| l.cpu).collect())
+        .unwrap_or_else(|_| vec![0]);
+    let mut shard_parts: Vec<Option<ShardPart>> = shard_parts.into_iter().map(Some).collect();
+    let mut frontend_parts: Vec<Option<FrontendPart>> =
+        frontend_parts.into_iter().map(Some).collect();
+    let mut handles = Vec::with_capacity(roles.len());
+    for role in roles {
+        let shard = role.shard.and_then(|i| shard_parts[i].take());
+        let frontend = role.frontend.and_then(|i| frontend_parts[i].take());
+        let name = role.name();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpus[role.slot % cpus.len()]))
+            .name(&name)
+            .io_memory(cfg.server.io_memory_kib * 1024)
+            .spin_before_park(Duration::from_micros(cfg.server.spin_before_park_us))
+            .spawn(move || executor_main(shard, frontend))
+            .map_err(|e| executor_error(&format!("starting executor {name}"), e))?;
+        handles.push((name, handle));
+    }
+    Ok(handles)
+}
+
+/// An executor's life: its shard as a task of its own, its frontend until
+/// shutdown, then the shard until every sender to it is gone.
+async fn executor_main(
+    shard: Option<ShardPart>,
+    frontend: Option<FrontendPart>,
+) -> Result<(), String> {
+    let shard = shard.map(|p| glommio::spawn_local(run_shard(p)));
+    if let Some(f) = frontend {
+        run_frontend(f).await;
+    }
+    match shard {
+        Some(task) => task.await,
+        None => Ok(()),
+    }
+}
+
+async fn run_shard(p: ShardPart) -> Result<(), String> {
+    let id = p.cfg.id;
+    shard::run(p.cfg, p.engine, p.recovered, p.rx, p.seq, p.resume, p.ready)
+        .await
+        .map_err(|e| format!("shard {id}: {e}"))
+}
+
+/// Waits for the go, listens, serves until shutdown (with automatic
+/// compaction on the first frontend), then lets a running round finish.
+async fn run_frontend(f: FrontendPart) {
+    if f.go.recv_async().await.is_err() {
+        return; // start-up failed elsewhere
+    }
+    let listener = match listen::listener(f.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = f
+                .ready
+                .send(Err(format!("cannot listen on {}: {e}", f.bind)));
+            return;
         }
+    };
+    let _ = f.ready.send(Ok(listener.local_addr().unwrap_or(f.bind)));
+    drop(f.ready);
+    let hub = subscriptions::Hub::new(f.seq, f.watching, f.shared);
+    let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
+    glommio::spawn_local(subscriptions::run_hub(hub.clone(), f.hub_rx)).detach();
+    let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
+    let auto =
+        (f.index == 0).then(|| glommio::spawn_local(f.compactor.clone().run_auto(auto_stop_rx)));
+    server::serve(
+        listener,
+        f.router,
+        hub,
+        f.compactor,
+        f.fcfg,
+        f.shutdown,
+        f.active,
+    )
+    .await;
+    // Then nothing of ours holds the shards' channels, and they stop.
+    drop(auto_stop_tx);
+    if let Some(auto) = auto {
+        auto.await;
     }
-    tracing::info!(addr = %bind, shards, frontends, data_dir = %cfg.storage.data_dir.display(), "rstmdb listening");
+}
 
-    // Signals: the first starts a graceful shutdown, a second exits at once.
+/// The first SIGINT/SIGTERM starts a graceful shutdown, a second exits at
+/// once.
+fn watch_signals(shutdown_tx: flume::Sender<()>) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -351,17 +541,14 @@ fn run(cfg: Config) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut seen = 0;
             // Dropped at the first signal: every frontend sees it.
             let mut shutdown_tx = Some(shutdown_tx);
             for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
+                if shutdown_tx.take().is_some() {
                     tracing::info!(
                         signal = sig,
                         "shutting down: no new connections, finishing in-flight requests"
                     );
-                    drop(shutdown_tx.take());
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting immediately");
                     std::process::exit(130);
@@ -369,26 +556,18 @@ fn run(cfg: Config) -> Result<(), String> {
             }
         })
         .map_err(|e| format!("starting the signal thread: {e}"))?;
+    Ok(())
+}
 
-    for (f, h) in frontend_handles.into_iter().enumerate() {
-        h.join()
-            .map_err(|e| format!("frontend executor {f} failed: {e}"))?;
-    }
+/// Waits for every executor; the first failure is the outcome.
+fn join_executors(executors: Vec<(String, ExecutorHandle)>) -> Result<(), String> {
     let mut failed = None;
-    for (i, h) in shard_handles.into_iter().enumerate() {
-        match h.join() {
+    for (name, handle) in executors {
+        match handle.join() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => failed = Some(format!("shard {i}: {e}")),
-            Err(e) => failed = Some(format!("shard {i} executor failed: {e}")),
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(e) => failed = failed.or(Some(format!("executor {name} failed: {e}"))),
         }
     }
-    drop(data);
-    std::thread::sleep(Duration::from_millis(1));
-    match failed {
-        None => {
-            tracing::info!("shutdown complete");
-            Ok(())
-        }
-        Some(e) => Err(e),
-    }
+    failed.map_or(Ok(()), Err)
 }

@@ -1,11 +1,13 @@
 //! `rstmdb`: a thread-per-core state-machine database server speaking RCP,
 //! wire-compatible with rstmdb 0.3.0.
 //!
-//! Start-up: configuration → data directory (lock, shard count) → every
-//! shard's WAL recovered in parallel → machine definitions unioned across
-//! shards → one pinned glommio executor per shard and one for the frontend
-//! → serve until SIGINT/SIGTERM → stop accepting, finish in-flight cycles,
-//! sync every WAL, exit 0. A second signal exits at once.
+//! Start-up: configuration → the client and metrics addresses checked →
+//! data directory (lock, shard count) → every shard's WAL recovered in
+//! parallel → machine definitions unioned across shards → pinned glommio
+//! executors as `server.layout` plans them (by default each owns a shard
+//! and accepts connections) → every shard ready, then every frontend
+//! listening → serve until SIGINT/SIGTERM → stop accepting, finish
+//! in-flight cycles, sync every WAL, exit 0. A second signal exits at once.
 
 pub mod auth;
 pub mod batch;
@@ -13,6 +15,7 @@ pub mod compaction;
 pub mod config;
 pub mod daemon;
 pub mod datadir;
+pub mod layout;
 pub mod listen;
 pub mod ops;
 pub mod protocol;
