@@ -333,6 +333,7 @@ impl Wiring {
                         dir: data.wal_dir(i),
                         shard: i as u32,
                         segment_size: storage.segment_size,
+                        mode: fsync_policy(cfg.storage.fsync_policy).write_mode(),
                     },
                     fsync: fsync_policy(cfg.storage.fsync_policy),
                     max_drain_commands: MAX_DRAIN_COMMANDS,

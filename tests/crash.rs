@@ -136,6 +136,21 @@ fn sigterm_under_load_exits_0_and_loses_no_acknowledged_write() {
     );
 }
 
+/// With `fsync_policy: never` an acknowledged write is promised to survive
+/// a crash of the process (not a power loss): the WAL is written into the
+/// page cache before the reply, and kill -9 must lose none of it.
+#[test]
+fn kill_9_with_fsync_never_loses_no_acknowledged_write() {
+    crash_cycles_with(
+        "crash-never",
+        cycles().min(5),
+        &[("RSTMDB_COMPACT_ENABLED", "0")],
+        false,
+        Stop::Kill9,
+        "never",
+    );
+}
+
 /// SIGINT (Ctrl-C) under load: the same graceful shutdown as SIGTERM.
 #[test]
 fn sigint_under_load_exits_0_and_loses_no_acknowledged_write() {
@@ -177,10 +192,22 @@ fn kill_9_during_snapshots_and_compaction_loses_no_acknowledged_write() {
 /// once on the same address (where the stopped server's connections still
 /// linger), checking every acknowledged write after each restart.
 fn crash_cycles(name: &str, cycles: usize, env: &[(&str, &str)], compact: bool, how: Stop) {
+    crash_cycles_with(name, cycles, env, compact, how, "every_write");
+}
+
+/// [`crash_cycles`] under a given fsync policy.
+fn crash_cycles_with(
+    name: &str,
+    cycles: usize,
+    env: &[(&str, &str)],
+    compact: bool,
+    how: Stop,
+    fsync: &'static str,
+) {
     let dir = common::data_dir(name);
     let opts = Opts {
         shards: 2,
-        fsync: "every_write",
+        fsync,
         segment_mb: 1,
         extra_env: env
             .iter()

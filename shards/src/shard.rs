@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use rstmdb_wal::{
-    Page, ReadRange, ReaderIo, Recovered, SegmentInfo, WalError, WalWriter, WriterConfig,
+    Page, ReadRange, ReaderIo, Recovered, SegmentInfo, WalError, WalWriter, WriteMode, WriterConfig,
 };
 
 use crate::atomic::{AtomicState, Vote};
@@ -37,6 +37,22 @@ pub enum FsyncPolicy {
     EveryMs(u64),
     /// Only at shutdown.
     Never,
+}
+
+impl FsyncPolicy {
+    /// How the WAL writes for this policy. `every_write` acknowledges
+    /// durable records, so each commit is one O_DSYNC write (one device
+    /// round trip). The others acknowledge records that survive a crash of
+    /// the process, which a copy into the page cache gives in microseconds;
+    /// their `fdatasync` comes when the policy says.
+    pub fn write_mode(self) -> WriteMode {
+        match self {
+            FsyncPolicy::EveryWrite => WriteMode::DirectSync,
+            FsyncPolicy::EveryN(_) | FsyncPolicy::EveryMs(_) | FsyncPolicy::Never => {
+                WriteMode::PageCache
+            }
+        }
+    }
 }
 
 /// Settings of one shard.

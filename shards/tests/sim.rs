@@ -25,7 +25,7 @@ use rstmdb_shards::snapshot::{SnapshotJob, Step};
 use rstmdb_wal::segment::BLOCK;
 use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk, SimStats};
 use rstmdb_wal::storage::Storage;
-use rstmdb_wal::{RecoveryOptions, WalError, WalWriter, WriterConfig};
+use rstmdb_wal::{RecoveryOptions, WalError, WalWriter, WriteMode, WriterConfig};
 use serde_json::json;
 
 const SEG: u64 = 16 * BLOCK;
@@ -182,10 +182,16 @@ async fn run_seed(seed: u64, t: &mut Totals) {
         segment_size: SEG,
         read_only: false,
     };
+    // Both write paths: O_DSYNC writes, and page-cache writes synced later.
     let cfg = WriterConfig {
         dir: wal_dir(),
         shard: 0,
         segment_size: SEG,
+        mode: if rng.chance(0.5) {
+            WriteMode::DirectSync
+        } else {
+            WriteMode::PageCache
+        },
     };
     // Visible states recovery may come back with: the acknowledged one,
     // then those of commits in flight after it.

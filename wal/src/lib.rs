@@ -17,6 +17,7 @@ pub use error::WalError;
 pub use reader::{read, OwnedRecord, Page, ReadRange};
 pub use record::RecordRef;
 pub use recovery::{recover, Recovered, RecoveryOptions, TornTail};
+pub use storage::WriteMode;
 pub use writer::{IoStats, ReaderIo, SegmentInfo, WalWriter, WriterConfig, FSYNC_SECONDS};
 
 /// Largest record payload accepted: 16 MiB (the largest RCP frame) plus

@@ -30,7 +30,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::storage::{SegmentFile, Storage};
+use crate::storage::{SegmentFile, Storage, WriteMode};
 
 /// A small deterministic generator (xorshift64*).
 #[derive(Debug, Clone)]
@@ -533,11 +533,12 @@ impl Storage for SimDisk {
         false
     }
 
-    async fn open_segment(&self, path: &Path) -> io::Result<SimSegment> {
+    async fn open_segment(&self, path: &Path, mode: WriteMode) -> io::Result<SimSegment> {
         let ino = self.state().ino(path)?;
         Ok(SimSegment {
             disk: self.clone(),
             ino,
+            mode,
         })
     }
 }
@@ -548,6 +549,11 @@ impl Storage for SimDisk {
 pub struct SimSegment {
     disk: SimDisk,
     ino: u64,
+    /// With [`WriteMode::DirectSync`] a write is synced before it completes
+    /// (and an injected sync failure fails the write, its data then as
+    /// uncertain as any unsynced write); [`WriteMode::PageCache`] writes
+    /// wait for `sync` like any other (a simulated crash is a power loss).
+    mode: WriteMode,
 }
 
 impl SegmentFile for SimSegment {
@@ -564,7 +570,15 @@ impl SegmentFile for SimSegment {
             // Its file was lost in a crash this handle outlived.
             return Err(injected("EIO"));
         }
-        st.write(self.ino, pos, &buf, true).map(|()| len)
+        st.write(self.ino, pos, &buf, true)?;
+        if self.mode == WriteMode::DirectSync {
+            st.sync(self.ino)?;
+        }
+        Ok(len)
+    }
+
+    fn durable_writes(&self) -> bool {
+        self.mode == WriteMode::DirectSync
     }
 
     async fn sync(&self) -> io::Result<()> {

@@ -50,7 +50,11 @@ pub trait Storage: Clone + Send + Sync + 'static {
     fn create_in_background(&self) -> bool;
     /// Opens an existing segment for appends (must run on a glommio
     /// executor for the real disk).
-    fn open_segment(&self, path: &Path) -> impl Future<Output = io::Result<Self::Segment>>;
+    fn open_segment(
+        &self,
+        path: &Path,
+        mode: WriteMode,
+    ) -> impl Future<Output = io::Result<Self::Segment>>;
 }
 
 /// A segment file open for the writer's block-aligned appends.
@@ -66,6 +70,9 @@ pub trait SegmentFile {
     ) -> impl Future<Output = io::Result<usize>>;
     /// `fdatasync`.
     fn sync(&self) -> impl Future<Output = io::Result<()>>;
+    /// Whether a completed `write_block` is already durable (O_DSYNC), so
+    /// that no `sync` is needed after it.
+    fn durable_writes(&self) -> bool;
     /// Closes the file.
     fn close(self) -> impl Future<Output = ()>;
 }
@@ -75,7 +82,7 @@ pub trait SegmentFile {
 pub struct Disk;
 
 impl Storage for Disk {
-    type Segment = DmaSegment;
+    type Segment = DiskSegment;
 
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
@@ -159,45 +166,96 @@ impl Storage for Disk {
         true
     }
 
-    async fn open_segment(&self, path: &Path) -> io::Result<DmaSegment> {
-        glommio::io::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(path)
-            .await
-            .map(DmaSegment)
-            .map_err(|e| io::Error::other(e.to_string()))
+    async fn open_segment(&self, path: &Path, mode: WriteMode) -> io::Result<DiskSegment> {
+        match mode {
+            WriteMode::DirectSync => glommio::io::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .dma_open(path)
+                .await
+                .map(DiskSegment::DirectSync)
+                .map_err(|e| io::Error::other(e.to_string())),
+            WriteMode::PageCache => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map(|f| DiskSegment::PageCache(std::sync::Arc::new(f))),
+        }
     }
 }
 
-/// A segment written with O_DIRECT through io_uring (a glommio DMA file).
-pub struct DmaSegment(glommio::io::DmaFile);
+/// How a segment's appends reach the disk; the fsync policy picks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// O_DIRECT | O_DSYNC through io_uring: a write completes once it is
+    /// durable (FUA where the device has it), so a durable commit is one
+    /// device round trip, with no `fdatasync` after it.
+    #[default]
+    DirectSync,
+    /// A copy into the page cache (`pwrite` on the executor thread, a few
+    /// microseconds): the data survives a crash of the process as soon as
+    /// the call returns, and the power going only after an `fdatasync`.
+    PageCache,
+}
 
-impl SegmentFile for DmaSegment {
+/// A segment open on the real disk, in its [`WriteMode`].
+pub enum DiskSegment {
+    /// A glommio DMA file opened with O_DSYNC.
+    DirectSync(glommio::io::DmaFile),
+    /// An ordinary file (shared with the blocking pool for `fdatasync`).
+    PageCache(std::sync::Arc<File>),
+}
+
+impl SegmentFile for DiskSegment {
     async fn write_block(
         &self,
         pos: u64,
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> io::Result<usize> {
-        let mut buf = self.0.alloc_dma_buffer(len);
-        let bytes = buf.as_bytes_mut();
-        bytes.fill(0);
-        fill(bytes);
-        self.0
-            .write_at(buf, pos)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))
+        match self {
+            DiskSegment::DirectSync(f) => {
+                let mut buf = f.alloc_dma_buffer(len);
+                let bytes = buf.as_bytes_mut();
+                bytes.fill(0);
+                fill(bytes);
+                f.write_at(buf, pos)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))
+            }
+            DiskSegment::PageCache(f) => {
+                let mut buf = vec![0u8; len];
+                fill(&mut buf);
+                std::os::unix::fs::FileExt::write_all_at(&**f, &buf, pos).map(|()| len)
+            }
+        }
     }
 
     async fn sync(&self) -> io::Result<()> {
-        self.0
-            .fdatasync()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))
+        match self {
+            DiskSegment::DirectSync(f) => f
+                .fdatasync()
+                .await
+                .map_err(|e| io::Error::other(e.to_string())),
+            DiskSegment::PageCache(f) => {
+                // Off the executor: an fdatasync of page-cache data waits
+                // for the device.
+                let f = f.clone();
+                glommio::executor()
+                    .spawn_blocking(move || f.sync_data())
+                    .await
+            }
+        }
+    }
+
+    fn durable_writes(&self) -> bool {
+        matches!(self, DiskSegment::DirectSync(_))
     }
 
     async fn close(self) {
-        let _ = self.0.close().await;
+        if let DiskSegment::DirectSync(f) = self {
+            let _ = f.close().await;
+        }
     }
 }

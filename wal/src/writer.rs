@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::recovery::Recovered;
 use crate::segment::{self, align_up, BLOCK};
-use crate::storage::{Disk, SegmentFile, Storage};
+use crate::storage::{Disk, SegmentFile, Storage, WriteMode};
 use crate::{record, WalError, MAX_RECORD_PAYLOAD, REPAIR_KIND};
 
 /// Histogram of `fdatasync` durations, in seconds (metrics endpoint).
@@ -74,6 +74,8 @@ pub struct WriterConfig {
     pub shard: u32,
     /// Full segment size in bytes (multiple of 4096, at least 8 KiB).
     pub segment_size: u64,
+    /// How appends reach the disk (see [`WriteMode`]).
+    pub mode: WriteMode,
 }
 
 /// Creation of the next segment.
@@ -178,7 +180,12 @@ impl<S: Storage> WalWriter<S> {
             }
         };
         assert_eq!(write_pos % BLOCK, 0);
-        let file = open_segment(&storage, &cfg.dir.join(segment::file_name(seg_id))).await?;
+        let file = open_segment(
+            &storage,
+            &cfg.dir.join(segment::file_name(seg_id)),
+            cfg.mode,
+        )
+        .await?;
         let mut w = WalWriter {
             storage,
             cfg,
@@ -502,6 +509,12 @@ impl<S: Storage> WalWriter<S> {
             Ok(n) if n == len => {
                 let at = self.write_pos;
                 self.write_pos += len as u64;
+                if self.file.durable_writes() {
+                    // The write was the sync (O_DSYNC).
+                    self.stats.fsyncs += 1;
+                    self.unsynced = false;
+                    self.synced_pos = self.write_pos;
+                }
                 let first = u64::from_le_bytes(data[8..16].try_into().expect("record header"));
                 let last = self.segments.last_mut().expect("current segment");
                 assert_eq!(last.id, self.seg_id);
@@ -576,7 +589,7 @@ impl<S: Storage> WalWriter<S> {
                 }
             }
         };
-        open_segment(&self.storage, &path).await
+        open_segment(&self.storage, &path, self.cfg.mode).await
     }
 
     fn poison(&mut self, op: &'static str, e: std::io::Error) -> WalError {
@@ -615,11 +628,19 @@ fn create<S: Storage>(storage: &S, cfg: &WriterConfig, id: u64) -> Pending {
     }))
 }
 
-async fn open_segment<S: Storage>(storage: &S, path: &Path) -> Result<S::Segment, WalError> {
+async fn open_segment<S: Storage>(
+    storage: &S,
+    path: &Path,
+    mode: WriteMode,
+) -> Result<S::Segment, WalError> {
+    let what = match mode {
+        WriteMode::DirectSync => "opening segment (O_DIRECT|O_DSYNC)",
+        WriteMode::PageCache => "opening segment",
+    };
     storage
-        .open_segment(path)
+        .open_segment(path, mode)
         .await
-        .map_err(|e| WalError::io("opening segment (O_DIRECT)", path, e))
+        .map_err(|e| WalError::io(what, path, e))
 }
 
 /// glommio silently drops O_DIRECT on tmpfs: say so, since the WAL is then

@@ -22,7 +22,9 @@ use std::path::PathBuf;
 
 use rstmdb_wal::segment::BLOCK;
 use rstmdb_wal::sim::{on_executor, seeds_from_env, CrashMode, Faults, Rng, SimDisk, SimStats};
-use rstmdb_wal::{recovery::recover_on, RecoveryOptions, WalError, WalWriter, WriterConfig};
+use rstmdb_wal::{
+    recovery::recover_on, RecoveryOptions, WalError, WalWriter, WriteMode, WriterConfig,
+};
 
 /// Small segments, so that commits rotate and span segments often.
 const SEG: u64 = 16 * BLOCK;
@@ -228,10 +230,16 @@ async fn run_seed(seed: u64, t: &mut Totals) {
         segment_size: SEG,
         read_only: false,
     };
+    // Both write paths: O_DSYNC writes, and page-cache writes synced later.
     let cfg = WriterConfig {
         dir,
         shard: 0,
         segment_size: SEG,
+        mode: if rng.chance(0.5) {
+            WriteMode::DirectSync
+        } else {
+            WriteMode::PageCache
+        },
     };
     let mut model: BTreeMap<u64, Rec> = BTreeMap::new();
     let mut next = 1u64;

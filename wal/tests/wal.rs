@@ -5,7 +5,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use glommio::LocalExecutorBuilder;
-use rstmdb_wal::{recover, segment, RecoveryOptions, WalError, WalWriter, WriterConfig};
+use rstmdb_wal::{recover, segment, RecoveryOptions, WalError, WalWriter, WriteMode, WriterConfig};
 
 const SEG: u64 = 64 * 1024;
 
@@ -31,8 +31,14 @@ fn write(dir: &Path, first: u64, batches: &[usize], sync: bool) -> u64 {
     write_flagged(dir, first, &flagged)
 }
 
-/// Like `write`, with a sync flag per commit.
+/// Like `write`, with a sync flag per commit, writing to the page cache
+/// (durable only once a commit syncs).
 fn write_flagged(dir: &Path, first: u64, batches: &[(usize, bool)]) -> u64 {
+    write_in(dir, first, batches, WriteMode::PageCache)
+}
+
+/// Like `write_flagged`, in a given write mode.
+fn write_in(dir: &Path, first: u64, batches: &[(usize, bool)], mode: WriteMode) -> u64 {
     let dir = dir.to_path_buf();
     let batches = batches.to_vec();
     run(move || {
@@ -43,6 +49,7 @@ fn write_flagged(dir: &Path, first: u64, batches: &[(usize, bool)]) -> u64 {
                     dir: dir.clone(),
                     shard: 0,
                     segment_size: SEG,
+                    mode,
                 };
                 let mut w = WalWriter::open(cfg, &rec).await.expect("open");
                 let before = w.io_stats().fsyncs;
@@ -111,6 +118,25 @@ fn group_commit_is_one_fsync_per_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let fsyncs = write(tmp.path(), 1, &[64], true);
     assert_eq!(fsyncs, 1);
+}
+
+/// O_DSYNC writes: every commit is durable when its write completes (one
+/// device round trip, counted as the sync), asked to sync or not; no
+/// `fdatasync` comes after it. Damage to any commit but the last is then
+/// damage to synced data, which recovery refuses.
+#[test]
+fn direct_sync_writes_are_durable_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let batches = [(2, false), (2, true), (2, false), (2, false)];
+    let fsyncs = write_in(tmp.path(), 1, &batches, WriteMode::DirectSync);
+    assert_eq!(fsyncs, 4, "one durable write per commit, nothing more");
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=8).collect::<Vec<_>>());
+    let seg = newest_segment(tmp.path());
+    flip_byte(&seg, 2 * 4096 + 40);
+    match read_all(tmp.path()) {
+        Err(WalError::Corrupt { position, .. }) => assert_eq!(position, 2 * 4096),
+        other => panic!("expected corruption of synced data, got {other:?}"),
+    }
 }
 
 /// Cuts the newest segment's last record in half and appends garbage (a
@@ -332,6 +358,7 @@ fn reads_from_any_offset_through_the_index() {
                         dir: d.clone(),
                         shard: 0,
                         segment_size: BIG,
+                        mode: WriteMode::DirectSync,
                     };
                     let mut w = WalWriter::open(cfg, &rec).await.expect("open");
                     if round == 0 {
