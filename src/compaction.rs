@@ -40,7 +40,7 @@ use crate::router::{Outcome, Router};
 use crate::subscriptions::Shared;
 
 /// How often automatic compaction looks at the shards' figures.
-const AUTO_CHECK_EVERY: Duration = Duration::from_millis(200);
+pub const AUTO_CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// Compaction settings (config `compaction.*`).
 #[derive(Debug, Clone)]
@@ -328,8 +328,9 @@ impl Compactor {
         }
     }
 
-    /// Runs automatic compaction until `stop` closes.
-    pub async fn run_auto(self: Arc<Self>, stop: flume::Receiver<()>) {
+    /// Runs automatic compaction until `stop` closes, checking the
+    /// thresholds at every tick of `ticks` (every [`AUTO_CHECK_EVERY`]).
+    pub async fn run_auto(self: Arc<Self>, stop: flume::Receiver<()>, ticks: flume::Receiver<()>) {
         let s = &self.settings;
         if !s.auto || (s.events_threshold == 0 && s.size_threshold_bytes == 0) {
             let _ = stop.recv_async().await;
@@ -342,8 +343,8 @@ impl Compactor {
                     true
                 },
                 async {
-                    glommio::timer::sleep(AUTO_CHECK_EVERY).await;
-                    false
+                    // Ticks ending means shutdown too.
+                    ticks.recv_async().await.is_err()
                 },
             )
             .await;

@@ -14,6 +14,7 @@ use rstmdb_wal::WriterConfig;
 
 use crate::config::Config;
 use crate::datadir::DataDir;
+use crate::ticker::Ticker;
 use crate::{
     auth, compaction, config, layout, listen, ops, recover, reshard, router, server, subscriptions,
     telemetry, tls, wal_tool,
@@ -386,6 +387,7 @@ impl Wiring {
             idle_timeout: cfg.network.idle_timeout(),
             tls: security.tls,
             metrics: security.request_metrics,
+            ticker: Ticker::start().map_err(|e| format!("starting the ticker thread: {e}"))?,
         };
         let (go_tx, go) = flume::bounded::<()>(frontends);
         let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
@@ -512,8 +514,10 @@ async fn run_frontend(f: FrontendPart) {
     let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
     glommio::spawn_local(subscriptions::run_hub(hub.clone(), f.hub_rx)).detach();
     let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
-    let auto =
-        (f.index == 0).then(|| glommio::spawn_local(f.compactor.clone().run_auto(auto_stop_rx)));
+    let auto = (f.index == 0).then(|| {
+        let ticks = f.fcfg.ticker.every(compaction::AUTO_CHECK_EVERY);
+        glommio::spawn_local(f.compactor.clone().run_auto(auto_stop_rx, ticks))
+    });
     server::serve(
         listener,
         f.router,

@@ -14,12 +14,14 @@ use rstmdb_shards::error::{ApiError, ErrorCode};
 
 use crate::batch;
 use crate::compaction::Compactor;
+use crate::idle::{Idle, IdleWatch};
 use crate::ops::{self, Action, OpSettings};
 use crate::protocol::{envelope, frame};
 use crate::router::{Outcome, Router};
 use crate::session::{Session, WireMode};
 use crate::subscriptions::Hub;
 use crate::telemetry::RequestMetrics;
+use crate::ticker::Ticker;
 use crate::watch;
 
 /// Most requests decoded and dispatched in one cycle; more complete frames
@@ -47,6 +49,8 @@ pub struct FrontendConfig {
     /// Request instruments, None when `metrics.enabled` is off (then the
     /// request path does no metrics work at all).
     pub metrics: Option<Arc<RequestMetrics>>,
+    /// Housekeeping ticks (the idle sweeper's).
+    pub ticker: Ticker,
 }
 
 /// Runs the accept loop until `shutdown` fires (or its sender is dropped),
@@ -62,6 +66,11 @@ pub async fn serve(
 ) {
     // Dropping this sender tells every connection to stop after its cycle.
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    let idle = cfg.idle_timeout.map(IdleWatch::new);
+    if let Some(watch) = &idle {
+        let ticks = cfg.ticker.every(watch.sweep_every());
+        glommio::spawn_local(watch.clone().sweep(ticks)).detach();
+    }
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             let _ = shutdown.recv_async().await;
@@ -96,11 +105,12 @@ pub async fn serve(
             hub.clone(),
             compactor.clone(),
         );
+        let idle = idle.as_ref().map(|w| w.register());
         glommio::spawn_local(async move {
             let ended = match cfg.tls.clone() {
-                None => connection(stream, router, hub, compactor, &cfg, stop).await,
+                None => connection(stream, router, hub, compactor, &cfg, stop, idle).await,
                 Some(acceptor) => match handshake(acceptor, stream).await {
-                    Ok(tls) => connection(tls, router, hub, compactor, &cfg, stop).await,
+                    Ok(tls) => connection(tls, router, hub, compactor, &cfg, stop, idle).await,
                     Err(e) => Err(e),
                 },
             };
@@ -144,6 +154,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     compactor: Arc<Compactor>,
     cfg: &FrontendConfig,
     stop: flume::Receiver<()>,
+    idle: Option<Idle>,
 ) -> std::io::Result<()> {
     let mut session = Session::default();
     // Rung by the hub when events arrive; registered at the first WATCH.
@@ -157,11 +168,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let mut filled = 0usize;
     let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let replies = flume::bounded::<BatchReply>(router.shard_count());
-    // The idle timeout: one timer for the connection's life, re-armed only
-    // when it fires early (a timer made and dropped per read costs the
-    // reactor work on every request).
-    let mut last_active = std::time::Instant::now();
-    let mut idle_timer = cfg.idle_timeout.map(glommio::timer::Timer::new);
     loop {
         // Decode every complete frame already buffered.
         // (request id, action, the output mode its answer is written in:
@@ -384,7 +390,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Stop,
             Idle,
         }
-        let timer = &mut idle_timer;
+        let idle = &idle;
         let woke = futures_lite::future::or(
             async { Woke::Read(stream.read(&mut rbuf[filled..]).await) },
             futures_lite::future::or(
@@ -398,9 +404,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                         Woke::Stop
                     },
                     async move {
-                        match timer {
-                            Some(t) if !watching => {
-                                t.await;
+                        match idle {
+                            Some(i) if !watching => {
+                                let _ = i.kicked.recv_async().await;
                             }
                             _ => futures_lite::future::pending::<()>().await,
                         }
@@ -414,18 +420,15 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Woke::Stop | Woke::Read(Ok(0)) => return Ok(()),
             Woke::Bell => continue,
             Woke::Idle => {
-                let d = cfg
-                    .idle_timeout
-                    .expect("an idle timer is set only with a timeout");
-                let quiet = last_active.elapsed();
-                if quiet >= d {
+                if idle.as_ref().is_some_and(Idle::expired) {
                     return Ok(()); // idle: closed silently (D18)
                 }
-                idle_timer = Some(glommio::timer::Timer::new(d - quiet));
                 continue;
             }
             Woke::Read(Ok(n)) => {
-                last_active = std::time::Instant::now();
+                if let Some(i) = &idle {
+                    i.touch();
+                }
                 filled += n;
             }
             Woke::Read(Err(e)) => return Err(e),
