@@ -29,6 +29,11 @@ else
     CELLS=("1 1" "16 8")
     DURATION=2; WARMUP=0.5
 fi
+# The cross-check: the many-connection cells again with the lighter client
+# (one thread drives every connection), so that no ratio is an artefact of
+# the thread-per-connection client's design.
+CHECK_WORKLOADS=(apply get)
+CHECK_CELLS=("16 8" "64 8")
 FSYNCS=(every_write never)
 
 if [ -z "${NO_BUILD:-}" ]; then
@@ -73,18 +78,23 @@ stop() {
     wait "$PID" 2>/dev/null || true
 }
 
-run_cells() { # kind fsync
-    local kind=$1 fsync=$2 check=()
+run_cells() { # kind fsync [client]
+    local kind=$1 fsync=$2 client=${3:-threads} check=() workloads cells
     [ "$kind" = null ] && check=(--no-check)
-    for w in "${WORKLOADS[@]}"; do
-        for cell in "${CELLS[@]}"; do
+    if [ "$client" = threads ]; then
+        workloads=("${WORKLOADS[@]}"); cells=("${CELLS[@]}")
+    else
+        workloads=("${CHECK_WORKLOADS[@]}"); cells=("${CHECK_CELLS[@]}")
+    fi
+    for w in "${workloads[@]}"; do
+        for cell in "${cells[@]}"; do
             read -r c p <<<"$cell"
             start "$kind" "$fsync"
-            echo "== $kind fsync=$fsync $w ${c}x${p}" >&2
+            echo "== $kind fsync=$fsync $w ${c}x${p} client=$client" >&2
             "$BENCH" --addr "$ADDR" run --workload "$w" --connections "$c" --pipeline "$p" \
                 --duration "$DURATION" --warmup "$WARMUP" --server-pid "$PID" --json "${check[@]}" \
-                --tag "server=$kind" --tag "fsync=$fsync" >>"$RESULTS" \
-                || echo "{\"workload\":\"$w\",\"connections\":$c,\"pipeline\":$p,\"tags\":{\"server\":\"$kind\",\"fsync\":\"$fsync\"},\"failed\":true}" >>"$RESULTS"
+                --client "$client" --tag "server=$kind" --tag "fsync=$fsync" >>"$RESULTS" \
+                || echo "{\"workload\":\"$w\",\"connections\":$c,\"pipeline\":$p,\"client\":\"$client\",\"tags\":{\"server\":\"$kind\",\"fsync\":\"$fsync\"},\"failed\":true}" >>"$RESULTS"
             stop
         done
     done
@@ -95,6 +105,11 @@ for f in "${FSYNCS[@]}"; do
     run_cells reference "$f"
     run_cells ours "$f"
 done
+run_cells null - evented
+for f in "${FSYNCS[@]}"; do
+    run_cells reference "$f" evented
+    run_cells ours "$f" evented
+done
 
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 HEADER="### Side by side ($MODE mode, $(date -u +%F))
@@ -102,8 +117,11 @@ HEADER="### Side by side ($MODE mode, $(date -u +%F))
 Command: \`MODE=$MODE bench/matrix.sh\` (\`make bench\` = quick, \`make bench-full\` = full);
 commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); machine: $(nproc) vCPU ($CPU), $(uname -r);
 client and server on the same cores; each cell ${DURATION} s after ${WARMUP} s warm-up on a fresh server
-(temporary data directory on ext4, \`RUST_LOG=warn\`, default config otherwise: ours runs
-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) shard(s)). Ratios are ops/s; latencies from the client (HdrHistogram).
+(temporary data directory on ext4, \`RUST_LOG=warn\`, default config otherwise: ours runs the
+colocated layout with $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) shard(s), each executor also accepting connections).
+Ratios are ops/s; latencies from the client (HdrHistogram). CPU µs/op: CPU-seconds of the server
+process over the measured window ÷ operations answered; in brackets the load generator's own.
+Client \`threads\`: a thread per connection; \`evented\`: one thread drives every connection (poll).
 Raw results: \`target/bench-matrix/results.jsonl\`."
 "$BENCH" report --input "$RESULTS" --into "$DOC" --header "$HEADER"
 echo "table written to $DOC" >&2

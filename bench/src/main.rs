@@ -10,6 +10,7 @@
 //!   and the server's CPU time; `--json` for scripts.
 //! * `null-server`: answers every frame at once (the machine's ceiling).
 
+mod driver;
 mod null_server;
 mod rcp;
 mod report;
@@ -106,6 +107,10 @@ enum Cmd {
         /// Skip the end-of-run consistency check (the null server).
         #[arg(long)]
         no_check: bool,
+        /// How the connections are driven: a thread each, or one thread
+        /// for all (`evented`: a lighter client, to cross-check results).
+        #[arg(long, value_enum, default_value = "threads")]
+        client: driver::ClientMode,
         /// `key=value` copied into the report's `tags` (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
@@ -190,6 +195,7 @@ fn main() {
             server_pid,
             json,
             no_check,
+            client,
             tags,
         } => {
             let s = workload::Settings {
@@ -207,6 +213,7 @@ fn main() {
                 watchers,
                 server_pid,
                 check: !no_check,
+                client,
             };
             workload::run(&s).and_then(|mut report| {
                 let mut t = serde_json::Map::new();

@@ -20,6 +20,16 @@ fn ops(r: Option<&Value>) -> String {
         .map_or_else(|| "–".into(), |v| format!("{v:.0}"))
 }
 
+/// Server CPU µs per operation, and the client's.
+fn cpu(r: Option<&Value>) -> String {
+    let us = |k: &str| r.and_then(|r| r[k].as_f64());
+    match (us("server_cpu_us_per_op"), us("client_cpu_us_per_op")) {
+        (Some(s), Some(c)) => format!("{s:.1} ({c:.1})"),
+        (Some(s), None) => format!("{s:.1}"),
+        _ => "–".into(),
+    }
+}
+
 fn ratio(a: Option<&Value>, b: Option<&Value>) -> String {
     match (
         a.and_then(|r| r["ops_per_sec"].as_f64()),
@@ -34,8 +44,8 @@ fn ratio(a: Option<&Value>, b: Option<&Value>) -> String {
 /// `into` (appending the section if the markers are missing).
 pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    // (workload, cell) → fsync → server → report
-    type Key = (String, u64, u64);
+    // (workload, cell, client) → fsync → server → report
+    type Key = (String, u64, u64, String);
     let mut rows: BTreeMap<Key, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
@@ -44,6 +54,7 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
             v["workload"].as_str().unwrap_or("?").to_owned(),
             v["connections"].as_u64().unwrap_or(0),
             v["pipeline"].as_u64().unwrap_or(0),
+            v["client"].as_str().unwrap_or("threads").to_owned(),
         );
         rows.entry(key)
             .or_default()
@@ -56,9 +67,9 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
     md.push('\n');
     md.push_str(header.trim_end());
     md.push_str("\n\n");
-    md.push_str("| workload | fsync | conns × pipeline | null ops/s | reference ops/s | ours ops/s | ours / reference | ours / null | reference p50 / p99 ms | ours p50 / p99 ms | ours errors | consistency (ours) |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for ((workload, c, p), by_fsync) in &rows {
+    md.push_str("| workload | fsync | conns × pipeline | client | null ops/s | reference ops/s | ours ops/s | ours / reference | ours / null | reference p50 / p99 ms | ours p50 / p99 ms | reference CPU µs/op (client) | ours CPU µs/op (client) | ours errors | consistency (ours) |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for ((workload, c, p, client), by_fsync) in &rows {
         let null = by_fsync.get("-").and_then(|m| m.get("null"));
         for (fsync, servers) in by_fsync.iter().filter(|(f, _)| f.as_str() != "-") {
             let reference = servers.get("reference");
@@ -98,7 +109,7 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
                 },
             );
             md.push_str(&format!(
-                "| {workload} | {fsync} | {c} × {p} | {} | {} | {} | {} | {} | {} | {} | {errors} | {consistency} |\n",
+                "| {workload} | {fsync} | {c} × {p} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} | {consistency} |\n",
                 ops(null),
                 ops(reference),
                 ops(ours),
@@ -106,6 +117,8 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
                 ratio(ours, null),
                 lat(reference),
                 lat(ours),
+                cpu(reference),
+                cpu(ours),
             ));
         }
     }

@@ -13,8 +13,7 @@
 //! count modulo 4).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{Read, Write};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::driver::{self, ClientMode, Shared};
 use crate::rcp::{result, Conn};
 
 /// What to run.
@@ -75,6 +74,8 @@ pub struct Settings {
     pub server_pid: Option<u32>,
     /// Run the end-of-run consistency check.
     pub check: bool,
+    /// How the connections are driven.
+    pub client: ClientMode,
 }
 
 /// States of the ring machine every workload uses.
@@ -94,15 +95,15 @@ pub fn ring_machine() -> Value {
 }
 
 /// Shared state of a run (touched per request only through atomics).
-struct Totals {
+pub struct Totals {
     /// Acknowledged applies per instance.
-    applied: Vec<AtomicU64>,
+    pub applied: Vec<AtomicU64>,
     /// Applies sent but never answered (a transport failure): their
     /// instances cannot be checked exactly.
-    uncertain: Mutex<Vec<u32>>,
-    measuring: AtomicBool,
+    pub uncertain: Mutex<Vec<u32>>,
+    pub measuring: AtomicBool,
     /// Offset → ack time of applies (watch workload).
-    acked_at: Mutex<std::collections::HashMap<u64, Instant>>,
+    pub acked_at: Mutex<std::collections::HashMap<u64, Instant>>,
 }
 
 /// xorshift: cheap, deterministic per connection.
@@ -232,22 +233,22 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     }
 
     let cpu_before = s.server_pid.and_then(cpu_seconds);
-    let mut handles = Vec::new();
-    for conn in 0..s.connections {
+    let mut streams = Vec::with_capacity(s.connections);
+    for _ in 0..s.connections {
         let stream = TcpStream::connect(s.addr).map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).ok();
         stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        let driver = Driver {
-            settings: s.clone(),
-            conn,
-            prefix: prefix.clone(),
-            filler: filler.clone(),
-            totals: totals.clone(),
-            stop: stop.clone(),
-            budget: budget.clone(),
-        };
-        handles.push(std::thread::spawn(move || driver.run(stream)));
+        streams.push(stream);
     }
+    let shared = Shared {
+        settings: s.clone(),
+        prefix: prefix.clone(),
+        filler: filler.clone(),
+        totals: totals.clone(),
+        stop: stop.clone(),
+        budget: budget.clone(),
+    };
+    let handles = driver::start(s.client, &shared, streams);
     // Warm-up, then the measured period.
     if !s.warmup.is_zero() {
         std::thread::sleep(s.warmup);
@@ -255,6 +256,7 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     }
     let measured_from = Instant::now();
     let cpu_from = s.server_pid.and_then(cpu_seconds).or(cpu_before);
+    let client_cpu_from = cpu_seconds(std::process::id());
     if s.requests.is_none() {
         std::thread::sleep(s.duration);
         stop.store(true, Ordering::SeqCst);
@@ -264,18 +266,21 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut transport = 0u64;
     for h in handles {
-        let c = h
+        let reports = h
             .join()
             .map_err(|_| "a connection thread panicked".to_string())?;
-        hist.add(&c.hist).expect("same bounds");
-        ok += c.ok;
-        for (code, n) in c.errors {
-            *errors.entry(code).or_default() += n;
+        for c in reports {
+            hist.add(&c.hist).expect("same bounds");
+            ok += c.ok;
+            for (code, n) in c.errors {
+                *errors.entry(code).or_default() += n;
+            }
+            transport += c.transport;
         }
-        transport += c.transport;
     }
     let elapsed = measured_from.elapsed().max(Duration::from_micros(1));
     let cpu_to = s.server_pid.and_then(cpu_seconds);
+    let client_cpu_to = cpu_seconds(std::process::id());
     stop.store(true, Ordering::SeqCst);
     // Wake watchers blocked in a read with one more event.
     if s.workload == Workload::Watch && instances > 0 {
@@ -341,7 +346,15 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     if let (Some(a), Some(b)) = (cpu_from, cpu_to) {
         report["server_cpu_seconds"] = json!(b - a);
         report["server_cpu_percent"] = json!(100.0 * (b - a) / elapsed.as_secs_f64());
+        report["server_cpu_us_per_op"] = json!(1e6 * (b - a) / ok.max(1) as f64);
     }
+    // The load generator's own CPU over the measured period (all its
+    // threads), to show it was not the bottleneck.
+    if let (Some(a), Some(b)) = (client_cpu_from, client_cpu_to) {
+        report["client_cpu_seconds"] = json!(b - a);
+        report["client_cpu_us_per_op"] = json!(1e6 * (b - a) / ok.max(1) as f64);
+    }
+    report["client"] = json!(format!("{:?}", s.client).to_lowercase());
     if s.workload == Workload::Watch {
         let l = lag.lock().unwrap();
         let ql = |p: f64| {
@@ -365,7 +378,7 @@ pub fn run(s: &Settings) -> Result<Value, String> {
 /// text (ids and filler need no escaping); returns (op, instance applied
 /// to). Instances `0..s.instances` are picked at random or round-robin
 /// over the connections.
-fn request(
+pub fn request(
     out: &mut Vec<u8>,
     s: &Settings,
     prefix: &str,
@@ -449,243 +462,6 @@ fn request(
     }
 }
 
-/// One request in flight.
-struct Sent {
-    at: Instant,
-    /// Instance an APPLY went to (for the consistency check).
-    applied_to: Option<u32>,
-}
-
-/// The parts of an answer the bench looks at, borrowed from the frame.
-#[derive(Deserialize)]
-struct Answer<'a> {
-    #[serde(borrow)]
-    status: Cow<'a, str>,
-    #[serde(default, borrow)]
-    result: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    error: Option<AnswerError<'a>>,
-}
-
-#[derive(Deserialize)]
-struct AnswerError<'a> {
-    #[serde(borrow)]
-    code: Cow<'a, str>,
-}
-
-/// What one connection counted.
-struct ConnReport {
-    hist: Histogram<u64>,
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    transport: u64,
-}
-
-/// One connection's closed loop.
-struct Driver {
-    settings: Settings,
-    conn: usize,
-    prefix: String,
-    filler: String,
-    totals: Arc<Totals>,
-    stop: Arc<AtomicBool>,
-    budget: Arc<AtomicU64>,
-}
-
-/// Bytes read per `read` call.
-const READ_CHUNK: usize = 256 * 1024;
-
-impl Driver {
-    fn run(self, mut stream: TcpStream) -> ConnReport {
-        let s = &self.settings;
-        let mut report = ConnReport {
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-            ok: 0,
-            errors: BTreeMap::new(),
-            transport: 0,
-        };
-        let mut rng =
-            0x9E37_79B9_7F4A_7C15u64 ^ (self.conn as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-        let mut k: u64 = 0;
-        let mut in_flight: VecDeque<Sent> = VecDeque::with_capacity(s.pipeline);
-        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let mut params: Vec<u8> = Vec::with_capacity(1024);
-        let mut rbuf: Vec<u8> = vec![0; READ_CHUNK];
-        let (mut filled, mut pos) = (0usize, 0usize);
-        let mut sending = true;
-        let mut to_send = s.pipeline.max(1);
-        loop {
-            // Send one request per free slot, in one write.
-            out.clear();
-            while sending && to_send > 0 {
-                if self.stop.load(Ordering::Relaxed)
-                    || self
-                        .budget
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-                        .is_err()
-                {
-                    sending = false;
-                    break;
-                }
-                params.clear();
-                let (op, applied_to) = request(
-                    &mut params,
-                    s,
-                    &self.prefix,
-                    &self.filler,
-                    self.conn,
-                    k,
-                    &mut rng,
-                );
-                k += 1;
-                encode_raw(&mut out, k, op, &params);
-                in_flight.push_back(Sent {
-                    at: Instant::now(),
-                    applied_to,
-                });
-                to_send -= 1;
-            }
-            if !out.is_empty() && stream.write_all(&out).is_err() {
-                self.lost(&mut in_flight, &mut report);
-                return report;
-            }
-            if in_flight.is_empty() {
-                return report;
-            }
-            // Read until at least one answer is complete; take them all.
-            let mut answered = 0;
-            while answered == 0 {
-                if pos > 0 && pos == filled {
-                    (pos, filled) = (0, 0);
-                }
-                if filled == rbuf.len() {
-                    // Make room: move the partial frame to the front, or
-                    // grow for a frame larger than the buffer.
-                    if pos > 0 {
-                        rbuf.copy_within(pos..filled, 0);
-                        (filled, pos) = (filled - pos, 0);
-                    } else {
-                        rbuf.resize(rbuf.len() * 2, 0);
-                    }
-                }
-                match stream.read(&mut rbuf[filled..]) {
-                    Ok(0) | Err(_) => {
-                        self.lost(&mut in_flight, &mut report);
-                        return report;
-                    }
-                    Ok(n) => filled += n,
-                }
-                while filled - pos >= 18 {
-                    let h = &rbuf[pos..pos + 18];
-                    let len = u32::from_be_bytes([h[10], h[11], h[12], h[13]]) as usize;
-                    if &h[0..4] != b"RCPX" || len > 16 * 1024 * 1024 {
-                        self.lost(&mut in_flight, &mut report);
-                        return report;
-                    }
-                    if filled - pos < 18 + len {
-                        break;
-                    }
-                    let crc = u32::from_be_bytes([h[14], h[15], h[16], h[17]]);
-                    let payload = &rbuf[pos + 18..pos + 18 + len];
-                    if crc32c::crc32c(payload) != crc {
-                        self.lost(&mut in_flight, &mut report);
-                        return report;
-                    }
-                    let Some(sent) = in_flight.pop_front() else {
-                        // An answer nobody asked for.
-                        report.transport += 1;
-                        return report;
-                    };
-                    self.answered(sent, payload, &mut report);
-                    pos += 18 + len;
-                    answered += 1;
-                }
-            }
-            to_send = answered;
-        }
-    }
-
-    /// Accounts one answer.
-    fn answered(&self, sent: Sent, payload: &[u8], report: &mut ConnReport) {
-        let us = sent.at.elapsed().as_micros() as u64;
-        let t = &self.totals;
-        let measuring = t.measuring.load(Ordering::Relaxed);
-        match serde_json::from_slice::<Answer<'_>>(payload) {
-            Ok(a) if a.status == "ok" => {
-                if let Some(i) = sent.applied_to {
-                    t.applied[i as usize].fetch_add(1, Ordering::Relaxed);
-                    if self.settings.workload == Workload::Watch {
-                        #[derive(Deserialize)]
-                        struct Offset {
-                            wal_offset: u64,
-                        }
-                        if let Some(o) = a
-                            .result
-                            .and_then(|r| serde_json::from_str::<Offset>(r.get()).ok())
-                        {
-                            t.acked_at
-                                .lock()
-                                .unwrap()
-                                .insert(o.wal_offset, Instant::now());
-                        }
-                    }
-                }
-                if measuring {
-                    report.ok += 1;
-                    let _ = report.hist.record(us.max(1));
-                }
-            }
-            Ok(a) => {
-                if measuring {
-                    let code = a.error.map_or(Cow::Borrowed("?"), |e| e.code);
-                    *report.errors.entry(code.into_owned()).or_default() += 1;
-                }
-            }
-            Err(_) => {
-                if measuring {
-                    *report.errors.entry("unparsable answer".into()).or_default() += 1;
-                }
-            }
-        }
-    }
-
-    /// The connection failed: every request in flight is unknown.
-    fn lost(&self, in_flight: &mut VecDeque<Sent>, report: &mut ConnReport) {
-        if in_flight.is_empty() && self.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        report.transport += 1;
-        let mut uncertain = self.totals.uncertain.lock().unwrap();
-        for s in in_flight.drain(..) {
-            if let Some(i) = s.applied_to {
-                uncertain.push(i);
-            }
-        }
-    }
-}
-
-/// Appends one request frame whose params are JSON text.
-fn encode_raw(out: &mut Vec<u8>, id: u64, op: &str, params: &[u8]) {
-    use std::io::Write as _;
-    let start = out.len();
-    out.extend_from_slice(&[0u8; 18]);
-    let _ = write!(
-        out,
-        r#"{{"type":"request","id":"{id}","op":"{op}","params":"#
-    );
-    out.extend_from_slice(params);
-    out.push(b'}');
-    let len = out.len() - start - 18;
-    let crc = crc32c::crc32c(&out[start + 18..]);
-    let h = &mut out[start..start + 18];
-    h[0..4].copy_from_slice(b"RCPX");
-    h[4..6].copy_from_slice(&1u16.to_be_bytes());
-    h[6..8].copy_from_slice(&1u16.to_be_bytes()); // CRC present
-    h[8..10].copy_from_slice(&0u16.to_be_bytes());
-    h[10..14].copy_from_slice(&(len as u32).to_be_bytes());
-    h[14..18].copy_from_slice(&crc.to_be_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,6 +484,7 @@ mod tests {
             watchers: 0,
             server_pid: None,
             check: true,
+            client: ClientMode::Threads,
         };
         for w in [
             Workload::Apply,
@@ -724,7 +501,7 @@ mod tests {
             let (op, _) = request(&mut params, &s, "p", "fff", 1, 7, &mut 1);
             let v: Value = serde_json::from_slice(&params).expect("valid JSON params");
             let mut raw = Vec::new();
-            encode_raw(&mut raw, 9, op, &params);
+            driver::encode_raw(&mut raw, 9, op, &params);
             let mut via_value = Vec::new();
             encode_request(&mut via_value, 9, op, &v);
             let a: Value = serde_json::from_slice(&raw[18..]).unwrap();
