@@ -13,12 +13,15 @@ use rstmdb_shards::shard::{self, FsyncPolicy, Sequencer, ShardConfig, ShardMsg};
 use rstmdb_wal::WriterConfig;
 
 use crate::config::Config;
-use crate::datadir::DataDir;
+use crate::config::{self, layout};
+use crate::net::{listen, server};
+use crate::security::{auth, tls};
+use crate::service::{compaction, ops, router, subscriptions};
+use crate::storage::datadir::DataDir;
+use crate::storage::{recover, reshard};
+use crate::telemetry;
 use crate::ticker::Ticker;
-use crate::{
-    auth, compaction, config, layout, listen, ops, recover, reshard, router, server, subscriptions,
-    telemetry, tls, wal_tool,
-};
+use crate::tools::wal_tool;
 
 /// Bound of each shard's inbound channel (batches, not requests): a full
 /// channel makes frontends wait, which is the backpressure we want.

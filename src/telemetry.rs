@@ -24,7 +24,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rstmdb_shards::error::ErrorCode;
 use rstmdb_shards::shard::{ShardMsg, Telemetry, GROUP_COMMIT_RECORDS, SNAPSHOT_SECONDS};
 
-use crate::batch::OPS;
+use crate::protocol::names::OPS;
 
 /// `rstmdb_request_duration_seconds` buckets: the reference's.
 const REQUEST_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -117,7 +117,7 @@ fn describe() {
     describe_histogram!(
         rstmdb_wal::FSYNC_SECONDS,
         Unit::Seconds,
-        "Duration of each WAL fdatasync"
+        "Duration of each WAL fdatasync (or O_DSYNC write, which is the sync)"
     );
     describe_histogram!(GROUP_COMMIT_RECORDS, "WAL records per group commit");
     describe_histogram!(

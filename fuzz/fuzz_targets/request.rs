@@ -13,11 +13,11 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use rstmdb::auth::Authenticator;
-use rstmdb::batch::OPS;
-use rstmdb::ops::{self, Action, OpSettings};
 use rstmdb::protocol::envelope;
-use rstmdb::session::Session;
+use rstmdb::protocol::names::OPS;
+use rstmdb::security::auth::Authenticator;
+use rstmdb::service::ops::{self, Action, OpSettings};
+use rstmdb::service::session::Session;
 use rstmdb_shards::commands::{Command, Reply};
 use rstmdb_shards::definition::MachineDef;
 use rstmdb_shards::engine::{Engine, EngineLimits, Offsets};

@@ -1,4 +1,6 @@
-//! The RCP wire protocol: binary frames and the JSON envelope.
+//! The RCP wire protocol: binary frames, the JSON envelope and the
+//! operation names.
 
 pub mod envelope;
 pub mod frame;
+pub mod names;

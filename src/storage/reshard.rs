@@ -15,8 +15,8 @@ use rstmdb_shards::engine::{now_ms, EngineLimits};
 use rstmdb_shards::reshard::redistribute;
 use rstmdb_shards::snapshot::write_blocking;
 
-use crate::datadir::{DataDir, Manifest, ShardManifest};
-use crate::recover;
+use crate::storage::datadir::{DataDir, Manifest, ShardManifest};
+use crate::storage::recover;
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
     std::fs::File::open(dir)

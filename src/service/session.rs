@@ -29,5 +29,5 @@ pub struct Session {
     /// A successful AUTH was seen (never reset: there is no de-authentication).
     pub authenticated: bool,
     /// This connection's subscriptions (dropped with the connection).
-    pub subscriptions: Vec<crate::subscriptions::Subscription>,
+    pub subscriptions: Vec<crate::service::subscriptions::Subscription>,
 }

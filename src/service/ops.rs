@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::auth::{self, Authenticator};
-use crate::session::{Session, WireMode};
-use crate::subscriptions::Filter;
+use crate::security::auth::{self, Authenticator};
+use crate::service::session::{Session, WireMode};
+use crate::service::subscriptions::Filter;
 
 /// Server version reported by HELLO and INFO (DECISIONS "Identity").
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -559,7 +559,7 @@ mod tests {
 
     /// Every protocol op plus two unknown names.
     fn ops() -> Vec<&'static str> {
-        let mut v = crate::batch::OPS.to_vec();
+        let mut v = crate::protocol::names::OPS.to_vec();
         v.extend(["nope", ""]);
         v
     }

@@ -22,7 +22,10 @@ use rstmdb_shards::wal_entry;
 use rstmdb_wal::{OwnedRecord, ReadRange};
 use serde::Serialize;
 
-use crate::ops::Action;
+use crate::service::ops::Action;
+
+/// A connection's channel for shard replies.
+pub type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
 
 /// Byte budget of one LIST_INSTANCES result: a response must fit a frame
 /// (DECISIONS D21), with room for the envelope.

@@ -35,9 +35,9 @@ use rstmdb_shards::shard::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::datadir::Manifest;
-use crate::router::{Outcome, Router};
-use crate::subscriptions::Shared;
+use crate::service::router::{Outcome, Router};
+use crate::service::subscriptions::Shared;
+use crate::storage::datadir::Manifest;
 
 /// How often automatic compaction looks at the shards' figures.
 pub const AUTO_CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -398,9 +398,9 @@ impl Compactor {
         &self,
         shard: usize,
         instance_id: String,
-        replies: &crate::watch::Replies,
+        replies: &crate::service::router::Replies,
     ) -> Result<Vec<u8>, ApiError> {
-        let get = crate::ops::Action::Shard(
+        let get = crate::service::ops::Action::Shard(
             shard,
             Command::GetInstance {
                 instance_id: instance_id.clone(),

@@ -5,16 +5,16 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use futures_lite::{AsyncWrite, AsyncWriteExt};
-use rstmdb_shards::commands::{BatchReply, Command};
+use rstmdb_shards::commands::Command;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
-use crate::compaction::Compactor;
-use crate::ops::{Action, WatchSpec};
 use crate::protocol::frame;
-use crate::router::{Outcome, Router};
-use crate::session::{Session, WireMode};
-use crate::subscriptions::{
+use crate::service::compaction::Compactor;
+use crate::service::ops::{Action, WatchSpec};
+use crate::service::router::{Outcome, Replies, Router};
+use crate::service::session::{Session, WireMode};
+use crate::service::subscriptions::{
     encode_event, ensure_live, events_from_record, Hub, Subscription, SubscriptionMetrics, Take,
     CHUNK, MAX_SUBSCRIPTIONS_PER_CONNECTION,
 };
@@ -25,9 +25,6 @@ const STEPS_PER_PASS: usize = 16;
 const CATCH_UP_RECORDS: usize = 1024;
 /// Events are written out whenever this many bytes are buffered.
 const FLUSH_BYTES: usize = 256 * 1024;
-
-/// A connection's channel for shard replies.
-pub type Replies = (flume::Sender<BatchReply>, flume::Receiver<BatchReply>);
 
 /// What subscription handling needs from the connection.
 pub struct Ctx<'a> {

@@ -20,44 +20,16 @@ use rstmdb_shards::error::{ApiError, ErrorCode};
 use rstmdb_shards::shard::{AtomicMsg, ShardMsg};
 use serde_json::Value;
 
-use crate::ops::{self, Action, OpSettings};
-use crate::router::Outcome;
-use crate::session::Session;
-use crate::watch::{self, Ctx};
+use crate::protocol::names::OPS;
+use crate::service::ops::{self, Action, OpSettings};
+use crate::service::router::Outcome;
+use crate::service::session::Session;
+use crate::service::watch::{self, Ctx};
 
 /// Most ops per batch level (INFO's `max_batch_ops`).
 pub const MAX_OPS: usize = 100;
 /// Deepest nesting of batches inside batches.
 pub const MAX_DEPTH: usize = 8;
-
-/// The 25 operation names the protocol knows.
-pub const OPS: [&str; 25] = [
-    "HELLO",
-    "AUTH",
-    "PING",
-    "BYE",
-    "INFO",
-    "REPLICATION_STATUS",
-    "PUT_MACHINE",
-    "GET_MACHINE",
-    "LIST_MACHINES",
-    "CREATE_INSTANCE",
-    "GET_INSTANCE",
-    "LIST_INSTANCES",
-    "DELETE_INSTANCE",
-    "APPLY_EVENT",
-    "BATCH",
-    "SNAPSHOT_INSTANCE",
-    "WAL_READ",
-    "WAL_STATS",
-    "COMPACT",
-    "WATCH_INSTANCE",
-    "WATCH_ALL",
-    "UNWATCH",
-    "FLUSH_ALL",
-    "REPLICATE",
-    "REPLICATE_ACK",
-];
 
 /// The `op` of a batch element; an element without a string `op` or with
 /// an unknown name is a structural error of the whole batch.

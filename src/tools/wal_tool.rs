@@ -33,7 +33,7 @@ use rstmdb_wal::segment::{self, BLOCK};
 use rstmdb_wal::{recover, RecoveryOptions, WalError};
 
 use crate::config::WalCommand;
-use crate::datadir::{DataDir, Layout};
+use crate::storage::datadir::{DataDir, Layout};
 
 /// Exit status: everything intact (or repaired).
 const EXIT_OK: u8 = 0;

@@ -10,7 +10,7 @@ use rstmdb_shards::engine::{Engine, EngineLimits};
 use rstmdb_shards::recovery::{recover_shard, RecoveredShard};
 use rstmdb_wal::{Recovered, RecoveryOptions};
 
-use crate::datadir::{DataDir, Manifest};
+use crate::storage::datadir::{DataDir, Manifest};
 
 /// Every shard's recovered state.
 pub struct Recovery {

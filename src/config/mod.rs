@@ -23,13 +23,15 @@
 //! defaulted as in the reference so its config files keep working; the
 //! `server:` section and the idempotency keys are our own.
 
+pub mod layout;
+
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::layout::Layout;
+use crate::config::layout::Layout;
 use serde::de::{self, Deserializer, EnumAccess, MapAccess, VariantAccess, Visitor};
 use serde::Deserialize;
 
@@ -37,7 +39,7 @@ use serde::Deserialize;
 /// Parsing it yields exactly [`Config::default()`] (a unit test holds the two
 /// together), so it can be printed as a starting point for operators
 /// (`rstmdb --print-default-config`).
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.yaml");
 
 /// Largest accepted `storage.wal_segment_size_mb` (4 GiB). Segments are
 /// preallocated, so a typo like `65536` would otherwise try to reserve 64 GiB
@@ -1566,11 +1568,11 @@ mod tests {
 
     #[test]
     fn example_configs_parse() {
-        let dev = Config::from_yaml(include_str!("../config/dev.yaml")).unwrap();
+        let dev = Config::from_yaml(include_str!("../../config/dev.yaml")).unwrap();
         dev.validate().unwrap();
         assert_eq!(dev.storage.fsync_policy, FsyncPolicy::Never);
 
-        let prod = Config::from_yaml(include_str!("../config/production.yaml")).unwrap();
+        let prod = Config::from_yaml(include_str!("../../config/production.yaml")).unwrap();
         assert_eq!(prod.storage.fsync_policy, FsyncPolicy::EveryWrite);
         assert!(prod.metrics.enabled && prod.auth.required);
         // Shipped with a placeholder hash that must be replaced before start.
@@ -1578,7 +1580,7 @@ mod tests {
         let mut fixed = prod.clone();
         fixed.auth.token_hashes = vec![HASH_A.into()];
         fixed.validate().unwrap();
-        let secure = Config::from_yaml(include_str!("../config/tls-auth.yaml")).unwrap();
+        let secure = Config::from_yaml(include_str!("../../config/tls-auth.yaml")).unwrap();
         secure.validate().unwrap();
         assert!(secure.auth.required && secure.tls.enabled && secure.tls.require_client_cert);
         // The documented token: sha256("dev-token").

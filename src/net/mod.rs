@@ -1,0 +1,8 @@
+//! The network side: listeners and the one-server-per-address check
+//! ([`listen`]), the accept loop ([`server`]), each connection's loop
+//! ([`connection`]), idle connections ([`idle`]).
+
+pub mod connection;
+pub mod idle;
+pub mod listen;
+pub mod server;
