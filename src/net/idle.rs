@@ -2,7 +2,10 @@
 //! a timer per connection: one sweeper per frontend, woken by the
 //! [`crate::ticker`] thread, kicks the connections whose last activity is
 //! older than the timeout, and each decides for itself (one that watches is
-//! never idle). See `ticker` for why no glommio timer is used.
+//! never idle). See `ticker` for why no glommio timer is used. A read only
+//! raises a flag (no clock read per request); the sweeper turns the flag
+//! into a time at its next pass, so a connection closes between the
+//! timeout and the timeout plus one sweep period after its last activity.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -16,15 +19,23 @@ pub struct IdleWatch {
 }
 
 struct Entry {
-    last_active: Rc<Cell<Instant>>,
+    activity: Rc<Activity>,
     kick: flume::Sender<()>,
+}
+
+/// A connection's activity as the sweeper sees it.
+struct Activity {
+    /// Set by every read; cleared by the sweeper.
+    active: Cell<bool>,
+    /// When the sweeper last found the flag set (or the registration).
+    last_seen: Cell<Instant>,
 }
 
 /// One connection's registration; dropping it unregisters.
 pub struct Idle {
     watch: Rc<IdleWatch>,
     key: u64,
-    last_active: Rc<Cell<Instant>>,
+    activity: Rc<Activity>,
     /// Receives a kick once the connection has been quiet for the timeout.
     pub kicked: flume::Receiver<()>,
 }
@@ -49,19 +60,22 @@ impl IdleWatch {
     pub fn register(self: &Rc<Self>) -> Idle {
         let key = self.next_key.get();
         self.next_key.set(key + 1);
-        let last_active = Rc::new(Cell::new(Instant::now()));
+        let activity = Rc::new(Activity {
+            active: Cell::new(false),
+            last_seen: Cell::new(Instant::now()),
+        });
         let (kick, kicked) = flume::bounded(1);
         self.conns.borrow_mut().insert(
             key,
             Entry {
-                last_active: last_active.clone(),
+                activity: activity.clone(),
                 kick,
             },
         );
         Idle {
             watch: self.clone(),
             key,
-            last_active,
+            activity,
             kicked,
         }
     }
@@ -72,7 +86,10 @@ impl IdleWatch {
         while ticks.recv_async().await.is_ok() {
             let now = Instant::now();
             for e in self.conns.borrow().values() {
-                if now.duration_since(e.last_active.get()) >= self.timeout {
+                let a = &e.activity;
+                if a.active.replace(false) {
+                    a.last_seen.set(now);
+                } else if now.duration_since(a.last_seen.get()) >= self.timeout {
                     let _ = e.kick.try_send(());
                 }
             }
@@ -81,14 +98,15 @@ impl IdleWatch {
 }
 
 impl Idle {
-    /// Notes activity now.
+    /// Notes activity (the sweeper dates it).
     pub fn touch(&self) {
-        self.last_active.set(Instant::now());
+        self.activity.active.set(true);
     }
 
     /// Whether the connection has been quiet for the whole timeout.
     pub fn expired(&self) -> bool {
-        self.last_active.get().elapsed() >= self.watch.timeout
+        let a = &self.activity;
+        !a.active.get() && a.last_seen.get().elapsed() >= self.watch.timeout
     }
 }
 
