@@ -56,7 +56,8 @@ impl ReaderIo {
 pub struct SegmentInfo {
     /// Segment id.
     pub id: u64,
-    /// Bytes in use (block-aligned end of its data).
+    /// Bytes in use (end of its data: block-aligned, except after packed
+    /// page-cache commits not yet synced).
     pub used: u64,
     /// Offset of its first record; 0 while it has none.
     pub first_offset: u64,
@@ -108,7 +109,9 @@ pub struct WalWriter<S: Storage = Disk> {
     cfg: WriterConfig,
     file: S::Segment,
     seg_id: u64,
-    /// Next write position in the current segment; always block-aligned.
+    /// Next write position in the current segment: block-aligned, except
+    /// in page-cache mode, where commits are packed one after another until
+    /// the next sync (see [`WalWriter::packs`]).
     write_pos: u64,
     /// Encoded records waiting for the next commit.
     staging: Vec<u8>,
@@ -323,6 +326,9 @@ impl<S: Storage> WalWriter<S> {
             Ok(()) => {
                 self.fsync_seconds.record(started.elapsed().as_secs_f64());
                 self.unsynced = false;
+                // Synced blocks are never written again: the next commit
+                // starts in a fresh block (the rest of this one stays zero).
+                self.seal_block();
                 self.synced_pos = self.write_pos;
                 Ok(())
             }
@@ -491,10 +497,33 @@ impl<S: Storage> WalWriter<S> {
         chunks
     }
 
-    /// Writes `data` (whole records) at the current position, padded to
-    /// whole blocks, its first record marked as a commit start.
+    /// Whether commits are packed: page-cache writes need no alignment, and
+    /// padding every commit to a block would make the kernel write back
+    /// 4 KiB per small commit (measured: ~48 MB/s of dirty pages for one
+    /// client applying events one at a time, and the writeback throttling
+    /// that came with it). Only unsynced bytes share a block, so a torn
+    /// write of a shared block never damages synced data.
+    fn packs(&self) -> bool {
+        self.cfg.mode == WriteMode::PageCache
+    }
+
+    /// Moves the write position to the next block boundary.
+    fn seal_block(&mut self) {
+        self.write_pos = align_up(self.write_pos);
+        let last = self.segments.last_mut().expect("current segment");
+        last.used = last.used.max(self.write_pos);
+    }
+
+    /// Writes `data` (whole records) at the current position — padded to
+    /// whole blocks unless commits are packed — its first record marked as
+    /// a commit start.
     async fn write_block(&mut self, data: &[u8]) -> Result<(), WalError> {
-        let len = align_up(data.len() as u64) as usize;
+        let len = if self.packs() {
+            data.len()
+        } else {
+            align_up(data.len() as u64) as usize
+        };
+        debug_assert!(self.packs() || self.write_pos.is_multiple_of(BLOCK));
         let synced_pos = self.synced_pos;
         self.stats.writes += 1;
         self.stats.bytes_written += len as u64;

@@ -5,7 +5,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use glommio::LocalExecutorBuilder;
-use rstmdb_wal::{recover, segment, RecoveryOptions, WalError, WalWriter, WriteMode, WriterConfig};
+use rstmdb_wal::{
+    record, recover, segment, RecoveryOptions, WalError, WalWriter, WriteMode, WriterConfig,
+};
 
 const SEG: u64 = 64 * 1024;
 
@@ -279,12 +281,44 @@ fn damage_that_a_later_commit_proves_durable_is_corruption() {
         1,
         &[(2, false), (2, false), (2, true), (2, true)],
     );
+    // Page-cache commits are packed until a sync: commit 2 starts right
+    // after commit 1, inside the first data block.
     let seg = newest_segment(tmp.path());
-    flip_byte(&seg, 2 * 4096 + 40);
+    let record_3 = record_position(&seg, 3);
+    assert!(record_3 > 4096 && record_3 < 2 * 4096, "packed: {record_3}");
+    flip_byte(&seg, record_3 + record::HEADER_LEN as u64 + 2);
     match read_all(tmp.path()) {
-        Err(WalError::Corrupt { position, .. }) => assert_eq!(position, 2 * 4096),
+        Err(WalError::Corrupt { position, .. }) => assert_eq!(position, record_3),
         other => panic!("expected corruption, got {other:?}"),
     }
+}
+
+/// Where the record with offset `offset` starts in `seg` (found by its
+/// payload, `record-{offset}-…`).
+fn record_position(seg: &Path, offset: u64) -> u64 {
+    let bytes = std::fs::read(seg).unwrap();
+    let needle = format!("record-{offset}-");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("the record is in the segment");
+    (at - record::HEADER_LEN) as u64
+}
+
+/// After a sync, the next commit starts in a fresh block: synced blocks are
+/// never written again, so a torn write can only damage unsynced data.
+#[test]
+fn page_cache_commits_pack_until_a_sync_then_start_a_fresh_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_flagged(tmp.path(), 1, &[(2, false), (2, true), (2, false)]);
+    let seg = newest_segment(tmp.path());
+    let (r3, r5) = (record_position(&seg, 3), record_position(&seg, 5));
+    assert!(
+        r3 > 4096 && r3 < 2 * 4096,
+        "commit 2 packed after commit 1: {r3}"
+    );
+    assert_eq!(r5, 2 * 4096, "commit 3 starts the block after the sync");
+    assert_eq!(read_all(tmp.path()).unwrap(), (1..=6).collect::<Vec<_>>());
 }
 
 #[test]
