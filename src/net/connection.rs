@@ -263,13 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
     /// Runs an operation that needs the session or the compactor; returns
     /// its outcome and whether a BYE inside a batch closes the connection.
     async fn run_special(&mut self, action: Action) -> (Option<Outcome>, bool) {
-        let sh = &self.shared;
-        let ctx = watch::Ctx {
-            router: &sh.router,
-            hub: &sh.hub,
-            compactor: &sh.compactor,
-            replies: &self.replies,
-        };
+        let (sh, ctx) = (&self.shared, watch_ctx(&self.shared, &self.replies));
         let done = |r| (Some(Outcome::Done(r)), false);
         match action {
             Action::Batch(params) => {
@@ -307,13 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         if !watch::pending(&self.session, &self.shared.hub) {
             return Ok(());
         }
-        let sh = &self.shared;
-        let ctx = watch::Ctx {
-            router: &sh.router,
-            hub: &sh.hub,
-            compactor: &sh.compactor,
-            replies: &self.replies,
-        };
+        let ctx = watch_ctx(&self.shared, &self.replies);
         if watch::deliver(&mut self.session, &ctx, &mut self.stream).await? {
             let _ = self.bell_tx.try_send(());
         }
@@ -346,6 +334,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         };
         use futures_lite::future::or;
         or(read, or(bell, or(stop, idle))).await
+    }
+}
+
+/// What watch delivery and batches need from the connection.
+fn watch_ctx<'a>(shared: &'a Shared, replies: &'a Replies) -> watch::Ctx<'a> {
+    watch::Ctx {
+        router: &shared.router,
+        hub: &shared.hub,
+        compactor: &shared.compactor,
+        replies,
     }
 }
 
