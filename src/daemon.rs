@@ -302,7 +302,7 @@ impl Wiring {
         storage: &StorageSettings,
     ) -> Result<Wiring, String> {
         let recover::Recovery {
-            shards: recovered,
+            shards: engines,
             snapshot_starts,
             records_ever,
             aborted,
@@ -310,6 +310,23 @@ impl Wiring {
             next_offset,
             manifest,
         } = recovery;
+        let recovered: Vec<ShardRecovery> = engines
+            .into_iter()
+            .zip(aborted)
+            .zip(snapshot_starts)
+            .zip(records_ever)
+            .map(
+                |((((engine, wal), aborted), snapshot_start), records_ever)| ShardRecovery {
+                    engine,
+                    wal,
+                    resume: shard::Resume {
+                        aborted_batches: aborted,
+                        snapshot_start,
+                        records_ever,
+                    },
+                },
+            )
+            .collect();
         let shards = recovered.len();
         let frontends = cfg.server.frontend_count_for(shards);
         let seq = Sequencer::new(next_offset, shards);
@@ -318,48 +335,12 @@ impl Wiring {
             .map(|_| flume::unbounded::<shard::HubMsg>())
             .unzip();
         let (shard_ready_tx, shard_ready) = std::sync::mpsc::channel();
-        let mut senders = Vec::with_capacity(shards);
-        let mut shard_parts = Vec::with_capacity(shards);
-        let per_shard = recovered
-            .into_iter()
-            .zip(aborted)
-            .zip(snapshot_starts)
-            .zip(records_ever);
-        for (i, ((((engine, recovered), aborted), snapshot_start), records_ever)) in
-            per_shard.enumerate()
-        {
-            let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
-            senders.push(tx);
-            shard_parts.push(ShardPart {
-                cfg: ShardConfig {
-                    id: i,
-                    wal: WriterConfig {
-                        dir: data.wal_dir(i),
-                        shard: i as u32,
-                        segment_size: storage.segment_size,
-                        mode: fsync_policy(cfg.storage.fsync_policy).write_mode(),
-                    },
-                    fsync: fsync_policy(cfg.storage.fsync_policy),
-                    max_drain_commands: MAX_DRAIN_COMMANDS,
-                    events: shard::EventSink {
-                        watching: watching.clone(),
-                        tx: hub_txs.clone(),
-                    },
-                    snapshot_dir: data.snapshot_dir(i),
-                },
-                engine,
-                recovered,
-                rx,
-                seq: seq.clone(),
-                resume: shard::Resume {
-                    aborted_batches: aborted,
-                    snapshot_start,
-                    records_ever,
-                },
-                ready: shard_ready_tx.clone(),
-            });
-        }
-        drop(hub_txs);
+        let events = shard::EventSink {
+            watching: watching.clone(),
+            tx: hub_txs,
+        };
+        let (senders, shard_parts) =
+            shard_parts(cfg, data, storage, recovered, &seq, events, shard_ready_tx);
         let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
         let router = router::Router::new(senders, seq.clone());
         let shared = Arc::new(subscriptions::Shared::default());
@@ -373,25 +354,12 @@ impl Wiring {
             manifest,
         ));
         let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        if let Some(handle) = security.prometheus {
+        if let Some(handle) = &security.prometheus {
             let collector = telemetry::Collector::new(weak_senders, active.clone());
-            let addr = telemetry::serve(cfg.metrics.bind_addr, handle, collector)?;
+            let addr = telemetry::serve(cfg.metrics.bind_addr, handle.clone(), collector)?;
             tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
         }
-        let fcfg = server::FrontendConfig {
-            ops: ops::OpSettings {
-                max_machine_versions: cfg.storage.max_machine_versions,
-                allow_instance_recreate: cfg.storage.allow_instance_recreate,
-                allow_flush_all: cfg.storage.allow_flush_all,
-                shards,
-                auth: security.authenticator,
-            },
-            max_connections: cfg.network.max_connections,
-            idle_timeout: cfg.network.idle_timeout(),
-            tls: security.tls,
-            metrics: security.request_metrics,
-            ticker: Ticker::start().map_err(|e| format!("starting the ticker thread: {e}"))?,
-        };
+        let fcfg = frontend_config(cfg, security, shards)?;
         let (go_tx, go) = flume::bounded::<()>(frontends);
         let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
         let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
@@ -428,6 +396,79 @@ impl Wiring {
             start,
         })
     }
+}
+
+/// What recovery left for one shard.
+struct ShardRecovery {
+    engine: rstmdb_shards::engine::Engine,
+    wal: rstmdb_wal::Recovered,
+    resume: shard::Resume,
+}
+
+/// Each shard's part (its recovered engine, WAL position and settings) and
+/// the senders of the shards' inbound channels, in shard order.
+fn shard_parts(
+    cfg: &Config,
+    data: &DataDir,
+    storage: &StorageSettings,
+    recovered: Vec<ShardRecovery>,
+    seq: &Sequencer,
+    events: shard::EventSink,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> (Vec<flume::Sender<ShardMsg>>, Vec<ShardPart>) {
+    let policy = fsync_policy(cfg.storage.fsync_policy);
+    recovered
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
+            let part = ShardPart {
+                cfg: ShardConfig {
+                    id: i,
+                    wal: WriterConfig {
+                        dir: data.wal_dir(i),
+                        shard: i as u32,
+                        segment_size: storage.segment_size,
+                        mode: policy.write_mode(),
+                    },
+                    fsync: policy,
+                    max_drain_commands: MAX_DRAIN_COMMANDS,
+                    events: events.clone(),
+                    snapshot_dir: data.snapshot_dir(i),
+                },
+                engine: r.engine,
+                recovered: r.wal,
+                rx,
+                seq: seq.clone(),
+                resume: r.resume,
+                ready: ready.clone(),
+            };
+            (tx, part)
+        })
+        .unzip()
+}
+
+/// What every frontend runs with: operation settings, limits, TLS, request
+/// metrics and the housekeeping ticker.
+fn frontend_config(
+    cfg: &Config,
+    security: Security,
+    shards: usize,
+) -> Result<server::FrontendConfig, String> {
+    Ok(server::FrontendConfig {
+        ops: ops::OpSettings {
+            max_machine_versions: cfg.storage.max_machine_versions,
+            allow_instance_recreate: cfg.storage.allow_instance_recreate,
+            allow_flush_all: cfg.storage.allow_flush_all,
+            shards,
+            auth: security.authenticator,
+        },
+        max_connections: cfg.network.max_connections,
+        idle_timeout: cfg.network.idle_timeout(),
+        tls: security.tls,
+        metrics: security.request_metrics,
+        ticker: Ticker::start().map_err(|e| format!("starting the ticker thread: {e}"))?,
+    })
 }
 
 fn compaction_settings(cfg: &Config) -> compaction::Settings {
