@@ -60,20 +60,18 @@ pub struct Page {
 }
 
 /// A forward-only window over the written part of one segment.
-struct SegmentWindow {
+struct SegmentWindow<'a> {
     file: File,
     path: std::path::PathBuf,
     used: u64,
     buf: Vec<u8>,
     buf_start: u64,
-    /// Bytes read so far (WAL_STATS `io_stats.bytes_read`).
-    bytes_read: u64,
-    /// Read calls so far (WAL_STATS `io_stats.reads`).
-    reads: u64,
+    /// The page's (bytes read, read calls), for WAL_STATS `io_stats`.
+    io: &'a mut (u64, u64),
 }
 
-impl SegmentWindow {
-    fn open(path: std::path::PathBuf, used: u64) -> Result<Self, WalError> {
+impl<'a> SegmentWindow<'a> {
+    fn open(path: std::path::PathBuf, used: u64, io: &'a mut (u64, u64)) -> Result<Self, WalError> {
         let file = File::open(&path).map_err(|e| WalError::io("opening segment", &path, e))?;
         Ok(SegmentWindow {
             file,
@@ -81,8 +79,7 @@ impl SegmentWindow {
             used,
             buf: Vec::new(),
             buf_start: 0,
-            bytes_read: 0,
-            reads: 0,
+            io,
         })
     }
 
@@ -98,25 +95,11 @@ impl SegmentWindow {
             self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
             self.file.read_exact(&mut self.buf).map_err(io)?;
             self.buf_start = pos;
-            self.reads += 1;
-            self.bytes_read += len;
+            self.io.0 += len;
+            self.io.1 += 1;
         }
         let from = (pos - self.buf_start) as usize;
         Ok(&self.buf[from..])
-    }
-}
-
-/// A window that adds what it read to the page's counters when it is
-/// dropped, on every way out of the scan (early returns included).
-struct CountedWindow<'a> {
-    window: SegmentWindow,
-    io: &'a mut (u64, u64),
-}
-
-impl Drop for CountedWindow<'_> {
-    fn drop(&mut self) {
-        self.io.0 += self.window.bytes_read;
-        self.io.1 += self.window.reads;
     }
 }
 
@@ -166,11 +149,7 @@ fn read_counting(
         if seg.first_offset >= range.below {
             return page(out, false);
         }
-        let mut w = CountedWindow {
-            window: SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used)?,
-            io: &mut *io,
-        };
-        let w = &mut w.window;
+        let mut w = SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used, io)?;
         let mut pos = seg.start.max(BLOCK);
         while pos < seg.used {
             let head = w.at(pos, record::HEADER_LEN as u64)?;
