@@ -23,12 +23,17 @@ RESULTS=$WORK/results.jsonl
 if [ "$MODE" = full ]; then
     WORKLOADS=(apply get create mixed)
     CELLS=("1 1" "1 8" "16 1" "16 8" "64 8")
+    FLOOR_CELLS=("1 1" "1 8" "16 1")
     DURATION=10; WARMUP=2
 else
     WORKLOADS=(apply get)
     CELLS=("1 1" "16 8")
+    FLOOR_CELLS=("1 1")
     DURATION=2; WARMUP=0.5
 fi
+# The glommio null server (the floor of any server on the design card's
+# runtime) is measured in the low-concurrency cells, where a reactor turn
+# per request is the cost that matters.
 # The cross-check: the many-connection cells again with the lighter client
 # (one thread drives every connection), so that no ratio is an artefact of
 # the thread-per-connection client's design.
@@ -45,7 +50,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 : >"$RESULTS"
 ADDR=127.0.0.1:$PORT
-PID=
+PID= KIND=
 
 wait_port() {
     for _ in $(seq 1 600); do
@@ -62,16 +67,19 @@ start() { # kind fsync
     rm -rf "$data"
     case $kind in
         null) "$BENCH" null-server --bind "$ADDR" >"$WORK/server.log" 2>&1 & ;;
+        null-glommio) "$BENCH" null-server --runtime glommio --bind "$ADDR" >"$WORK/server.log" 2>&1 & ;;
         reference) RUST_LOG=warn RSTMDB_BIND=$ADDR RSTMDB_DATA=$data RSTMDB_FSYNC_POLICY=$fsync \
             "$REF" >"$WORK/server.log" 2>&1 & ;;
         ours) RUST_LOG=warn RSTMDB_BIND=$ADDR RSTMDB_DATA=$data RSTMDB_FSYNC_POLICY=$fsync \
             "$OURS" >"$WORK/server.log" 2>&1 & ;;
     esac
-    PID=$!
+    PID=$! KIND=$kind
     wait_port
 }
 
 stop() {
+    # The null servers hold no data: no graceful stop needed.
+    if [[ "$KIND" = null* ]]; then kill -9 "$PID" 2>/dev/null || true; fi
     kill -INT "$PID" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
     kill -9 "$PID" 2>/dev/null || true
@@ -80,8 +88,10 @@ stop() {
 
 run_cells() { # kind fsync [client]
     local kind=$1 fsync=$2 client=${3:-threads} check=() workloads cells
-    [ "$kind" = null ] && check=(--no-check)
-    if [ "$client" = threads ]; then
+    [[ "$kind" = null* ]] && check=(--no-check)
+    if [ "$kind" = null-glommio ]; then
+        workloads=("${WORKLOADS[@]}"); cells=("${FLOOR_CELLS[@]}")
+    elif [ "$client" = threads ]; then
         workloads=("${WORKLOADS[@]}"); cells=("${CELLS[@]}")
     else
         workloads=("${CHECK_WORKLOADS[@]}"); cells=("${CHECK_CELLS[@]}")
@@ -101,6 +111,7 @@ run_cells() { # kind fsync [client]
 }
 
 run_cells null -
+run_cells null-glommio -
 for f in "${FSYNCS[@]}"; do
     run_cells reference "$f"
     run_cells ours "$f"
@@ -119,7 +130,8 @@ commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); machine: $(nproc) 
 client and server on the same cores; each cell ${DURATION} s after ${WARMUP} s warm-up on a fresh server
 (temporary data directory on ext4, \`RUST_LOG=warn\`, default config otherwise: ours runs the
 colocated layout with $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) shard(s), each executor also accepting connections).
-Ratios are ops/s; latencies from the client (HdrHistogram). CPU µs/op: CPU-seconds of the server
+Ratios are ops/s; latencies from the client (HdrHistogram). The glommio null server answers
+every frame at once from one glommio executor: no server on that runtime can do better. CPU µs/op: CPU-seconds of the server
 process over the measured window ÷ operations answered; in brackets the load generator's own.
 Client \`threads\`: a thread per connection; \`evented\`: one thread drives every connection (poll).
 Raw results: \`target/bench-matrix/results.jsonl\`."

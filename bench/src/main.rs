@@ -11,6 +11,7 @@
 //! * `null-server`: answers every frame at once (the machine's ceiling).
 
 mod driver;
+mod null_glommio;
 mod null_server;
 mod rcp;
 mod report;
@@ -132,6 +133,10 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7401")]
         bind: String,
+        /// `threads`: a thread per connection; `glommio`: one pinned
+        /// glommio executor (the floor of any server on that runtime).
+        #[arg(long, value_enum, default_value = "threads")]
+        runtime: NullRuntime,
     },
     /// APPLY latency while a COMPACT {force_snapshot: true} runs.
     Pause {
@@ -145,6 +150,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         compact_at_ms: u64,
     },
+}
+
+/// How the null server runs.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NullRuntime {
+    Threads,
+    Glommio,
 }
 
 fn main() {
@@ -236,7 +248,11 @@ fn main() {
                 Ok(())
             })
         }
-        Cmd::NullServer { bind } => null_server::serve(&bind).map_err(|e| e.to_string()),
+        Cmd::NullServer { bind, runtime } => match runtime {
+            NullRuntime::Threads => null_server::serve(&bind),
+            NullRuntime::Glommio => null_glommio::serve(&bind),
+        }
+        .map_err(|e| e.to_string()),
         Cmd::Report {
             input,
             into,

@@ -10,9 +10,23 @@ use serde_json::Value;
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
 
-fn ms(us: &Value) -> String {
+fn micros(us: &Value) -> String {
     us.as_f64()
-        .map_or_else(|| "–".into(), |v| format!("{:.2}", v / 1000.0))
+        .map_or_else(|| "–".into(), |v| format!("{v:.0}"))
+}
+
+/// The glommio null server's p50 and CPU per operation: the floor of any
+/// server on the design card's runtime, where it was measured.
+fn floor(r: Option<&Value>) -> String {
+    r.map_or_else(
+        || "–".into(),
+        |r| {
+            let cpu = r["server_cpu_us_per_op"]
+                .as_f64()
+                .map_or_else(|| "–".into(), |v| format!("{v:.1}"));
+            format!("{} / {cpu}", micros(&r["latency_us"]["p50"]))
+        },
+    )
 }
 
 fn ops(r: Option<&Value>) -> String {
@@ -67,10 +81,11 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
     md.push('\n');
     md.push_str(header.trim_end());
     md.push_str("\n\n");
-    md.push_str("| workload | fsync | conns × pipeline | client | null ops/s | reference ops/s | ours ops/s | ours / reference | ours / null | reference p50 / p99 ms | ours p50 / p99 ms | reference CPU µs/op (client) | ours CPU µs/op (client) | ours errors | consistency (ours) |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| workload | fsync | conns × pipeline | client | null ops/s | glommio null p50 µs / CPU µs/op | reference ops/s | ours ops/s | ours / reference | ours / null | reference p50 / p99 µs | ours p50 / p99 µs | reference CPU µs/op (client) | ours CPU µs/op (client) | ours errors | consistency (ours) |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for ((workload, c, p, client), by_fsync) in &rows {
         let null = by_fsync.get("-").and_then(|m| m.get("null"));
+        let null_glommio = by_fsync.get("-").and_then(|m| m.get("null-glommio"));
         for (fsync, servers) in by_fsync.iter().filter(|(f, _)| f.as_str() != "-") {
             let reference = servers.get("reference");
             let ours = servers.get("ours");
@@ -80,8 +95,8 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
                     |r| {
                         format!(
                             "{} / {}",
-                            ms(&r["latency_us"]["p50"]),
-                            ms(&r["latency_us"]["p99"])
+                            micros(&r["latency_us"]["p50"]),
+                            micros(&r["latency_us"]["p99"])
                         )
                     },
                 )
@@ -109,8 +124,9 @@ pub fn write(input: &Path, into: &Path, header: &str) -> Result<(), String> {
                 },
             );
             md.push_str(&format!(
-                "| {workload} | {fsync} | {c} × {p} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} | {consistency} |\n",
+                "| {workload} | {fsync} | {c} × {p} | {client} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} | {consistency} |\n",
                 ops(null),
+                floor(null_glommio),
                 ops(reference),
                 ops(ours),
                 ratio(ours, reference),
