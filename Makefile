@@ -86,13 +86,16 @@ crash:
 
 SIM_SEEDS ?= 20000
 SIM_SHARD_SEEDS ?= 5000
-## The deterministic storage simulation, long mode: the WAL (SIM_SEEDS
-## seeds) and the whole shard path with snapshots and compaction
-## (SIM_SHARD_SEEDS seeds) on the simulated disk; figures in
-## docs/DURABILITY.md. `make test` runs 200 and 60 seeds.
+SIM_RAFT_SEEDS ?= 5000
+## The deterministic simulations, long mode: the WAL (SIM_SEEDS seeds) and
+## the whole shard path with snapshots and compaction (SIM_SHARD_SEEDS
+## seeds) on the simulated disk, and replicated groups of three and five
+## nodes under network faults and crashes (SIM_RAFT_SEEDS seeds each);
+## figures in docs/DURABILITY.md. `make test` runs 200, 60 and 300/150 seeds.
 sim:
 	SIM_SEEDS=$(SIM_SEEDS) $(CARGO) test --release -p rstmdb-wal --test sim wal_survives -- --nocapture
 	SIM_SEEDS=$(SIM_SHARD_SEEDS) $(CARGO) test --release -p rstmdb-shards --test sim shard_state -- --nocapture
+	SIM_SEEDS=$(SIM_RAFT_SEEDS) $(CARGO) test --release -p rstmdb-shards --test raft_sim nodes_lose -- --nocapture
 
 FUZZ_SECONDS ?= 600
 ## Every fuzz target (or TARGETS="a b") for FUZZ_SECONDS each, one after

@@ -14,6 +14,7 @@ pub mod error;
 pub mod guard;
 pub mod idempotency;
 pub mod recovery;
+pub mod replication;
 pub mod reshard;
 pub mod routing;
 pub mod sequencer;

@@ -1,0 +1,344 @@
+//! One node's member of one Raft group: the host feeds it ticks, peer
+//! messages and proposals, and carries out what each Ready asks — send,
+//! persist, apply — in the order raft-rs requires.
+//!
+//! The host owns the I/O: [`Replica::ready`] returns the messages to send
+//! now, at most one [`Persist`] (the group-commit write: one at a time, as
+//! the shard's WAL writer does) and the entries to apply; the host reports
+//! the write done with [`Replica::persisted`], which releases the messages
+//! that had to wait for it (votes and append acknowledgements).
+//!
+//! **WAL offsets.** raft assigns entry indexes itself and some carry no
+//! data (a new leader's empty entry), so an index is not a `wal_offset`.
+//! The leader assigns the offset of every proposal and it travels inside
+//! the entry; every node applies it as given, so a record has the same
+//! offset everywhere. On winning an election a leader raises its next
+//! offset above the last one in its log: its log holds every entry that
+//! will precede its own in the committed log (an entry from an earlier
+//! term is in the log of every later leader that appends after it), so
+//! offsets grow along the committed log across every failover.
+
+use raft::prelude::{Entry, EntryType, HardState, Message};
+use raft::{RawNode, StateRole};
+
+use super::log::RaftLog;
+
+/// Timing and limits of a group, in ticks of the host's clock.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Ticks without a leader before a follower stands for election (the
+    /// actual timeout is drawn from `[election_ticks, 2 * election_ticks)`).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Largest append message, in bytes of entries.
+    pub max_message_bytes: u64,
+    /// Append messages in flight per follower.
+    pub max_inflight: usize,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_message_bytes: 1 << 20,
+            max_inflight: 256,
+        }
+    }
+}
+
+/// Bytes in front of a proposal's payload: its `wal_offset`.
+const OFFSET_BYTES: usize = 8;
+
+/// Why a proposal was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader; `leader` is the one it knows of.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    /// The leader refused it (a leadership transfer, or too much
+    /// uncommitted); retry.
+    #[error("proposal dropped by the leader")]
+    Dropped,
+}
+
+/// A proposal taken into the leader's log: it is acknowledged once the
+/// entry at `index` is applied with the same `term`; an entry of another
+/// term there means it was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proposed {
+    pub index: u64,
+    pub term: u64,
+    pub offset: u64,
+}
+
+/// The write a Ready asks for: the entries first, then the hard state. A
+/// torn write keeps a prefix, so a surviving hard state implies every
+/// entry before it survived: its commit index never points past the log
+/// (raft-rs refuses to start then; the simulation found it with the other
+/// order). An entry that survives without the hard state is harmless: the
+/// vote and the acknowledgements that needed them were never sent.
+#[derive(Debug, Clone, Default)]
+pub struct Persist {
+    /// Which Ready this is; hand it back to [`Replica::persisted`].
+    pub number: u64,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+    /// Whether it must reach the disk before the messages it holds go out
+    /// (false when only the commit index moved).
+    pub must_sync: bool,
+}
+
+/// A committed entry with data, in log order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub term: u64,
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+/// What the host does after a Ready.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Send now (a leader's appends go out before its own write).
+    pub send: Vec<Message>,
+    /// Write this, then call [`Replica::persisted`].
+    pub persist: Option<Persist>,
+    /// Apply these, in order.
+    pub apply: Vec<Applied>,
+    /// The index of the last committed entry handed over (with data or
+    /// not), when any was.
+    pub applied_to: Option<u64>,
+}
+
+/// One member of a group.
+pub struct Replica {
+    raw: RawNode<RaftLog>,
+    election_ticks: usize,
+    /// The node's own generator for election timeouts (raft-rs draws them
+    /// from a thread-local generator, which a simulation cannot seed).
+    rng: u64,
+    /// (term, role, leader) when last looked at: a change redraws the
+    /// election timeout and, on becoming leader, raises `next_offset`.
+    seen: (u64, StateRole, u64),
+    next_offset: u64,
+    /// The Ready whose write is in flight, and the messages that wait for it.
+    in_flight: Option<(u64, Vec<Message>)>,
+}
+
+impl Replica {
+    /// Member `id` over `log` (fresh or recovered); `applied` is the index
+    /// the state machine already holds, `seed` seeds election timeouts.
+    pub fn new(
+        id: u64,
+        log: RaftLog,
+        cfg: &ReplicaConfig,
+        applied: u64,
+        seed: u64,
+    ) -> raft::Result<Replica> {
+        let config = raft::Config {
+            id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: cfg.max_message_bytes,
+            max_inflight_msgs: cfg.max_inflight,
+            pre_vote: true,
+            check_quorum: true,
+            ..Default::default()
+        };
+        config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&config, log, &logger)?;
+        let mut replica = Replica {
+            raw,
+            election_ticks: cfg.election_ticks,
+            rng: seed | 1,
+            seen: (0, StateRole::Follower, 0),
+            next_offset: 1,
+            in_flight: None,
+        };
+        replica.redraw_election_timeout();
+        replica.seen = replica.role();
+        Ok(replica)
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    /// (term, role, leader id; 0 for none).
+    pub fn role(&self) -> (u64, StateRole, u64) {
+        let r = &self.raw.raft;
+        (r.term, r.state, r.leader_id)
+    }
+
+    /// Whether this member leads its group.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The log (shared with the engine).
+    pub fn log(&self) -> &RaftLog {
+        self.raw.store()
+    }
+
+    /// Whether a Ready's write is in flight.
+    pub fn writing(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// One tick of the host's clock.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        self.notice_role();
+    }
+
+    /// A message from a peer. One the engine refuses (from an unknown
+    /// peer, say) is dropped, as the network might have.
+    pub fn step(&mut self, msg: Message) {
+        let _ = self.raw.step(msg);
+        self.notice_role();
+    }
+
+    /// Proposes `payload` under the next `wal_offset`.
+    pub fn propose(&mut self, payload: &[u8]) -> Result<Proposed, ProposeError> {
+        if !self.is_leader() {
+            let leader = self.raw.raft.leader_id;
+            return Err(ProposeError::NotLeader {
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+        let index = self.raw.raft.raft_log.last_index() + 1;
+        let offset = self.next_offset;
+        let mut data = Vec::with_capacity(OFFSET_BYTES + payload.len());
+        data.extend_from_slice(&offset.to_le_bytes());
+        data.extend_from_slice(payload);
+        if self.raw.propose(vec![], data).is_err() || self.raw.raft.raft_log.last_index() != index {
+            return Err(ProposeError::Dropped);
+        }
+        self.next_offset += 1;
+        Ok(Proposed {
+            index,
+            term: self.raw.raft.term,
+            offset,
+        })
+    }
+
+    /// Takes the next Ready, if any and if no write is in flight (one
+    /// write at a time: what arrives meanwhile joins the next one).
+    pub fn ready(&mut self) -> Output {
+        if self.in_flight.is_some() || !self.raw.has_ready() {
+            return Output::default();
+        }
+        let mut rd = self.raw.ready();
+        assert!(
+            rd.snapshot().is_empty(),
+            "no snapshot is sent while logs are not compacted"
+        );
+        let send = rd.take_messages();
+        let committed = rd.take_committed_entries();
+        let applied_to = committed.last().map(|e| e.index);
+        let apply = self.take_committed(committed);
+        let entries = rd.take_entries();
+        self.log().append(&entries);
+        let hard_state = rd.hs().cloned();
+        if let Some(hs) = &hard_state {
+            self.log().set_hard_state(hs.clone());
+        }
+        let held = rd.take_persisted_messages();
+        let number = rd.number();
+        let must_sync = rd.must_sync();
+        self.raw.advance_append_async(rd);
+        let mut out = Output {
+            send,
+            persist: None,
+            apply,
+            applied_to,
+        };
+        if hard_state.is_none() && entries.is_empty() {
+            // Nothing to write: what waited for the write goes now.
+            self.raw.on_persist_ready(number);
+            self.notice_role();
+            out.send.extend(held);
+        } else {
+            self.in_flight = Some((number, held));
+            out.persist = Some(Persist {
+                number,
+                hard_state,
+                entries,
+                must_sync,
+            });
+        }
+        out
+    }
+
+    /// The write of Ready `number` is done: returns the messages that
+    /// waited for it.
+    pub fn persisted(&mut self, number: u64) -> Vec<Message> {
+        let (expected, held) = self.in_flight.take().expect("a write in flight");
+        assert_eq!(number, expected, "writes complete in order");
+        self.raw.on_persist_ready(number);
+        self.notice_role();
+        held
+    }
+
+    /// Decodes committed entries for the host and records them applied.
+    fn take_committed(&mut self, committed: Vec<Entry>) -> Vec<Applied> {
+        let Some(last) = committed.last().map(|e| e.index) else {
+            return Vec::new();
+        };
+        let applied = committed
+            .into_iter()
+            .filter_map(|e| decode(&e))
+            .inspect(|a| self.next_offset = self.next_offset.max(a.offset + 1))
+            .collect();
+        self.raw.advance_apply_to(last);
+        applied
+    }
+
+    /// After any input: a new term, role or leader redraws the election
+    /// timeout (raft-rs drew one from its own generator), and a new leader
+    /// raises its next offset above its log's.
+    fn notice_role(&mut self) {
+        let now = self.role();
+        if now == self.seen {
+            return;
+        }
+        self.seen = now;
+        self.redraw_election_timeout();
+        if now.1 == StateRole::Leader {
+            let last = self.log().find_back(|e| decode(e).map(|a| a.offset));
+            self.next_offset = self.next_offset.max(last.map_or(1, |o| o + 1));
+        }
+    }
+
+    fn redraw_election_timeout(&mut self) {
+        // xorshift64*: deterministic for a seed, which is all this needs.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let span = self.election_ticks as u64;
+        let t = self.election_ticks + (self.rng % span) as usize;
+        self.raw.raft.set_randomized_election_timeout(t);
+    }
+}
+
+/// The offset and payload of an entry with data; `None` for the engine's
+/// own (a new leader's empty entry, configuration changes).
+fn decode(e: &Entry) -> Option<Applied> {
+    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+        return None;
+    }
+    assert!(e.data.len() >= OFFSET_BYTES, "entry {} too short", e.index);
+    let (offset, payload) = e.data.split_at(OFFSET_BYTES);
+    Some(Applied {
+        index: e.index,
+        term: e.term,
+        offset: u64::from_le_bytes(offset.try_into().expect("8 bytes")),
+        payload: payload.to_vec(),
+    })
+}
