@@ -2,6 +2,8 @@
 //! data directory and talks RCP to it over TCP.
 #![allow(dead_code)]
 
+pub mod lincheck;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
