@@ -1,12 +1,10 @@
-//! The linearizability checker (`tests/common/lincheck.rs`) on histories
+//! The linearizability checker (`rstmdb_shards::lincheck`) on histories
 //! whose verdict is known: it must accept the legal ones and reject the
 //! illegal ones, or the cluster tests that rely on it prove nothing.
 
-mod common;
-
 use std::rc::Rc;
 
-use common::lincheck::{check, Call, InstanceModel, InstanceOp, InstanceRet, Model};
+use rstmdb_shards::lincheck::{check, Call, InstanceModel, InstanceOp, InstanceRet, Model};
 
 /// A register: the simplest model, for the textbook cases.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

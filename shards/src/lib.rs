@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod guard;
 pub mod idempotency;
+pub mod lincheck;
 pub mod recovery;
 pub mod replication;
 pub mod reshard;

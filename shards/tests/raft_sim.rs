@@ -1,7 +1,8 @@
 //! The replication simulation (`rstmdb_shards::replication::sim`) over
-//! many seeds: three- and five-node groups under message loss,
-//! duplication, reordering, partitions, crashes with torn writes, and
-//! restarts. `SIM_SEEDS` / `SIM_FIRST_SEED` choose the seeds (`make sim`
+//! many seeds: a shard replicated by three- and five-node groups under
+//! message loss, duplication, reordering, partitions, crashes with torn
+//! writes, and restarts, its clients' history checked for
+//! linearizability. `SIM_SEEDS` / `SIM_FIRST_SEED` choose the seeds (`make sim`
 //! runs thousands); a failing seed is named in the failure and replays
 //! alone with `SIM_FIRST_SEED=<seed> SIM_SEEDS=1`.
 
@@ -21,6 +22,7 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
             Ok(r) => {
                 total.acknowledged += r.acknowledged;
                 total.lost += r.lost;
+                total.calls += r.calls;
                 total.crashes += r.crashes;
                 total.partitions += r.partitions;
                 total.terms = total.terms.max(r.terms);

@@ -2,8 +2,6 @@
 //! data directory and talks RCP to it over TCP.
 #![allow(dead_code)]
 
-pub mod lincheck;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

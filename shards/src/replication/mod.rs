@@ -8,6 +8,8 @@
 pub mod log;
 pub mod replica;
 pub mod sim;
+pub mod state;
 
 pub use log::{LogState, RaftLog};
 pub use replica::{Applied, Output, Persist, ProposeError, Proposed, Replica, ReplicaConfig};
+pub use state::{DrainError, Progress, ReplicatedShard};

@@ -48,8 +48,9 @@ impl Default for ReplicaConfig {
     }
 }
 
-/// Bytes in front of a proposal's payload: its `wal_offset`.
-const OFFSET_BYTES: usize = 8;
+/// Bytes in front of a proposal's payload: its first `wal_offset` and how
+/// many offsets it uses.
+const PREFIX_BYTES: usize = 12;
 
 /// Why a proposal was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +71,7 @@ pub enum ProposeError {
 pub struct Proposed {
     pub index: u64,
     pub term: u64,
+    /// The first of the offsets it uses.
     pub offset: u64,
 }
 
@@ -90,12 +92,18 @@ pub struct Persist {
     pub must_sync: bool,
 }
 
-/// A committed entry with data, in log order.
+/// A committed entry, in log order. The engine's own entries (a new
+/// leader's empty entry, configuration changes) come with no offsets and
+/// an empty payload: the host must see them too, since one can take the
+/// index of a proposal it is waiting for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub index: u64,
     pub term: u64,
+    /// The first offset it uses (0 when it uses none).
     pub offset: u64,
+    /// How many offsets it uses, from `offset`.
+    pub offsets: u32,
     pub payload: Vec<u8>,
 }
 
@@ -124,6 +132,12 @@ pub struct Replica {
     /// election timeout and, on becoming leader, raises `next_offset`.
     seen: (u64, StateRole, u64),
     next_offset: u64,
+    /// The index of this leader's first entry of its term: it serves only
+    /// once that is applied, since the entries before it (from earlier
+    /// terms) are in its log but maybe not yet in its state.
+    term_start: u64,
+    /// The last index handed to the host to apply.
+    applied: u64,
     /// The Ready whose write is in flight, and the messages that wait for it.
     in_flight: Option<(u64, Vec<Message>)>,
 }
@@ -158,6 +172,8 @@ impl Replica {
             rng: seed | 1,
             seen: (0, StateRole::Follower, 0),
             next_offset: 1,
+            term_start: u64::MAX,
+            applied,
             in_flight: None,
         };
         replica.redraw_election_timeout();
@@ -186,6 +202,17 @@ impl Replica {
         self.raw.store()
     }
 
+    /// Whether this member leads and its state holds every entry before
+    /// its term's: only then may it execute requests against that state.
+    pub fn can_serve(&self) -> bool {
+        self.is_leader() && self.applied >= self.term_start
+    }
+
+    /// The offset the next proposal starts at.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
     /// Whether a Ready's write is in flight.
     pub fn writing(&self) -> bool {
         self.in_flight.is_some()
@@ -204,8 +231,9 @@ impl Replica {
         self.notice_role();
     }
 
-    /// Proposes `payload` under the next `wal_offset`.
-    pub fn propose(&mut self, payload: &[u8]) -> Result<Proposed, ProposeError> {
+    /// Proposes `payload`, which uses `offsets` offsets from
+    /// [`Replica::next_offset`].
+    pub fn propose(&mut self, payload: &[u8], offsets: u32) -> Result<Proposed, ProposeError> {
         if !self.is_leader() {
             let leader = self.raw.raft.leader_id;
             return Err(ProposeError::NotLeader {
@@ -214,13 +242,14 @@ impl Replica {
         }
         let index = self.raw.raft.raft_log.last_index() + 1;
         let offset = self.next_offset;
-        let mut data = Vec::with_capacity(OFFSET_BYTES + payload.len());
+        let mut data = Vec::with_capacity(PREFIX_BYTES + payload.len());
         data.extend_from_slice(&offset.to_le_bytes());
+        data.extend_from_slice(&offsets.to_le_bytes());
         data.extend_from_slice(payload);
         if self.raw.propose(vec![], data).is_err() || self.raw.raft.raft_log.last_index() != index {
             return Err(ProposeError::Dropped);
         }
-        self.next_offset += 1;
+        self.next_offset += u64::from(offsets);
         Ok(Proposed {
             index,
             term: self.raw.raft.term,
@@ -292,11 +321,12 @@ impl Replica {
             return Vec::new();
         };
         let applied = committed
-            .into_iter()
-            .filter_map(|e| decode(&e))
-            .inspect(|a| self.next_offset = self.next_offset.max(a.offset + 1))
+            .iter()
+            .map(decode)
+            .inspect(|a| self.next_offset = self.next_offset.max(a.offset + u64::from(a.offsets)))
             .collect();
         self.raw.advance_apply_to(last);
+        self.applied = last;
         applied
     }
 
@@ -311,8 +341,15 @@ impl Replica {
         self.seen = now;
         self.redraw_election_timeout();
         if now.1 == StateRole::Leader {
-            let last = self.log().find_back(|e| decode(e).map(|a| a.offset));
-            self.next_offset = self.next_offset.max(last.map_or(1, |o| o + 1));
+            let last = self.log().find_back(|e| {
+                let a = decode(e);
+                (a.offsets > 0).then(|| a.offset + u64::from(a.offsets))
+            });
+            self.next_offset = self.next_offset.max(last.unwrap_or(1));
+            // raft-rs appended this term's empty entry on election.
+            self.term_start = self.raw.raft.raft_log.last_index();
+        } else {
+            self.term_start = u64::MAX;
         }
     }
 
@@ -327,18 +364,22 @@ impl Replica {
     }
 }
 
-/// The offset and payload of an entry with data; `None` for the engine's
-/// own (a new leader's empty entry, configuration changes).
-fn decode(e: &Entry) -> Option<Applied> {
-    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-        return None;
-    }
-    assert!(e.data.len() >= OFFSET_BYTES, "entry {} too short", e.index);
-    let (offset, payload) = e.data.split_at(OFFSET_BYTES);
-    Some(Applied {
+/// What the host sees of a committed entry.
+fn decode(e: &Entry) -> Applied {
+    let mut a = Applied {
         index: e.index,
         term: e.term,
-        offset: u64::from_le_bytes(offset.try_into().expect("8 bytes")),
-        payload: payload.to_vec(),
-    })
+        offset: 0,
+        offsets: 0,
+        payload: Vec::new(),
+    };
+    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+        return a;
+    }
+    assert!(e.data.len() >= PREFIX_BYTES, "entry {} too short", e.index);
+    let (prefix, payload) = e.data.split_at(PREFIX_BYTES);
+    a.offset = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+    a.offsets = u32::from_le_bytes(prefix[8..].try_into().expect("4 bytes"));
+    a.payload = payload.to_vec();
+    a
 }

@@ -1,24 +1,37 @@
-//! Deterministic simulation of one replicated group: N nodes, each with a
-//! disk that keeps only completed writes (a crash keeps a torn prefix of
-//! the one in flight), a network that drops, duplicates, delays and
-//! reorders messages and partitions nodes, crashes and restarts, and
-//! clients proposing throughout. Everything derives from one seed, so a
-//! failing seed replays exactly.
+//! Deterministic simulation of one replicated shard: N nodes, each with
+//! the shard's engine as the group's state machine and a disk that keeps
+//! only completed writes (a crash keeps a torn prefix of the one in
+//! flight), a network that drops, duplicates, delays and reorders messages
+//! and partitions nodes, crashes and restarts, and clients sending
+//! CREATE_INSTANCE, APPLY_EVENT and GET_INSTANCE throughout. Everything
+//! derives from one seed, so a failing seed replays exactly.
 //!
 //! Checked on every event: at most one leader per term; every node applies
-//! the same entry (term, offset, payload) at each index; offsets grow along
-//! every node's applied log. Checked at the end, after the faults stop and
-//! the cluster heals: one leader, every node has applied the same log, and
-//! every acknowledged proposal is in it at the index and offset it was
-//! acknowledged with.
+//! the same entry (term, offsets, records) at each index; offsets grow
+//! along every node's applied log. Checked at the end, after the faults
+//! stop and the cluster heals: one leader, every node has applied the same
+//! log and holds the same instances, every acknowledged drain is in the log
+//! at the index and offsets it was acknowledged with, and the clients'
+//! history of every instance is linearizable.
 
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
 
 use raft::prelude::Message;
 use rstmdb_wal::sim::Rng;
+use serde_json::{json, Value};
 
 use super::log::{LogState, RaftLog};
-use super::replica::{Applied, Output, Persist, Proposed, Replica, ReplicaConfig};
+use super::replica::{Applied, Persist, Proposed, Replica, ReplicaConfig};
+use super::state::{Progress, ReplicatedShard};
+use crate::commands::{ApplyEvent, Command, Reply};
+use crate::definition::MachineDef;
+use crate::engine::{Engine, EngineLimits, Offsets};
+use crate::lincheck::{self, Call, InstanceModel, InstanceOp, InstanceRet};
+
+/// Instances the clients work on.
+const INSTANCES: u64 = 4;
 
 /// The shape and fault rates of one run (times in virtual milliseconds).
 #[derive(Debug, Clone)]
@@ -38,7 +51,7 @@ pub struct SimConfig {
     pub max_write_ms: u64,
     /// Mean time between faults (a crash, or a new partition).
     pub fault_every_ms: u64,
-    /// Mean time between client proposals.
+    /// Mean time between client requests.
     pub propose_every_ms: u64,
 }
 
@@ -62,9 +75,13 @@ impl Default for SimConfig {
 /// What a run did.
 #[derive(Debug, Default, Clone)]
 pub struct SimReport {
+    /// Drains acknowledged (committed and answered).
     pub acknowledged: u64,
-    /// Proposals whose index went to another leader's entry.
+    /// Drains whose index went to another leader's entry (undone; their
+    /// callers see an unknown outcome).
     pub lost: u64,
+    /// Client calls checked for linearizability.
+    pub calls: u64,
     pub crashes: u64,
     pub partitions: u64,
     /// Highest term reached.
@@ -88,14 +105,17 @@ struct Node {
     disk: LogState,
     /// Bumped by a crash, so events of the old incarnation are ignored.
     epoch: u64,
-    replica: Option<Replica>,
+    shard: Option<ReplicatedShard>,
     writing: Option<Persist>,
     /// Offset and index of the last entry this incarnation applied.
     last_offset: u64,
     applied_index: u64,
-    /// Own proposals not yet resolved: (proposal, payload).
-    pending: Vec<(Proposed, Vec<u8>)>,
+    /// The client call of the drain in flight here: (history slot, instance).
+    pending: Option<(usize, u64)>,
 }
+
+/// Client calls per instance, for the linearizability check.
+type History = Vec<Vec<Call<InstanceOp, InstanceRet>>>;
 
 /// The simulated cluster.
 pub struct Sim {
@@ -111,9 +131,9 @@ pub struct Sim {
     leaders: HashMap<u64, u64>,
     /// The committed log as first applied anywhere: index → entry.
     log: BTreeMap<u64, Applied>,
-    /// Acknowledged proposals: payload → (index, offset).
-    acked: HashMap<Vec<u8>, (u64, u64)>,
-    next_op: u64,
+    /// Acknowledged drains: index → (term, first offset).
+    acked: HashMap<u64, (u64, u64)>,
+    history: History,
     report: SimReport,
 }
 
@@ -140,7 +160,7 @@ impl Sim {
             leaders: HashMap::new(),
             log: BTreeMap::new(),
             acked: HashMap::new(),
-            next_op: 0,
+            history: vec![Vec::new(); INSTANCES as usize],
             report: SimReport::default(),
             cfg,
         };
@@ -148,11 +168,11 @@ impl Sim {
             sim.nodes.push(Node {
                 disk: LogState::bootstrap(&voters),
                 epoch: 0,
-                replica: None,
+                shard: None,
                 writing: None,
                 last_offset: 0,
                 applied_index: 0,
-                pending: Vec::new(),
+                pending: None,
             });
             sim.start(i);
         }
@@ -201,10 +221,10 @@ impl Sim {
         }
     }
 
-    /// Starts node `n` from its disk (a fresh start or a restart): the
-    /// replica replays the committed log into the state machine.
+    /// Starts node `n` from its disk (a fresh start or a restart): a fresh
+    /// engine, into which the replica replays the committed log.
     fn start(&mut self, n: usize) {
-        if self.nodes[n].replica.is_some() {
+        if self.nodes[n].shard.is_some() {
             return;
         }
         let seed = self.rng.next_u64();
@@ -213,11 +233,11 @@ impl Sim {
         let log = RaftLog::new(node.disk.clone());
         let replica = Replica::new(n as u64 + 1, log, &self.replica_cfg, 0, seed)
             .expect("a valid replica config");
-        node.replica = Some(replica);
+        node.shard = Some(ReplicatedShard::new(replica, engine()));
         node.writing = None;
         node.last_offset = 0;
         node.applied_index = 0;
-        node.pending.clear();
+        node.pending = None;
         let first_tick = self.now + 1 + self.rng.below(self.cfg.tick_ms);
         let epoch = node.epoch;
         self.at(first_tick, Event::Tick { node: n, epoch });
@@ -228,10 +248,10 @@ impl Sim {
         if self.nodes[n].epoch != epoch {
             return Ok(());
         }
-        let Some(r) = self.nodes[n].replica.as_mut() else {
+        let Some(shard) = self.nodes[n].shard.as_mut() else {
             return Ok(());
         };
-        r.tick();
+        shard.replica_mut().tick();
         self.at(self.now + self.cfg.tick_ms, Event::Tick { node: n, epoch });
         self.drive(n)
     }
@@ -246,22 +266,26 @@ impl Sim {
             let kept = (keep % (parts as u64 + 1)) as usize;
             write_prefix(&mut node.disk, &p, kept);
         }
-        node.replica = None;
-        node.pending.clear();
+        node.shard = None;
         node.epoch += 1;
         self.report.crashes += 1;
+        if let Some((slot, inst)) = node.pending.take() {
+            // The client's connection broke: outcome unknown.
+            self.history[inst as usize][slot].returned = None;
+        }
     }
 
     /// Takes node `n`'s next Ready and carries it out.
     fn drive(&mut self, n: usize) -> Result<(), String> {
-        let Some(r) = self.nodes[n].replica.as_mut() else {
+        let Some(shard) = self.nodes[n].shard.as_mut() else {
             return Ok(());
         };
-        let out: Output = r.ready();
+        let progress: Progress = shard.ready().map_err(|e| format!("node {}: {e}", n + 1))?;
         self.check_leader(n)?;
-        self.send(out.send);
-        self.apply(n, out.apply, out.applied_to)?;
-        if let Some(p) = out.persist {
+        self.send(progress.send);
+        self.record_applied(n, progress.applied)?;
+        self.answer(n, progress.committed, progress.lost);
+        if let Some(p) = progress.persist {
             let done = self.now + 1 + self.rng.below(self.cfg.max_write_ms);
             let epoch = self.nodes[n].epoch;
             self.nodes[n].writing = Some(p);
@@ -281,7 +305,7 @@ impl Sim {
         let parts = p.hard_state.is_some() as usize + p.entries.len();
         write_prefix(&mut node.disk, &p, parts);
         let held = node
-            .replica
+            .shard
             .as_mut()
             .expect("a live node")
             .persisted(p.number);
@@ -309,86 +333,95 @@ impl Sim {
         if self.side[from] != self.side[to] {
             return Ok(());
         }
-        let Some(r) = self.nodes[to].replica.as_mut() else {
+        let Some(shard) = self.nodes[to].shard.as_mut() else {
             return Ok(());
         };
-        r.step(m);
+        shard.replica_mut().step(m);
         self.drive(to)
     }
 
-    /// A client proposes to a random node; only a leader takes it (the
-    /// server forwards to the leader; here the client just tries again).
+    /// A client sends one request to a random node; only a leader whose
+    /// state is current takes it (the server forwards to the leader; here
+    /// the client just tries again later).
     fn propose(&mut self) -> Result<(), String> {
         if self.now < self.cfg.run_ms {
             let next = self.now + 1 + self.rng.below(2 * self.cfg.propose_every_ms);
             self.at(next, Event::Propose);
         }
         let n = self.rng.below(self.cfg.nodes) as usize;
-        let Some(r) = self.nodes[n].replica.as_mut() else {
+        let inst = self.rng.below(INSTANCES);
+        let (op, cmd) = random_call(&mut self.rng, inst);
+        let now = self.now as i64;
+        let Some(shard) = self.nodes[n].shard.as_mut() else {
             return Ok(());
         };
-        self.next_op += 1;
-        let payload = format!("op-{}", self.next_op).into_bytes();
-        if let Ok(p) = r.propose(&payload) {
-            self.nodes[n].pending.push((p, payload));
+        if shard.execute(vec![cmd], now).is_ok() {
+            let calls = &mut self.history[inst as usize];
+            calls.push(Call {
+                op,
+                invoked: self.now,
+                returned: None,
+            });
+            self.nodes[n].pending = Some((calls.len() - 1, inst));
         }
         self.drive(n)
     }
 
-    /// Applies committed entries on node `n`, checking them against the
-    /// log every other node applied, and resolves its proposals.
-    fn apply(&mut self, n: usize, entries: Vec<Applied>, to: Option<u64>) -> Result<(), String> {
+    /// Records the entries node `n` applied, checking them against the log
+    /// every other node applied.
+    fn record_applied(&mut self, n: usize, entries: Vec<Applied>) -> Result<(), String> {
         for a in entries {
             let node = &mut self.nodes[n];
-            if a.offset <= node.last_offset {
-                return Err(format!(
-                    "node {} applied offset {} at index {} after offset {}",
-                    n + 1,
-                    a.offset,
-                    a.index,
-                    node.last_offset
-                ));
+            node.applied_index = a.index;
+            if a.offsets > 0 {
+                if a.offset <= node.last_offset {
+                    return Err(format!(
+                        "node {} applied offset {} at index {} after offset {}",
+                        n + 1,
+                        a.offset,
+                        a.index,
+                        node.last_offset
+                    ));
+                }
+                node.last_offset = a.offset + u64::from(a.offsets) - 1;
             }
-            node.last_offset = a.offset;
             match self.log.get(&a.index) {
                 Some(first) if *first != a => {
                     return Err(format!(
-                        "index {} applied differently: {first:?} and {a:?} on node {}",
+                        "index {} applied differently on node {}: {first:?} and {a:?}",
                         a.index,
                         n + 1
                     ))
                 }
                 Some(_) => {}
                 None => {
-                    self.log.insert(a.index, a.clone());
+                    self.log.insert(a.index, a);
                 }
             }
-        }
-        if let Some(to) = to {
-            self.nodes[n].applied_index = to;
-            self.resolve(n, to);
         }
         Ok(())
     }
 
-    /// Proposals of node `n` at or below `to` are decided: acknowledged if
-    /// the applied entry there is theirs, lost otherwise.
-    fn resolve(&mut self, n: usize, to: u64) {
-        let pending = std::mem::take(&mut self.nodes[n].pending);
-        for (p, payload) in pending {
-            if p.index > to {
-                self.nodes[n].pending.push((p, payload));
-                continue;
-            }
-            match self.log.get(&p.index) {
-                Some(a) if a.term == p.term && a.payload == payload => {
-                    assert_eq!(a.offset, p.offset);
-                    self.acked.insert(payload, (p.index, p.offset));
-                    self.report.acknowledged += 1;
-                }
-                _ => self.report.lost += 1,
-            }
+    /// The outcome of node `n`'s drain: the client's answer, or (lost) an
+    /// unknown outcome.
+    fn answer(
+        &mut self,
+        n: usize,
+        committed: Option<(Proposed, Vec<Reply>)>,
+        lost: Option<Proposed>,
+    ) {
+        if lost.is_some() {
+            self.report.lost += 1;
+            self.nodes[n].pending = None;
         }
+        let Some((p, replies)) = committed else {
+            return;
+        };
+        self.report.acknowledged += 1;
+        self.acked.insert(p.index, (p.term, p.offset));
+        let (slot, inst) = self.nodes[n].pending.take().expect("a waiting call");
+        let ret = instance_ret(&replies[0]);
+        self.history[inst as usize][slot].returned = Some((self.now, ret));
     }
 
     /// A crash (restarted later) or a new partition.
@@ -400,7 +433,7 @@ impl Sim {
         self.at(next, Event::Fault);
         if self.rng.chance(0.5) {
             let n = self.rng.below(self.cfg.nodes) as usize;
-            if self.nodes[n].replica.is_some() {
+            if self.nodes[n].shard.is_some() {
                 self.crash(n);
                 let back = self.now + 20 + self.rng.below(400);
                 self.at(back.min(self.cfg.run_ms), Event::Restart(n));
@@ -429,7 +462,7 @@ impl Sim {
     }
 
     fn check_leader(&mut self, n: usize) -> Result<(), String> {
-        let Some(r) = self.nodes[n].replica.as_ref() else {
+        let Some(r) = self.nodes[n].shard.as_ref().map(ReplicatedShard::replica) else {
             return Ok(());
         };
         let (term, _, _) = r.role();
@@ -446,13 +479,14 @@ impl Sim {
         }
     }
 
-    /// After the quiet time: one leader, the same applied log everywhere,
-    /// every acknowledged proposal in it.
+    /// After the quiet time: one leader, the same applied log and the same
+    /// instances everywhere, every acknowledged drain in the log, and every
+    /// instance's history linearizable.
     fn check_converged(&mut self) -> Result<(), String> {
         let leaders = self
             .nodes
             .iter()
-            .filter(|n| n.replica.as_ref().is_some_and(Replica::is_leader))
+            .filter(|n| n.shard.as_ref().is_some_and(|s| s.replica().is_leader()))
             .count();
         if leaders != 1 {
             return Err(format!("{leaders} leaders after healing"));
@@ -461,24 +495,142 @@ impl Sim {
         if applied.iter().any(|&a| a != applied[0]) {
             return Err(format!("nodes applied different prefixes: {applied:?}"));
         }
-        for (payload, (index, offset)) in &self.acked {
+        let states: Vec<String> = self
+            .nodes
+            .iter_mut()
+            .map(|n| visible(n.shard.as_mut().expect("healed").engine_mut()))
+            .collect();
+        if let Some(i) = states.iter().position(|s| *s != states[0]) {
+            return Err(format!(
+                "node {} holds other instances than node 1:\n{}\n{}",
+                i + 1,
+                states[i],
+                states[0]
+            ));
+        }
+        for (index, (term, offset)) in &self.acked {
             match self.log.get(index) {
-                Some(a) if a.payload == *payload && a.offset == *offset => {}
+                Some(a) if a.term == *term && a.offset == *offset => {}
                 other => {
                     return Err(format!(
-                        "acknowledged {} at {index} (offset {offset}) but the log has {other:?}",
-                        String::from_utf8_lossy(payload)
+                        "acknowledged a drain at {index} (term {term}, offset {offset}) but the log has {other:?}"
                     ))
                 }
             }
         }
-        let offsets: Vec<u64> = self.log.values().map(|a| a.offset).collect();
-        if offsets.windows(2).any(|w| w[1] <= w[0]) {
-            return Err("offsets do not grow along the committed log".into());
-        }
-        self.report.committed = self.log.len() as u64;
+        self.check_linearizable()?;
+        self.report.committed = self.log.values().filter(|a| a.offsets > 0).count() as u64;
         Ok(())
     }
+
+    fn check_linearizable(&mut self) -> Result<(), String> {
+        let model = InstanceModel {
+            state: None,
+            transitions: Rc::new(
+                TRANSITIONS
+                    .iter()
+                    .map(|(a, e, b)| (a.to_string(), e.to_string(), b.to_string()))
+                    .collect(),
+            ),
+        };
+        for (i, calls) in self.history.iter().enumerate() {
+            self.report.calls += calls.len() as u64;
+            lincheck::check(&model, calls).map_err(|e| format!("instance i{i}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The machine every node knows: `(from, event, to)`, no guards.
+const TRANSITIONS: [(&str, &str, &str); 4] = [
+    ("a", "GO", "b"),
+    ("a", "NEXT", "c"),
+    ("b", "NEXT", "c"),
+    ("c", "BACK", "a"),
+];
+
+/// A fresh engine that knows the machine (as after its PUT_MACHINE).
+fn engine() -> Engine {
+    let mut e = Engine::new(&EngineLimits {
+        idempotency_entries: 64,
+        idempotency_max_age_ms: 0,
+    });
+    let transitions: Vec<Value> = TRANSITIONS
+        .iter()
+        .map(|(a, ev, b)| json!({"from": a, "event": ev, "to": b}))
+        .collect();
+    let def = json!({"states": ["a", "b", "c"], "initial": "a", "transitions": transitions});
+    let parsed = MachineDef::from_json(&def).expect("a valid machine");
+    e.adopt_machine("m".into(), 1, Arc::new(parsed));
+    e
+}
+
+/// A random call on instance `inst`: the model's view and the command.
+fn random_call(rng: &mut Rng, inst: u64) -> (InstanceOp, Command) {
+    let id = format!("i{inst}");
+    match rng.below(10) {
+        0..=1 => (
+            InstanceOp::Create {
+                initial: "a".into(),
+            },
+            Command::CreateInstance {
+                instance_id: id,
+                machine: "m".into(),
+                version: 1,
+                initial_ctx: json!({}),
+                idempotency_key: None,
+                allow_recreate: false,
+            },
+        ),
+        2..=3 => (InstanceOp::Get, Command::GetInstance { instance_id: id }),
+        _ => {
+            let event = ["GO", "NEXT", "BACK"][rng.below(3) as usize].to_string();
+            (
+                InstanceOp::Apply {
+                    event: event.clone(),
+                },
+                Command::ApplyEvent(ApplyEvent {
+                    instance_id: id,
+                    event,
+                    payload: Value::Null,
+                    expected_state: None,
+                    expected_wal_offset: None,
+                    event_id: None,
+                    idempotency_key: None,
+                }),
+            )
+        }
+    }
+}
+
+/// What a reply says in the model's terms: the state, or the error code.
+fn instance_ret(reply: &Reply) -> InstanceRet {
+    match reply {
+        Reply::Json(j) => {
+            let v: Value = serde_json::from_slice(j).expect("a JSON result");
+            let state = v.get("to_state").or_else(|| v.get("state"));
+            InstanceRet::State(state.and_then(Value::as_str).expect("a state").to_string())
+        }
+        Reply::Error(e) => InstanceRet::Error(e.code.as_str().to_string()),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+/// What a client can read of the shard: every instance.
+fn visible(engine: &mut Engine) -> String {
+    let mut out = String::new();
+    let mut o = Offsets::new(1, 1);
+    for i in 0..INSTANCES {
+        let r = engine.execute(
+            Command::GetInstance {
+                instance_id: format!("i{i}"),
+            },
+            &mut o,
+            0,
+        );
+        out += &format!("{:?}\n", instance_ret(&r));
+    }
+    out
 }
 
 /// Puts the first `parts` parts of `p` (the entries, then the hard state)

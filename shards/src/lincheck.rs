@@ -10,6 +10,9 @@
 //! calls that respects real time (a call that returned before another was
 //! invoked comes first) and that the sequential model accepts, result by
 //! result.
+//!
+//! Test tooling, kept in the library so that the replication simulation
+//! and the black-box cluster tests share it.
 
 use std::collections::HashSet;
 use std::hash::Hash;

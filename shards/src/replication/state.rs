@@ -1,0 +1,204 @@
+//! A shard's engine as the state machine of its group.
+//!
+//! The leader executes a drain against its engine before proposing it, as
+//! a standalone shard does before its WAL commit: the records the drain
+//! stages, with the offsets the leader assigned, are the entry. Followers
+//! apply an entry's records as recovery replays a WAL. The leader releases
+//! a drain's replies when its entry is applied with the term it was
+//! proposed in; if another entry takes that index first, the drain's
+//! changes are undone and its callers told the outcome is unknown.
+//!
+//! One drain is in flight per shard at a time, as with today's group
+//! commit, so the engine's undo log holds exactly that drain.
+
+use raft::prelude::Message;
+
+use super::replica::{Applied, Persist, ProposeError, Proposed, Replica};
+use crate::commands::{Command, Reply};
+use crate::engine::{Engine, Mark, Offsets};
+use crate::wal_entry::WalEntry;
+
+/// Bytes of a record's header inside an entry: offset, kind, length.
+const RECORD_HEADER: usize = 13;
+
+/// Why a drain was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    /// Another drain of this shard is still waiting for its commit.
+    #[error("a drain is already in flight")]
+    Busy,
+    /// Not the leader, or a leader whose state is not yet current.
+    #[error("not serving: {0}")]
+    NotServing(ProposeError),
+}
+
+/// What one Ready came to for the host.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages to send now.
+    pub send: Vec<Message>,
+    /// The write to make, then [`ReplicatedShard::persisted`].
+    pub persist: Option<Persist>,
+    /// A drain committed: its replies, in command order.
+    pub committed: Option<(Proposed, Vec<Reply>)>,
+    /// A drain whose index another entry took: undone, outcome unknown to
+    /// its callers (a retry with an idempotency key is safe).
+    pub lost: Option<Proposed>,
+    /// The entries applied, in log order.
+    pub applied: Vec<Applied>,
+}
+
+/// The drain waiting for its entry.
+struct InFlight {
+    proposed: Proposed,
+    mark: Mark,
+    replies: Vec<Reply>,
+}
+
+/// A shard replicated through its group.
+pub struct ReplicatedShard {
+    replica: Replica,
+    engine: Engine,
+    in_flight: Option<InFlight>,
+}
+
+impl ReplicatedShard {
+    /// The shard's member `replica` over `engine`, which holds the state
+    /// up to the index the replica was created with.
+    pub fn new(replica: Replica, engine: Engine) -> ReplicatedShard {
+        ReplicatedShard {
+            replica,
+            engine,
+            in_flight: None,
+        }
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    pub fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Whether a drain is waiting for its commit.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Executes `commands` as one drain and proposes what they staged.
+    /// Reads go through the log too, so every answer is linearizable.
+    pub fn execute(&mut self, commands: Vec<Command>, now: i64) -> Result<Proposed, DrainError> {
+        if self.in_flight.is_some() {
+            return Err(DrainError::Busy);
+        }
+        if !self.replica.can_serve() {
+            let leader = self.replica.role().2;
+            return Err(DrainError::NotServing(ProposeError::NotLeader {
+                leader: (leader != 0).then_some(leader),
+            }));
+        }
+        let mark = self.engine.mark();
+        let base = self.replica.next_offset();
+        let writes = commands.iter().filter(|c| c.may_write()).count() as u64;
+        let mut offsets = Offsets::new(base, base + writes);
+        let replies: Vec<Reply> = commands
+            .into_iter()
+            .map(|c| self.engine.execute(c, &mut offsets, now))
+            .collect();
+        let staged = self.engine.take_staged();
+        let used = staged.len() as u32;
+        let mut payload = Vec::new();
+        for (i, s) in staged.iter().enumerate() {
+            assert_eq!(s.offset, base + i as u64, "staged offsets are dense");
+            payload.extend_from_slice(&s.offset.to_le_bytes());
+            payload.push(s.kind);
+            payload.extend_from_slice(&(s.bytes.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&s.bytes);
+        }
+        match self.replica.propose(&payload, used) {
+            Ok(proposed) => {
+                self.in_flight = Some(InFlight {
+                    proposed,
+                    mark,
+                    replies,
+                });
+                Ok(proposed)
+            }
+            Err(e) => {
+                self.engine.rollback_to(mark);
+                Err(DrainError::NotServing(e))
+            }
+        }
+    }
+
+    /// Takes the replica's next Ready and applies what it committed.
+    pub fn ready(&mut self) -> Result<Progress, String> {
+        let out = self.replica.ready();
+        let mut progress = Progress {
+            send: out.send,
+            persist: out.persist,
+            ..Progress::default()
+        };
+        for a in out.apply {
+            self.apply(&a, &mut progress)?;
+            progress.applied.push(a);
+        }
+        Ok(progress)
+    }
+
+    /// The write of Ready `number` is done: the messages that waited.
+    pub fn persisted(&mut self, number: u64) -> Vec<Message> {
+        self.replica.persisted(number)
+    }
+
+    /// One committed entry: our drain (its replies go), or another's (ours,
+    /// if any, is undone first: it was executed on a state without it).
+    fn apply(&mut self, a: &Applied, progress: &mut Progress) -> Result<(), String> {
+        if let Some(f) = &self.in_flight {
+            if f.proposed.index == a.index && f.proposed.term == a.term {
+                let f = self.in_flight.take().expect("checked");
+                self.engine.commit_done();
+                progress.committed = Some((f.proposed, f.replies));
+                return Ok(());
+            }
+            let f = self.in_flight.take().expect("checked");
+            self.engine.rollback_to(f.mark);
+            self.engine.commit_done();
+            progress.lost = Some(f.proposed);
+        }
+        self.replay(a)
+    }
+
+    /// Applies an entry's records as recovery would.
+    fn replay(&mut self, a: &Applied) -> Result<(), String> {
+        let mut rest = &a.payload[..];
+        let mut count = 0u32;
+        while !rest.is_empty() {
+            if rest.len() < RECORD_HEADER {
+                return Err(format!("entry {}: truncated record header", a.index));
+            }
+            let offset = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(rest[9..13].try_into().expect("4 bytes")) as usize;
+            let body = rest
+                .get(RECORD_HEADER..RECORD_HEADER + len)
+                .ok_or_else(|| format!("entry {}: truncated record", a.index))?;
+            let entry: WalEntry = serde_json::from_slice(body)
+                .map_err(|e| format!("entry {}: record at offset {offset}: {e}", a.index))?;
+            self.engine.replay(offset, entry)?;
+            rest = &rest[RECORD_HEADER + len..];
+            count += 1;
+        }
+        if count != a.offsets {
+            return Err(format!(
+                "entry {} holds {count} records for {} offsets",
+                a.index, a.offsets
+            ));
+        }
+        Ok(())
+    }
+}
