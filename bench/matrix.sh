@@ -84,6 +84,12 @@ stop() {
     for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
     kill -9 "$PID" 2>/dev/null || true
     wait "$PID" 2>/dev/null || true
+    # A killed process's io_uring listener outlives it by a few ms: wait
+    # until nothing listens, or the next cell would reach the old server.
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || break
+        sleep 0.03
+    done
 }
 
 run_cells() { # kind fsync [client]
