@@ -9,6 +9,7 @@ pub mod log;
 pub mod replica;
 pub mod sim;
 pub mod state;
+pub mod wire;
 
 pub use log::{LogState, RaftLog};
 pub use replica::{Applied, Output, Persist, ProposeError, Proposed, Replica, ReplicaConfig};
