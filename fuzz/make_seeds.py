@@ -88,6 +88,25 @@ GUARDS = [
 ]
 
 
+def raft_frame(msg_type, entries=(), snapshot=None):
+    """A peer frame of `replication::wire` (version 1, little-endian)."""
+    out = bytes([1]) + struct.pack("<I", 3) + bytes([msg_type])
+    # to, from, term, log_term, index, commit, commit_term,
+    # request_snapshot, reject_hint, deprecated_priority; priority; reject
+    out += struct.pack("<10Q", 2, 1, 7, 6, 41, 40, 6, 0, 0, 0) + struct.pack("<q", 0) + b"\x00"
+    out += struct.pack("<I", 3) + b"ctx"
+    out += struct.pack("<I", len(entries))
+    for term, index, data in entries:
+        out += b"\x00" + struct.pack("<QQ", term, index)
+        out += struct.pack("<I", len(data)) + data + struct.pack("<I", 0) + b"\x00"
+    if snapshot is None:
+        return out + b"\x00"
+    out += b"\x01" + struct.pack("<I", len(snapshot)) + snapshot + struct.pack("<QQ", 40, 6)
+    for ids in ([1, 2, 3], [4], [], []):
+        out += struct.pack("<I", len(ids)) + b"".join(struct.pack("<Q", i) for i in ids)
+    return out + b"\x00"
+
+
 def write(target, name, data: bytes):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
@@ -132,6 +151,10 @@ def main():
         write("wal_record", f"{n:02}", seg[pos:pos + 32 + length])
         n += 1
         pos = (pos + 32 + length + 4095) // 4096 * 4096
+    # raft_wire: a heartbeat, an append with entries, a snapshot.
+    write("raft_wire", "heartbeat", raft_frame(8))
+    write("raft_wire", "append", raft_frame(3, [(7, 42, b"\x01" * 12 + b"records"), (7, 43, b"")]))
+    write("raft_wire", "snapshot", raft_frame(7, snapshot=b"snap"))
     # wal_recovery: commit shapes, then damage ops (see the target).
     write("wal_recovery", "clean", bytes([6, 0x41, 0, 40, 0x02, 1, 0, 0xC3, 0, 9, 0, 200, 0x40, 2, 0]))
     write("wal_recovery", "torn", bytes([5, 0x40, 0, 50, 0x01, 0, 10, 0x00, 0, 30, 1, 3, 0x10]))

@@ -17,6 +17,7 @@ fi
 mkdir -p fuzz/logs
 status=0
 for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t"
     log=fuzz/logs/$t.log
     started=$(date -u +%FT%TZ)
     cargo +nightly fuzz run -O "$t" "fuzz/corpus/$t" -- \

@@ -23,6 +23,8 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
                 total.acknowledged += r.acknowledged;
                 total.lost += r.lost;
                 total.calls += r.calls;
+                total.retries += r.retries;
+                total.unknown += r.unknown;
                 total.crashes += r.crashes;
                 total.partitions += r.partitions;
                 total.terms = total.terms.max(r.terms);

@@ -82,6 +82,11 @@ pub struct SimReport {
     pub lost: u64,
     /// Client calls checked for linearizability.
     pub calls: u64,
+    /// Calls sent again with their idempotency key after an unknown
+    /// outcome, and taken.
+    pub retries: u64,
+    /// Calls whose outcome stayed unknown to the end.
+    pub unknown: u64,
     pub crashes: u64,
     pub partitions: u64,
     /// Highest term reached.
@@ -110,8 +115,18 @@ struct Node {
     /// Offset and index of the last entry this incarnation applied.
     last_offset: u64,
     applied_index: u64,
-    /// The client call of the drain in flight here: (history slot, instance).
-    pending: Option<(usize, u64)>,
+    /// The client call of the drain in flight here.
+    pending: Option<Waiting>,
+}
+
+/// A client call waiting for its answer: its place in the history, and
+/// the command (sent again, with its idempotency key, if its outcome
+/// becomes unknown).
+#[derive(Debug, Clone)]
+struct Waiting {
+    slot: usize,
+    inst: u64,
+    cmd: Command,
 }
 
 /// Client calls per instance, for the linearizability check.
@@ -134,6 +149,8 @@ pub struct Sim {
     /// Acknowledged drains: index → (term, first offset).
     acked: HashMap<u64, (u64, u64)>,
     history: History,
+    /// Calls whose outcome became unknown, to be sent again.
+    retries: Vec<Waiting>,
     report: SimReport,
 }
 
@@ -161,6 +178,7 @@ impl Sim {
             log: BTreeMap::new(),
             acked: HashMap::new(),
             history: vec![Vec::new(); INSTANCES as usize],
+            retries: Vec::new(),
             report: SimReport::default(),
             cfg,
         };
@@ -269,9 +287,9 @@ impl Sim {
         node.shard = None;
         node.epoch += 1;
         self.report.crashes += 1;
-        if let Some((slot, inst)) = node.pending.take() {
-            // The client's connection broke: outcome unknown.
-            self.history[inst as usize][slot].returned = None;
+        if let Some(w) = node.pending.take() {
+            // The client's connection broke: outcome unknown; it retries.
+            self.retries.push(w);
         }
     }
 
@@ -340,31 +358,65 @@ impl Sim {
         self.drive(to)
     }
 
-    /// A client sends one request to a random node; only a leader whose
-    /// state is current takes it (the server forwards to the leader; here
-    /// the client just tries again later).
+    /// A client sends one request to a random node: a new call, or one
+    /// whose outcome became unknown sent again with the same idempotency
+    /// key (still one call in the history, from its first invocation).
+    /// Only a leader whose state is current takes it (the server forwards
+    /// to the leader; here the client just tries again later). Retries go
+    /// on after the faults stop, until every call has its answer.
     fn propose(&mut self) -> Result<(), String> {
-        if self.now < self.cfg.run_ms {
+        let clients_on = self.now < self.cfg.run_ms;
+        let end = self.cfg.run_ms + self.cfg.heal_ms;
+        if clients_on || (!self.retries.is_empty() && self.now + 100 < end) {
             let next = self.now + 1 + self.rng.below(2 * self.cfg.propose_every_ms);
             self.at(next, Event::Propose);
         }
         let n = self.rng.below(self.cfg.nodes) as usize;
-        let inst = self.rng.below(INSTANCES);
-        let (op, cmd) = random_call(&mut self.rng, inst);
-        let now = self.now as i64;
-        let Some(shard) = self.nodes[n].shard.as_mut() else {
+        let retry = !self.retries.is_empty() && (!clients_on || self.rng.chance(0.3));
+        let (w, op) = if retry {
+            let i = self.rng.below(self.retries.len() as u64) as usize;
+            (self.retries.swap_remove(i), None)
+        } else if clients_on {
+            let (w, op) = self.new_call();
+            (w, Some(op))
+        } else {
             return Ok(());
         };
-        if shard.execute(vec![cmd], now).is_ok() {
-            let calls = &mut self.history[inst as usize];
+        let now = self.now as i64;
+        let taken = match self.nodes[n].shard.as_mut() {
+            Some(shard) => shard.execute(vec![w.cmd.clone()], now).is_ok(),
+            None => false,
+        };
+        if !taken {
+            // Refused at once (not the leader): the call did nothing. A
+            // new one is forgotten, a retry waits for another try.
+            if retry {
+                self.retries.push(w);
+            }
+            return Ok(());
+        }
+        if let Some(op) = op {
+            let calls = &mut self.history[w.inst as usize];
+            debug_assert_eq!(calls.len(), w.slot);
             calls.push(Call {
                 op,
                 invoked: self.now,
                 returned: None,
             });
-            self.nodes[n].pending = Some((calls.len() - 1, inst));
         }
+        self.report.retries += retry as u64;
+        self.nodes[n].pending = Some(w);
         self.drive(n)
+    }
+
+    /// A new client call on a random instance (entered in its history once
+    /// a node takes it).
+    fn new_call(&mut self) -> (Waiting, InstanceOp) {
+        let inst = self.rng.below(INSTANCES);
+        let slot = self.history[inst as usize].len();
+        let key = format!("i{inst}-c{slot}");
+        let (op, cmd) = random_call(&mut self.rng, inst, key);
+        (Waiting { slot, inst, cmd }, op)
     }
 
     /// Records the entries node `n` applied, checking them against the log
@@ -412,16 +464,17 @@ impl Sim {
     ) {
         if lost.is_some() {
             self.report.lost += 1;
-            self.nodes[n].pending = None;
+            let w = self.nodes[n].pending.take().expect("a waiting call");
+            self.retries.push(w);
         }
         let Some((p, replies)) = committed else {
             return;
         };
         self.report.acknowledged += 1;
         self.acked.insert(p.index, (p.term, p.offset));
-        let (slot, inst) = self.nodes[n].pending.take().expect("a waiting call");
+        let w = self.nodes[n].pending.take().expect("a waiting call");
         let ret = instance_ret(&replies[0]);
-        self.history[inst as usize][slot].returned = Some((self.now, ret));
+        self.history[w.inst as usize][w.slot].returned = Some((self.now, ret));
     }
 
     /// A crash (restarted later) or a new partition.
@@ -535,6 +588,7 @@ impl Sim {
         };
         for (i, calls) in self.history.iter().enumerate() {
             self.report.calls += calls.len() as u64;
+            self.report.unknown += calls.iter().filter(|c| c.returned.is_none()).count() as u64;
             lincheck::check(&model, calls).map_err(|e| format!("instance i{i}: {e}"))?;
         }
         Ok(())
@@ -552,7 +606,8 @@ const TRANSITIONS: [(&str, &str, &str); 4] = [
 /// A fresh engine that knows the machine (as after its PUT_MACHINE).
 fn engine() -> Engine {
     let mut e = Engine::new(&EngineLimits {
-        idempotency_entries: 64,
+        // Larger than any run's keyed calls: a retry must find its key.
+        idempotency_entries: 1 << 20,
         idempotency_max_age_ms: 0,
     });
     let transitions: Vec<Value> = TRANSITIONS
@@ -566,7 +621,7 @@ fn engine() -> Engine {
 }
 
 /// A random call on instance `inst`: the model's view and the command.
-fn random_call(rng: &mut Rng, inst: u64) -> (InstanceOp, Command) {
+fn random_call(rng: &mut Rng, inst: u64, key: String) -> (InstanceOp, Command) {
     let id = format!("i{inst}");
     match rng.below(10) {
         0..=1 => (
@@ -578,7 +633,7 @@ fn random_call(rng: &mut Rng, inst: u64) -> (InstanceOp, Command) {
                 machine: "m".into(),
                 version: 1,
                 initial_ctx: json!({}),
-                idempotency_key: None,
+                idempotency_key: Some(key),
                 allow_recreate: false,
             },
         ),
@@ -596,7 +651,7 @@ fn random_call(rng: &mut Rng, inst: u64) -> (InstanceOp, Command) {
                     expected_state: None,
                     expected_wal_offset: None,
                     event_id: None,
-                    idempotency_key: None,
+                    idempotency_key: Some(key),
                 }),
             )
         }
