@@ -25,6 +25,8 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
                 total.calls += r.calls;
                 total.retries += r.retries;
                 total.unknown += r.unknown;
+                total.reads += r.reads;
+                total.pauses += r.pauses;
                 total.crashes += r.crashes;
                 total.partitions += r.partitions;
                 total.terms = total.terms.max(r.terms);

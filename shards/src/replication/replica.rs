@@ -119,6 +119,9 @@ pub struct Output {
     /// The index of the last committed entry handed over (with data or
     /// not), when any was.
     pub applied_to: Option<u64>,
+    /// ReadIndex answers: (request context, the commit index a read with
+    /// that context may be served at once applied).
+    pub reads: Vec<(Vec<u8>, u64)>,
 }
 
 /// One member of a group.
@@ -257,6 +260,18 @@ impl Replica {
         })
     }
 
+    /// Asks the group to confirm this leader's commit index for a read
+    /// (ReadIndex: one heartbeat round, no log entry); the answer comes in
+    /// a later [`Output::reads`] under `ctx`.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
+    /// The index of the last entry handed to the host to apply.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
     /// Takes the next Ready, if any and if no write is in flight (one
     /// write at a time: what arrives meanwhile joins the next one).
     pub fn ready(&mut self) -> Output {
@@ -269,6 +284,11 @@ impl Replica {
             "no snapshot is sent while logs are not compacted"
         );
         let send = rd.take_messages();
+        let reads = rd
+            .take_read_states()
+            .into_iter()
+            .map(|r| (r.request_ctx, r.index))
+            .collect();
         let committed = rd.take_committed_entries();
         let applied_to = committed.last().map(|e| e.index);
         let apply = self.take_committed(committed);
@@ -287,6 +307,7 @@ impl Replica {
             persist: None,
             apply,
             applied_to,
+            reads,
         };
         if hard_state.is_none() && entries.is_empty() {
             // Nothing to write: what waited for the write goes now.

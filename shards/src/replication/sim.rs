@@ -87,6 +87,10 @@ pub struct SimReport {
     pub retries: u64,
     /// Calls whose outcome stayed unknown to the end.
     pub unknown: u64,
+    /// Reads answered through ReadIndex (no log entry).
+    pub reads: u64,
+    /// Process pauses.
+    pub pauses: u64,
     pub crashes: u64,
     pub partitions: u64,
     /// Highest term reached.
@@ -117,6 +121,8 @@ struct Node {
     applied_index: u64,
     /// The client call of the drain in flight here.
     pending: Option<Waiting>,
+    /// Paused (handles no event) until then.
+    paused_until: u64,
 }
 
 /// A client call waiting for its answer: its place in the history, and
@@ -191,6 +197,7 @@ impl Sim {
                 last_offset: 0,
                 applied_index: 0,
                 pending: None,
+                paused_until: 0,
             });
             sim.start(i);
         }
@@ -219,6 +226,16 @@ impl Sim {
     }
 
     fn handle(&mut self, ev: Event) -> Result<(), String> {
+        if let Some(n) = self.target(&ev) {
+            let until = self.nodes[n].paused_until;
+            if until > self.now {
+                // A paused process handles nothing; what reached it waits,
+                // in a random order, until it runs again.
+                let when = until + self.rng.below(5);
+                self.at(when, ev);
+                return Ok(());
+            }
+        }
         match ev {
             Event::Tick { node, epoch } => self.tick(node, epoch),
             Event::Deliver(m) => self.deliver(m),
@@ -236,6 +253,15 @@ impl Sim {
                 self.heal();
                 Ok(())
             }
+        }
+    }
+
+    /// The node an event is handled by, if one.
+    fn target(&self, ev: &Event) -> Option<usize> {
+        match ev {
+            Event::Tick { node, .. } | Event::Written { node, .. } => Some(*node),
+            Event::Deliver(m) => Some(m.to as usize - 1),
+            _ => None,
         }
     }
 
@@ -302,6 +328,7 @@ impl Sim {
         self.check_leader(n)?;
         self.send(progress.send);
         self.record_applied(n, progress.applied)?;
+        self.answer_read(n, progress.read, progress.read_lost);
         self.answer(n, progress.committed, progress.lost);
         if let Some(p) = progress.persist {
             let done = self.now + 1 + self.rng.below(self.cfg.max_write_ms);
@@ -383,9 +410,10 @@ impl Sim {
             return Ok(());
         };
         let now = self.now as i64;
+        let paused = self.nodes[n].paused_until > self.now;
         let taken = match self.nodes[n].shard.as_mut() {
-            Some(shard) => shard.execute(vec![w.cmd.clone()], now).is_ok(),
-            None => false,
+            Some(shard) if !paused => shard.execute(vec![w.cmd.clone()], now).is_ok(),
+            _ => false,
         };
         if !taken {
             // Refused at once (not the leader): the call did nothing. A
@@ -477,6 +505,21 @@ impl Sim {
         self.history[w.inst as usize][w.slot].returned = Some((self.now, ret));
     }
 
+    /// The outcome of node `n`'s drain of reads: the answer, or (dropped
+    /// when the node lost office) a retry.
+    fn answer_read(&mut self, n: usize, read: Option<Vec<Reply>>, lost: bool) {
+        if lost {
+            let w = self.nodes[n].pending.take().expect("a waiting read");
+            self.retries.push(w);
+        }
+        if let Some(replies) = read {
+            self.report.reads += 1;
+            let w = self.nodes[n].pending.take().expect("a waiting read");
+            let ret = instance_ret(&replies[0]);
+            self.history[w.inst as usize][w.slot].returned = Some((self.now, ret));
+        }
+    }
+
     /// A crash (restarted later) or a new partition.
     fn fault(&mut self) {
         if self.now >= self.cfg.run_ms {
@@ -484,7 +527,14 @@ impl Sim {
         }
         let next = self.now + 1 + self.rng.below(2 * self.cfg.fault_every_ms);
         self.at(next, Event::Fault);
-        if self.rng.chance(0.5) {
+        let roll = self.rng.below(10);
+        if roll < 2 {
+            // A process pause (a stalled VM, a stopped process): it wakes
+            // up still believing what it believed, a leader included.
+            let n = self.rng.below(self.cfg.nodes) as usize;
+            self.nodes[n].paused_until = self.now + 100 + self.rng.below(600);
+            self.report.pauses += 1;
+        } else if roll < 6 {
             let n = self.rng.below(self.cfg.nodes) as usize;
             if self.nodes[n].shard.is_some() {
                 self.crash(n);

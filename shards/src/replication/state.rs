@@ -8,8 +8,14 @@
 //! proposed in; if another entry takes that index first, the drain's
 //! changes are undone and its callers told the outcome is unknown.
 //!
+//! A drain of reads only is not logged: the leader asks the group to
+//! confirm its commit index (ReadIndex, one heartbeat round) and executes
+//! the reads once it has applied that far, so no read returns state a
+//! newer leader could already have changed.
+//!
 //! One drain is in flight per shard at a time, as with today's group
-//! commit, so the engine's undo log holds exactly that drain.
+//! commit, so the engine's undo log holds exactly that drain, and a read
+//! never sees a write that is not committed.
 
 use raft::prelude::Message;
 
@@ -41,18 +47,34 @@ pub struct Progress {
     pub persist: Option<Persist>,
     /// A drain committed: its replies, in command order.
     pub committed: Option<(Proposed, Vec<Reply>)>,
+    /// A drain of reads answered (confirmed by ReadIndex), in command order.
+    pub read: Option<Vec<Reply>>,
     /// A drain whose index another entry took: undone, outcome unknown to
     /// its callers (a retry with an idempotency key is safe).
     pub lost: Option<Proposed>,
+    /// A drain of reads abandoned because this node stopped leading before
+    /// the group confirmed it: not executed; the callers may retry.
+    pub read_lost: bool,
     /// The entries applied, in log order.
     pub applied: Vec<Applied>,
 }
 
-/// The drain waiting for its entry.
-struct InFlight {
-    proposed: Proposed,
-    mark: Mark,
-    replies: Vec<Reply>,
+/// The drain waiting for its commit.
+enum InFlight {
+    /// Writes (or a mix): executed, waiting for their entry.
+    Write {
+        proposed: Proposed,
+        mark: Mark,
+        replies: Vec<Reply>,
+    },
+    /// Reads only: waiting for the ReadIndex answer (`index`), then for the
+    /// state to be applied that far; executed only then.
+    Read {
+        ctx: Vec<u8>,
+        term: u64,
+        index: Option<u64>,
+        commands: Vec<Command>,
+    },
 }
 
 /// A shard replicated through its group.
@@ -60,6 +82,8 @@ pub struct ReplicatedShard {
     replica: Replica,
     engine: Engine,
     in_flight: Option<InFlight>,
+    /// Numbers ReadIndex requests (their context).
+    reads: u64,
 }
 
 impl ReplicatedShard {
@@ -70,6 +94,7 @@ impl ReplicatedShard {
             replica,
             engine,
             in_flight: None,
+            reads: 0,
         }
     }
 
@@ -92,7 +117,13 @@ impl ReplicatedShard {
 
     /// Executes `commands` as one drain and proposes what they staged.
     /// Reads go through the log too, so every answer is linearizable.
-    pub fn execute(&mut self, commands: Vec<Command>, now: i64) -> Result<Proposed, DrainError> {
+    /// Returns the proposal, or `None` for a drain of reads (answered in a
+    /// later [`Progress::read`]).
+    pub fn execute(
+        &mut self,
+        commands: Vec<Command>,
+        now: i64,
+    ) -> Result<Option<Proposed>, DrainError> {
         if self.in_flight.is_some() {
             return Err(DrainError::Busy);
         }
@@ -101,6 +132,10 @@ impl ReplicatedShard {
             return Err(DrainError::NotServing(ProposeError::NotLeader {
                 leader: (leader != 0).then_some(leader),
             }));
+        }
+        if !commands.iter().any(Command::may_write) {
+            self.start_read(commands);
+            return Ok(None);
         }
         let mark = self.engine.mark();
         let base = self.replica.next_offset();
@@ -122,12 +157,12 @@ impl ReplicatedShard {
         }
         match self.replica.propose(&payload, used) {
             Ok(proposed) => {
-                self.in_flight = Some(InFlight {
+                self.in_flight = Some(InFlight::Write {
                     proposed,
                     mark,
                     replies,
                 });
-                Ok(proposed)
+                Ok(Some(proposed))
             }
             Err(e) => {
                 self.engine.rollback_to(mark);
@@ -148,7 +183,53 @@ impl ReplicatedShard {
             self.apply(&a, &mut progress)?;
             progress.applied.push(a);
         }
+        self.advance_read(out.reads, &mut progress);
         Ok(progress)
+    }
+
+    /// Asks the group to confirm the commit index for a drain of reads.
+    fn start_read(&mut self, commands: Vec<Command>) {
+        self.reads += 1;
+        let ctx = self.reads.to_le_bytes().to_vec();
+        self.replica.read_index(ctx.clone());
+        self.in_flight = Some(InFlight::Read {
+            ctx,
+            term: self.replica.role().0,
+            index: None,
+            commands,
+        });
+    }
+
+    /// Moves the drain of reads on: note its confirmed index, execute it
+    /// once applied that far, or drop it if this node lost office (raft-rs
+    /// drops the request silently then).
+    fn advance_read(&mut self, answers: Vec<(Vec<u8>, u64)>, progress: &mut Progress) {
+        let (term_now, leading) = (self.replica.role().0, self.replica.is_leader());
+        let Some(InFlight::Read {
+            ctx, term, index, ..
+        }) = &mut self.in_flight
+        else {
+            return;
+        };
+        if let Some((_, at)) = answers.iter().find(|(c, _)| c == ctx) {
+            *index = Some(*at);
+        }
+        if !leading || *term != term_now {
+            self.in_flight = None;
+            progress.read_lost = true;
+            return;
+        }
+        if index.is_some_and(|at| self.replica.applied() >= at) {
+            let Some(InFlight::Read { commands, .. }) = self.in_flight.take() else {
+                unreachable!("matched above");
+            };
+            let mut none = Offsets::new(1, 1);
+            let replies = commands
+                .into_iter()
+                .map(|c| self.engine.execute(c, &mut none, 0))
+                .collect();
+            progress.read = Some(replies);
+        }
     }
 
     /// The write of Ready `number` is done: the messages that waited.
@@ -159,17 +240,24 @@ impl ReplicatedShard {
     /// One committed entry: our drain (its replies go), or another's (ours,
     /// if any, is undone first: it was executed on a state without it).
     fn apply(&mut self, a: &Applied, progress: &mut Progress) -> Result<(), String> {
-        if let Some(f) = &self.in_flight {
-            if f.proposed.index == a.index && f.proposed.term == a.term {
-                let f = self.in_flight.take().expect("checked");
+        if let Some(InFlight::Write { proposed, .. }) = &self.in_flight {
+            let ours = proposed.index == a.index && proposed.term == a.term;
+            let Some(InFlight::Write {
+                proposed,
+                mark,
+                replies,
+            }) = self.in_flight.take()
+            else {
+                unreachable!("matched above");
+            };
+            if ours {
                 self.engine.commit_done();
-                progress.committed = Some((f.proposed, f.replies));
+                progress.committed = Some((proposed, replies));
                 return Ok(());
             }
-            let f = self.in_flight.take().expect("checked");
-            self.engine.rollback_to(f.mark);
+            self.engine.rollback_to(mark);
             self.engine.commit_done();
-            progress.lost = Some(f.proposed);
+            progress.lost = Some(proposed);
         }
         self.replay(a)
     }
