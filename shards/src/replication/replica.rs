@@ -404,3 +404,99 @@ fn decode(e: &Entry) -> Applied {
     a.payload = payload.to_vec();
     a
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::log::LogState;
+
+    /// Drives a one-node group: ticks until it leads, carrying out every
+    /// Ready with its write completing at once.
+    fn lone_leader() -> Replica {
+        let log = RaftLog::new(LogState::bootstrap(&[1]));
+        let mut r = Replica::new(1, log, &ReplicaConfig::default(), 0, 7).unwrap();
+        for _ in 0..100 {
+            r.tick();
+            settle(&mut r);
+            if r.can_serve() {
+                return r;
+            }
+        }
+        panic!("a one-node group never elected itself");
+    }
+
+    /// Carries out Readies until none is left; returns what was applied.
+    fn settle(r: &mut Replica) -> Vec<Applied> {
+        let mut applied = Vec::new();
+        loop {
+            let out = r.ready();
+            applied.extend(out.apply);
+            match out.persist {
+                Some(p) => {
+                    let _ = r.persisted(p.number);
+                }
+                None if !r.raw.has_ready() => return applied,
+                None => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_follower_refuses_proposals_and_names_no_leader() {
+        let log = RaftLog::new(LogState::bootstrap(&[1, 2, 3]));
+        let mut r = Replica::new(1, log, &ReplicaConfig::default(), 0, 1).unwrap();
+        assert!(!r.can_serve());
+        assert_eq!(
+            r.propose(b"x", 1),
+            Err(ProposeError::NotLeader { leader: None })
+        );
+    }
+
+    #[test]
+    fn a_leader_numbers_offsets_and_applies_its_proposals_in_order() {
+        let mut r = lone_leader();
+        let a = r.propose(b"first", 2).unwrap();
+        let b = r.propose(b"second", 0).unwrap();
+        let c = r.propose(b"third", 1).unwrap();
+        assert_eq!((a.offset, b.offset, c.offset), (1, 3, 3));
+        assert!(a.index < b.index && b.index < c.index);
+        let applied: Vec<Applied> = settle(&mut r)
+            .into_iter()
+            .filter(|x| !x.payload.is_empty())
+            .collect();
+        let got: Vec<(&[u8], u64, u32)> = applied
+            .iter()
+            .map(|x| (&x.payload[..], x.offset, x.offsets))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (&b"first"[..], 1, 2),
+                (&b"second"[..], 3, 0),
+                (&b"third"[..], 3, 1)
+            ]
+        );
+        assert_eq!(r.next_offset(), 4);
+        assert_eq!(r.applied(), c.index);
+    }
+
+    #[test]
+    fn one_write_at_a_time_and_its_messages_wait_for_it() {
+        let mut r = lone_leader();
+        r.propose(b"x", 1).unwrap();
+        let out = r.ready();
+        let p = out.persist.expect("the entry must be written");
+        assert_eq!(p.entries.len(), 1);
+        assert!(r.writing());
+        r.propose(b"y", 1).unwrap();
+        let none = r.ready();
+        assert!(
+            none.persist.is_none() && none.apply.is_empty(),
+            "a second write while one is in flight"
+        );
+        let _ = r.persisted(p.number);
+        assert!(!r.writing());
+        let applied = settle(&mut r);
+        assert_eq!(applied.iter().filter(|a| !a.payload.is_empty()).count(), 2);
+    }
+}

@@ -290,3 +290,103 @@ impl ReplicatedShard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::ApplyEvent;
+    use crate::definition::MachineDef;
+    use crate::engine::EngineLimits;
+    use crate::replication::log::{LogState, RaftLog};
+    use crate::replication::replica::ReplicaConfig;
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    fn shard() -> ReplicatedShard {
+        let mut engine = Engine::new(&EngineLimits {
+            idempotency_entries: 16,
+            idempotency_max_age_ms: 0,
+        });
+        let def = json!({"states": ["a", "b"], "initial": "a",
+            "transitions": [{"from": "a", "event": "GO", "to": "b"}]});
+        engine.adopt_machine(
+            "m".into(),
+            1,
+            Arc::new(MachineDef::from_json(&def).unwrap()),
+        );
+        let log = RaftLog::new(LogState::bootstrap(&[1]));
+        let replica = Replica::new(1, log, &ReplicaConfig::default(), 0, 3).unwrap();
+        let mut s = ReplicatedShard::new(replica, engine);
+        for _ in 0..100 {
+            s.replica_mut().tick();
+            settle(&mut s);
+            if s.replica().can_serve() {
+                return s;
+            }
+        }
+        panic!("no leader");
+    }
+
+    /// Carries out Readies (writes complete at once) until nothing is left;
+    /// returns the answers that came out.
+    fn settle(s: &mut ReplicatedShard) -> Vec<Vec<Reply>> {
+        let mut answers = Vec::new();
+        for _ in 0..100 {
+            let p = s.ready().unwrap();
+            answers.extend(p.committed.map(|(_, r)| r));
+            answers.extend(p.read);
+            match p.persist {
+                Some(w) => {
+                    let _ = s.persisted(w.number);
+                }
+                None if p.applied.is_empty() && p.send.is_empty() => return answers,
+                None => {}
+            }
+        }
+        answers
+    }
+
+    fn json_of(r: &Reply) -> Value {
+        match r {
+            Reply::Json(j) => serde_json::from_slice(j).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn writes_answer_once_applied_and_reads_through_read_index() {
+        let mut s = shard();
+        let create = Command::CreateInstance {
+            instance_id: "i".into(),
+            machine: "m".into(),
+            version: 1,
+            initial_ctx: json!({}),
+            idempotency_key: None,
+            allow_recreate: false,
+        };
+        let p = s
+            .execute(vec![create], 5)
+            .unwrap()
+            .expect("a write is proposed");
+        assert_eq!(s.execute(vec![], 5), Err(DrainError::Busy));
+        let answers = settle(&mut s);
+        assert_eq!(json_of(&answers[0][0])["state"], "a");
+        assert_eq!(json_of(&answers[0][0])["wal_offset"], p.offset);
+        let go = Command::ApplyEvent(ApplyEvent {
+            instance_id: "i".into(),
+            event: "GO".into(),
+            payload: Value::Null,
+            expected_state: None,
+            expected_wal_offset: None,
+            event_id: None,
+            idempotency_key: None,
+        });
+        s.execute(vec![go], 6).unwrap();
+        assert_eq!(json_of(&settle(&mut s)[0][0])["to_state"], "b");
+        let get = Command::GetInstance {
+            instance_id: "i".into(),
+        };
+        assert_eq!(s.execute(vec![get], 7), Ok(None), "a read is not logged");
+        assert_eq!(json_of(&settle(&mut s)[0][0])["state"], "b");
+    }
+}
