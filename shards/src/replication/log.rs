@@ -90,11 +90,6 @@ impl RaftLog {
         self.0.borrow_mut().hard_state = hs;
     }
 
-    /// A copy of the contents (what a checker compares).
-    pub fn state(&self) -> LogState {
-        self.0.borrow().clone()
-    }
-
     /// Calls `f` on every entry from the newest back, until it returns
     /// `Some`.
     pub fn find_back<T>(&self, mut f: impl FnMut(&Entry) -> Option<T>) -> Option<T> {
