@@ -9,6 +9,7 @@ pub mod log;
 pub mod replica;
 pub mod sim;
 pub mod state;
+pub mod store;
 pub mod wire;
 
 pub use log::{LogState, RaftLog};
