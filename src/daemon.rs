@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::config::{self, layout};
 use crate::net::{listen, server};
 use crate::security::{auth, tls};
-use crate::service::{compaction, ops, router, subscriptions};
+use crate::service::{compaction, ops, replication_status, router, subscriptions};
 use crate::storage::datadir::DataDir;
 use crate::storage::{recover, reshard};
 use crate::telemetry;
@@ -153,6 +153,10 @@ fn check_addresses(cfg: &Config) -> Result<(), String> {
         listen::check_free(cfg.metrics.bind_addr, "metrics.bind_addr")
             .map_err(|e| e.to_string())?;
     }
+    if cfg.cluster.enabled() {
+        let peer = cfg.cluster.listen_addr()?;
+        listen::check_free(peer, "cluster.bind_addr").map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 
@@ -214,9 +218,13 @@ impl StorageSettings {
 /// inbound channel, and where to say it is ready.
 struct ShardPart {
     cfg: ShardConfig,
+    /// Cluster mode, shard 0: the peer transport, run on its executor.
+    peers: Option<crate::cluster::PeerPart>,
     engine: rstmdb_shards::engine::Engine,
     recovered: rstmdb_wal::Recovered,
     rx: flume::Receiver<ShardMsg>,
+    /// A sender that does not keep the shard's channel open.
+    weak: flume::WeakSender<ShardMsg>,
     seq: Sequencer,
     resume: shard::Resume,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -339,9 +347,23 @@ impl Wiring {
             watching: watching.clone(),
             tx: hub_txs,
         };
-        let (senders, shard_parts) =
-            shard_parts(cfg, data, storage, recovered, &seq, events, shard_ready_tx);
+        let mut cluster = crate::cluster::ClusterWiring::build(cfg, data)?;
+        let peers = cluster.as_mut().and_then(|c| c.peers.take());
+        let (senders, shard_parts) = shard_parts(
+            cfg,
+            data,
+            storage,
+            recovered,
+            &seq,
+            events,
+            shard_ready_tx,
+            cluster.as_ref().map(|c| c.shard.clone()),
+        );
         let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
+        let mut shard_parts = shard_parts;
+        if let (Some(p), Some(first)) = (peers, shard_parts.first_mut()) {
+            first.peers = Some(p);
+        }
         let router = router::Router::new(senders, seq.clone());
         let shared = Arc::new(subscriptions::Shared::default());
         shared.extend_aborted(aborted_ever);
@@ -359,7 +381,8 @@ impl Wiring {
             let addr = telemetry::serve(cfg.metrics.bind_addr, handle.clone(), collector)?;
             tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
         }
-        let fcfg = frontend_config(cfg, security, shards)?;
+        let view = cluster.as_ref().map(|c| c.view.clone());
+        let fcfg = frontend_config(cfg, security, shards, view)?;
         let (go_tx, go) = flume::bounded::<()>(frontends);
         let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
         let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
@@ -415,6 +438,7 @@ fn shard_parts(
     seq: &Sequencer,
     events: shard::EventSink,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
+    cluster: Option<shard::ClusterShardConfig>,
 ) -> (Vec<flume::Sender<ShardMsg>>, Vec<ShardPart>) {
     let policy = fsync_policy(cfg.storage.fsync_policy);
     recovered
@@ -423,6 +447,7 @@ fn shard_parts(
         .map(|(i, r)| {
             let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
             let part = ShardPart {
+                peers: None,
                 cfg: ShardConfig {
                     id: i,
                     wal: WriterConfig {
@@ -435,9 +460,11 @@ fn shard_parts(
                     max_drain_commands: MAX_DRAIN_COMMANDS,
                     events: events.clone(),
                     snapshot_dir: data.snapshot_dir(i),
+                    cluster: cluster.clone(),
                 },
                 engine: r.engine,
                 recovered: r.wal,
+                weak: tx.downgrade(),
                 rx,
                 seq: seq.clone(),
                 resume: r.resume,
@@ -454,6 +481,7 @@ fn frontend_config(
     cfg: &Config,
     security: Security,
     shards: usize,
+    cluster: Option<replication_status::ClusterView>,
 ) -> Result<server::FrontendConfig, String> {
     Ok(server::FrontendConfig {
         ops: ops::OpSettings {
@@ -462,6 +490,7 @@ fn frontend_config(
             allow_flush_all: cfg.storage.allow_flush_all,
             shards,
             auth: security.authenticator,
+            cluster,
         },
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
@@ -530,8 +559,16 @@ async fn executor_main(
     }
 }
 
-async fn run_shard(p: ShardPart) -> Result<(), String> {
+async fn run_shard(mut p: ShardPart) -> Result<(), String> {
     let id = p.cfg.id;
+    if let Some(peers) = p.peers.take() {
+        // Weak: the transport must not keep the shard alive at shutdown.
+        // (The channel lives while the router holds its senders.)
+        if let Err(e) = peers.spawn(p.weak.clone()) {
+            let _ = p.ready.send(Err(e.clone()));
+            return Err(e);
+        }
+    }
     shard::run(p.cfg, p.engine, p.recovered, p.rx, p.seq, p.resume, p.ready)
         .await
         .map_err(|e| format!("shard {id}: {e}"))

@@ -24,6 +24,7 @@
 //! * [`config`]: settings and the executor layout.
 //! * [`tools`]: the offline WAL tools (`rstmdb wal …`).
 
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod net;

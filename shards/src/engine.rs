@@ -83,7 +83,7 @@ enum Undo {
 }
 
 /// A WAL record staged by an operation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Staged {
     /// Record offset.
     pub offset: u64,

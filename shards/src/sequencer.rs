@@ -65,6 +65,13 @@ impl Sequencer {
         self.floors[shard].store(IDLE, Ordering::SeqCst);
     }
 
+    /// Moves the next offset up to `next` if it is below: a replica of a
+    /// group wrote records the leader numbered, and readers may now pass
+    /// them.
+    pub fn advance_to(&self, next: u64) {
+        self.next.fetch_max(next, Ordering::SeqCst);
+    }
+
     /// Shard `shard` holds back readers at `offset` (its lowest unreleased
     /// batch part), or stops holding (`None`). Set while the shard's floor
     /// still covers the part (before it releases the drain that wrote it).

@@ -13,6 +13,7 @@
 //! a drain; messages that need no commit), `drain` (execute, commit or roll
 //! back, release) and `snapshots` (snapshots and compaction).
 
+mod cluster;
 mod drain;
 mod gather;
 mod main_loop;
@@ -31,6 +32,7 @@ use crate::commands::{Batch, Command, Reply, ShardWalStats};
 use crate::engine::Engine;
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
+pub use cluster::{ClusterShardConfig, GroupStatus, PEER_QUEUE};
 use snapshots::Snapshots;
 
 /// When to `fdatasync` (config `storage.fsync_policy`).
@@ -77,6 +79,8 @@ pub struct ShardConfig {
     pub events: EventSink,
     /// The shard's snapshot directory.
     pub snapshot_dir: std::path::PathBuf,
+    /// Cluster mode: the shard is a member of its Raft group.
+    pub cluster: Option<ClusterShardConfig>,
 }
 
 /// What a shard tells the subscription hubs.
@@ -134,6 +138,8 @@ pub enum ShardMsg {
     /// Figures for the metrics endpoint (counts instances: O(instances),
     /// so asked once per scrape, not per request).
     Telemetry(flume::Sender<(usize, Telemetry)>),
+    /// A Raft message from a peer for this shard's group (cluster mode).
+    Peer(raft::prelude::Message),
 }
 
 /// A shard's figures for the metrics endpoint.
@@ -320,9 +326,23 @@ pub async fn run(
     // records just logged).
     writer.set_records(records_ever + aborted_batches.len() as u64);
     drop(recovered);
-    ShardLoop::new(cfg, engine, writer, rx, seq, snapshot_start)
-        .serve()
-        .await
+    let member = match cfg.cluster.clone() {
+        Some(c) => match cluster::Member::open(c.clone(), seq.peek()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(shard = cfg.id, error = %e, "cannot join the shard's group");
+                return Err(WalError::Io {
+                    op: "opening the group's raft log",
+                    path: c.raft_dir,
+                    source: std::io::Error::other(e),
+                });
+            }
+        },
+        None => None,
+    };
+    let mut shard = ShardLoop::new(cfg, engine, writer, rx, seq, snapshot_start);
+    shard.cluster = member;
+    shard.serve().await
 }
 
 /// Opens the WAL and logs the aborts recovery decided, then tells start-up
@@ -398,6 +418,8 @@ struct ShardLoop {
     dirty_since: Option<Instant>,
     /// Records per group commit (no-op handle without a metrics recorder).
     commit_records: metrics::Histogram,
+    /// Cluster mode: the shard's member of its group.
+    cluster: Option<cluster::Member>,
 }
 
 impl ShardLoop {
@@ -428,6 +450,7 @@ impl ShardLoop {
             unsynced_records: 0,
             dirty_since: None,
             commit_records: metrics::histogram!(GROUP_COMMIT_RECORDS),
+            cluster: None,
         }
     }
 

@@ -23,6 +23,7 @@
 //! defaulted as in the reference so its config files keep working; the
 //! `server:` section and the idempotency keys are our own.
 
+pub mod cluster;
 pub mod layout;
 
 use std::fmt;
@@ -111,6 +112,9 @@ const ENV_VARS: &[&str] = &[
     "RSTMDB_REPL_TLS_ENABLED",
     "RSTMDB_REPL_TLS_CA",
     "RSTMDB_REPL_TLS_INSECURE",
+    "RSTMDB_CLUSTER_NODE_ID",
+    "RSTMDB_CLUSTER_PEERS",
+    "RSTMDB_CLUSTER_BIND",
 ];
 
 // ---------------------------------------------------------------------------
@@ -533,6 +537,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Replication (parsed for compatibility; only `standalone` runs).
     pub replication: ReplicationConfig,
+    /// Several nodes as one replicated database (ours).
+    pub cluster: cluster::ClusterConfig,
     /// Environment values that were ignored or reinterpreted while loading,
     /// one readable line each. Not a config key: [`load`] fills it so `main`
     /// can log the lines once logging is up.
@@ -1007,6 +1013,10 @@ pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
     config.apply_env(env);
     config.apply_cli(cli);
     config.validate()?;
+    if config.cluster.enabled() {
+        // One Raft group per node for now (see `cluster::ClusterConfig`).
+        config.server.shards = Some(1);
+    }
     Ok(config)
 }
 
@@ -1139,6 +1149,8 @@ impl Config {
         e.flag("RSTMDB_REPL_TLS_ENABLED", &mut r.tls_enabled);
         e.path_opt("RSTMDB_REPL_TLS_CA", &mut r.tls_ca_path);
         e.flag("RSTMDB_REPL_TLS_INSECURE", &mut r.tls_insecure);
+
+        self.cluster.apply_env(&mut e);
     }
 
     /// Applies command-line flags (the last layer).
@@ -1318,6 +1330,13 @@ impl Config {
                      standalone",
                     r.role
                 ),
+            ));
+        }
+        self.cluster.validate(self.server.shards)?;
+        if self.cluster.enabled() && self.storage.allow_flush_all {
+            return Err(invalid(
+                "storage.allow_flush_all",
+                "storage.allow_flush_all cannot be used on a cluster node",
             ));
         }
         if r.role != ReplicationRole::Standalone {

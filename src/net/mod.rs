@@ -5,4 +5,5 @@
 pub mod connection;
 pub mod idle;
 pub mod listen;
+pub mod peer;
 pub mod server;

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod compaction;
 pub mod ops;
+pub mod replication_status;
 pub mod router;
 pub mod session;
 pub mod subscriptions;

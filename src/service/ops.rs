@@ -39,6 +39,8 @@ pub struct OpSettings {
     pub shards: usize,
     /// Token check (`auth.*`).
     pub auth: Arc<Authenticator>,
+    /// This node's place in its cluster (`None`: standalone).
+    pub cluster: Option<super::replication_status::ClusterView>,
 }
 
 /// What to do with one request.
@@ -195,7 +197,7 @@ fn plan_inner(
             "server_name": "rstmdb",
             "server_version": SERVER_VERSION,
         })),
-        "REPLICATION_STATUS" => local(&serde_json::json!({"role": "standalone"})),
+        "REPLICATION_STATUS" => local(&super::replication_status::status(s.cluster.as_ref())),
         "PUT_MACHINE" => put_machine(p, s)?,
         "GET_MACHINE" => {
             #[derive(Deserialize)]
@@ -571,6 +573,7 @@ mod tests {
             allow_flush_all: false,
             shards: 3,
             auth: Arc::default(),
+            cluster: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! network faults and crashes ([`sim`]).
 
 pub mod log;
+pub mod payload;
 pub mod replica;
 pub mod sim;
 pub mod state;

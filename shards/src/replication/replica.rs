@@ -216,6 +216,33 @@ impl Replica {
         self.next_offset
     }
 
+    /// Raises the offset the next proposal starts at to at least `next`
+    /// (the WAL's next offset after a restart, or a drain's reserved base).
+    pub fn raise_next_offset(&mut self, next: u64) {
+        self.next_offset = self.next_offset.max(next);
+    }
+
+    /// The group's commit index as this member knows it.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// On a leader, each member's matched index (empty elsewhere).
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, u64)> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Whether a Ready's write is in flight.
     pub fn writing(&self) -> bool {
         self.in_flight.is_some()

@@ -24,9 +24,6 @@ use crate::commands::{Command, Reply};
 use crate::engine::{Engine, Mark, Offsets};
 use crate::wal_entry::WalEntry;
 
-/// Bytes of a record's header inside an entry: offset, kind, length.
-const RECORD_HEADER: usize = 13;
-
 /// Why a drain was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DrainError {
@@ -147,14 +144,11 @@ impl ReplicatedShard {
             .collect();
         let staged = self.engine.take_staged();
         let used = staged.len() as u32;
-        let mut payload = Vec::new();
         for (i, s) in staged.iter().enumerate() {
             assert_eq!(s.offset, base + i as u64, "staged offsets are dense");
-            payload.extend_from_slice(&s.offset.to_le_bytes());
-            payload.push(s.kind);
-            payload.extend_from_slice(&(s.bytes.len() as u32).to_le_bytes());
-            payload.extend_from_slice(&s.bytes);
         }
+        let mut payload = Vec::new();
+        super::payload::encode(&staged, &mut payload);
         match self.replica.propose(&payload, used) {
             Ok(proposed) => {
                 self.in_flight = Some(InFlight::Write {
@@ -264,28 +258,19 @@ impl ReplicatedShard {
 
     /// Applies an entry's records as recovery would.
     fn replay(&mut self, a: &Applied) -> Result<(), String> {
-        let mut rest = &a.payload[..];
-        let mut count = 0u32;
-        while !rest.is_empty() {
-            if rest.len() < RECORD_HEADER {
-                return Err(format!("entry {}: truncated record header", a.index));
-            }
-            let offset = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(rest[9..13].try_into().expect("4 bytes")) as usize;
-            let body = rest
-                .get(RECORD_HEADER..RECORD_HEADER + len)
-                .ok_or_else(|| format!("entry {}: truncated record", a.index))?;
-            let entry: WalEntry = serde_json::from_slice(body)
-                .map_err(|e| format!("entry {}: record at offset {offset}: {e}", a.index))?;
-            self.engine.replay(offset, entry)?;
-            rest = &rest[RECORD_HEADER + len..];
-            count += 1;
-        }
-        if count != a.offsets {
+        let records = super::payload::decode(a.index, &a.payload)?;
+        if records.len() != a.offsets as usize {
             return Err(format!(
-                "entry {} holds {count} records for {} offsets",
-                a.index, a.offsets
+                "entry {} holds {} records for {} offsets",
+                a.index,
+                records.len(),
+                a.offsets
             ));
+        }
+        for r in records {
+            let entry: WalEntry = serde_json::from_slice(r.bytes)
+                .map_err(|e| format!("entry {}: record at offset {}: {e}", a.index, r.offset))?;
+            self.engine.replay(r.offset, entry)?;
         }
         Ok(())
     }

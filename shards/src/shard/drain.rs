@@ -44,16 +44,19 @@ impl ShardLoop {
     /// Executes `drain` and group-commits it, then answers.
     pub(super) async fn run_drain(&mut self, drain: Drain) {
         let Drain { items, writes, .. } = drain;
+        if let Some(error) = self.refusal() {
+            self.refuse(items, error).await;
+            return;
+        }
         self.snaps.records_since += writes;
         let mut offsets = self.reserve_offsets(writes);
         self.engine.collect_events = self.cfg.events.watching.load(Ordering::SeqCst);
         let now = now_ms();
         let after = self.execute_drain(items, &mut offsets, now);
-        let result = self.write_staged().await;
-        let failure = result.as_ref().err().map(ApiError::wal);
-        match &result {
-            Ok(()) => self.keep_drain(after.part.as_ref()),
-            Err(e) => self.roll_back(e, after.part.as_ref()),
+        let failure = self.commit_staged().await.err();
+        match &failure {
+            None => self.keep_drain(after.part.as_ref()),
+            Some(e) => self.roll_back(e, after.part.as_ref()),
         }
         if let Some(part) = after.part {
             self.answer_part(part, &failure);
@@ -66,9 +69,69 @@ impl ShardLoop {
             .await;
     }
 
+    /// In cluster mode, why this member cannot run a drain now (it does
+    /// not lead, or not yet).
+    fn refusal(&self) -> Option<ApiError> {
+        let m = self.cluster.as_ref()?;
+        (!m.can_serve()).then(|| m.not_serving())
+    }
+
+    /// Answers every item of a drain that is not run with `error`.
+    async fn refuse(&mut self, items: Vec<DrainItem>, error: ApiError) {
+        for item in items {
+            match item {
+                DrainItem::Batch(b) => {
+                    let replies = b
+                        .commands
+                        .into_iter()
+                        .map(|(slot, _)| (slot, Reply::Error(error.clone())))
+                        .collect();
+                    let _ = b
+                        .reply_to
+                        .send_async(BatchReply {
+                            shard: self.cfg.id,
+                            replies,
+                        })
+                        .await;
+                }
+                DrainItem::Prepare {
+                    commands, reply_to, ..
+                } => {
+                    let slot = commands.first().map_or(0, |c| c.0);
+                    let vote = Vote::No {
+                        slot,
+                        error: error.clone(),
+                    };
+                    let _ = reply_to.try_send((self.cfg.id, vote));
+                }
+                DrainItem::Commit { reply_to, .. } => {
+                    let _ = reply_to.try_send((self.cfg.id, Err(error.clone())));
+                }
+                DrainItem::Abort { batch_id, reply_to } => {
+                    let _ = self.atomic.abort(&mut self.engine, &batch_id);
+                    let _ = reply_to.try_send(self.cfg.id);
+                }
+            }
+        }
+    }
+
+    /// Makes the drain's staged records durable: one WAL commit, or in
+    /// cluster mode one entry of the group's log.
+    async fn commit_staged(&mut self) -> Result<(), ApiError> {
+        if self.cluster.is_some() {
+            self.replicate_staged().await
+        } else {
+            self.write_staged().await.map_err(|e| ApiError::wal(&e))
+        }
+    }
+
     /// Reserves an offset for every record the drain may write; with none,
-    /// an empty range at the next offset.
+    /// an empty range at the next offset. In cluster mode the range starts
+    /// no lower than the group's next offset.
     fn reserve_offsets(&self, writes: u64) -> Offsets {
+        if let Some(m) = &self.cluster {
+            self.seq.advance_to(m.next_offset());
+        }
         let base = if writes > 0 {
             self.seq.reserve(self.cfg.id, writes)
         } else {
@@ -260,7 +323,7 @@ impl ShardLoop {
 
     /// Whether a commit of `records` more records syncs, by the fsync
     /// policy (`every_n` counts them).
-    fn sync_due(&mut self, records: u64) -> bool {
+    pub(super) fn sync_due(&mut self, records: u64) -> bool {
         match self.cfg.fsync {
             FsyncPolicy::EveryWrite => true,
             FsyncPolicy::EveryN(n) => {
@@ -291,8 +354,8 @@ impl ShardLoop {
 
     /// The commit failed: the undo log takes back everything the drain
     /// did, and an atomic part in it fails (its holds go).
-    fn roll_back(&mut self, e: &WalError, part: Option<&PartCommit>) {
-        tracing::error!(shard = self.cfg.id, error = %e, "group commit failed; rolling back the drain");
+    fn roll_back(&mut self, e: &ApiError, part: Option<&PartCommit>) {
+        tracing::error!(shard = self.cfg.id, error = %e.message, "group commit failed; rolling back the drain");
         self.engine.rollback();
         if let Some(p) = part {
             self.atomic.failed(&p.batch_id);

@@ -126,6 +126,7 @@ impl ShardLoop {
                 req,
             ),
             ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => self.release_atomic(batch_id),
+            ShardMsg::Peer(m) => self.on_peer(m).await,
             ShardMsg::Batch(b) => return Some(DrainItem::Batch(b)),
             ShardMsg::Atomic(AtomicMsg::Prepare {
                 batch_id,

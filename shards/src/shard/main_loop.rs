@@ -98,9 +98,14 @@ impl ShardLoop {
     /// `None` when every sender is gone.
     async fn wait_for_message(&mut self) -> Option<ShardMsg> {
         loop {
-            let deadline = match (self.cfg.fsync, self.dirty_since) {
+            let sync_at = match (self.cfg.fsync, self.dirty_since) {
                 (FsyncPolicy::EveryMs(ms), Some(since)) => Some(since + Duration::from_millis(ms)),
                 _ => None,
+            };
+            // In cluster mode the group's clock ticks too.
+            let deadline = match (sync_at, self.next_tick()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let Some(deadline) = deadline else {
                 return self.rx.recv_async().await.ok();
@@ -118,7 +123,14 @@ impl ShardLoop {
             .await;
             match woke {
                 Woke::Msg(m) => return m,
-                Woke::Timer => self.timed_sync().await,
+                Woke::Timer => {
+                    if sync_at.is_some_and(|t| Instant::now() >= t) {
+                        self.timed_sync().await;
+                    }
+                    if self.cluster.is_some() {
+                        self.tick_if_due().await;
+                    }
+                }
             }
         }
     }
@@ -128,6 +140,9 @@ impl ShardLoop {
     async fn timed_sync(&mut self) {
         if let Err(e) = self.writer.sync().await {
             tracing::error!(shard = self.cfg.id, error = %e, "timed fdatasync failed");
+        }
+        if let Err(e) = self.sync_raft_log() {
+            tracing::error!(shard = self.cfg.id, error = %e, "timed raft log sync failed");
         }
         self.dirty_since = None;
     }
@@ -144,6 +159,9 @@ impl ShardLoop {
         }
         if !self.atomic.pending().is_empty() {
             tracing::warn!(shard = self.cfg.id, batches = ?self.atomic.pending(), "stopping with unresolved atomic batches; recovery decides them");
+        }
+        if let Err(e) = self.sync_raft_log() {
+            tracing::error!(shard = self.cfg.id, error = %e, "syncing the raft log at shutdown failed");
         }
         self.writer.close().await?;
         tracing::info!(shard = self.cfg.id, "shard stopped; WAL synced");

@@ -1,0 +1,131 @@
+//! Wiring a cluster node (issue 17): the shard's group settings, the peer
+//! transport's queues and credentials, and what frontends report. The
+//! machinery itself lives in `rstmdb_shards::shard` (the group member),
+//! `net::peer` (the transport) and `service::replication_status`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rstmdb_shards::replication::ReplicaConfig;
+use rstmdb_shards::shard::{ClusterShardConfig, GroupStatus, ShardMsg, PEER_QUEUE};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthConfig, Config};
+use crate::net::peer::{self, PeerAuth};
+use crate::security::auth::Authenticator;
+use crate::service::replication_status::ClusterView;
+use crate::storage::datadir::DataDir;
+
+/// What the transport runs with on shard 0's executor.
+pub struct PeerPart {
+    pub listen: SocketAddr,
+    pub auth: PeerAuth,
+    /// (peer id, address, the queue of frames for it).
+    pub outbound: Vec<(u64, String, flume::Receiver<Vec<u8>>)>,
+}
+
+impl PeerPart {
+    /// Starts the listener and one sender per peer on this executor; the
+    /// listener hands messages to `shard` while it runs.
+    pub fn spawn(self, shard: flume::WeakSender<ShardMsg>) -> Result<(), String> {
+        let listener = crate::net::listen::listener(self.listen)
+            .map_err(|e| format!("cannot listen for peers on {}: {e}", self.listen))?;
+        tracing::info!(addr = %self.listen, "listening for cluster peers");
+        glommio::spawn_local(peer::accept_peers(listener, self.auth.clone(), shard)).detach();
+        for (id, addr, rx) in self.outbound {
+            glommio::spawn_local(peer::send_to(id, addr, self.auth.clone(), rx)).detach();
+        }
+        Ok(())
+    }
+}
+
+/// A cluster node's parts.
+pub struct ClusterWiring {
+    pub shard: ClusterShardConfig,
+    pub view: ClusterView,
+    pub peers: Option<PeerPart>,
+}
+
+impl ClusterWiring {
+    /// The parts of this node, or `None` when it is standalone.
+    pub fn build(cfg: &Config, data: &DataDir) -> Result<Option<ClusterWiring>, String> {
+        let c = &cfg.cluster;
+        let Some(node_id) = c.node_id else {
+            return Ok(None);
+        };
+        let peers = c.peer_list();
+        let mut queues = HashMap::new();
+        let mut outbound = Vec::new();
+        for p in peers.iter().filter(|p| p.id != node_id) {
+            let (tx, rx) = flume::bounded(PEER_QUEUE);
+            queues.insert(p.id, tx);
+            outbound.push((p.id, p.addr.clone(), rx));
+        }
+        let status = Arc::new(GroupStatus::default());
+        let shard = ClusterShardConfig {
+            node_id,
+            voters: peers.iter().map(|p| p.id).collect(),
+            raft_dir: DataDir::shard_dir_in(data.base(), 0).join("raft"),
+            tick: Duration::from_millis(c.tick_ms),
+            replica: ReplicaConfig {
+                election_ticks: c.election_ticks,
+                heartbeat_ticks: c.heartbeat_ticks,
+                ..ReplicaConfig::default()
+            },
+            commit_timeout: Duration::from_millis(c.commit_timeout_ms),
+            peers: queues,
+            status: status.clone(),
+        };
+        let view = ClusterView {
+            node_id,
+            peers: peers.iter().map(|p| (p.id, p.addr.clone())).collect(),
+            status,
+        };
+        let part = PeerPart {
+            listen: c.listen_addr()?,
+            auth: peer_auth(cfg, node_id)?,
+            outbound,
+        };
+        Ok(Some(ClusterWiring {
+            shard,
+            view,
+            peers: Some(part),
+        }))
+    }
+}
+
+/// The token this node presents and the tokens it accepts: the
+/// reference's `replication.auth_token`, `auth_token_hashes` and
+/// `auth_secrets_file`. A node with a token accepts its own.
+fn peer_auth(cfg: &Config, node_id: u64) -> Result<PeerAuth, String> {
+    let r = &cfg.replication;
+    let accepted = AuthConfig {
+        required: false,
+        token_hashes: r.auth_token_hashes.clone(),
+        secrets_file: r.auth_secrets_file.clone(),
+    };
+    let mut hashes = accepted.load_token_hashes().map_err(|e| {
+        e.to_string()
+            .replace("auth.secrets_file", "replication.auth_secrets_file")
+    })?;
+    if let Some(t) = &r.auth_token {
+        let own = hex(&Sha256::digest(t.as_bytes()));
+        if !hashes.contains(&own) {
+            hashes.push(own);
+        }
+    }
+    if hashes.is_empty() {
+        tracing::warn!("cluster peers are not authenticated: set replication.auth_token on every node");
+    }
+    Ok(PeerAuth {
+        node_id,
+        token: r.auth_token.clone(),
+        accept: Arc::new(Authenticator::new(!hashes.is_empty(), &hashes)),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,234 @@
+//! The peer transport of a cluster node: Raft messages between nodes over
+//! glommio TCP, one connection per direction and node pair.
+//!
+//! **Outbound.** One task per peer connects (retrying with back-off),
+//! introduces itself — magic, its node id, the replication token — and
+//! then writes every frame the shard queues for that peer, coalescing what
+//! is waiting into one write. While a peer is unreachable its queue is
+//! emptied: raft retransmits whatever matters, so a stale message is worth
+//! less than a short queue.
+//!
+//! **Inbound.** The listener accepts a peer, checks its token against
+//! `replication.auth_token_hashes` (and the secrets file, and the hash of
+//! `replication.auth_token`), answers one byte (accepted or not), then
+//! decodes frames with our own bounded codec and hands each message to the
+//! shard — only messages from the node that introduced itself.
+//!
+//! Frames are `[len u32 LE][replication::wire frame]`, at most
+//! [`MAX_FRAME`] bytes.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use rstmdb_shards::replication::wire;
+use rstmdb_shards::shard::ShardMsg;
+
+use crate::security::auth::Authenticator;
+
+const MAGIC: &[u8; 8] = b"RSTPEER1";
+/// Largest frame accepted (an append of `max_message_bytes` entries fits
+/// many times over).
+pub const MAX_FRAME: usize = 64 << 20;
+/// Longest token accepted in a handshake.
+const MAX_TOKEN: usize = 4096;
+/// Bytes gathered into one write at most.
+const WRITE_BATCH: usize = 1 << 20;
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who this node is to its peers, and whom it accepts.
+#[derive(Clone)]
+pub struct PeerAuth {
+    pub node_id: u64,
+    /// The token this node presents (`replication.auth_token`).
+    pub token: Option<String>,
+    /// Tokens accepted from peers; with none configured, any peer is.
+    pub accept: Arc<Authenticator>,
+}
+
+/// Sends the frames queued for peer `id` at `addr` until the queue closes
+/// (the shard stopped).
+pub async fn send_to(id: u64, addr: String, auth: PeerAuth, frames: flume::Receiver<Vec<u8>>) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut refused_logged = false;
+    while !frames.is_disconnected() {
+        match connect(&addr, &auth).await {
+            Ok(mut stream) => {
+                backoff = FIRST_BACKOFF;
+                refused_logged = false;
+                tracing::info!(peer = id, %addr, "connected to peer");
+                if pump(&mut stream, &frames).await.is_err() {
+                    tracing::info!(peer = id, %addr, "lost the connection to peer");
+                }
+            }
+            Err(e) => {
+                if !refused_logged || e.contains("refused our token") {
+                    tracing::debug!(peer = id, %addr, error = %e, "cannot reach peer");
+                }
+                if e.contains("refused our token") && !refused_logged {
+                    tracing::error!(peer = id, %addr, "peer refused this node's replication token");
+                }
+                refused_logged = true;
+            }
+        }
+        // Whatever queued meanwhile is stale; raft sends again.
+        while frames.try_recv().is_ok() {}
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(addr: &str, auth: &PeerAuth) -> Result<TcpStream, String> {
+    let resolved: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving: {e}"))?
+        .next()
+        .ok_or("resolves to nothing")?;
+    let mut stream = TcpStream::connect(resolved)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let token = auth.token.as_deref().unwrap_or("");
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&auth.node_id.to_le_bytes());
+    hello.extend_from_slice(&(token.len() as u32).to_le_bytes());
+    hello.extend_from_slice(token.as_bytes());
+    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    if answer[0] != 1 {
+        return Err("peer refused our token".into());
+    }
+    Ok(stream)
+}
+
+/// Writes queued frames until the queue closes or the connection fails.
+async fn pump(stream: &mut TcpStream, frames: &flume::Receiver<Vec<u8>>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    while let Ok(first) = frames.recv_async().await {
+        buf.clear();
+        put_frame(&mut buf, &first);
+        while buf.len() < WRITE_BATCH {
+            match frames.try_recv() {
+                Ok(f) => put_frame(&mut buf, &f),
+                Err(_) => break,
+            }
+        }
+        stream.write_all(&buf).await?;
+    }
+    Ok(())
+}
+
+fn put_frame(buf: &mut Vec<u8>, frame: &[u8]) {
+    buf.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    buf.extend_from_slice(frame);
+}
+
+/// Accepts peers until the executor stops; their messages go to `shard`
+/// while it runs.
+pub async fn accept_peers(
+    listener: TcpListener,
+    auth: PeerAuth,
+    shard: flume::WeakSender<ShardMsg>,
+) {
+    let auth = Rc::new(auth);
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a peer failed");
+                glommio::timer::sleep(FIRST_BACKOFF).await;
+                continue;
+            }
+        };
+        let (auth, shard) = (auth.clone(), shard.clone());
+        glommio::spawn_local(async move {
+            let from = stream.peer_addr().ok();
+            if let Err(e) = serve_peer(stream, &auth, shard).await {
+                tracing::info!(?from, error = %e, "peer connection closed");
+            }
+        })
+        .detach();
+    }
+}
+
+/// One inbound peer: handshake, then frames.
+async fn serve_peer(
+    mut stream: TcpStream,
+    auth: &PeerAuth,
+    shard: flume::WeakSender<ShardMsg>,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let node = handshake(&mut stream, auth).await?;
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 4];
+    let mut body = Vec::new();
+    loop {
+        if stream.read_exact(&mut len).await.is_err() {
+            return Ok(()); // closed
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_FRAME {
+            return Err(format!("node {node} sent a frame of {n} bytes (limit {MAX_FRAME})"));
+        }
+        body.resize(n, 0);
+        stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (group, msg) = wire::decode(&body).map_err(|e| format!("node {node}: {e}"))?;
+        if group != 0 || msg.from != node {
+            // A node speaks only for itself, and every node runs one group.
+            tracing::warn!(node, group, from = msg.from, "dropping a peer message not from its sender's group");
+            continue;
+        }
+        let Some(tx) = shard.upgrade() else {
+            return Ok(()); // the shard stopped
+        };
+        if tx.send_async(ShardMsg::Peer(msg)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads a peer's introduction and answers it; the peer's node id.
+async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<u64, String> {
+    let mut head = [0u8; 20];
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    if &head[..8] != MAGIC {
+        return Err("not an rstmdb peer (bad magic)".into());
+    }
+    let node = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    let token_len = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
+    if token_len > MAX_TOKEN {
+        return Err(format!("node {node}: token of {token_len} bytes"));
+    }
+    let mut token = vec![0u8; token_len];
+    stream
+        .read_exact(&mut token)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let token = String::from_utf8_lossy(&token);
+    let ok = !auth.accept.required() || auth.accept.authenticate("bearer", &token).is_ok();
+    let _ = stream.write_all(&[ok as u8]).await;
+    if !ok {
+        tracing::warn!(node, "refused a peer: wrong replication token");
+        return Err(format!("node {node} presented a wrong replication token"));
+    }
+    Ok(node)
+}

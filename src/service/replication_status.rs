@@ -1,0 +1,129 @@
+//! `REPLICATION_STATUS`: the reference's shape (`role`, `primary_sequence`,
+//! `replicas[]` on a primary; `upstream`, `last_applied_sequence`,
+//! `lag_entries` on a replica) so `rstmdb-cli replication-status` and
+//! rstmdb-studio read it, plus the cluster's own fields (`node_id`,
+//! `term`, `leader_id`, per-group detail). Sequences are Raft indexes of
+//! the group's log; `wal_offset` is the last record applied.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rstmdb_shards::shard::GroupStatus;
+use serde_json::{json, Value};
+
+/// What a frontend knows of its node's place in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    pub node_id: u64,
+    /// Every node: (id, peer address).
+    pub peers: Vec<(u64, String)>,
+    /// Group 0's figures (one group per node for now).
+    pub status: Arc<GroupStatus>,
+}
+
+/// The answer for a standalone server, or for a cluster node.
+pub fn status(view: Option<&ClusterView>) -> Value {
+    let Some(v) = view else {
+        return json!({"role": "standalone"});
+    };
+    let s = &v.status;
+    let term = s.term.load(Ordering::Relaxed);
+    let leader = s.leader.load(Ordering::Relaxed);
+    let commit = s.commit_index.load(Ordering::Relaxed);
+    let applied = s.applied_index.load(Ordering::Relaxed);
+    let group = json!({
+        "group": 0,
+        "commit_index": commit,
+        "applied_index": applied,
+        "wal_offset": s.applied_offset.load(Ordering::Relaxed),
+        "role": role_name(s.role.load(Ordering::Relaxed)),
+    });
+    let mut out = if leader == v.node_id {
+        let matched = s.matched.lock().map(|m| m.clone()).unwrap_or_default();
+        let replicas: Vec<Value> = matched
+            .iter()
+            .filter(|(id, _)| *id != v.node_id)
+            .map(|(id, m)| {
+                json!({
+                    "replica_id": format!("node-{id}"),
+                    "address": address(v, *id),
+                    "last_acked_sequence": m,
+                    "lag_entries": commit.saturating_sub(*m),
+                })
+            })
+            .collect();
+        let connected = matched
+            .iter()
+            .filter(|(id, m)| *id != v.node_id && *m > 0)
+            .count();
+        json!({
+            "role": "primary",
+            "mode": "raft",
+            "primary_sequence": commit,
+            "connected_replicas": connected,
+            "replicas": replicas,
+        })
+    } else {
+        json!({
+            "role": "replica",
+            "mode": "raft",
+            "upstream": (leader != 0).then(|| address(v, leader)),
+            "last_applied_sequence": applied,
+            "primary_sequence": commit,
+            "lag_entries": commit.saturating_sub(applied),
+            "lag_seconds": 0,
+        })
+    };
+    let obj = out.as_object_mut().expect("an object");
+    obj.insert("node_id".into(), json!(v.node_id));
+    obj.insert("term".into(), json!(term));
+    obj.insert("leader_id".into(), json!((leader != 0).then_some(leader)));
+    obj.insert("elections".into(), json!(s.term_changes.load(Ordering::Relaxed)));
+    obj.insert("groups".into(), json!([group]));
+    out
+}
+
+fn address(v: &ClusterView, id: u64) -> Option<String> {
+    v.peers.iter().find(|(p, _)| *p == id).map(|(_, a)| a.clone())
+}
+
+fn role_name(r: u8) -> &'static str {
+    match r {
+        2 => "leader",
+        1 => "candidate",
+        3 => "pre_candidate",
+        _ => "follower",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_for_standalone_leader_and_follower() {
+        assert_eq!(status(None), json!({"role": "standalone"}));
+        let s = Arc::new(GroupStatus::default());
+        s.term.store(3, Ordering::Relaxed);
+        s.leader.store(1, Ordering::Relaxed);
+        s.commit_index.store(10, Ordering::Relaxed);
+        s.applied_index.store(10, Ordering::Relaxed);
+        *s.matched.lock().unwrap() = vec![(1, 10), (2, 7), (3, 0)];
+        let mut v = ClusterView {
+            node_id: 1,
+            peers: vec![(1, "a:1".into()), (2, "b:2".into()), (3, "c:3".into())],
+            status: s.clone(),
+        };
+        let lead = status(Some(&v));
+        assert_eq!(lead["role"], "primary");
+        assert_eq!(lead["connected_replicas"], 1);
+        assert_eq!(lead["replicas"][0]["lag_entries"], 3);
+        assert_eq!(lead["leader_id"], 1);
+        v.node_id = 2;
+        s.applied_index.store(8, Ordering::Relaxed);
+        let follow = status(Some(&v));
+        assert_eq!(follow["role"], "replica");
+        assert_eq!(follow["upstream"], "a:1");
+        assert_eq!(follow["lag_entries"], 2);
+    }
+}
