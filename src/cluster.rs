@@ -13,6 +13,7 @@ use rstmdb_shards::shard::{ClusterShardConfig, GroupStatus, ShardMsg, PEER_QUEUE
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, Config};
+use crate::net::forward::Forwarder;
 use crate::net::peer::{self, PeerAuth};
 use crate::security::auth::Authenticator;
 use crate::service::replication_status::ClusterView;
@@ -28,12 +29,22 @@ pub struct PeerPart {
 
 impl PeerPart {
     /// Starts the listener and one sender per peer on this executor; the
-    /// listener hands messages to `shard` while it runs.
-    pub fn spawn(self, shard: flume::WeakSender<ShardMsg>) -> Result<(), String> {
+    /// listener hands messages to `shard` while it runs, and tunnels from
+    /// followers to `tunnels` (the frontend serves them as clients).
+    pub fn spawn(
+        self,
+        shard: flume::WeakSender<ShardMsg>,
+        tunnels: flume::Sender<glommio::net::TcpStream>,
+    ) -> Result<(), String> {
         let listener = crate::net::listen::listener(self.listen)
             .map_err(|e| format!("cannot listen for peers on {}: {e}", self.listen))?;
         tracing::info!(addr = %self.listen, "listening for cluster peers");
-        glommio::spawn_local(peer::accept_peers(listener, self.auth.clone(), shard)).detach();
+        glommio::spawn_local(peer::accept_peers(
+            listener,
+            self.auth.clone(),
+            shard,
+            tunnels,
+        )).detach();
         for (id, addr, rx) in self.outbound {
             glommio::spawn_local(peer::send_to(id, addr, self.auth.clone(), rx)).detach();
         }
@@ -46,6 +57,8 @@ pub struct ClusterWiring {
     pub shard: ClusterShardConfig,
     pub view: ClusterView,
     pub peers: Option<PeerPart>,
+    /// What connections forward with.
+    pub forward: Forwarder,
 }
 
 impl ClusterWiring {
@@ -83,15 +96,21 @@ impl ClusterWiring {
             peers: peers.iter().map(|p| (p.id, p.addr.clone())).collect(),
             status,
         };
+        let auth = peer_auth(cfg, node_id)?;
+        let forward = Forwarder {
+            view: view.clone(),
+            auth: auth.clone(),
+        };
         let part = PeerPart {
             listen: c.listen_addr()?,
-            auth: peer_auth(cfg, node_id)?,
+            auth,
             outbound,
         };
         Ok(Some(ClusterWiring {
             shard,
             view,
             peers: Some(part),
+            forward,
         }))
     }
 }

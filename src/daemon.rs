@@ -218,13 +218,9 @@ impl StorageSettings {
 /// inbound channel, and where to say it is ready.
 struct ShardPart {
     cfg: ShardConfig,
-    /// Cluster mode, shard 0: the peer transport, run on its executor.
-    peers: Option<crate::cluster::PeerPart>,
     engine: rstmdb_shards::engine::Engine,
     recovered: rstmdb_wal::Recovered,
     rx: flume::Receiver<ShardMsg>,
-    /// A sender that does not keep the shard's channel open.
-    weak: flume::WeakSender<ShardMsg>,
     seq: Sequencer,
     resume: shard::Resume,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -233,6 +229,9 @@ struct ShardPart {
 /// What one frontend task needs.
 struct FrontendPart {
     index: usize,
+    /// Cluster mode, frontend 0: the peer transport (it hands Raft
+    /// messages to shard 0 through a sender that does not keep it alive).
+    peers: Option<(crate::cluster::PeerPart, flume::WeakSender<ShardMsg>)>,
     bind: std::net::SocketAddr,
     hub_rx: flume::Receiver<shard::HubMsg>,
     router: router::Router,
@@ -360,10 +359,7 @@ impl Wiring {
             cluster.as_ref().map(|c| c.shard.clone()),
         );
         let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
-        let mut shard_parts = shard_parts;
-        if let (Some(p), Some(first)) = (peers, shard_parts.first_mut()) {
-            first.peers = Some(p);
-        }
+        let mut peers = peers.map(|p| (p, senders[0].downgrade()));
         let router = router::Router::new(senders, seq.clone());
         let shared = Arc::new(subscriptions::Shared::default());
         shared.extend_aborted(aborted_ever);
@@ -382,7 +378,8 @@ impl Wiring {
             tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
         }
         let view = cluster.as_ref().map(|c| c.view.clone());
-        let fcfg = frontend_config(cfg, security, shards, view)?;
+        let forward = cluster.as_ref().map(|c| c.forward.clone());
+        let fcfg = frontend_config(cfg, security, shards, view, forward)?;
         let (go_tx, go) = flume::bounded::<()>(frontends);
         let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
         let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
@@ -391,6 +388,7 @@ impl Wiring {
             .enumerate()
             .map(|(index, hub_rx)| FrontendPart {
                 index,
+                peers: peers.take(),
                 bind: cfg.network.bind_addr,
                 hub_rx,
                 router: router.clone(),
@@ -447,7 +445,6 @@ fn shard_parts(
         .map(|(i, r)| {
             let (tx, rx) = flume::bounded::<ShardMsg>(SHARD_CHANNEL_BATCHES);
             let part = ShardPart {
-                peers: None,
                 cfg: ShardConfig {
                     id: i,
                     wal: WriterConfig {
@@ -464,7 +461,6 @@ fn shard_parts(
                 },
                 engine: r.engine,
                 recovered: r.wal,
-                weak: tx.downgrade(),
                 rx,
                 seq: seq.clone(),
                 resume: r.resume,
@@ -482,6 +478,7 @@ fn frontend_config(
     security: Security,
     shards: usize,
     cluster: Option<replication_status::ClusterView>,
+    forward: Option<crate::net::forward::Forwarder>,
 ) -> Result<server::FrontendConfig, String> {
     Ok(server::FrontendConfig {
         ops: ops::OpSettings {
@@ -495,6 +492,7 @@ fn frontend_config(
         max_connections: cfg.network.max_connections,
         idle_timeout: cfg.network.idle_timeout(),
         tls: security.tls,
+        forward,
         metrics: security.request_metrics,
         ticker: Ticker::start().map_err(|e| format!("starting the ticker thread: {e}"))?,
     })
@@ -559,16 +557,8 @@ async fn executor_main(
     }
 }
 
-async fn run_shard(mut p: ShardPart) -> Result<(), String> {
+async fn run_shard(p: ShardPart) -> Result<(), String> {
     let id = p.cfg.id;
-    if let Some(peers) = p.peers.take() {
-        // Weak: the transport must not keep the shard alive at shutdown.
-        // (The channel lives while the router holds its senders.)
-        if let Err(e) = peers.spawn(p.weak.clone()) {
-            let _ = p.ready.send(Err(e.clone()));
-            return Err(e);
-        }
-    }
     shard::run(p.cfg, p.engine, p.recovered, p.rx, p.seq, p.resume, p.ready)
         .await
         .map_err(|e| format!("shard {id}: {e}"))
@@ -589,6 +579,14 @@ async fn run_frontend(f: FrontendPart) {
             return;
         }
     };
+    // Tunnels from followers come in through the peer listener.
+    let (tunnel_tx, tunnel_rx) = flume::bounded(64);
+    if let Some((peers, shard)) = f.peers {
+        if let Err(e) = peers.spawn(shard, tunnel_tx) {
+            let _ = f.ready.send(Err(e));
+            return;
+        }
+    }
     let _ = f.ready.send(Ok(listener.local_addr().unwrap_or(f.bind)));
     drop(f.ready);
     let hub = subscriptions::Hub::new(f.seq, f.watching, f.shared);
@@ -601,6 +599,7 @@ async fn run_frontend(f: FrontendPart) {
     });
     server::serve(
         listener,
+        tunnel_rx,
         f.router,
         hub,
         f.compactor,

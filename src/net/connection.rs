@@ -16,6 +16,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
+use crate::net::forward::{self, Upstream};
 use crate::net::idle::Idle;
 use crate::net::server::FrontendConfig;
 use crate::protocol::{envelope, frame};
@@ -55,6 +56,9 @@ struct Request {
     action: Action,
     mode: WireMode,
     op: u8,
+    /// Cluster mode on a follower: the request's payload, to be answered
+    /// by the leader (`action` is then unused).
+    forward: Option<Vec<u8>>,
 }
 
 /// What woke an idle connection.
@@ -83,6 +87,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         bell_tx,
         bell_rx,
         bell_registered: false,
+        upstream: None,
+        auth_payload: None,
     };
     c.run().await
 }
@@ -99,6 +105,10 @@ struct Connection<'a, S> {
     bell_tx: flume::Sender<()>,
     bell_rx: flume::Receiver<()>,
     bell_registered: bool,
+    /// Cluster mode: the tunnel to the leader, once a request needed it.
+    upstream: Option<Upstream>,
+    /// The client's successful AUTH request, replayed on a new tunnel.
+    auth_payload: Option<Vec<u8>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
@@ -163,20 +173,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 }
             };
             let unread = self.input.unread();
-            let Some(req) = envelope::parse(&unread[range]) else {
+            let payload = &unread[range];
+            let Some(req) = envelope::parse(payload) else {
                 return (requests, true); // envelope errors are fatal, silently
             };
+            let forward = self.forwards(&req.op);
+            if requests
+                .first()
+                .is_some_and(|r: &Request| r.forward.is_some() != forward)
+            {
+                break; // a cycle is all forwarded or all local
+            }
+            if forward {
+                requests.push(Request {
+                    id: req.id.into_owned(),
+                    action: Action::Local(Ok(Vec::new())),
+                    mode: self.session.wire_mode,
+                    op: 0,
+                    forward: Some(payload.to_vec()),
+                });
+                self.input.start += total;
+                continue;
+            }
             let op = match &self.cfg.metrics {
                 Some(_) => RequestMetrics::op_index(&req.op).unwrap_or(0),
                 None => 0,
             };
             let action = ops::plan_raw(&req.op, req.params, &mut self.session, &self.cfg.ops);
+            if req.op == "AUTH" && matches!(action, Action::Local(Ok(_))) {
+                self.auth_payload = Some(payload.to_vec());
+            }
             let (bye, fan_out) = (matches!(action, Action::Bye), ends_cycle(&action));
             requests.push(Request {
                 id: req.id.into_owned(),
                 action,
                 mode: self.session.wire_mode,
                 op,
+                forward: None,
             });
             self.input.start += total;
             if bye {
@@ -199,6 +232,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         requests: Vec<Request>,
         cycle_start: Option<std::time::Instant>,
     ) -> io::Result<bool> {
+        if requests.first().is_some_and(|r| r.forward.is_some()) {
+            self.answer_forwarded(requests).await?;
+            return Ok(false);
+        }
         let mut ids = Vec::with_capacity(requests.len());
         let mut actions = Vec::with_capacity(requests.len());
         for r in requests {
@@ -232,6 +269,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             self.wbuf = Vec::with_capacity(READ_CHUNK);
         }
         Ok(close)
+    }
+
+    /// Whether a request for `op` goes to the leader: in cluster mode, on
+    /// a node that knows a leader other than itself, for everything but
+    /// the node-local operations.
+    fn forwards(&self, op: &str) -> bool {
+        self.cfg
+            .forward
+            .as_ref()
+            .is_some_and(|f| f.leader().is_some() && !forward::LOCAL_OPS.contains(&op))
+    }
+
+    /// A forwarded cycle: the leader answers every request (pipelined
+    /// through the tunnel); a failed tunnel answers the rest with a
+    /// retryable error.
+    async fn answer_forwarded(&mut self, requests: Vec<Request>) -> io::Result<()> {
+        let mut ids = Vec::with_capacity(requests.len());
+        let mut payloads = Vec::with_capacity(requests.len());
+        for r in requests {
+            ids.push((r.id, r.mode));
+            payloads.push(r.forward.expect("a forwarded cycle"));
+        }
+        let answers = self.exchange_upstream(&payloads).await;
+        self.wbuf.clear();
+        match answers {
+            Ok(answers) => {
+                for ((_, mode), answer) in ids.iter().zip(answers) {
+                    match mode {
+                        WireMode::Binary => frame::encode(&answer, &mut self.wbuf),
+                        WireMode::Jsonl => {
+                            self.wbuf.extend_from_slice(&answer);
+                            self.wbuf.push(b'\n');
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarding to the leader failed");
+                self.upstream = None;
+                let err = ApiError::new(
+                    ErrorCode::InternalError,
+                    format!(
+                        "replication: forwarding to the leader failed ({e}); the outcome is \
+                         unknown: retry with the same idempotency key"
+                    ),
+                );
+                let failed = ids
+                    .into_iter()
+                    .map(|(id, mode)| ((id, mode, 0), Outcome::Done(Err(err.clone()))));
+                let cycle = Cycle {
+                    metrics: None,
+                    elapsed: None,
+                };
+                write_answers(&mut self.stream, &mut self.wbuf, failed, &cycle).await?;
+            }
+        }
+        self.stream.write_all(&self.wbuf).await?;
+        self.stream.flush().await
+    }
+
+    /// Sends payloads to the current leader, opening (or re-opening, when
+    /// the leader changed) the tunnel first.
+    async fn exchange_upstream(&mut self, payloads: &[Vec<u8>]) -> io::Result<Vec<Vec<u8>>> {
+        let fwd = self.cfg.forward.as_ref().expect("forwarding is configured");
+        let leader = fwd
+            .leader()
+            .ok_or_else(|| io::Error::other("no leader is known now"))?;
+        if self.upstream.as_ref().is_none_or(|u| u.leader != leader) {
+            self.upstream = None;
+            let up = Upstream::open(fwd, leader, self.auth_payload.as_deref()).await?;
+            self.upstream = Some(up);
+        }
+        let up = self.upstream.as_mut().expect("opened above");
+        up.exchange(payloads).await
     }
 
     /// The plain actions: each shard answers its share until its answers

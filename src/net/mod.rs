@@ -3,6 +3,7 @@
 //! ([`connection`]), idle connections ([`idle`]).
 
 pub mod connection;
+pub mod forward;
 pub mod idle;
 pub mod listen;
 pub mod peer;

@@ -29,7 +29,11 @@ use rstmdb_shards::shard::ShardMsg;
 
 use crate::security::auth::Authenticator;
 
-const MAGIC: &[u8; 8] = b"RSTPEER1";
+/// A connection carrying Raft messages.
+pub const RAFT_MAGIC: &[u8; 8] = b"RSTPEER1";
+/// A connection carrying a follower's forwarded client requests
+/// (`net::forward`), served by the leader as a client connection.
+pub const TUNNEL_MAGIC: &[u8; 8] = b"RSTTUNL1";
 /// Largest frame accepted (an append of `max_message_bytes` entries fits
 /// many times over).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -94,8 +98,15 @@ async fn connect(addr: &str, auth: &PeerAuth) -> Result<TcpStream, String> {
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
+    introduce(&mut stream, RAFT_MAGIC, auth).await?;
+    Ok(stream)
+}
+
+/// Introduces this node on a new connection of kind `magic` and waits
+/// for the peer to accept its token.
+pub async fn introduce(stream: &mut TcpStream, magic: &[u8; 8], auth: &PeerAuth) -> Result<(), String> {
     let token = auth.token.as_deref().unwrap_or("");
-    let mut hello = MAGIC.to_vec();
+    let mut hello = magic.to_vec();
     hello.extend_from_slice(&auth.node_id.to_le_bytes());
     hello.extend_from_slice(&(token.len() as u32).to_le_bytes());
     hello.extend_from_slice(token.as_bytes());
@@ -108,7 +119,7 @@ async fn connect(addr: &str, auth: &PeerAuth) -> Result<TcpStream, String> {
     if answer[0] != 1 {
         return Err("peer refused our token".into());
     }
-    Ok(stream)
+    Ok(())
 }
 
 /// Writes queued frames until the queue closes or the connection fails.
@@ -139,6 +150,7 @@ pub async fn accept_peers(
     listener: TcpListener,
     auth: PeerAuth,
     shard: flume::WeakSender<ShardMsg>,
+    tunnels: flume::Sender<TcpStream>,
 ) {
     let auth = Rc::new(auth);
     loop {
@@ -150,10 +162,10 @@ pub async fn accept_peers(
                 continue;
             }
         };
-        let (auth, shard) = (auth.clone(), shard.clone());
+        let (auth, shard, tunnels) = (auth.clone(), shard.clone(), tunnels.clone());
         glommio::spawn_local(async move {
             let from = stream.peer_addr().ok();
-            if let Err(e) = serve_peer(stream, &auth, shard).await {
+            if let Err(e) = serve_peer(stream, &auth, shard, tunnels).await {
                 tracing::info!(?from, error = %e, "peer connection closed");
             }
         })
@@ -161,18 +173,26 @@ pub async fn accept_peers(
     }
 }
 
-/// One inbound peer: handshake, then frames.
+/// One inbound peer: handshake, then Raft frames — or, for a tunnel, the
+/// stream goes to the frontend to be served as a client connection.
 async fn serve_peer(
     mut stream: TcpStream,
     auth: &PeerAuth,
     shard: flume::WeakSender<ShardMsg>,
+    tunnels: flume::Sender<TcpStream>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let node = handshake(&mut stream, auth).await?;
+    let (node, tunnel) = handshake(&mut stream, auth).await?;
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    if tunnel {
+        return tunnels
+            .send_async(stream)
+            .await
+            .map_err(|_| format!("node {node}: the frontend is stopping"));
+    }
     let mut len = [0u8; 4];
     let mut body = Vec::new();
     loop {
@@ -203,16 +223,19 @@ async fn serve_peer(
     }
 }
 
-/// Reads a peer's introduction and answers it; the peer's node id.
-async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<u64, String> {
+/// Reads a peer's introduction and answers it; the peer's node id and
+/// whether the connection is a tunnel.
+async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<(u64, bool), String> {
     let mut head = [0u8; 20];
     stream
         .read_exact(&mut head)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    if &head[..8] != MAGIC {
-        return Err("not an rstmdb peer (bad magic)".into());
-    }
+    let tunnel = match &head[..8] {
+        m if m == RAFT_MAGIC => false,
+        m if m == TUNNEL_MAGIC => true,
+        _ => return Err("not an rstmdb peer (bad magic)".into()),
+    };
     let node = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
     let token_len = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes")) as usize;
     if token_len > MAX_TOKEN {
@@ -230,5 +253,5 @@ async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<u64, Strin
         tracing::warn!(node, "refused a peer: wrong replication token");
         return Err(format!("node {node} presented a wrong replication token"));
     }
-    Ok(node)
+    Ok((node, tunnel))
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
 
 use crate::net::connection;
 use crate::net::idle::IdleWatch;
@@ -34,6 +34,8 @@ pub struct FrontendConfig {
     pub idle_timeout: Option<Duration>,
     /// TLS on the listener (`tls.*`), None for plain TCP.
     pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// Cluster mode: how a follower forwards to its leader.
+    pub forward: Option<crate::net::forward::Forwarder>,
     /// Request instruments, None when `metrics.enabled` is off (then the
     /// request path does no metrics work at all).
     pub metrics: Option<Arc<RequestMetrics>>,
@@ -45,6 +47,7 @@ pub struct FrontendConfig {
 /// then lets open connections finish their current cycle.
 pub async fn serve(
     listener: TcpListener,
+    tunnels: flume::Receiver<TcpStream>,
     router: Router,
     hub: Rc<RefCell<Hub>>,
     compactor: Arc<Compactor>,
@@ -59,46 +62,108 @@ pub async fn serve(
         let ticks = cfg.ticker.every(watch.sweep_every());
         glommio::spawn_local(watch.clone().sweep(ticks)).detach();
     }
+    let spawner = Spawner {
+        router,
+        hub,
+        compactor,
+        cfg,
+        stop: stop_rx,
+        active: active.clone(),
+    };
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            let _ = shutdown.recv_async().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
+        let (stream, tunnel) = match next_connection(&listener, &tunnels, &shutdown).await {
+            Accepted::Stop => break,
+            Accepted::Failed(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
+            Accepted::Client(s) => (s, false),
+            Accepted::Tunnel(s) => (s, true),
         };
-        // Shared by every frontend: the limit is the server's.
-        if active.fetch_add(1, Ordering::SeqCst) >= cfg.max_connections {
+        // Shared by every frontend: the limit is the server's. A tunnel
+        // carries clients a follower already counted.
+        if active.fetch_add(1, Ordering::SeqCst) >= spawner.cfg.max_connections && !tunnel {
             active.fetch_sub(1, Ordering::SeqCst);
             // Over the limit: close without sending a byte (D18).
             drop(stream);
             continue;
         }
+        let idle = (!tunnel).then(|| idle.as_ref().map(|w| w.register())).flatten();
+        spawner.spawn(stream, idle, tunnel);
+    }
+    tracing::info!("stopped accepting; finishing open connections");
+    drop(stop_tx);
+    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+    while active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What the accept loop got.
+enum Accepted {
+    Client(TcpStream),
+    /// A follower's tunnel (see `net::forward`), already authenticated.
+    Tunnel(TcpStream),
+    Failed(std::io::Error),
+    Stop,
+}
+
+async fn next_connection(
+    listener: &TcpListener,
+    tunnels: &flume::Receiver<TcpStream>,
+    shutdown: &flume::Receiver<()>,
+) -> Accepted {
+    let accept = async {
+        match listener.accept().await {
+            Ok(s) => Accepted::Client(s),
+            Err(e) => Accepted::Failed(e.into()),
+        }
+    };
+    let tunnel = async {
+        match tunnels.recv_async().await {
+            Ok(s) => Accepted::Tunnel(s),
+            // No peer transport here: wait for the others.
+            Err(_) => futures_lite::future::pending().await,
+        }
+    };
+    let stop = async {
+        let _ = shutdown.recv_async().await;
+        Accepted::Stop
+    };
+    use futures_lite::future::or;
+    or(stop, or(accept, tunnel)).await
+}
+
+/// Starts connection tasks with what they share.
+struct Spawner {
+    router: Router,
+    hub: Rc<RefCell<Hub>>,
+    compactor: Arc<Compactor>,
+    cfg: FrontendConfig,
+    stop: flume::Receiver<()>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Spawner {
+    fn spawn(&self, stream: TcpStream, idle: Option<crate::net::idle::Idle>, tunnel: bool) {
         let _ = stream.set_nodelay(true);
-        if let Some(m) = &cfg.metrics {
+        if let Some(m) = &self.cfg.metrics {
             m.connections.increment(1);
         }
-        let (router, cfg, active, stop, hub, compactor) = (
-            router.clone(),
-            cfg.clone(),
-            active.clone(),
-            stop_rx.clone(),
-            hub.clone(),
-            compactor.clone(),
-        );
+        let mut cfg = self.cfg.clone();
+        if tunnel {
+            // Served here as they came: never forwarded again, never TLS.
+            cfg.forward = None;
+            cfg.tls = None;
+        }
+        let active = self.active.clone();
         let shared = connection::Shared {
-            router,
-            hub,
-            compactor,
-            stop,
-            idle: idle.as_ref().map(|w| w.register()),
+            router: self.router.clone(),
+            hub: self.hub.clone(),
+            compactor: self.compactor.clone(),
+            stop: self.stop.clone(),
+            idle,
         };
         glommio::spawn_local(async move {
             let ended = match cfg.tls.clone() {
@@ -114,12 +179,6 @@ pub async fn serve(
             active.fetch_sub(1, Ordering::SeqCst);
         })
         .detach();
-    }
-    tracing::info!("stopped accepting; finishing open connections");
-    drop(stop_tx);
-    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
-    while active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }
 
