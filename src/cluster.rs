@@ -12,6 +12,7 @@ use rstmdb_shards::replication::ReplicaConfig;
 use rstmdb_shards::shard::{ClusterShardConfig, GroupStatus, ShardMsg, PEER_QUEUE};
 use sha2::{Digest, Sha256};
 
+use crate::config::cluster::FollowerReads;
 use crate::config::{AuthConfig, Config};
 use crate::net::forward::Forwarder;
 use crate::net::peer::{self, PeerAuth};
@@ -44,7 +45,8 @@ impl PeerPart {
             self.auth.clone(),
             shard,
             tunnels,
-        )).detach();
+        ))
+        .detach();
         for (id, addr, rx) in self.outbound {
             glommio::spawn_local(peer::send_to(id, addr, self.auth.clone(), rx)).detach();
         }
@@ -100,6 +102,7 @@ impl ClusterWiring {
         let forward = Forwarder {
             view: view.clone(),
             auth: auth.clone(),
+            stale_reads: c.follower_reads == FollowerReads::Stale,
         };
         let part = PeerPart {
             listen: c.listen_addr()?,
@@ -136,7 +139,9 @@ fn peer_auth(cfg: &Config, node_id: u64) -> Result<PeerAuth, String> {
         }
     }
     if hashes.is_empty() {
-        tracing::warn!("cluster peers are not authenticated: set replication.auth_token on every node");
+        tracing::warn!(
+            "cluster peers are not authenticated: set replication.auth_token on every node"
+        );
     }
     Ok(PeerAuth {
         node_id,

@@ -234,6 +234,10 @@ pub struct Batch {
     pub commands: Vec<(u32, Command)>,
     /// Where to send the answers.
     pub reply_to: flume::Sender<BatchReply>,
+    /// Cluster mode: reads a node answers from its own applied state even
+    /// when it does not lead (watch subscriptions, WAL_STATS, and reads
+    /// under `cluster.follower_reads: stale`). Ignored when standalone.
+    pub node_local: bool,
 }
 
 /// The answers to one [`Batch`], in its order.

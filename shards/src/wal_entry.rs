@@ -151,6 +151,50 @@ impl WalEntry {
     }
 }
 
+impl WalEntry {
+    /// The transitions this entry (at `offset`, `size` bytes logged) holds,
+    /// as subscribers see them: an apply, or the applies of a batch part.
+    /// A replica of a group uses it to serve watches from its applied log.
+    pub fn watch_events(
+        &self,
+        offset: u64,
+        size: usize,
+        out: &mut Vec<crate::commands::WatchEvent>,
+    ) {
+        match self {
+            WalEntry::ApplyEvent {
+                instance_id,
+                machine,
+                version,
+                event,
+                from_state,
+                to_state,
+                payload,
+                ctx,
+                ..
+            } => out.push(crate::commands::WatchEvent {
+                wal_offset: offset,
+                instance_id: instance_id.clone(),
+                machine: machine.clone(),
+                version: *version,
+                from_state: from_state.clone(),
+                to_state: to_state.clone(),
+                event: event.clone(),
+                payload: payload.clone(),
+                ctx: ctx.clone(),
+                size,
+            }),
+            WalEntry::BatchPart { entries, .. } => {
+                let each = size / entries.len().max(1);
+                for e in entries {
+                    e.entry.watch_events(e.offset, each, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Appends a logged entry as WAL_READ shows it: the logged object with
 /// `timestamp` (Unix ms, the value of `ts`) added beside `ts`, the name
 /// rstmdb-studio reads for an instance's history. Inside a `batch_part`

@@ -35,6 +35,19 @@ pub struct ClusterConfig {
     /// How long a write waits for a majority before its caller is told the
     /// outcome is unknown (retryable), ms. Default 5000.
     pub commit_timeout_ms: u64,
+    /// `linearizable` (default): a follower forwards reads to the leader,
+    /// which confirms its leadership (ReadIndex) before answering.
+    /// `stale`: every node answers reads from its own applied state.
+    pub follower_reads: FollowerReads,
+}
+
+/// `cluster.follower_reads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FollowerReads {
+    #[default]
+    Linearizable,
+    Stale,
 }
 
 impl Default for ClusterConfig {
@@ -47,6 +60,7 @@ impl Default for ClusterConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             commit_timeout_ms: 5000,
+            follower_reads: FollowerReads::Linearizable,
         }
     }
 }
@@ -147,7 +161,10 @@ impl ClusterConfig {
                  unset or set it to 1",
             ));
         }
-        if self.tick_ms == 0 || self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+        if self.tick_ms == 0
+            || self.heartbeat_ticks == 0
+            || self.election_ticks <= self.heartbeat_ticks
+        {
             return Err(invalid(
                 "cluster.election_ticks",
                 "cluster.tick_ms and cluster.heartbeat_ticks must be positive and \
@@ -225,7 +242,13 @@ mod tests {
         let mut dup = three(1);
         dup.peers.push("1=127.0.0.1:9".into());
         assert_eq!(key(&dup, None), "cluster.peers");
-        for bad in ["x=127.0.0.1:1", "0=127.0.0.1:1", "1=127.0.0.1", "1127.0.0.1:1", "1=:80"] {
+        for bad in [
+            "x=127.0.0.1:1",
+            "0=127.0.0.1:1",
+            "1=127.0.0.1",
+            "1127.0.0.1:1",
+            "1=:80",
+        ] {
             let mut c = three(1);
             c.peers[0] = bad.into();
             assert_eq!(key(&c, None), "cluster.peers", "{bad}");

@@ -16,7 +16,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
-use crate::net::forward::{self, Upstream};
+use crate::net::forward::Upstream;
 use crate::net::idle::Idle;
 use crate::net::server::FrontendConfig;
 use crate::protocol::{envelope, frame};
@@ -76,7 +76,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     cfg: &FrontendConfig,
 ) -> io::Result<()> {
     let (bell_tx, bell_rx) = flume::bounded::<()>(1);
+    let mut shared = shared;
+    let local_router = shared.router.node_local();
+    if cfg.forward.as_ref().is_some_and(|f| f.stale_reads) {
+        // `cluster.follower_reads: stale`: reads answer from this node.
+        shared.router = local_router.clone();
+    }
     let mut c = Connection {
+        local_router,
         replies: flume::bounded::<BatchReply>(shared.router.shard_count()),
         stream,
         shared,
@@ -95,6 +102,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 struct Connection<'a, S> {
     stream: S,
+    /// The router for what a node answers from its own applied state
+    /// (watch subscriptions, WAL_STATS): see [`Router::node_local`].
+    local_router: Router,
     shared: Shared,
     cfg: &'a FrontendConfig,
     session: Session,
@@ -252,7 +262,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         self.wbuf.clear();
         self.run_plain(actions, &mut ids, &cycle).await?;
         if let Some(f) = fan_out {
-            let outcomes = self.shared.router.run(vec![f], &self.replies).await;
+            let router = match f {
+                Action::WalStats => &self.local_router,
+                _ => &self.shared.router,
+            };
+            let outcomes = router.run(vec![f], &self.replies).await;
             let answered = ids.by_ref().take(1).zip(outcomes);
             write_answers(&mut self.stream, &mut self.wbuf, answered, &cycle).await?;
         }
@@ -275,10 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
     /// a node that knows a leader other than itself, for everything but
     /// the node-local operations.
     fn forwards(&self, op: &str) -> bool {
-        self.cfg
-            .forward
-            .as_ref()
-            .is_some_and(|f| f.leader().is_some() && !forward::LOCAL_OPS.contains(&op))
+        self.cfg.forward.as_ref().is_some_and(|f| f.forwards(op))
     }
 
     /// A forwarded cycle: the leader answers every request (pipelined
@@ -374,14 +385,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
     /// Runs an operation that needs the session or the compactor; returns
     /// its outcome and whether a BYE inside a batch closes the connection.
     async fn run_special(&mut self, action: Action) -> (Option<Outcome>, bool) {
-        let (sh, ctx) = (&self.shared, watch_ctx(&self.shared, &self.replies));
+        let sh = &self.shared;
+        let ctx = watch_ctx(sh, &sh.router, &self.replies);
+        let local = watch_ctx(sh, &self.local_router, &self.replies);
         let done = |r| (Some(Outcome::Done(r)), false);
         match action {
             Action::Batch(params) => {
                 let r = batch::run(params, &mut self.session, &ctx, &self.cfg.ops, 0).await;
                 (Some(Outcome::Done(r.result)), r.bye)
             }
-            Action::Watch(spec) => done(watch::subscribe(spec, &mut self.session, &ctx).await),
+            Action::Watch(spec) => done(watch::subscribe(spec, &mut self.session, &local).await),
             Action::Unwatch(id) => done(Ok(watch::unwatch(id, &mut self.session))),
             Action::Compact { force } => done(
                 sh.compactor
@@ -412,7 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         if !watch::pending(&self.session, &self.shared.hub) {
             return Ok(());
         }
-        let ctx = watch_ctx(&self.shared, &self.replies);
+        let ctx = watch_ctx(&self.shared, &self.local_router, &self.replies);
         if watch::deliver(&mut self.session, &ctx, &mut self.stream).await? {
             let _ = self.bell_tx.try_send(());
         }
@@ -449,9 +462,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
 }
 
 /// What watch delivery and batches need from the connection.
-fn watch_ctx<'a>(shared: &'a Shared, replies: &'a Replies) -> watch::Ctx<'a> {
+fn watch_ctx<'a>(shared: &'a Shared, router: &'a Router, replies: &'a Replies) -> watch::Ctx<'a> {
     watch::Ctx {
-        router: &shared.router,
+        router,
         hub: &shared.hub,
         compactor: &shared.compactor,
         replies,

@@ -45,6 +45,14 @@ pub const LOCAL_OPS: &[&str] = &[
     "COMPACT",
 ];
 
+/// Reads `cluster.follower_reads: stale` answers locally.
+pub const READ_OPS: &[&str] = &[
+    "GET_INSTANCE",
+    "LIST_INSTANCES",
+    "GET_MACHINE",
+    "LIST_MACHINES",
+];
+
 /// How long a forwarded cycle may wait for the leader's answers (a commit
 /// times out well before this).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,6 +62,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Forwarder {
     pub view: ClusterView,
     pub auth: PeerAuth,
+    /// `cluster.follower_reads: stale`: reads are answered by the node
+    /// the client is connected to, from its applied state.
+    pub stale_reads: bool,
 }
 
 impl Forwarder {
@@ -61,6 +72,18 @@ impl Forwarder {
     /// leader (then it answers itself: a clear retryable error for what
     /// needs a leader).
     pub fn leader(&self) -> Option<u64> {
+        self.leader_id()
+    }
+
+    /// Whether `op` goes to the leader from this node now.
+    pub fn forwards(&self, op: &str) -> bool {
+        if LOCAL_OPS.contains(&op) || (self.stale_reads && READ_OPS.contains(&op)) {
+            return false;
+        }
+        self.leader_id().is_some()
+    }
+
+    fn leader_id(&self) -> Option<u64> {
         let leader = self.view.status.leader.load(Ordering::Relaxed);
         (leader != 0 && leader != self.view.node_id).then_some(leader)
     }
@@ -132,7 +155,10 @@ impl Upstream {
         };
         futures_lite::future::or(read, async {
             glommio::timer::sleep(ANSWER_TIMEOUT).await;
-            Err(io::Error::new(io::ErrorKind::TimedOut, "the leader did not answer"))
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the leader did not answer",
+            ))
         })
         .await?;
         Ok(answers)

@@ -104,7 +104,11 @@ async fn connect(addr: &str, auth: &PeerAuth) -> Result<TcpStream, String> {
 
 /// Introduces this node on a new connection of kind `magic` and waits
 /// for the peer to accept its token.
-pub async fn introduce(stream: &mut TcpStream, magic: &[u8; 8], auth: &PeerAuth) -> Result<(), String> {
+pub async fn introduce(
+    stream: &mut TcpStream,
+    magic: &[u8; 8],
+    auth: &PeerAuth,
+) -> Result<(), String> {
     let token = auth.token.as_deref().unwrap_or("");
     let mut hello = magic.to_vec();
     hello.extend_from_slice(&auth.node_id.to_le_bytes());
@@ -201,7 +205,9 @@ async fn serve_peer(
         }
         let n = u32::from_le_bytes(len) as usize;
         if n > MAX_FRAME {
-            return Err(format!("node {node} sent a frame of {n} bytes (limit {MAX_FRAME})"));
+            return Err(format!(
+                "node {node} sent a frame of {n} bytes (limit {MAX_FRAME})"
+            ));
         }
         body.resize(n, 0);
         stream
@@ -211,7 +217,12 @@ async fn serve_peer(
         let (group, msg) = wire::decode(&body).map_err(|e| format!("node {node}: {e}"))?;
         if group != 0 || msg.from != node {
             // A node speaks only for itself, and every node runs one group.
-            tracing::warn!(node, group, from = msg.from, "dropping a peer message not from its sender's group");
+            tracing::warn!(
+                node,
+                group,
+                from = msg.from,
+                "dropping a peer message not from its sender's group"
+            );
             continue;
         }
         let Some(tx) = shard.upgrade() else {

@@ -89,7 +89,9 @@ pub async fn serve(
             drop(stream);
             continue;
         }
-        let idle = (!tunnel).then(|| idle.as_ref().map(|w| w.register())).flatten();
+        let idle = (!tunnel)
+            .then(|| idle.as_ref().map(|w| w.register()))
+            .flatten();
         spawner.spawn(stream, idle, tunnel);
     }
     tracing::info!("stopped accepting; finishing open connections");

@@ -78,13 +78,19 @@ pub fn status(view: Option<&ClusterView>) -> Value {
     obj.insert("node_id".into(), json!(v.node_id));
     obj.insert("term".into(), json!(term));
     obj.insert("leader_id".into(), json!((leader != 0).then_some(leader)));
-    obj.insert("elections".into(), json!(s.term_changes.load(Ordering::Relaxed)));
+    obj.insert(
+        "elections".into(),
+        json!(s.term_changes.load(Ordering::Relaxed)),
+    );
     obj.insert("groups".into(), json!([group]));
     out
 }
 
 fn address(v: &ClusterView, id: u64) -> Option<String> {
-    v.peers.iter().find(|(p, _)| *p == id).map(|(_, a)| a.clone())
+    v.peers
+        .iter()
+        .find(|(p, _)| *p == id)
+        .map(|(_, a)| a.clone())
 }
 
 fn role_name(r: u8) -> &'static str {

@@ -41,6 +41,8 @@ const WAL_READ_BYTES: usize = 15 * 1024 * 1024;
 pub struct Router {
     shards: Vec<flume::Sender<ShardMsg>>,
     seq: Sequencer,
+    /// Batches are marked [`Batch::node_local`] (see [`Router::node_local`]).
+    node_local: bool,
 }
 
 /// The outcome of one request in a cycle.
@@ -95,7 +97,20 @@ impl Router {
     /// A router over the given shard channels.
     pub fn new(shards: Vec<flume::Sender<ShardMsg>>, seq: Sequencer) -> Self {
         assert!(!shards.is_empty());
-        Router { shards, seq }
+        Router {
+            shards,
+            seq,
+            node_local: false,
+        }
+    }
+
+    /// This router for reads a cluster node answers from its own applied
+    /// state, leader or not.
+    pub fn node_local(&self) -> Router {
+        Router {
+            node_local: true,
+            ..self.clone()
+        }
     }
 
     /// The shard channels.
@@ -345,6 +360,7 @@ impl Router {
             let batch = Batch {
                 commands,
                 reply_to: replies.0.clone(),
+                node_local: self.node_local,
             };
             if self.shards[shard]
                 .send_async(ShardMsg::Batch(batch))

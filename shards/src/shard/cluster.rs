@@ -28,7 +28,7 @@ use futures_lite::future;
 use raft::prelude::Message;
 use raft::StateRole;
 
-use super::{FsyncPolicy, ShardLoop, ShardMsg};
+use super::{FsyncPolicy, HubMsg, ShardLoop, ShardMsg};
 use crate::engine::Staged;
 use crate::error::{ApiError, ErrorCode};
 use crate::replication::payload;
@@ -420,6 +420,8 @@ impl ShardLoop {
             .into_iter()
             .filter(|r| r.offset >= wal_next)
             .collect();
+        let watching = self.cfg.events.watching.load(Ordering::SeqCst);
+        let mut events = Vec::new();
         for r in &fresh {
             let entry: WalEntry = match serde_json::from_slice(r.bytes) {
                 Ok(e) => e,
@@ -428,6 +430,9 @@ impl ShardLoop {
                     format_args!("committed record at offset {}: {e}", r.offset),
                 ),
             };
+            if watching {
+                entry.watch_events(r.offset, r.bytes.len(), &mut events);
+            }
             if let Err(e) = self.engine.replay(r.offset, entry) {
                 fatal(
                     self.cfg.id,
@@ -441,8 +446,15 @@ impl ShardLoop {
         }
         self.write_applied(fresh.iter().map(|r| (r.offset, r.kind, r.bytes)))
             .await;
+        // Events first, then the watermark, as a leader's drain does.
+        if !events.is_empty() {
+            self.cfg.events.send(HubMsg::Events(events));
+        }
         let next = self.member().wal_next;
         self.seq.advance_to(next);
+        if watching {
+            self.cfg.events.send(HubMsg::Released);
+        }
     }
 
     /// Writes committed records to the WAL. A failure here leaves the WAL

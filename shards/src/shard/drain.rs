@@ -16,6 +16,15 @@ use crate::commands::{Batch, BatchReply, Command, Reply, ShardWalStats, BATCH_AN
 use crate::engine::{now_ms, Mark, Offsets};
 use crate::error::ApiError;
 
+/// Whether a drain is only reads a cluster node may answer from its own
+/// applied state (see [`Batch::node_local`]).
+fn node_local(items: &[DrainItem]) -> bool {
+    items.iter().all(|i| match i {
+        DrainItem::Batch(b) => b.node_local && b.commands.iter().all(|(_, c)| !c.may_write()),
+        _ => false,
+    })
+}
+
 /// The replies to one batch and where they go.
 type Answer = (flume::Sender<BatchReply>, Vec<(u32, Reply)>);
 
@@ -44,7 +53,8 @@ impl ShardLoop {
     /// Executes `drain` and group-commits it, then answers.
     pub(super) async fn run_drain(&mut self, drain: Drain) {
         let Drain { items, writes, .. } = drain;
-        if let Some(error) = self.refusal() {
+        let local = node_local(&items);
+        if let Some(error) = self.refusal(local) {
             self.refuse(items, error).await;
             return;
         }
@@ -53,7 +63,7 @@ impl ShardLoop {
         self.engine.collect_events = self.cfg.events.watching.load(Ordering::SeqCst);
         let now = now_ms();
         let after = self.execute_drain(items, &mut offsets, now);
-        let failure = self.commit_staged().await.err();
+        let failure = self.commit_staged(local).await.err();
         match &failure {
             None => self.keep_drain(after.part.as_ref()),
             Some(e) => self.roll_back(e, after.part.as_ref()),
@@ -71,9 +81,9 @@ impl ShardLoop {
 
     /// In cluster mode, why this member cannot run a drain now (it does
     /// not lead, or not yet).
-    fn refusal(&self) -> Option<ApiError> {
+    fn refusal(&self, node_local: bool) -> Option<ApiError> {
         let m = self.cluster.as_ref()?;
-        (!m.can_serve()).then(|| m.not_serving())
+        (!node_local && !m.can_serve()).then(|| m.not_serving())
     }
 
     /// Answers every item of a drain that is not run with `error`.
@@ -117,8 +127,15 @@ impl ShardLoop {
 
     /// Makes the drain's staged records durable: one WAL commit, or in
     /// cluster mode one entry of the group's log.
-    async fn commit_staged(&mut self) -> Result<(), ApiError> {
-        if self.cluster.is_some() {
+    async fn commit_staged(&mut self, node_local: bool) -> Result<(), ApiError> {
+        if node_local && self.cluster.is_some() {
+            // Reads this node answers from its own applied state.
+            assert!(
+                self.engine.take_staged().is_empty(),
+                "a node-local drain writes nothing"
+            );
+            Ok(())
+        } else if self.cluster.is_some() {
             self.replicate_staged().await
         } else {
             self.write_staged().await.map_err(|e| ApiError::wal(&e))
