@@ -90,6 +90,11 @@ impl RaftLog {
         self.0.borrow_mut().hard_state = hs;
     }
 
+    /// Runs `f` on the log's contents (compaction rewrites them).
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut LogState) -> T) -> T {
+        f(&mut self.0.borrow_mut())
+    }
+
     /// Calls `f` on every entry from the newest back, until it returns
     /// `Some`.
     pub fn find_back<T>(&self, mut f: impl FnMut(&Entry) -> Option<T>) -> Option<T> {

@@ -41,6 +41,14 @@ use crate::wal_entry::WalEntry;
 /// lossy network would (raft retransmits).
 pub const PEER_QUEUE: usize = 4096;
 
+/// Entries kept in the group's log behind the applied index, for
+/// followers that lag (one further behind needs a snapshot transfer).
+pub const RETAINED_ENTRIES: u64 = 10_000;
+/// The log file is compacted once it passes this size...
+const COMPACT_LOG_BYTES: u64 = 64 << 20;
+/// ...or holds this many entries.
+const COMPACT_LOG_ENTRIES: u64 = 4 * RETAINED_ENTRIES;
+
 /// A shard's cluster settings.
 #[derive(Debug, Clone)]
 pub struct ClusterShardConfig {
@@ -176,6 +184,28 @@ impl Member {
                 // A full or closed queue drops the message; raft resends.
                 let _ = tx.try_send(frame);
             }
+        }
+    }
+
+    /// Drops applied entries from the log (memory and file) once it has
+    /// grown past its bounds, keeping [`RETAINED_ENTRIES`] for followers.
+    /// The applied entries are in the WAL, which is what recovery reads.
+    fn compact_log_if_due(&mut self) {
+        let applied = self.replica.applied();
+        let log = self.replica.log().clone();
+        let held = log.with_state(|s| s.last_index() - s.snap_index);
+        if self.store.len() < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
+            return;
+        }
+        let keep_from = applied.saturating_sub(RETAINED_ENTRIES) + 1;
+        if log.with_state(|s| keep_from <= s.snap_index + 1) {
+            return;
+        }
+        let store = &mut self.store;
+        if let Err(e) = log.with_state(|s| store.compact(s, keep_from)) {
+            // The old file is intact (the new one replaces it only once
+            // durable): go on with it, and try again later.
+            tracing::error!(error = %e, "compacting the raft log failed");
         }
     }
 
@@ -383,6 +413,7 @@ impl ShardLoop {
                 let held = m.replica.persisted(p.number);
                 m.send(held);
             }
+            self.member().compact_log_if_due();
             self.member().publish();
             if idle {
                 return;
