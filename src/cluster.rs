@@ -79,6 +79,7 @@ impl ClusterWiring {
             outbound.push((p.id, p.addr.clone(), rx));
         }
         let status = Arc::new(GroupStatus::default());
+        let client_addrs = Arc::default();
         let shard = ClusterShardConfig {
             node_id,
             voters: peers.iter().map(|p| p.id).collect(),
@@ -97,8 +98,11 @@ impl ClusterWiring {
             node_id,
             peers: peers.iter().map(|p| (p.id, p.addr.clone())).collect(),
             status,
+            client_addrs: Arc::clone(&client_addrs),
         };
-        let auth = peer_auth(cfg, node_id)?;
+        let mut auth = peer_auth(cfg, node_id)?;
+        auth.client_addrs = client_addrs;
+        auth.client_addr = advertised_client_addr(cfg, &peers, node_id);
         let forward = Forwarder {
             view: view.clone(),
             auth: auth.clone(),
@@ -145,9 +149,26 @@ fn peer_auth(cfg: &Config, node_id: u64) -> Result<PeerAuth, String> {
     }
     Ok(PeerAuth {
         node_id,
+        client_addr: String::new(),
+        client_addrs: Arc::default(),
         token: r.auth_token.clone(),
         accept: Arc::new(Authenticator::new(!hashes.is_empty(), &hashes)),
     })
+}
+
+/// The address clients reach this node at: `network.bind_addr`, with an
+/// unspecified IP (0.0.0.0) replaced by the host of its peer address.
+fn advertised_client_addr(cfg: &Config, peers: &[crate::config::cluster::Peer], me: u64) -> String {
+    let bind = cfg.network.bind_addr;
+    if !bind.ip().is_unspecified() {
+        return bind.to_string();
+    }
+    let host = peers
+        .iter()
+        .find(|p| p.id == me)
+        .and_then(|p| p.addr.rsplit_once(':').map(|(h, _)| h.to_string()))
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", bind.port())
 }
 
 fn hex(bytes: &[u8]) -> String {

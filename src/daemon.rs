@@ -348,16 +348,13 @@ impl Wiring {
         };
         let mut cluster = crate::cluster::ClusterWiring::build(cfg, data)?;
         let peers = cluster.as_mut().and_then(|c| c.peers.take());
-        let (senders, shard_parts) = shard_parts(
-            cfg,
-            data,
-            storage,
-            recovered,
-            &seq,
+        let common = ShardCommon {
+            seq: seq.clone(),
             events,
-            shard_ready_tx,
-            cluster.as_ref().map(|c| c.shard.clone()),
-        );
+            ready: shard_ready_tx,
+            cluster: cluster.as_ref().map(|c| c.shard.clone()),
+        };
+        let (senders, shard_parts) = shard_parts(cfg, data, storage, recovered, common);
         let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
         let mut peers = peers.map(|p| (p, senders[0].downgrade()));
         let router = router::Router::new(senders, seq.clone());
@@ -419,6 +416,16 @@ impl Wiring {
     }
 }
 
+/// What every shard gets alike.
+struct ShardCommon {
+    seq: Sequencer,
+    events: shard::EventSink,
+    /// Where each shard says it serves (or why not).
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    /// Cluster mode: the group settings (one shard, one group).
+    cluster: Option<shard::ClusterShardConfig>,
+}
+
 /// What recovery left for one shard.
 struct ShardRecovery {
     engine: rstmdb_shards::engine::Engine,
@@ -433,11 +440,14 @@ fn shard_parts(
     data: &DataDir,
     storage: &StorageSettings,
     recovered: Vec<ShardRecovery>,
-    seq: &Sequencer,
-    events: shard::EventSink,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-    cluster: Option<shard::ClusterShardConfig>,
+    common: ShardCommon,
 ) -> (Vec<flume::Sender<ShardMsg>>, Vec<ShardPart>) {
+    let ShardCommon {
+        seq,
+        events,
+        ready,
+        cluster,
+    } = common;
     let policy = fsync_policy(cfg.storage.fsync_policy);
     recovered
         .into_iter()
@@ -597,9 +607,12 @@ async fn run_frontend(f: FrontendPart) {
         let ticks = f.fcfg.ticker.every(compaction::AUTO_CHECK_EVERY);
         glommio::spawn_local(f.compactor.clone().run_auto(auto_stop_rx, ticks))
     });
+    let inbound = server::Inbound {
+        clients: listener,
+        tunnels: tunnel_rx,
+    };
     server::serve(
-        listener,
-        tunnel_rx,
+        inbound,
         f.router,
         hub,
         f.compactor,

@@ -310,7 +310,11 @@ fn any_node_serves_every_operation_and_every_node_logs_the_same_records() {
     let follow = c.status(f1).unwrap();
     assert_eq!(follow["role"], "replica");
     assert_eq!(follow["leader_id"], leader as u64 + 1);
-    assert!(follow["upstream"].is_string());
+    assert_eq!(
+        follow["upstream"],
+        c.nodes[leader].addr.to_string(),
+        "the leader's client address"
+    );
     // And the real rstmdb-cli reads it.
     let out = std::process::Command::new(common::cli_path())
         .args(["-s", &c.nodes[f1].addr.to_string(), "replication-status"])
@@ -447,7 +451,11 @@ fn run_clients(addrs: Vec<SocketAddr>, clients: usize, fault: impl FnOnce()) -> 
                             ("GET_INSTANCE", json!({"instance_id": format!("h{inst}")})),
                         ),
                         _ => {
-                            let event = if (rng >> 20) % 3 == 0 { "BACK" } else { "GO" };
+                            let event = if (rng >> 20).is_multiple_of(3) {
+                                "BACK"
+                            } else {
+                                "GO"
+                            };
                             n += 1;
                             (
                                 InstanceOp::Apply {
@@ -533,8 +541,14 @@ fn check_history(c: &Cluster, mut history: History, started: Instant) {
         })
         .count();
     let unknown = history.iter().filter(|(_, c)| c.returned.is_none()).count();
-    eprintln!("{} calls, {ok_writes} acknowledged writes, {unknown} unknown", history.len());
-    assert!(ok_writes >= 20, "the clients made progress ({ok_writes} writes)");
+    eprintln!(
+        "{} calls, {ok_writes} acknowledged writes, {unknown} unknown",
+        history.len()
+    );
+    assert!(
+        ok_writes >= 20,
+        "the clients made progress ({ok_writes} writes)"
+    );
     let model = InstanceModel {
         state: None,
         transitions: transitions(),

@@ -50,6 +50,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct PeerAuth {
     pub node_id: u64,
+    /// This node's client address, announced to peers (REPLICATION_STATUS
+    /// names the leader's as `upstream`).
+    pub client_addr: String,
+    /// Client addresses peers announced, by node id.
+    pub client_addrs: Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>,
     /// The token this node presents (`replication.auth_token`).
     pub token: Option<String>,
     /// Tokens accepted from peers; with none configured, any peer is.
@@ -114,6 +119,9 @@ pub async fn introduce(
     hello.extend_from_slice(&auth.node_id.to_le_bytes());
     hello.extend_from_slice(&(token.len() as u32).to_le_bytes());
     hello.extend_from_slice(token.as_bytes());
+    let client = auth.client_addr.as_bytes();
+    hello.push(client.len().min(255) as u8);
+    hello.extend_from_slice(&client[..client.len().min(255)]);
     stream.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut answer = [0u8; 1];
     stream
@@ -258,11 +266,24 @@ async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<(u64, bool
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let token = String::from_utf8_lossy(&token);
+    let mut len = [0u8; 1];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut client = vec![0u8; len[0] as usize];
+    stream
+        .read_exact(&mut client)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     let ok = !auth.accept.required() || auth.accept.authenticate("bearer", &token).is_ok();
     let _ = stream.write_all(&[ok as u8]).await;
     if !ok {
         tracing::warn!(node, "refused a peer: wrong replication token");
         return Err(format!("node {node} presented a wrong replication token"));
+    }
+    if let Ok(mut m) = auth.client_addrs.lock() {
+        m.insert(node, String::from_utf8_lossy(&client).into_owned());
     }
     Ok((node, tunnel))
 }

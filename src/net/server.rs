@@ -46,8 +46,7 @@ pub struct FrontendConfig {
 /// Runs the accept loop until `shutdown` fires (or its sender is dropped),
 /// then lets open connections finish their current cycle.
 pub async fn serve(
-    listener: TcpListener,
-    tunnels: flume::Receiver<TcpStream>,
+    inbound: Inbound,
     router: Router,
     hub: Rc<RefCell<Hub>>,
     compactor: Arc<Compactor>,
@@ -71,7 +70,7 @@ pub async fn serve(
         active: active.clone(),
     };
     loop {
-        let (stream, tunnel) = match next_connection(&listener, &tunnels, &shutdown).await {
+        let (stream, tunnel) = match next_connection(&inbound, &shutdown).await {
             Accepted::Stop => break,
             Accepted::Failed(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -102,6 +101,15 @@ pub async fn serve(
     }
 }
 
+/// Where connections come from.
+pub struct Inbound {
+    /// The client listener.
+    pub clients: TcpListener,
+    /// Cluster mode: followers' tunnels, from the peer listener (a closed
+    /// channel when there is none).
+    pub tunnels: flume::Receiver<TcpStream>,
+}
+
 /// What the accept loop got.
 enum Accepted {
     Client(TcpStream),
@@ -111,19 +119,15 @@ enum Accepted {
     Stop,
 }
 
-async fn next_connection(
-    listener: &TcpListener,
-    tunnels: &flume::Receiver<TcpStream>,
-    shutdown: &flume::Receiver<()>,
-) -> Accepted {
+async fn next_connection(inbound: &Inbound, shutdown: &flume::Receiver<()>) -> Accepted {
     let accept = async {
-        match listener.accept().await {
+        match inbound.clients.accept().await {
             Ok(s) => Accepted::Client(s),
             Err(e) => Accepted::Failed(e.into()),
         }
     };
     let tunnel = async {
-        match tunnels.recv_async().await {
+        match inbound.tunnels.recv_async().await {
             Ok(s) => Accepted::Tunnel(s),
             // No peer transport here: wait for the others.
             Err(_) => futures_lite::future::pending().await,

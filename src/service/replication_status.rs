@@ -19,6 +19,8 @@ pub struct ClusterView {
     pub peers: Vec<(u64, String)>,
     /// Group 0's figures (one group per node for now).
     pub status: Arc<GroupStatus>,
+    /// Client addresses the peers announced, by node id.
+    pub client_addrs: Arc<std::sync::Mutex<std::collections::HashMap<u64, String>>>,
 }
 
 /// The answer for a standalone server, or for a cluster node.
@@ -67,7 +69,7 @@ pub fn status(view: Option<&ClusterView>) -> Value {
         json!({
             "role": "replica",
             "mode": "raft",
-            "upstream": (leader != 0).then(|| address(v, leader)),
+            "upstream": (leader != 0).then(|| client_address(v, leader)),
             "last_applied_sequence": applied,
             "primary_sequence": commit,
             "lag_entries": commit.saturating_sub(applied),
@@ -84,6 +86,12 @@ pub fn status(view: Option<&ClusterView>) -> Value {
     );
     obj.insert("groups".into(), json!([group]));
     out
+}
+
+/// The client address node `id` announced, else its peer address.
+fn client_address(v: &ClusterView, id: u64) -> Option<String> {
+    let announced = v.client_addrs.lock().ok().and_then(|m| m.get(&id).cloned());
+    announced.or_else(|| address(v, id))
 }
 
 fn address(v: &ClusterView, id: u64) -> Option<String> {
@@ -119,6 +127,7 @@ mod tests {
             node_id: 1,
             peers: vec![(1, "a:1".into()), (2, "b:2".into()), (3, "c:3".into())],
             status: s.clone(),
+            client_addrs: Default::default(),
         };
         let lead = status(Some(&v));
         assert_eq!(lead["role"], "primary");
@@ -129,7 +138,12 @@ mod tests {
         s.applied_index.store(8, Ordering::Relaxed);
         let follow = status(Some(&v));
         assert_eq!(follow["role"], "replica");
-        assert_eq!(follow["upstream"], "a:1");
+        assert_eq!(
+            follow["upstream"], "a:1",
+            "the peer address until the leader announces"
+        );
+        v.client_addrs.lock().unwrap().insert(1, "a:7401".into());
+        assert_eq!(status(Some(&v))["upstream"], "a:7401");
         assert_eq!(follow["lag_entries"], 2);
     }
 }
