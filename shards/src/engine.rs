@@ -107,6 +107,11 @@ impl Offsets {
         Offsets { next: start, end }
     }
 
+    /// The offsets not handed out yet.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.next..self.end
+    }
+
     fn take(&mut self) -> u64 {
         assert!(
             self.next < self.end,

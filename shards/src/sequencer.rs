@@ -72,6 +72,15 @@ impl Sequencer {
         self.next.fetch_max(next, Ordering::SeqCst);
     }
 
+    /// Takes the next offset back down to `next` (cluster mode, one shard):
+    /// a drain whose entry did not commit gives its reserved offsets back,
+    /// since another leader may hand them out. Called while the shard's
+    /// floor still holds readers below them.
+    pub fn retract_to(&self, next: u64) {
+        let before = self.next.swap(next, Ordering::SeqCst);
+        debug_assert!(next <= before, "retracting {before} up to {next}");
+    }
+
     /// Shard `shard` holds back readers at `offset` (its lowest unreleased
     /// batch part), or stops holding (`None`). Set while the shard's floor
     /// still covers the part (before it releases the drain that wrote it).

@@ -31,6 +31,8 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
                 total.partitions += r.partitions;
                 total.terms = total.terms.max(r.terms);
                 total.committed += r.committed;
+                total.abandoned += r.abandoned;
+                total.wal_lost += r.wal_lost;
             }
             Err(e) => panic!("seed {seed} ({nodes} nodes): {e}"),
         }
@@ -38,6 +40,10 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
     eprintln!("{nodes} nodes, {count} seeds: {total:?}");
     assert!(total.acknowledged > 0, "no proposal was ever acknowledged");
     assert!(total.crashes > 0 && total.partitions > 0, "no fault struck");
+    assert!(
+        total.wal_lost > 0,
+        "no crash took WAL records to catch up on"
+    );
     total
 }
 

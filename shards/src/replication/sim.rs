@@ -6,13 +6,22 @@
 //! CREATE_INSTANCE, APPLY_EVENT and GET_INSTANCE throughout. Everything
 //! derives from one seed, so a failing seed replays exactly.
 //!
+//! The nodes run the same replication core as the server
+//! ([`ReplicatedShard`]); the simulation is its host as the shard loop is:
+//! it executes drains on the engine, proposes what they staged, writes the
+//! committed records to the node's WAL, and gives up on a drain after a
+//! commit timeout. A crash loses the WAL's newest records too (they are
+//! written after the entry is applied), and a restarted node rebuilds its
+//! engine from its WAL, as recovery does, then catches up from the log.
+//!
 //! Checked on every event: at most one leader per term; every node applies
 //! the same entry (term, offsets, records) at each index; offsets grow
 //! along every node's applied log. Checked at the end, after the faults
 //! stop and the cluster heals: one leader, every node has applied the same
 //! log and holds the same instances, every acknowledged drain is in the log
-//! at the index and offsets it was acknowledged with, and the clients'
-//! history of every instance is linearizable.
+//! at the index and offsets it was acknowledged with, every node's WAL holds
+//! the same records at the same offsets, and the clients' history of every
+//! instance is linearizable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -23,12 +32,13 @@ use rstmdb_wal::sim::Rng;
 use serde_json::{json, Value};
 
 use super::log::{LogState, RaftLog};
-use super::replica::{Applied, Persist, Proposed, Replica, ReplicaConfig};
-use super::state::{Progress, ReplicatedShard};
+use super::replica::{Applied, Persist, Replica, ReplicaConfig};
+use super::state::{Outcome, Progress, Record, ReplicatedShard};
 use crate::commands::{ApplyEvent, Command, Reply};
 use crate::definition::MachineDef;
 use crate::engine::{Engine, EngineLimits, Offsets};
 use crate::lincheck::{self, Call, InstanceModel, InstanceOp, InstanceRet};
+use crate::wal_entry::WalEntry;
 
 /// Instances the clients work on.
 const INSTANCES: u64 = 4;
@@ -53,6 +63,10 @@ pub struct SimConfig {
     pub fault_every_ms: u64,
     /// Mean time between client requests.
     pub propose_every_ms: u64,
+    /// The longest a node waits for a drain's outcome before it gives up
+    /// (rolls it back, tells the client the outcome is unknown); each
+    /// drain's timeout is drawn below it.
+    pub commit_timeout_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -68,6 +82,7 @@ impl Default for SimConfig {
             max_write_ms: 4,
             fault_every_ms: 250,
             propose_every_ms: 3,
+            commit_timeout_ms: 400,
         }
     }
 }
@@ -97,16 +112,32 @@ pub struct SimReport {
     pub terms: u64,
     /// Entries with data in the final log.
     pub committed: u64,
+    /// Drains a node gave up waiting for (commit timeout).
+    pub abandoned: u64,
+    /// WAL records a crash took (replayed from the log afterwards).
+    pub wal_lost: u64,
 }
 
 enum Event {
-    Tick { node: usize, epoch: u64 },
+    Tick {
+        node: usize,
+        epoch: u64,
+    },
     Deliver(Message),
-    Written { node: usize, epoch: u64 },
+    Written {
+        node: usize,
+        epoch: u64,
+    },
     Propose,
     Fault,
     Restart(usize),
     Heal,
+    /// A drain's commit timeout on a node (of an incarnation).
+    Timeout {
+        node: usize,
+        epoch: u64,
+        drain: u64,
+    },
 }
 
 /// A node: its disk survives crashes; the rest is rebuilt on restart.
@@ -115,12 +146,20 @@ struct Node {
     /// Bumped by a crash, so events of the old incarnation are ignored.
     epoch: u64,
     shard: Option<ReplicatedShard>,
+    /// The engine, rebuilt from `wal` on restart.
+    engine: Option<Engine>,
+    /// The node's WAL: committed records, in log order. Survives crashes,
+    /// but a crash may take its newest records.
+    wal: Vec<Record>,
     writing: Option<Persist>,
     /// Offset and index of the last entry this incarnation applied.
     last_offset: u64,
     applied_index: u64,
-    /// The client call of the drain in flight here.
-    pending: Option<Waiting>,
+    /// The client call of the drain in flight here, its replies, and its
+    /// number (for its timeout).
+    pending: Option<(Waiting, Vec<Reply>, u64)>,
+    /// Numbers drains.
+    drains: u64,
     /// Paused (handles no event) until then.
     paused_until: u64,
 }
@@ -193,10 +232,13 @@ impl Sim {
                 disk: LogState::bootstrap(&voters),
                 epoch: 0,
                 shard: None,
+                engine: None,
+                wal: Vec::new(),
                 writing: None,
                 last_offset: 0,
                 applied_index: 0,
                 pending: None,
+                drains: 0,
                 paused_until: 0,
             });
             sim.start(i);
@@ -253,20 +295,27 @@ impl Sim {
                 self.heal();
                 Ok(())
             }
+            Event::Timeout { node, epoch, drain } => {
+                self.timeout(node, epoch, drain);
+                Ok(())
+            }
         }
     }
 
     /// The node an event is handled by, if one.
     fn target(&self, ev: &Event) -> Option<usize> {
         match ev {
-            Event::Tick { node, .. } | Event::Written { node, .. } => Some(*node),
+            Event::Tick { node, .. }
+            | Event::Written { node, .. }
+            | Event::Timeout { node, .. } => Some(*node),
             Event::Deliver(m) => Some(m.to as usize - 1),
             _ => None,
         }
     }
 
-    /// Starts node `n` from its disk (a fresh start or a restart): a fresh
-    /// engine, into which the replica replays the committed log.
+    /// Starts node `n` from its disk (a fresh start or a restart): its
+    /// engine rebuilt from its WAL, as recovery does; the replica hands
+    /// over the committed log again, and what the WAL holds is skipped.
     fn start(&mut self, n: usize) {
         if self.nodes[n].shard.is_some() {
             return;
@@ -274,10 +323,20 @@ impl Sim {
         let seed = self.rng.next_u64();
         let node = &mut self.nodes[n];
         node.epoch += 1;
+        let mut e = engine();
+        for r in &node.wal {
+            let entry: WalEntry = serde_json::from_slice(&r.bytes).expect("a logged entry");
+            e.replay(r.offset, entry).expect("the WAL replays");
+        }
+        for (id, _) in e.unresolved_parts() {
+            e.resolve_part(&id, true);
+        }
+        let wal_next = node.wal.last().map_or(1, |r| r.offset + 1);
         let log = RaftLog::new(node.disk.clone());
         let replica = Replica::new(n as u64 + 1, log, &self.replica_cfg, 0, seed)
             .expect("a valid replica config");
-        node.shard = Some(ReplicatedShard::new(replica, engine()));
+        node.shard = Some(ReplicatedShard::new(replica, wal_next));
+        node.engine = Some(e);
         node.writing = None;
         node.last_offset = 0;
         node.applied_index = 0;
@@ -301,19 +360,25 @@ impl Sim {
     }
 
     /// A crash: the write in flight keeps a random prefix (entries, then
-    /// the hard state), everything not on the disk is gone.
+    /// the hard state), everything not on the disk is gone, and the WAL
+    /// may lose its newest records (written after their entry applied).
     fn crash(&mut self, n: usize) {
         let keep = self.rng.next_u64();
+        let lose = self.rng.below(4) as usize;
         let node = &mut self.nodes[n];
         if let Some(p) = node.writing.take() {
             let parts = p.hard_state.is_some() as usize + p.entries.len();
             let kept = (keep % (parts as u64 + 1)) as usize;
             write_prefix(&mut node.disk, &p, kept);
         }
+        let lose = lose.min(node.wal.len());
+        node.wal.truncate(node.wal.len() - lose);
+        self.report.wal_lost += lose as u64;
         node.shard = None;
+        node.engine = None;
         node.epoch += 1;
         self.report.crashes += 1;
-        if let Some(w) = node.pending.take() {
+        if let Some((w, _, _)) = node.pending.take() {
             // The client's connection broke: outcome unknown; it retries.
             self.retries.push(w);
         }
@@ -321,15 +386,20 @@ impl Sim {
 
     /// Takes node `n`'s next Ready and carries it out.
     fn drive(&mut self, n: usize) -> Result<(), String> {
-        let Some(shard) = self.nodes[n].shard.as_mut() else {
+        let node = &mut self.nodes[n];
+        let (Some(shard), Some(engine)) = (node.shard.as_mut(), node.engine.as_mut()) else {
             return Ok(());
         };
-        let progress: Progress = shard.ready().map_err(|e| format!("node {}: {e}", n + 1))?;
+        let progress: Progress = shard
+            .ready(engine, false)
+            .map_err(|e| format!("node {}: {e}", n + 1))?;
         self.check_leader(n)?;
         self.send(progress.send);
         self.record_applied(n, progress.applied)?;
-        self.answer_read(n, progress.read, progress.read_lost);
-        self.answer(n, progress.committed, progress.lost);
+        self.write_wal(n, progress.write)?;
+        if let Some(outcome) = progress.outcome {
+            self.answer(n, outcome);
+        }
         if let Some(p) = progress.persist {
             let done = self.now + 1 + self.rng.below(self.cfg.max_write_ms);
             let epoch = self.nodes[n].epoch;
@@ -337,6 +407,39 @@ impl Sim {
             self.at(done, Event::Written { node: n, epoch });
         }
         Ok(())
+    }
+
+    /// Appends committed records to node `n`'s WAL: offsets must grow.
+    fn write_wal(&mut self, n: usize, records: Vec<Record>) -> Result<(), String> {
+        let wal = &mut self.nodes[n].wal;
+        for r in records {
+            if wal.last().is_some_and(|l| l.offset >= r.offset) {
+                return Err(format!(
+                    "node {} wrote offset {} to its WAL after {}",
+                    n + 1,
+                    r.offset,
+                    wal.last().map_or(0, |l| l.offset)
+                ));
+            }
+            wal.push(r);
+        }
+        Ok(())
+    }
+
+    /// Node `n` gives up on its drain (commit timeout): rolled back, the
+    /// client told the outcome is unknown.
+    fn timeout(&mut self, n: usize, epoch: u64, drain: u64) {
+        let node = &mut self.nodes[n];
+        if node.epoch != epoch || node.pending.as_ref().is_none_or(|p| p.2 != drain) {
+            return;
+        }
+        let (w, _, _) = node.pending.take().expect("checked");
+        if let (Some(shard), Some(engine)) = (node.shard.as_mut(), node.engine.as_mut()) {
+            engine.rollback();
+            shard.abandon();
+        }
+        self.report.abandoned += 1;
+        self.retries.push(w);
     }
 
     /// Node `n`'s write finished: it is on the disk, and the messages
@@ -409,20 +512,20 @@ impl Sim {
         } else {
             return Ok(());
         };
-        let now = self.now as i64;
         let paused = self.nodes[n].paused_until > self.now;
-        let taken = match self.nodes[n].shard.as_mut() {
-            Some(shard) if !paused => shard.execute(vec![w.cmd.clone()], now).is_ok(),
-            _ => false,
+        let replies = if paused {
+            None
+        } else {
+            self.execute(n, &w.cmd)
         };
-        if !taken {
+        let Some(replies) = replies else {
             // Refused at once (not the leader): the call did nothing. A
             // new one is forgotten, a retry waits for another try.
             if retry {
                 self.retries.push(w);
             }
             return Ok(());
-        }
+        };
         if let Some(op) = op {
             let calls = &mut self.history[w.inst as usize];
             debug_assert_eq!(calls.len(), w.slot);
@@ -433,8 +536,46 @@ impl Sim {
             });
         }
         self.report.retries += retry as u64;
-        self.nodes[n].pending = Some(w);
+        let node = &mut self.nodes[n];
+        node.drains += 1;
+        let (drain, epoch) = (node.drains, node.epoch);
+        node.pending = Some((w, replies, drain));
+        // Drawn per drain, from a few ms (a leader that gives up while it
+        // still leads) to the configured bound.
+        let at = self.now + 5 + self.rng.below(self.cfg.commit_timeout_ms);
+        self.at(
+            at,
+            Event::Timeout {
+                node: n,
+                epoch,
+                drain,
+            },
+        );
         self.drive(n)
+    }
+
+    /// Node `n` runs `cmd` as a drain, as the shard loop does: executed on
+    /// the engine, then proposed (what it staged) or confirmed (a read, or
+    /// a write that changed nothing). `None` when the node cannot serve.
+    fn execute(&mut self, n: usize, cmd: &Command) -> Option<Vec<Reply>> {
+        let node = &mut self.nodes[n];
+        let (shard, engine) = (node.shard.as_mut()?, node.engine.as_mut()?);
+        if shard.refusal().is_some() {
+            return None;
+        }
+        let base = shard.next_offset();
+        let mut offsets = Offsets::new(base, base + 1);
+        let reply = engine.execute(cmd.clone(), &mut offsets, self.now as i64);
+        let staged = engine.take_staged();
+        let taken = if staged.is_empty() {
+            shard.confirm_reads()
+        } else {
+            shard.propose(staged, base..base + 1).map(|_| ())
+        };
+        match taken {
+            Ok(()) => Some(vec![reply]),
+            Err(e) => panic!("a node that can serve refused a drain: {e}"),
+        }
     }
 
     /// A new client call on a random instance (entered in its history once
@@ -482,42 +623,29 @@ impl Sim {
         Ok(())
     }
 
-    /// The outcome of node `n`'s drain: the client's answer, or (lost) an
-    /// unknown outcome.
-    fn answer(
-        &mut self,
-        n: usize,
-        committed: Option<(Proposed, Vec<Reply>)>,
-        lost: Option<Proposed>,
-    ) {
-        if lost.is_some() {
-            self.report.lost += 1;
-            let w = self.nodes[n].pending.take().expect("a waiting call");
-            self.retries.push(w);
-        }
-        let Some((p, replies)) = committed else {
+    /// The outcome of node `n`'s drain: the client's answer, or a retry
+    /// (lost, or reads no longer confirmable).
+    fn answer(&mut self, n: usize, outcome: Outcome) {
+        let node = &mut self.nodes[n];
+        let Some((w, replies, _)) = node.pending.take() else {
+            // An abandoned drain's outcome: nobody waits for it.
             return;
         };
-        self.report.acknowledged += 1;
-        self.acked.insert(p.index, (p.term, p.offset));
-        let w = self.nodes[n].pending.take().expect("a waiting call");
+        match outcome {
+            Outcome::Committed(p) => {
+                node.engine.as_mut().expect("live").commit_done();
+                self.report.acknowledged += 1;
+                self.acked.insert(p.index, (p.term, p.offset));
+            }
+            Outcome::ReadConfirmed => self.report.reads += 1,
+            Outcome::Lost(_) | Outcome::ReadLost => {
+                self.report.lost += matches!(outcome, Outcome::Lost(_)) as u64;
+                self.retries.push(w);
+                return;
+            }
+        }
         let ret = instance_ret(&replies[0]);
         self.history[w.inst as usize][w.slot].returned = Some((self.now, ret));
-    }
-
-    /// The outcome of node `n`'s drain of reads: the answer, or (dropped
-    /// when the node lost office) a retry.
-    fn answer_read(&mut self, n: usize, read: Option<Vec<Reply>>, lost: bool) {
-        if lost {
-            let w = self.nodes[n].pending.take().expect("a waiting read");
-            self.retries.push(w);
-        }
-        if let Some(replies) = read {
-            self.report.reads += 1;
-            let w = self.nodes[n].pending.take().expect("a waiting read");
-            let ret = instance_ret(&replies[0]);
-            self.history[w.inst as usize][w.slot].returned = Some((self.now, ret));
-        }
     }
 
     /// A crash (restarted later) or a new partition.
@@ -601,7 +729,7 @@ impl Sim {
         let states: Vec<String> = self
             .nodes
             .iter_mut()
-            .map(|n| visible(n.shard.as_mut().expect("healed").engine_mut()))
+            .map(|n| visible(n.engine.as_mut().expect("healed")))
             .collect();
         if let Some(i) = states.iter().position(|s| *s != states[0]) {
             return Err(format!(
@@ -609,6 +737,14 @@ impl Sim {
                 i + 1,
                 states[i],
                 states[0]
+            ));
+        }
+        if let Some(i) = self.nodes.iter().position(|n| n.wal != self.nodes[0].wal) {
+            return Err(format!(
+                "node {}'s WAL differs from node 1's ({} and {} records)",
+                i + 1,
+                self.nodes[i].wal.len(),
+                self.nodes[0].wal.len()
             ));
         }
         for (index, (term, offset)) in &self.acked {

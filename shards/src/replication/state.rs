@@ -1,30 +1,80 @@
-//! A shard's engine as the state machine of its group.
+//! A shard's engine as the state machine of its group: the one piece of
+//! replication logic that both hosts run — the daemon's shard loop
+//! (`shard::cluster`) and the deterministic simulation (`sim`) — so the
+//! simulation proves the code the server runs.
 //!
-//! The leader executes a drain against its engine before proposing it, as
-//! a standalone shard does before its WAL commit: the records the drain
-//! stages, with the offsets the leader assigned, are the entry. Followers
-//! apply an entry's records as recovery replays a WAL. The leader releases
-//! a drain's replies when its entry is applied with the term it was
-//! proposed in; if another entry takes that index first, the drain's
-//! changes are undone and its callers told the outcome is unknown.
+//! The host executes a drain against its engine, as a standalone shard
+//! does before its WAL commit, and hands over what it staged:
+//! [`ReplicatedShard::propose`] makes those records, with the offsets the
+//! leader assigned, one entry. The host answers the drain when
+//! [`Progress::outcome`] says its entry was applied with the term it was
+//! proposed in. If another entry takes that index first, the drain's
+//! changes are undone here (before that entry is replayed) and the host
+//! tells its callers the outcome is unknown. A host that stops waiting
+//! (its commit timeout) calls [`ReplicatedShard::abandon`] after rolling
+//! the drain back: whatever entry later lands at its index is replayed —
+//! it may be the drain itself — and no drain runs before that.
 //!
-//! A drain of reads only is not logged: the leader asks the group to
-//! confirm its commit index (ReadIndex, one heartbeat round) and executes
-//! the reads once it has applied that far, so no read returns state a
-//! newer leader could already have changed.
+//! A drain of reads only is not logged: after the host executed it, the
+//! leader asks the group to confirm its commit index (ReadIndex, one
+//! heartbeat round). If the group confirms, this node led when the reads
+//! ran, so they saw every committed write; if it stops leading first, the
+//! reads are dropped and their callers retry.
 //!
-//! One drain is in flight per shard at a time, as with today's group
-//! commit, so the engine's undo log holds exactly that drain, and a read
-//! never sees a write that is not committed.
+//! Entries the node did not propose (a follower's whole diet, a new
+//! leader's inheritance) are replayed into the engine. Their records, and
+//! those of the node's own committed drains, come back in log order in
+//! [`Progress::write`]: what the host appends to its WAL.
 
 use raft::prelude::Message;
 
+use super::payload;
 use super::replica::{Applied, Persist, ProposeError, Proposed, Replica};
-use crate::commands::{Command, Reply};
-use crate::engine::{Engine, Mark, Offsets};
+use crate::commands::WatchEvent;
+use crate::engine::{Engine, Staged};
 use crate::wal_entry::WalEntry;
 
-/// Why a drain was not taken.
+/// What became of the drain in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its entry is applied with its term: answer its callers.
+    Committed(Proposed),
+    /// Another entry took its index; its changes are undone. Its callers'
+    /// outcome is unknown (a retry with an idempotency key is safe).
+    Lost(Proposed),
+    /// The reads are confirmed (this node still led): answer them.
+    ReadConfirmed,
+    /// This node stopped leading before the reads were confirmed: their
+    /// callers retry.
+    ReadLost,
+}
+
+/// A committed record, for the host's WAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub kind: u8,
+    pub bytes: Vec<u8>,
+}
+
+/// What one Ready came to for the host.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages to send now.
+    pub send: Vec<Message>,
+    /// The write to make, then [`ReplicatedShard::persisted`].
+    pub persist: Option<Persist>,
+    /// What became of the drain in flight, if that was decided.
+    pub outcome: Option<Outcome>,
+    /// Committed records to append to the WAL, in log order.
+    pub write: Vec<Record>,
+    /// Transitions among the replayed records (when asked to collect).
+    pub events: Vec<WatchEvent>,
+    /// The entries applied, in log order.
+    pub applied: Vec<Applied>,
+}
+
+/// Why a drain cannot be proposed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DrainError {
     /// Another drain of this shard is still waiting for its commit.
@@ -35,63 +85,51 @@ pub enum DrainError {
     NotServing(ProposeError),
 }
 
-/// What one Ready came to for the host.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Messages to send now.
-    pub send: Vec<Message>,
-    /// The write to make, then [`ReplicatedShard::persisted`].
-    pub persist: Option<Persist>,
-    /// A drain committed: its replies, in command order.
-    pub committed: Option<(Proposed, Vec<Reply>)>,
-    /// A drain of reads answered (confirmed by ReadIndex), in command order.
-    pub read: Option<Vec<Reply>>,
-    /// A drain whose index another entry took: undone, outcome unknown to
-    /// its callers (a retry with an idempotency key is safe).
-    pub lost: Option<Proposed>,
-    /// A drain of reads abandoned because this node stopped leading before
-    /// the group confirmed it: not executed; the callers may retry.
-    pub read_lost: bool,
-    /// The entries applied, in log order.
-    pub applied: Vec<Applied>,
-}
-
-/// The drain waiting for its commit.
+/// The drain waiting for its outcome.
 enum InFlight {
-    /// Writes (or a mix): executed, waiting for their entry.
+    /// Executed; waiting for its entry. Its records go to the WAL once
+    /// committed.
     Write {
         proposed: Proposed,
-        mark: Mark,
-        replies: Vec<Reply>,
+        staged: Vec<Staged>,
     },
-    /// Reads only: waiting for the ReadIndex answer (`index`), then for the
-    /// state to be applied that far; executed only then.
+    /// Reads executed; waiting for the group to confirm (`index`), then
+    /// for the state to be applied that far.
     Read {
         ctx: Vec<u8>,
         term: u64,
         index: Option<u64>,
-        commands: Vec<Command>,
     },
+    /// Given up on by the host (and rolled back there): whatever entry
+    /// lands at its index is replayed.
+    Abandoned(Proposed),
 }
 
 /// A shard replicated through its group.
 pub struct ReplicatedShard {
     replica: Replica,
-    engine: Engine,
     in_flight: Option<InFlight>,
     /// Numbers ReadIndex requests (their context).
     reads: u64,
+    /// The offset after everything the applied log holds or owns (an
+    /// entry owns its drain's whole reserved range): the host's state has
+    /// every record below it, and records below it (from entries raft
+    /// hands over again after a restart) are skipped.
+    applied_offset: u64,
 }
 
 impl ReplicatedShard {
-    /// The shard's member `replica` over `engine`, which holds the state
-    /// up to the index the replica was created with.
-    pub fn new(replica: Replica, engine: Engine) -> ReplicatedShard {
+    /// The shard's member `replica`; the host's state holds every record
+    /// below `applied_offset`.
+    pub fn new(replica: Replica, applied_offset: u64) -> ReplicatedShard {
+        assert!(applied_offset >= 1, "offsets start at 1");
+        let mut replica = replica;
+        replica.raise_next_offset(applied_offset);
         ReplicatedShard {
             replica,
-            engine,
             in_flight: None,
             reads: 0,
+            applied_offset,
         }
     }
 
@@ -103,86 +141,84 @@ impl ReplicatedShard {
         &mut self.replica
     }
 
-    pub fn engine_mut(&mut self) -> &mut Engine {
-        &mut self.engine
-    }
-
-    /// Whether a drain is waiting for its commit.
+    /// Whether a drain is waiting for its outcome.
     pub fn busy(&self) -> bool {
-        self.in_flight.is_some()
+        matches!(
+            self.in_flight,
+            Some(InFlight::Write { .. } | InFlight::Read { .. })
+        )
     }
 
-    /// Executes `commands` as one drain and proposes what they staged.
-    /// Reads go through the log too, so every answer is linearizable.
-    /// Returns the proposal, or `None` for a drain of reads (answered in a
-    /// later [`Progress::read`]).
-    pub fn execute(
+    /// Whether the host may execute a drain now: this node leads, its
+    /// state holds every entry before its term's, no drain is in flight,
+    /// and no abandoned drain's index is still open.
+    pub fn can_serve(&self) -> bool {
+        self.replica.can_serve() && self.in_flight.is_none()
+    }
+
+    /// Why the host may not execute a drain now.
+    pub fn refusal(&self) -> Option<DrainError> {
+        if self.busy() {
+            return Some(DrainError::Busy);
+        }
+        if self.can_serve() {
+            return None;
+        }
+        let leader = self.replica.role().2;
+        Some(DrainError::NotServing(ProposeError::NotLeader {
+            leader: (leader != 0 && !self.replica.is_leader()).then_some(leader),
+        }))
+    }
+
+    /// The offset after everything the applied log holds or owns.
+    pub fn applied_offset(&self) -> u64 {
+        self.applied_offset
+    }
+
+    /// The first offset the next drain's records take.
+    pub fn next_offset(&self) -> u64 {
+        self.replica.next_offset().max(self.applied_offset)
+    }
+
+    /// Proposes the records a drain staged; the host executed it on its
+    /// engine since the last commit, with the offsets `reserved` (from
+    /// [`ReplicatedShard::next_offset`]). The entry owns the whole range,
+    /// used or not, so no later leader hands out an offset in it: a reader
+    /// that passed the range never misses a record in it.
+    pub fn propose(
         &mut self,
-        commands: Vec<Command>,
-        now: i64,
-    ) -> Result<Option<Proposed>, DrainError> {
-        if self.in_flight.is_some() {
-            return Err(DrainError::Busy);
+        staged: Vec<Staged>,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<Proposed, DrainError> {
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
-        if !self.replica.can_serve() {
-            let leader = self.replica.role().2;
-            return Err(DrainError::NotServing(ProposeError::NotLeader {
-                leader: (leader != 0).then_some(leader),
-            }));
-        }
-        if !commands.iter().any(Command::may_write) {
-            self.start_read(commands);
-            return Ok(None);
-        }
-        let mark = self.engine.mark();
-        let base = self.replica.next_offset();
-        let writes = commands.iter().filter(|c| c.may_write()).count() as u64;
-        let mut offsets = Offsets::new(base, base + writes);
-        let replies: Vec<Reply> = commands
-            .into_iter()
-            .map(|c| self.engine.execute(c, &mut offsets, now))
-            .collect();
-        let staged = self.engine.take_staged();
-        let used = staged.len() as u32;
-        for (i, s) in staged.iter().enumerate() {
-            assert_eq!(s.offset, base + i as u64, "staged offsets are dense");
-        }
-        let mut payload = Vec::new();
-        super::payload::encode(&staged, &mut payload);
-        match self.replica.propose(&payload, used) {
-            Ok(proposed) => {
-                self.in_flight = Some(InFlight::Write {
-                    proposed,
-                    mark,
-                    replies,
-                });
-                Ok(Some(proposed))
-            }
-            Err(e) => {
-                self.engine.rollback_to(mark);
-                Err(DrainError::NotServing(e))
-            }
-        }
+        assert!(!staged.is_empty(), "a drain of writes stages records");
+        assert!(
+            reserved.start >= self.next_offset()
+                && staged.iter().all(|s| reserved.contains(&s.offset)),
+            "a drain's offsets lie in its range, from the next offset"
+        );
+        let mut data = Vec::new();
+        payload::encode(&staged, &mut data);
+        let first = reserved.start;
+        self.replica.raise_next_offset(first);
+        let count = u32::try_from(reserved.end - first).expect("a drain's offsets fit a u32");
+        let proposed = self
+            .replica
+            .propose(&data, count)
+            .map_err(DrainError::NotServing)?;
+        debug_assert_eq!(proposed.offset, first);
+        self.in_flight = Some(InFlight::Write { proposed, staged });
+        Ok(proposed)
     }
 
-    /// Takes the replica's next Ready and applies what it committed.
-    pub fn ready(&mut self) -> Result<Progress, String> {
-        let out = self.replica.ready();
-        let mut progress = Progress {
-            send: out.send,
-            persist: out.persist,
-            ..Progress::default()
-        };
-        for a in out.apply {
-            self.apply(&a, &mut progress)?;
-            progress.applied.push(a);
+    /// A drain of reads was executed: asks the group to confirm this
+    /// node still leads.
+    pub fn confirm_reads(&mut self) -> Result<(), DrainError> {
+        if let Some(e) = self.refusal() {
+            return Err(e);
         }
-        self.advance_read(out.reads, &mut progress);
-        Ok(progress)
-    }
-
-    /// Asks the group to confirm the commit index for a drain of reads.
-    fn start_read(&mut self, commands: Vec<Command>) {
         self.reads += 1;
         let ctx = self.reads.to_le_bytes().to_vec();
         self.replica.read_index(ctx.clone());
@@ -190,40 +226,36 @@ impl ReplicatedShard {
             ctx,
             term: self.replica.role().0,
             index: None,
-            commands,
         });
+        Ok(())
     }
 
-    /// Moves the drain of reads on: note its confirmed index, execute it
-    /// once applied that far, or drop it if this node lost office (raft-rs
-    /// drops the request silently then).
-    fn advance_read(&mut self, answers: Vec<(Vec<u8>, u64)>, progress: &mut Progress) {
-        let (term_now, leading) = (self.replica.role().0, self.replica.is_leader());
-        let Some(InFlight::Read {
-            ctx, term, index, ..
-        }) = &mut self.in_flight
-        else {
-            return;
+    /// The host stops waiting for the drain in flight and has rolled it
+    /// back. A write's index stays open (see the module docs); reads are
+    /// simply dropped.
+    pub fn abandon(&mut self) {
+        self.in_flight = match self.in_flight.take() {
+            Some(InFlight::Write { proposed, .. }) => Some(InFlight::Abandoned(proposed)),
+            Some(InFlight::Abandoned(p)) => Some(InFlight::Abandoned(p)),
+            Some(InFlight::Read { .. }) | None => None,
         };
-        if let Some((_, at)) = answers.iter().find(|(c, _)| c == ctx) {
-            *index = Some(*at);
+    }
+
+    /// Takes the replica's next Ready and applies what it committed to
+    /// `engine`; `collect` asks for the replayed transitions.
+    pub fn ready(&mut self, engine: &mut Engine, collect: bool) -> Result<Progress, String> {
+        let out = self.replica.ready();
+        let mut progress = Progress {
+            send: out.send,
+            persist: out.persist,
+            ..Progress::default()
+        };
+        for a in out.apply {
+            self.apply(engine, &a, collect, &mut progress)?;
+            progress.applied.push(a);
         }
-        if !leading || *term != term_now {
-            self.in_flight = None;
-            progress.read_lost = true;
-            return;
-        }
-        if index.is_some_and(|at| self.replica.applied() >= at) {
-            let Some(InFlight::Read { commands, .. }) = self.in_flight.take() else {
-                unreachable!("matched above");
-            };
-            let mut none = Offsets::new(1, 1);
-            let replies = commands
-                .into_iter()
-                .map(|c| self.engine.execute(c, &mut none, 0))
-                .collect();
-            progress.read = Some(replies);
-        }
+        self.advance_reads(out.reads, &mut progress);
+        Ok(progress)
     }
 
     /// The write of Ready `number` is done: the messages that waited.
@@ -231,46 +263,116 @@ impl ReplicatedShard {
         self.replica.persisted(number)
     }
 
-    /// One committed entry: our drain (its replies go), or another's (ours,
-    /// if any, is undone first: it was executed on a state without it).
-    fn apply(&mut self, a: &Applied, progress: &mut Progress) -> Result<(), String> {
-        if let Some(InFlight::Write { proposed, .. }) = &self.in_flight {
-            let ours = proposed.index == a.index && proposed.term == a.term;
-            let Some(InFlight::Write {
-                proposed,
-                mark,
-                replies,
-            }) = self.in_flight.take()
-            else {
-                unreachable!("matched above");
-            };
-            if ours {
-                self.engine.commit_done();
-                progress.committed = Some((proposed, replies));
-                return Ok(());
-            }
-            self.engine.rollback_to(mark);
-            self.engine.commit_done();
-            progress.lost = Some(proposed);
+    /// Moves the drain of reads on: note its confirmed index, answer it
+    /// once applied that far, or drop it if this node lost office (raft-rs
+    /// drops the request silently then).
+    fn advance_reads(&mut self, answers: Vec<(Vec<u8>, u64)>, progress: &mut Progress) {
+        let (term_now, leading) = (self.replica.role().0, self.replica.is_leader());
+        let Some(InFlight::Read { ctx, term, index }) = &mut self.in_flight else {
+            return;
+        };
+        if let Some((_, at)) = answers.iter().find(|(c, _)| c == ctx) {
+            *index = Some(*at);
         }
-        self.replay(a)
+        if !leading || *term != term_now {
+            self.in_flight = None;
+            progress.outcome = Some(Outcome::ReadLost);
+        } else if index.is_some_and(|at| self.replica.applied() >= at) {
+            self.in_flight = None;
+            progress.outcome = Some(Outcome::ReadConfirmed);
+        }
     }
 
-    /// Applies an entry's records as recovery would.
-    fn replay(&mut self, a: &Applied) -> Result<(), String> {
-        let records = super::payload::decode(a.index, &a.payload)?;
-        if records.len() != a.offsets as usize {
-            return Err(format!(
-                "entry {} holds {} records for {} offsets",
-                a.index,
-                records.len(),
-                a.offsets
-            ));
+    /// One committed entry: the drain in flight (its records go to the
+    /// WAL), or another's — a drain in flight that it displaced is rolled
+    /// back first, then the entry is replayed.
+    fn apply(
+        &mut self,
+        engine: &mut Engine,
+        a: &Applied,
+        collect: bool,
+        progress: &mut Progress,
+    ) -> Result<(), String> {
+        match self.in_flight.take() {
+            Some(InFlight::Write { proposed, staged }) if a.index >= proposed.index => {
+                if proposed.index == a.index && proposed.term == a.term {
+                    progress.outcome = Some(Outcome::Committed(proposed));
+                    self.keep(staged, progress);
+                    self.own(a);
+                    return Ok(());
+                }
+                engine.rollback();
+                progress.outcome = Some(Outcome::Lost(proposed));
+            }
+            Some(InFlight::Abandoned(p)) if a.index >= p.index => {}
+            other => self.in_flight = other,
         }
+        self.replay(engine, a, collect, progress)?;
+        self.own(a);
+        Ok(())
+    }
+
+    /// The applied entry's whole range is taken, records or not.
+    fn own(&mut self, a: &Applied) {
+        if a.offsets > 0 {
+            self.applied_offset = self.applied_offset.max(a.offset + u64::from(a.offsets));
+        }
+    }
+
+    /// The drain's own records, committed: to the WAL.
+    fn keep(&mut self, staged: Vec<Staged>, progress: &mut Progress) {
+        for s in staged {
+            assert!(
+                s.offset >= self.applied_offset,
+                "offsets grow along the log"
+            );
+            self.applied_offset = s.offset + 1;
+            progress.write.push(Record {
+                offset: s.offset,
+                kind: s.kind,
+                bytes: s.bytes,
+            });
+        }
+    }
+
+    /// Applies an entry's records as recovery would, skipping those the
+    /// host's state already holds.
+    fn replay(
+        &mut self,
+        engine: &mut Engine,
+        a: &Applied,
+        collect: bool,
+        progress: &mut Progress,
+    ) -> Result<(), String> {
+        let records = payload::decode(a.index, &a.payload)?;
+        let span = a.offset..a.offset + u64::from(a.offsets);
         for r in records {
+            if !span.contains(&r.offset) {
+                return Err(format!(
+                    "entry {}: record offset {} outside its offsets {span:?}",
+                    a.index, r.offset
+                ));
+            }
+            if r.offset < self.applied_offset {
+                continue;
+            }
             let entry: WalEntry = serde_json::from_slice(r.bytes)
                 .map_err(|e| format!("entry {}: record at offset {}: {e}", a.index, r.offset))?;
-            self.engine.replay(r.offset, entry)?;
+            if collect {
+                entry.watch_events(r.offset, r.bytes.len(), &mut progress.events);
+            }
+            engine.replay(r.offset, entry)?;
+            // One shard per group: an atomic batch's part is its whole
+            // batch, decided when its record is.
+            for (id, _) in engine.unresolved_parts() {
+                engine.resolve_part(&id, true);
+            }
+            self.applied_offset = r.offset + 1;
+            progress.write.push(Record {
+                offset: r.offset,
+                kind: r.kind,
+                bytes: r.bytes.to_vec(),
+            });
         }
         Ok(())
     }
@@ -279,15 +381,15 @@ impl ReplicatedShard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::ApplyEvent;
+    use crate::commands::{ApplyEvent, Command, Reply};
     use crate::definition::MachineDef;
-    use crate::engine::EngineLimits;
+    use crate::engine::{EngineLimits, Offsets};
     use crate::replication::log::{LogState, RaftLog};
     use crate::replication::replica::ReplicaConfig;
     use serde_json::{json, Value};
     use std::sync::Arc;
 
-    fn shard() -> ReplicatedShard {
+    fn engine() -> Engine {
         let mut engine = Engine::new(&EngineLimits {
             idempotency_entries: 16,
             idempotency_max_age_ms: 0,
@@ -299,36 +401,50 @@ mod tests {
             1,
             Arc::new(MachineDef::from_json(&def).unwrap()),
         );
+        engine
+    }
+
+    fn lone_leader(engine: &mut Engine) -> ReplicatedShard {
         let log = RaftLog::new(LogState::bootstrap(&[1]));
         let replica = Replica::new(1, log, &ReplicaConfig::default(), 0, 3).unwrap();
-        let mut s = ReplicatedShard::new(replica, engine);
+        let mut s = ReplicatedShard::new(replica, 1);
         for _ in 0..100 {
             s.replica_mut().tick();
-            settle(&mut s);
-            if s.replica().can_serve() {
+            settle(&mut s, engine);
+            if s.can_serve() {
                 return s;
             }
         }
         panic!("no leader");
     }
 
-    /// Carries out Readies (writes complete at once) until nothing is left;
-    /// returns the answers that came out.
-    fn settle(s: &mut ReplicatedShard) -> Vec<Vec<Reply>> {
-        let mut answers = Vec::new();
+    /// Carries out Readies (writes complete at once) until nothing is
+    /// left; returns the outcomes and the records to write.
+    fn settle(s: &mut ReplicatedShard, engine: &mut Engine) -> (Vec<Outcome>, Vec<Record>) {
+        let (mut outcomes, mut records) = (Vec::new(), Vec::new());
         for _ in 0..100 {
-            let p = s.ready().unwrap();
-            answers.extend(p.committed.map(|(_, r)| r));
-            answers.extend(p.read);
+            let p = s.ready(engine, false).unwrap();
+            outcomes.extend(p.outcome);
+            records.extend(p.write);
             match p.persist {
                 Some(w) => {
                     let _ = s.persisted(w.number);
                 }
-                None if p.applied.is_empty() && p.send.is_empty() => return answers,
+                None if p.applied.is_empty() && p.send.is_empty() => break,
                 None => {}
             }
         }
-        answers
+        (outcomes, records)
+    }
+
+    /// Executes `commands` as the host does, staging from the next offset.
+    fn execute(s: &ReplicatedShard, engine: &mut Engine, commands: Vec<Command>) -> Vec<Reply> {
+        let base = s.next_offset();
+        let mut offsets = Offsets::new(base, base + commands.len() as u64);
+        commands
+            .into_iter()
+            .map(|c| engine.execute(c, &mut offsets, 5))
+            .collect()
     }
 
     fn json_of(r: &Reply) -> Value {
@@ -338,25 +454,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_answer_once_applied_and_reads_through_read_index() {
-        let mut s = shard();
-        let create = Command::CreateInstance {
-            instance_id: "i".into(),
+    fn create(id: &str) -> Command {
+        Command::CreateInstance {
+            instance_id: id.into(),
             machine: "m".into(),
             version: 1,
             initial_ctx: json!({}),
             idempotency_key: None,
             allow_recreate: false,
-        };
-        let p = s
-            .execute(vec![create], 5)
-            .unwrap()
-            .expect("a write is proposed");
-        assert_eq!(s.execute(vec![], 5), Err(DrainError::Busy));
-        let answers = settle(&mut s);
-        assert_eq!(json_of(&answers[0][0])["state"], "a");
-        assert_eq!(json_of(&answers[0][0])["wal_offset"], p.offset);
+        }
+    }
+
+    #[test]
+    fn a_write_is_answered_once_applied_and_its_records_go_to_the_wal() {
+        let mut e = engine();
+        let mut s = lone_leader(&mut e);
+        let replies = execute(&s, &mut e, vec![create("i")]);
+        let p = s.propose(e.take_staged(), 1..2).unwrap();
+        assert_eq!(s.propose(Vec::new(), 2..3), Err(DrainError::Busy));
+        let (outcomes, records) = settle(&mut s, &mut e);
+        assert_eq!(outcomes, [Outcome::Committed(p)]);
+        assert_eq!(
+            records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            [p.offset]
+        );
+        assert_eq!(json_of(&replies[0])["wal_offset"], p.offset);
+        e.commit_done();
         let go = Command::ApplyEvent(ApplyEvent {
             instance_id: "i".into(),
             event: "GO".into(),
@@ -366,12 +489,60 @@ mod tests {
             event_id: None,
             idempotency_key: None,
         });
-        s.execute(vec![go], 6).unwrap();
-        assert_eq!(json_of(&settle(&mut s)[0][0])["to_state"], "b");
-        let get = Command::GetInstance {
-            instance_id: "i".into(),
-        };
-        assert_eq!(s.execute(vec![get], 7), Ok(None), "a read is not logged");
-        assert_eq!(json_of(&settle(&mut s)[0][0])["state"], "b");
+        execute(&s, &mut e, vec![go]);
+        let next = s.next_offset();
+        let p2 = s.propose(e.take_staged(), next..next + 1).unwrap();
+        assert!(p2.offset > p.offset);
+        assert_eq!(settle(&mut s, &mut e).0, [Outcome::Committed(p2)]);
+    }
+
+    #[test]
+    fn reads_are_confirmed_without_an_entry() {
+        let mut e = engine();
+        let mut s = lone_leader(&mut e);
+        let last = s.replica().log().find_back(|x| Some(x.index)).unwrap();
+        execute(
+            &s,
+            &mut e,
+            vec![Command::GetInstance {
+                instance_id: "i".into(),
+            }],
+        );
+        s.confirm_reads().unwrap();
+        assert!(s.busy());
+        let (outcomes, records) = settle(&mut s, &mut e);
+        assert_eq!(outcomes, [Outcome::ReadConfirmed]);
+        assert!(records.is_empty());
+        let now = s.replica().log().find_back(|x| Some(x.index)).unwrap();
+        assert_eq!(now, last, "a read adds no entry");
+    }
+
+    #[test]
+    fn an_abandoned_drain_that_commits_after_all_is_replayed() {
+        let mut e = engine();
+        let mut s = lone_leader(&mut e);
+        execute(&s, &mut e, vec![create("i")]);
+        let p = s.propose(e.take_staged(), 1..2).unwrap();
+        // The host gave up waiting, and rolled back.
+        e.rollback();
+        s.abandon();
+        assert!(!s.can_serve(), "nothing runs while its index is open");
+        let (outcomes, records) = settle(&mut s, &mut e);
+        assert!(outcomes.is_empty(), "nobody waits for it any more");
+        assert_eq!(records.len(), 1, "its record reaches the WAL");
+        assert!(s.can_serve());
+        let mut o = Offsets::new(p.offset + 1, p.offset + 1);
+        let got = e.execute(
+            Command::GetInstance {
+                instance_id: "i".into(),
+            },
+            &mut o,
+            0,
+        );
+        assert_eq!(
+            json_of(&got)["state"],
+            "a",
+            "the replayed creation is in the state"
+        );
     }
 }

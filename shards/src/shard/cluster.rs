@@ -1,22 +1,21 @@
-//! A shard as a member of its Raft group (cluster mode, issue 17).
+//! A shard as a member of its Raft group (cluster mode, issue 17): the
+//! shard loop as host of the replication core
+//! ([`crate::replication::ReplicatedShard`], the code the simulation
+//! proves).
 //!
 //! The loop is the standalone one with its commit point replaced: a drain
 //! still executes against the engine first, but instead of one WAL commit
-//! its staged records become one proposal, and the drain's replies wait
-//! until the group has committed and applied that entry. Only then are the
-//! records written to the shard's WAL, which therefore holds committed
-//! records only, in log order, with the offsets the leader assigned.
-//! A drain of reads only is confirmed by ReadIndex (one heartbeat round,
-//! no entry) after it executed: if this node still led its group then,
-//! the state it read held every committed write.
+//! its staged records become one proposal (a drain of reads: a ReadIndex
+//! confirmation), and the drain's replies wait for the core's outcome.
+//! Meanwhile the loop keeps the group going: peer messages, ticks, and
+//! each Ready's write (the group's log file), messages and applied
+//! entries. Committed records reach the shard's WAL as they are applied,
+//! so it holds committed records only, in log order, with the offsets the
+//! leader assigned; watches and WAL_READ on any node read them there.
 //!
-//! Entries this node did not propose (a follower's whole diet, and a new
-//! leader's inheritance) are replayed into the engine and written to the
-//! WAL as they are applied. A drain whose index another entry took is
-//! rolled back and its callers told the outcome is unknown; so is one that
-//! no majority confirmed within the commit timeout — that one is kept as
-//! *unresolved*, and the shard serves again only once whatever entry holds
-//! its index has been applied (replayed, if it was ours after all).
+//! A drain that no majority confirms within the commit timeout is rolled
+//! back and its callers told the outcome is unknown; the core keeps its
+//! index open until whatever entry lands there is applied.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,13 +28,12 @@ use raft::prelude::Message;
 use raft::StateRole;
 
 use super::{FsyncPolicy, HubMsg, ShardLoop, ShardMsg};
-use crate::engine::Staged;
+use crate::commands::WatchEvent;
 use crate::error::{ApiError, ErrorCode};
-use crate::replication::payload;
-use crate::replication::replica::{Applied, Proposed, Replica, ReplicaConfig};
+use crate::replication::replica::{Replica, ReplicaConfig};
+use crate::replication::state::{DrainError, Outcome, Record, ReplicatedShard};
 use crate::replication::store::RaftStore;
 use crate::replication::{wire, RaftLog};
-use crate::wal_entry::WalEntry;
 
 /// Most frames queued to one peer; beyond it messages are dropped, as a
 /// lossy network would (raft retransmits).
@@ -89,35 +87,14 @@ pub struct GroupStatus {
     pub matched: Mutex<Vec<(u64, u64)>>,
 }
 
-/// The drain waiting for its entry.
-struct InFlight {
-    proposed: Proposed,
-    staged: Vec<Staged>,
-    outcome: Option<Outcome>,
-}
-
-/// What became of a drain's entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Committed,
-    Lost,
-}
-
-/// The group side of a shard: its replica, log file and waiting drain.
+/// The group side of a shard: the replication core and the log file.
 pub(super) struct Member {
     pub(super) cfg: ClusterShardConfig,
-    replica: Replica,
+    shard: ReplicatedShard,
     store: RaftStore,
     next_tick: Instant,
-    in_flight: Option<InFlight>,
-    /// The index of a proposal of ours whose fate is unknown (it timed out
-    /// and was rolled back); no drain runs before that index is applied.
-    unresolved: Option<u64>,
-    /// The ReadIndex request being waited for (its context) and its answer.
-    read: Option<(Vec<u8>, Option<u64>)>,
-    reads: u64,
-    /// The offset after the last record in the WAL.
-    wal_next: u64,
+    /// What became of the drain in flight, once the core says.
+    outcome: Option<Outcome>,
 }
 
 impl Member {
@@ -128,8 +105,8 @@ impl Member {
         let (store, state) =
             RaftStore::open(&cfg.raft_dir, &cfg.voters).map_err(|e| e.to_string())?;
         let applied = state.snap_index;
-        let seed = cfg.node_id ^ (std::process::id() as u64) << 20 ^ now_nanos();
-        let mut replica = Replica::new(
+        let seed = cfg.node_id ^ ((std::process::id() as u64) << 20) ^ now_nanos();
+        let replica = Replica::new(
             cfg.node_id,
             RaftLog::new(state),
             &cfg.replica,
@@ -137,32 +114,25 @@ impl Member {
             seed,
         )
         .map_err(|e| format!("raft: {e}"))?;
-        replica.raise_next_offset(wal_next);
         Ok(Member {
             next_tick: Instant::now() + cfg.tick,
             cfg,
-            replica,
+            shard: ReplicatedShard::new(replica, wal_next),
             store,
-            in_flight: None,
-            unresolved: None,
-            read: None,
-            reads: 0,
-            wal_next,
+            outcome: None,
         })
     }
 
-    /// Whether this member may execute a drain now: it leads, its state
-    /// holds every entry before its term's, and no proposal of ours is of
-    /// unknown fate.
+    /// Whether this member may execute a drain now.
     pub(super) fn can_serve(&self) -> bool {
-        self.replica.can_serve() && self.unresolved.is_none_or(|i| self.replica.applied() >= i)
+        self.shard.can_serve()
     }
 
     /// The error a drain gets on a member that cannot serve.
     pub(super) fn not_serving(&self) -> ApiError {
-        let (_, role, leader) = self.replica.role();
+        let (_, role, leader) = self.shard.replica().role();
         let detail = if role == StateRole::Leader {
-            "the new leader is catching up; retry".to_string()
+            "the leader is catching up; retry".to_string()
         } else if leader == 0 {
             "the cluster has no leader (no majority reachable); retry".to_string()
         } else {
@@ -173,7 +143,12 @@ impl Member {
 
     /// The offset a drain's records start at on this leader.
     pub(super) fn next_offset(&self) -> u64 {
-        self.replica.next_offset().max(self.wal_next)
+        self.shard.next_offset()
+    }
+
+    /// The offset after the last record in the WAL.
+    pub(super) fn applied_offset(&self) -> u64 {
+        self.shard.applied_offset()
     }
 
     fn send(&self, msgs: Vec<Message>) {
@@ -191,8 +166,8 @@ impl Member {
     /// grown past its bounds, keeping [`RETAINED_ENTRIES`] for followers.
     /// The applied entries are in the WAL, which is what recovery reads.
     fn compact_log_if_due(&mut self) {
-        let applied = self.replica.applied();
-        let log = self.replica.log().clone();
+        let applied = self.shard.replica().applied();
+        let log = self.shard.replica().log().clone();
         let held = log.with_state(|s| s.last_index() - s.snap_index);
         if self.store.len() < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
             return;
@@ -211,7 +186,8 @@ impl Member {
 
     fn publish(&self) {
         let s = &self.cfg.status;
-        let (term, role, leader) = self.replica.role();
+        let r = self.shard.replica();
+        let (term, role, leader) = r.role();
         if s.term.swap(term, Ordering::Relaxed) != term {
             s.term_changes.fetch_add(1, Ordering::Relaxed);
         }
@@ -223,13 +199,12 @@ impl Member {
         };
         s.role.store(role, Ordering::Relaxed);
         s.leader.store(leader, Ordering::Relaxed);
-        s.commit_index
-            .store(self.replica.commit_index(), Ordering::Relaxed);
-        s.applied_index
-            .store(self.replica.applied(), Ordering::Relaxed);
-        s.applied_offset.store(self.wal_next - 1, Ordering::Relaxed);
+        s.commit_index.store(r.commit_index(), Ordering::Relaxed);
+        s.applied_index.store(r.applied(), Ordering::Relaxed);
+        s.applied_offset
+            .store(self.shard.applied_offset() - 1, Ordering::Relaxed);
         if let Ok(mut m) = s.matched.lock() {
-            *m = self.replica.progress();
+            *m = r.progress();
         }
     }
 }
@@ -253,7 +228,7 @@ impl ShardLoop {
 
     /// A peer's message for this group.
     pub(super) async fn on_peer(&mut self, msg: Message) {
-        self.member().replica.step(msg);
+        self.member().shard.replica_mut().step(msg);
         self.cycle().await;
     }
 
@@ -262,7 +237,7 @@ impl ShardLoop {
         let m = self.member();
         if Instant::now() >= m.next_tick {
             m.next_tick = Instant::now() + m.cfg.tick;
-            m.replica.tick();
+            m.shard.replica_mut().tick();
             self.cycle().await;
         }
     }
@@ -284,72 +259,37 @@ impl ShardLoop {
     /// Replicates a drain's staged records (or, with none, confirms this
     /// node still leads) and waits for the outcome. On success the records
     /// are in the WAL.
-    pub(super) async fn replicate_staged(&mut self) -> Result<(), ApiError> {
+    pub(super) async fn replicate_staged(
+        &mut self,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<(), ApiError> {
         let staged = self.engine.take_staged();
-        if staged.is_empty() {
-            return self.confirm_leadership().await;
-        }
         let m = self.member();
-        let base = staged[0].offset;
-        let last = staged.last().expect("not empty").offset;
-        assert!(
-            base >= m.next_offset(),
-            "a drain's offsets start at the leader's next"
-        );
-        let mut data = Vec::new();
-        payload::encode(&staged, &mut data);
-        m.replica.raise_next_offset(base);
-        let count = u32::try_from(last - base + 1).expect("a drain's offsets fit a u32");
-        let proposed = m.replica.propose(&data, count).map_err(|e| {
+        m.outcome = None;
+        let taken = if staged.is_empty() {
+            m.shard.confirm_reads()
+        } else {
+            m.shard.propose(staged, reserved).map(|_| ())
+        };
+        taken.map_err(|e: DrainError| {
             ApiError::new(ErrorCode::InternalError, format!("replication: {e}; retry"))
         })?;
-        assert_eq!(proposed.offset, base);
-        m.in_flight = Some(InFlight {
-            proposed,
-            staged,
-            outcome: None,
-        });
         self.cycle().await;
-        let waited = self
-            .wait_for_group(|m| m.in_flight.as_ref().and_then(|f| f.outcome).is_some())
-            .await;
-        let m = self.member();
-        let flight = m.in_flight.take().expect("still ours");
-        match (waited, flight.outcome) {
-            (_, Some(Outcome::Committed)) => Ok(()),
-            (_, Some(Outcome::Lost)) => {
-                Err(unknown_outcome("another leader's entry took its place"))
-            }
-            (Err(e), None) => {
-                m.unresolved = Some(flight.proposed.index);
-                Err(e)
-            }
-            (Ok(()), None) => unreachable!("the wait ends with an outcome"),
+        if let Err(e) = self.wait_for_group(|m| m.outcome.is_some()).await {
+            // Given up: undo the drain; the core keeps its index open.
+            self.engine.rollback();
+            self.member().shard.abandon();
+            return Err(e);
         }
-    }
-
-    /// A drain of reads: asks the group to confirm this leader's commit
-    /// index, and waits for it to be applied.
-    async fn confirm_leadership(&mut self) -> Result<(), ApiError> {
-        let m = self.member();
-        m.reads += 1;
-        let ctx = m.reads.to_le_bytes().to_vec();
-        let term = m.replica.role().0;
-        m.replica.read_index(ctx.clone());
-        m.read = Some((ctx, None));
-        self.cycle().await;
-        let waited = self
-            .wait_for_group(move |m| {
-                let confirmed = matches!(m.read, Some((_, Some(at))) if m.replica.applied() >= at);
-                confirmed || !m.replica.is_leader() || m.replica.role().0 != term
-            })
-            .await;
-        let m = self.member();
-        let read = m.read.take();
-        waited?;
-        match read {
-            Some((_, Some(at))) if m.replica.applied() >= at && m.replica.is_leader() => Ok(()),
-            _ => Err(ApiError::new(
+        match self
+            .member()
+            .outcome
+            .take()
+            .expect("the wait ends with one")
+        {
+            Outcome::Committed(_) | Outcome::ReadConfirmed => Ok(()),
+            Outcome::Lost(_) => Err(unknown_outcome("another leader's entry took its place")),
+            Outcome::ReadLost => Err(ApiError::new(
                 ErrorCode::InternalError,
                 "replication: this node stopped leading before the read was confirmed; retry",
             )),
@@ -384,133 +324,81 @@ impl ShardLoop {
         }
     }
 
-    /// Carries out every Ready the replica has: send, apply, persist.
+    /// Carries out every Ready the core has: send, apply (WAL, watches),
+    /// persist.
     pub(super) async fn cycle(&mut self) {
         loop {
-            let m = self.member();
-            let out = m.replica.ready();
-            let idle = out.persist.is_none()
-                && out.apply.is_empty()
-                && out.send.is_empty()
-                && out.reads.is_empty();
-            m.send(out.send);
-            if let Some((ctx, answer)) = &mut m.read {
-                if let Some((_, at)) = out.reads.iter().find(|(c, _)| c == ctx) {
-                    *answer = Some(*at);
-                }
+            let watching = self.cfg.events.watching.load(Ordering::SeqCst);
+            let m = self.cluster.as_mut().expect("cluster mode");
+            let p = match m.shard.ready(&mut self.engine, watching) {
+                Ok(p) => p,
+                Err(e) => fatal(self.cfg.id, format_args!("applying a committed entry: {e}")),
+            };
+            let idle = p.persist.is_none()
+                && p.applied.is_empty()
+                && p.send.is_empty()
+                && p.outcome.is_none();
+            m.send(p.send);
+            if p.outcome.is_some() {
+                m.outcome = p.outcome;
             }
-            for a in out.apply {
-                self.apply_entry(a).await;
-            }
-            if let Some(p) = out.persist {
-                let sync = self.cfg.fsync == FsyncPolicy::EveryWrite && p.must_sync;
+            self.write_applied(p.write, p.events).await;
+            if let Some(w) = p.persist {
+                let sync = self.cfg.fsync == FsyncPolicy::EveryWrite && w.must_sync;
                 let m = self.member();
-                if let Err(e) = m.store.write(&p, sync) {
+                if let Err(e) = m.store.write(&w, sync) {
                     // The log cannot be trusted any more: stop rather than
                     // acknowledge what may not be on disk.
                     fatal(self.cfg.id, format_args!("{e}"));
                 }
-                let held = m.replica.persisted(p.number);
+                let held = m.shard.persisted(w.number);
                 m.send(held);
             }
-            self.member().compact_log_if_due();
-            self.member().publish();
+            let m = self.member();
+            m.compact_log_if_due();
+            m.publish();
             if idle {
                 return;
             }
         }
     }
 
-    /// One committed entry: the drain in flight (its records go to the
-    /// WAL), or another's (a drain in flight that it displaced is rolled
-    /// back first, then the entry is replayed).
-    async fn apply_entry(&mut self, a: Applied) {
-        let m = self.member();
-        if let Some(f) = m.in_flight.as_mut().filter(|f| f.outcome.is_none()) {
-            if f.proposed.index == a.index && f.proposed.term == a.term {
-                f.outcome = Some(Outcome::Committed);
-                let staged = std::mem::take(&mut f.staged);
-                self.write_applied(staged.iter().map(|s| (s.offset, s.kind, &s.bytes[..])))
-                    .await;
-                return;
-            }
-            if a.index >= f.proposed.index {
-                f.outcome = Some(Outcome::Lost);
-                self.engine.rollback();
-            }
-        }
-        if a.offsets == 0 {
+    /// Writes committed records to the WAL, then lets watchers see the
+    /// replayed transitions and readers pass the new offsets. A failed
+    /// write leaves the WAL behind the group's log: the process stops, and
+    /// recovery replays the committed entries from the log.
+    async fn write_applied(&mut self, records: Vec<Record>, events: Vec<WatchEvent>) {
+        if records.is_empty() {
             return;
         }
-        let records = match payload::decode(a.index, &a.payload) {
-            Ok(r) => r,
-            Err(e) => fatal(self.cfg.id, format_args!("committed {e}")),
-        };
-        let wal_next = self.member().wal_next;
-        let fresh: Vec<_> = records
-            .into_iter()
-            .filter(|r| r.offset >= wal_next)
-            .collect();
-        let watching = self.cfg.events.watching.load(Ordering::SeqCst);
-        let mut events = Vec::new();
-        for r in &fresh {
-            let entry: WalEntry = match serde_json::from_slice(r.bytes) {
-                Ok(e) => e,
-                Err(e) => fatal(
-                    self.cfg.id,
-                    format_args!("committed record at offset {}: {e}", r.offset),
-                ),
-            };
-            if watching {
-                entry.watch_events(r.offset, r.bytes.len(), &mut events);
-            }
-            if let Err(e) = self.engine.replay(r.offset, entry) {
-                fatal(
-                    self.cfg.id,
-                    format_args!("replaying committed record at offset {}: {e}", r.offset),
-                );
-            }
-        }
-        // A one-shard cluster: an atomic batch's part is its whole batch.
-        for (id, _) in self.engine.unresolved_parts() {
-            self.engine.resolve_part(&id, true);
-        }
-        self.write_applied(fresh.iter().map(|r| (r.offset, r.kind, r.bytes)))
-            .await;
-        // Events first, then the watermark, as a leader's drain does.
-        if !events.is_empty() {
-            self.cfg.events.send(HubMsg::Events(events));
-        }
-        let next = self.member().wal_next;
-        self.seq.advance_to(next);
-        if watching {
-            self.cfg.events.send(HubMsg::Released);
-        }
-    }
-
-    /// Writes committed records to the WAL. A failure here leaves the WAL
-    /// behind the group's log; the process stops, and recovery replays the
-    /// committed entries from the Raft log.
-    async fn write_applied<'a>(&mut self, records: impl Iterator<Item = (u64, u8, &'a [u8])>) {
-        let mut last = None;
-        for (offset, kind, bytes) in records {
-            if let Err(e) = self.writer.stage(offset, kind, bytes) {
+        for r in &records {
+            if let Err(e) = self.writer.stage(r.offset, r.kind, &r.bytes) {
                 fatal(self.cfg.id, format_args!("staging a committed record: {e}"));
             }
-            last = Some(offset);
         }
-        let Some(last) = last else { return };
-        let sync = self.sync_due(0);
+        let sync = self.sync_due(records.len() as u64);
         if let Err(e) = self.writer.commit(sync).await {
             fatal(
                 self.cfg.id,
                 format_args!("writing committed records to the WAL: {e}"),
             );
         }
-        if !sync && self.dirty_since.is_none() {
+        if sync {
+            self.unsynced_records = 0;
+            self.dirty_since = None;
+        } else if self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
-        self.member().wal_next = last + 1;
+        // Events first, then the watermark, as a leader's drain does.
+        let announce = self.cfg.events.watching.load(Ordering::SeqCst);
+        if !events.is_empty() {
+            self.cfg.events.send(HubMsg::Events(events));
+        }
+        let owned = self.member().applied_offset();
+        self.seq.advance_to(owned);
+        if announce {
+            self.cfg.events.send(HubMsg::Released);
+        }
     }
 }
 

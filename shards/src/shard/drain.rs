@@ -60,10 +60,11 @@ impl ShardLoop {
         }
         self.snaps.records_since += writes;
         let mut offsets = self.reserve_offsets(writes);
+        let reserved = offsets.range();
         self.engine.collect_events = self.cfg.events.watching.load(Ordering::SeqCst);
         let now = now_ms();
         let after = self.execute_drain(items, &mut offsets, now);
-        let failure = self.commit_staged(local).await.err();
+        let failure = self.commit_staged(local, reserved).await.err();
         match &failure {
             None => self.keep_drain(after.part.as_ref()),
             Some(e) => self.roll_back(e, after.part.as_ref()),
@@ -73,6 +74,12 @@ impl ShardLoop {
         }
         self.finish_aborts(after.aborts);
         if writes > 0 {
+            if let Some(m) = &self.cluster {
+                // Offsets no committed entry owns (a drain that failed, or
+                // that wrote nothing) go back: another leader may hand them
+                // out, so readers must not pass them yet.
+                self.seq.retract_to(m.applied_offset());
+            }
             self.release_offsets();
         }
         self.release_replies(after.answers, after.stats_wanted, failure)
@@ -127,7 +134,11 @@ impl ShardLoop {
 
     /// Makes the drain's staged records durable: one WAL commit, or in
     /// cluster mode one entry of the group's log.
-    async fn commit_staged(&mut self, node_local: bool) -> Result<(), ApiError> {
+    async fn commit_staged(
+        &mut self,
+        node_local: bool,
+        reserved: std::ops::Range<u64>,
+    ) -> Result<(), ApiError> {
         if node_local && self.cluster.is_some() {
             // Reads this node answers from its own applied state.
             assert!(
@@ -136,7 +147,7 @@ impl ShardLoop {
             );
             Ok(())
         } else if self.cluster.is_some() {
-            self.replicate_staged().await
+            self.replicate_staged(reserved).await
         } else {
             self.write_staged().await.map_err(|e| ApiError::wal(&e))
         }
