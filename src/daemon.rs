@@ -370,7 +370,8 @@ impl Wiring {
         ));
         let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         if let Some(handle) = &security.prometheus {
-            let collector = telemetry::Collector::new(weak_senders, active.clone());
+            let view = cluster.as_ref().map(|c| c.view.clone());
+            let collector = telemetry::Collector::new(weak_senders, active.clone(), view);
             let addr = telemetry::serve(cfg.metrics.bind_addr, handle.clone(), collector)?;
             tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
         }

@@ -25,6 +25,7 @@ use rstmdb_shards::error::ErrorCode;
 use rstmdb_shards::shard::{ShardMsg, Telemetry, GROUP_COMMIT_RECORDS, SNAPSHOT_SECONDS};
 
 use crate::protocol::names::OPS;
+use crate::service::replication_status::{self, ClusterView};
 
 /// `rstmdb_request_duration_seconds` buckets: the reference's.
 const REQUEST_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -71,6 +72,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         (GROUP_COMMIT_RECORDS, &COMMIT_BUCKETS[..]),
         (SNAPSHOT_SECONDS, &SNAPSHOT_BUCKETS[..]),
         (SUBSCRIBER_LAG, &LAG_BUCKETS[..]),
+        (rstmdb_shards::shard::COMMIT_SECONDS, &REQUEST_BUCKETS[..]),
     ] {
         b = b
             .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
@@ -120,6 +122,11 @@ fn describe() {
         "Duration of each WAL fdatasync (or O_DSYNC write, which is the sync)"
     );
     describe_histogram!(GROUP_COMMIT_RECORDS, "WAL records per group commit");
+    describe_histogram!(
+        rstmdb_shards::shard::COMMIT_SECONDS,
+        Unit::Seconds,
+        "Cluster mode: seconds from a drain's proposal to its outcome"
+    );
     describe_histogram!(
         SNAPSHOT_SECONDS,
         Unit::Seconds,
@@ -196,6 +203,8 @@ pub struct Collector {
     /// The standard `process_*` families (CPU seconds, open and max fds,
     /// resident and virtual memory, start time, threads), read from /proc.
     pub process: metrics_process::Collector,
+    /// Cluster mode: the node's replication figures.
+    pub cluster: Option<ClusterView>,
 }
 
 impl Collector {
@@ -203,6 +212,7 @@ impl Collector {
     pub fn new(
         shards: Vec<flume::WeakSender<ShardMsg>>,
         active_connections: Arc<AtomicUsize>,
+        cluster: Option<ClusterView>,
     ) -> Self {
         let process = metrics_process::Collector::default();
         process.describe();
@@ -210,11 +220,15 @@ impl Collector {
             shards,
             active_connections,
             process,
+            cluster,
         }
     }
 
     fn refresh(&self) {
         self.process.collect();
+        if let Some(v) = &self.cluster {
+            replication_status::export_metrics(v);
+        }
         metrics::gauge!("rstmdb_connections_active")
             .set(self.active_connections.load(Ordering::Relaxed) as f64);
         let (tx, rx) = flume::bounded::<(usize, Telemetry)>(self.shards.len());

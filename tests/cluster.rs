@@ -84,6 +84,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
     nodes: Vec<Server>,
+    /// Each node's metrics endpoint.
+    metrics: Vec<SocketAddr>,
     /// `links[i][j]`: what node i dials to reach node j.
     links: Vec<Vec<Option<Link>>>,
 }
@@ -104,6 +106,9 @@ impl Cluster {
             .collect();
         let dirs: Vec<_> = (0..NODES)
             .map(|i| data_dir(&format!("{name}-{i}")))
+            .collect();
+        let metrics: Vec<SocketAddr> = (0..NODES)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
             .collect();
         let nodes = (0..NODES)
             .map(|i| {
@@ -128,6 +133,8 @@ impl Cluster {
                         ("RSTMDB_CLUSTER_NODE_ID".into(), (i + 1).to_string()),
                         ("RSTMDB_CLUSTER_PEERS".into(), peers.join(",")),
                         ("RSTMDB_REPL_AUTH_TOKEN".into(), token(i)),
+                        ("RSTMDB_METRICS_ENABLED".into(), "true".into()),
+                        ("RSTMDB_METRICS_BIND".into(), metrics[i].to_string()),
                     ],
                     ..Opts::default()
                 };
@@ -137,8 +144,19 @@ impl Cluster {
         Cluster {
             _dirs: dirs,
             nodes,
+            metrics,
             links,
         }
+    }
+
+    /// Node `i`'s `/metrics` text.
+    fn scrape(&self, i: usize) -> String {
+        let mut s = TcpStream::connect(self.metrics[i]).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
     }
 
     fn status(&self, i: usize) -> Option<Value> {
@@ -315,6 +333,24 @@ fn any_node_serves_every_operation_and_every_node_logs_the_same_records() {
         c.nodes[leader].addr.to_string(),
         "the leader's client address"
     );
+    // The reference's replication families, and ours.
+    let text = c.scrape(leader);
+    assert!(
+        text.contains("rstmdb_replication_connected_replicas 2"),
+        "{text}"
+    );
+    for family in [
+        "rstmdb_replication_replica_lag_entries{replica_id=",
+        "rstmdb_replication_replica_last_acked_sequence{replica_id=",
+        "rstmdb_replication_entries_sent_total",
+        "rstmdb_replication_sync_timeouts_total",
+        "rstmdb_replication_term",
+        "rstmdb_replication_elections_total",
+        "rstmdb_replication_commit_seconds_bucket",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    assert!(c.scrape(f1).contains("rstmdb_replication_lag_entries"));
     // And the real rstmdb-cli reads it.
     let out = std::process::Command::new(common::cli_path())
         .args(["-s", &c.nodes[f1].addr.to_string(), "replication-status"])

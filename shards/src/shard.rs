@@ -32,7 +32,7 @@ use crate::commands::{Batch, Command, Reply, ShardWalStats};
 use crate::engine::Engine;
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
-pub use cluster::{ClusterShardConfig, GroupStatus, PEER_QUEUE};
+pub use cluster::{ClusterShardConfig, GroupStatus, COMMIT_SECONDS, PEER_QUEUE};
 use snapshots::Snapshots;
 
 /// When to `fdatasync` (config `storage.fsync_policy`).

@@ -94,6 +94,46 @@ fn client_address(v: &ClusterView, id: u64) -> Option<String> {
     announced.or_else(|| address(v, id))
 }
 
+/// Sets the replication families at a scrape: the reference's
+/// `rstmdb_replication_*` names (a leader's view of its replicas, a
+/// follower's lag) and ours (term, elections, role, indexes).
+pub fn export_metrics(v: &ClusterView) {
+    use metrics::{counter, gauge};
+    let s = &v.status;
+    let leader = s.leader.load(Ordering::Relaxed);
+    let commit = s.commit_index.load(Ordering::Relaxed);
+    let applied = s.applied_index.load(Ordering::Relaxed);
+    let matched = s.matched.lock().map(|m| m.clone()).unwrap_or_default();
+    let replicas: Vec<&(u64, u64)> = matched.iter().filter(|(id, _)| *id != v.node_id).collect();
+    let connected = replicas.iter().filter(|(_, m)| *m > 0).count();
+    gauge!("rstmdb_replication_connected_replicas").set(connected as f64);
+    for (id, m) in &replicas {
+        let replica = format!("node-{id}");
+        gauge!("rstmdb_replication_replica_lag_entries", "replica_id" => replica.clone())
+            .set(commit.saturating_sub(*m) as f64);
+        gauge!("rstmdb_replication_replica_last_acked_sequence", "replica_id" => replica)
+            .set(*m as f64);
+    }
+    let lag = if leader == v.node_id {
+        0
+    } else {
+        commit.saturating_sub(applied)
+    };
+    gauge!("rstmdb_replication_lag_entries").set(lag as f64);
+    gauge!("rstmdb_replication_lag_seconds").set(0.0);
+    counter!("rstmdb_replication_entries_sent_total")
+        .absolute(s.entries_sent.load(Ordering::Relaxed));
+    counter!("rstmdb_replication_sync_timeouts_total")
+        .absolute(s.commit_timeouts.load(Ordering::Relaxed));
+    counter!("rstmdb_replication_slow_replica_disconnects_total").absolute(0);
+    gauge!("rstmdb_replication_term").set(s.term.load(Ordering::Relaxed) as f64);
+    counter!("rstmdb_replication_elections_total").absolute(s.term_changes.load(Ordering::Relaxed));
+    gauge!("rstmdb_replication_role").set(f64::from(s.role.load(Ordering::Relaxed)));
+    gauge!("rstmdb_replication_leader_id").set(leader as f64);
+    gauge!("rstmdb_replication_commit_index").set(commit as f64);
+    gauge!("rstmdb_replication_applied_index").set(applied as f64);
+}
+
 fn address(v: &ClusterView, id: u64) -> Option<String> {
     v.peers
         .iter()

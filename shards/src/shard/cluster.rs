@@ -85,7 +85,14 @@ pub struct GroupStatus {
     pub term_changes: AtomicU64,
     /// On the leader: each peer's matched index.
     pub matched: Mutex<Vec<(u64, u64)>>,
+    /// Entries sent to followers in append messages.
+    pub entries_sent: AtomicU64,
+    /// Drains no majority confirmed within the commit timeout.
+    pub commit_timeouts: AtomicU64,
 }
+
+/// Histogram of seconds from a drain's proposal to its outcome.
+pub const COMMIT_SECONDS: &str = "rstmdb_replication_commit_seconds";
 
 /// The group side of a shard: the replication core and the log file.
 pub(super) struct Member {
@@ -153,6 +160,10 @@ impl Member {
 
     fn send(&self, msgs: Vec<Message>) {
         for m in msgs {
+            self.cfg
+                .status
+                .entries_sent
+                .fetch_add(m.entries.len() as u64, Ordering::Relaxed);
             if let Some(tx) = self.cfg.peers.get(&m.to) {
                 let mut frame = Vec::new();
                 wire::encode(0, &m, &mut frame);
@@ -274,11 +285,16 @@ impl ShardLoop {
         taken.map_err(|e: DrainError| {
             ApiError::new(ErrorCode::InternalError, format!("replication: {e}; retry"))
         })?;
+        let started = Instant::now();
         self.cycle().await;
-        if let Err(e) = self.wait_for_group(|m| m.outcome.is_some()).await {
+        let waited = self.wait_for_group(|m| m.outcome.is_some()).await;
+        metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Err(e) = waited {
             // Given up: undo the drain; the core keeps its index open.
             self.engine.rollback();
-            self.member().shard.abandon();
+            let m = self.member();
+            m.shard.abandon();
+            m.cfg.status.commit_timeouts.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
         match self
