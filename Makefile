@@ -40,11 +40,13 @@ cluster: build
 	echo "cluster: nodes on 127.0.0.1:7401 7402 7403 (logs in data/cluster/); Ctrl-C stops them"; \
 	wait
 
-## The cluster's black-box tests alone, with their figures: three real
-## processes on loopback, kill -9 and partitions under load, histories
-## checked for linearizability (also part of `make test`).
-cluster-test:
-	RSTMDB_CLI=$(CLI) $(CARGO) test --release --test cluster -- --nocapture
+CLUSTER_CYCLES ?= 20
+## The cluster's black-box tests, long mode, with their figures: three real
+## processes on loopback; CLUSTER_CYCLES kill -9s of the leader and a rolling
+## restart under retrying writers, partitions, histories checked for
+## linearizability (`make test` runs them with 2 kill cycles).
+cluster-test: tools
+	CLUSTER_CYCLES=$(CLUSTER_CYCLES) RSTMDB_CLI=$(CLI) $(CARGO) test --release --test cluster -- --nocapture
 
 ## The daemon with TLS, mTLS, token auth and metrics (config/tls-auth.yaml).
 run-secure: certs
