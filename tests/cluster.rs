@@ -794,8 +794,10 @@ fn leader_kill_cycles_and_a_rolling_restart_lose_nothing_and_apply_nothing_twice
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(500));
         let leader = c.leader();
-        let killed = Instant::now();
         c.nodes[leader].kill9();
+        // From the moment the process is gone (an answer the old leader
+        // sent just before dying is not a recovery).
+        let killed = Instant::now();
         // The time from the kill to the next acknowledged write.
         let deadline = killed + Duration::from_secs(30);
         let next = loop {
