@@ -16,7 +16,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use rstmdb_shards::commands::BatchReply;
 use rstmdb_shards::error::{ApiError, ErrorCode};
 
-use crate::net::forward::Upstream;
+use crate::net::forward::{ForwardError, Upstream};
 use crate::net::idle::Idle;
 use crate::net::server::FrontendConfig;
 use crate::protocol::{envelope, frame};
@@ -319,13 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             Err(e) => {
                 tracing::debug!(error = %e, "forwarding to the leader failed");
                 self.upstream = None;
-                let err = ApiError::new(
-                    ErrorCode::InternalError,
-                    format!(
-                        "replication: forwarding to the leader failed ({e}); the outcome is \
-                         unknown: retry with the same idempotency key"
-                    ),
-                );
+                let err = ApiError::new(ErrorCode::InternalError, e.to_string());
                 let failed = ids
                     .into_iter()
                     .map(|(id, mode)| ((id, mode, 0), Outcome::Done(Err(err.clone()))));
@@ -342,18 +336,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
 
     /// Sends payloads to the current leader, opening (or re-opening, when
     /// the leader changed) the tunnel first.
-    async fn exchange_upstream(&mut self, payloads: &[Vec<u8>]) -> io::Result<Vec<Vec<u8>>> {
+    async fn exchange_upstream(
+        &mut self,
+        payloads: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, ForwardError> {
         let fwd = self.cfg.forward.as_ref().expect("forwarding is configured");
-        let leader = fwd
-            .leader()
-            .ok_or_else(|| io::Error::other("no leader is known now"))?;
+        let leader = fwd.leader().ok_or(ForwardError::NoLeader)?;
         if self.upstream.as_ref().is_none_or(|u| u.leader != leader) {
             self.upstream = None;
-            let up = Upstream::open(fwd, leader, self.auth_payload.as_deref()).await?;
+            let up = Upstream::open(fwd, leader, self.auth_payload.as_deref())
+                .await
+                .map_err(|e| ForwardError::Unreachable(leader, e))?;
             self.upstream = Some(up);
         }
         let up = self.upstream.as_mut().expect("opened above");
-        up.exchange(payloads).await
+        up.exchange(payloads).await.map_err(ForwardError::Broken)
     }
 
     /// The plain actions: each shard answers its share until its answers

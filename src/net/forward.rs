@@ -57,6 +57,22 @@ pub const READ_OPS: &[&str] = &[
 /// times out well before this).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why forwarded requests got no answer from the leader.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("replication: no leader is known now; retry")]
+    NoLeader,
+    /// Nothing was sent.
+    #[error("replication: cannot reach the leader (node {0}): {1}; nothing was sent; retry")]
+    Unreachable(u64, #[source] io::Error),
+    /// Sent, but the answer was lost.
+    #[error(
+        "replication: the connection to the leader failed ({0}); the outcome is unknown: retry \
+         with the same idempotency key"
+    )]
+    Broken(#[source] io::Error),
+}
+
 /// What a connection needs to forward.
 #[derive(Clone)]
 pub struct Forwarder {
