@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash sim fuzz bench bench-full bench-extras bench-recovery certs run-secure cluster cluster-test clean
+.PHONY: all build run test tools lint fmt compat crash sim fuzz bench bench-full bench-extras bench-recovery bench-cluster certs run-secure cluster cluster-test clean
 
 all: build
 
@@ -127,6 +127,12 @@ FUZZ_SECONDS ?= 600
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh $(TARGETS)
+
+## Durable APPLY and GET at 1x1 and 16x8: one node, a three-node loopback
+## cluster through its leader and through a follower (forwarded); the table
+## goes into docs/PERFORMANCE.md ("Cluster").
+bench-cluster:
+	bench/cluster.sh
 
 ## Recovery time (snapshot + tail vs WAL only) and the snapshot pause, see docs/PERFORMANCE.md.
 bench-recovery:

@@ -462,7 +462,13 @@ fn shard_parts(
                         dir: data.wal_dir(i),
                         shard: i as u32,
                         segment_size: storage.segment_size,
-                        mode: policy.write_mode(),
+                        // A cluster node's WAL is written at apply, from
+                        // the group's log, which is the durable copy.
+                        mode: if cluster.is_some() {
+                            rstmdb_wal::WriteMode::PageCache
+                        } else {
+                            policy.write_mode()
+                        },
                     },
                     fsync: policy,
                     max_drain_commands: MAX_DRAIN_COMMANDS,

@@ -173,20 +173,24 @@ impl Member {
         }
     }
 
-    /// Drops applied entries from the log (memory and file) once it has
-    /// grown past its bounds, keeping [`RETAINED_ENTRIES`] for followers.
-    /// The applied entries are in the WAL, which is what recovery reads.
-    fn compact_log_if_due(&mut self) {
+    /// The first index to keep if the log has grown past its bounds:
+    /// applied entries beyond the newest [`RETAINED_ENTRIES`] may go.
+    fn log_compaction_due(&self) -> Option<u64> {
         let applied = self.shard.replica().applied();
-        let log = self.shard.replica().log().clone();
+        let log = self.shard.replica().log();
         let held = log.with_state(|s| s.last_index() - s.snap_index);
         if self.store.len() < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
-            return;
+            return None;
         }
         let keep_from = applied.saturating_sub(RETAINED_ENTRIES) + 1;
-        if log.with_state(|s| keep_from <= s.snap_index + 1) {
-            return;
-        }
+        log.with_state(|s| keep_from > s.snap_index + 1)
+            .then_some(keep_from)
+    }
+
+    /// Drops the entries before `keep_from` from the log, memory and file.
+    /// The caller made the WAL, which holds their records, durable first.
+    fn compact_log(&mut self, keep_from: u64) {
+        let log = self.shard.replica().log().clone();
         let store = &mut self.store;
         if let Err(e) = log.with_state(|s| store.compact(s, keep_from)) {
             // The old file is intact (the new one replaces it only once
@@ -370,13 +374,27 @@ impl ShardLoop {
                 let held = m.shard.persisted(w.number);
                 m.send(held);
             }
-            let m = self.member();
-            m.compact_log_if_due();
-            m.publish();
+            self.compact_log_if_due().await;
+            self.member().publish();
             if idle {
                 return;
             }
         }
+    }
+
+    /// Compacts the group's log once it has grown past its bounds. The WAL
+    /// is synced first: it is written without syncing at apply (the log is
+    /// the durable copy), so it must hold the dropped entries' records
+    /// durably before they go.
+    async fn compact_log_if_due(&mut self) {
+        let Some(keep_from) = self.member().log_compaction_due() else {
+            return;
+        };
+        if let Err(e) = self.writer.sync().await {
+            tracing::error!(shard = self.cfg.id, error = %e, "syncing the WAL before compacting the raft log failed");
+            return;
+        }
+        self.member().compact_log(keep_from);
     }
 
     /// Writes committed records to the WAL, then lets watchers see the
@@ -392,17 +410,17 @@ impl ShardLoop {
                 fatal(self.cfg.id, format_args!("staging a committed record: {e}"));
             }
         }
-        let sync = self.sync_due(records.len() as u64);
-        if let Err(e) = self.writer.commit(sync).await {
+        // Not synced here, whatever the fsync policy: the group's log is the
+        // durable copy (synced by the policy), and recovery replays from it
+        // what the WAL lost. The WAL is synced on the policy's timer, before
+        // the log is compacted, and at shutdown.
+        if let Err(e) = self.writer.commit(false).await {
             fatal(
                 self.cfg.id,
                 format_args!("writing committed records to the WAL: {e}"),
             );
         }
-        if sync {
-            self.unsynced_records = 0;
-            self.dirty_since = None;
-        } else if self.dirty_since.is_none() {
+        if self.dirty_since.is_none() {
             self.dirty_since = Some(Instant::now());
         }
         // Events first, then the watermark, as a leader's drain does.

@@ -90,7 +90,10 @@ impl ShardLoop {
                 None => false,
             };
             if !ends_drain && drain.commands < self.cfg.max_drain_commands {
-                next = self.rx.try_recv().ok();
+                // What waited meanwhile (held back by an atomic batch, or
+                // queued while a cluster drain awaited its commit) first,
+                // in order, then the channel.
+                next = self.ready.pop_front().or_else(|| self.rx.try_recv().ok());
             }
         }
         drain
