@@ -73,6 +73,7 @@ $(REF):
 ## run; the table goes into docs/PERFORMANCE.md.
 bench: $(REF)
 	MODE=quick bench/matrix.sh
+	NO_BUILD=1 bench/cluster.sh
 
 ## The same, full matrix (the record; ~25 minutes).
 bench-full: $(REF)
