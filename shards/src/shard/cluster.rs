@@ -39,13 +39,18 @@ use crate::replication::{wire, RaftLog};
 /// lossy network would (raft retransmits).
 pub const PEER_QUEUE: usize = 4096;
 
-/// Entries kept in the group's log behind the applied index, for
-/// followers that lag (one further behind needs a snapshot transfer).
-pub const RETAINED_ENTRIES: u64 = 10_000;
-/// The log file is compacted once it passes this size...
+/// Entries kept in the group's log behind the point every member has
+/// reached (for a leader change: the new leader may need them).
+pub const RETAINED_ENTRIES: u64 = 1_000;
+/// The log is compacted once its file passes this size...
 const COMPACT_LOG_BYTES: u64 = 64 << 20;
-/// ...or holds this many entries.
-const COMPACT_LOG_ENTRIES: u64 = 4 * RETAINED_ENTRIES;
+/// ...or it holds this many entries.
+const COMPACT_LOG_ENTRIES: u64 = 40_000;
+/// A member that lags holds compaction back until the log reaches these
+/// bounds; past them the log is compacted all the same, and that member
+/// can only catch up by a snapshot transfer (not built yet).
+const HARD_LOG_BYTES: u64 = 256 << 20;
+const HARD_LOG_ENTRIES: u64 = 500_000;
 
 /// A shard's cluster settings.
 #[derive(Debug, Clone)]
@@ -173,18 +178,32 @@ impl Member {
         }
     }
 
-    /// The first index to keep if the log has grown past its bounds:
-    /// applied entries beyond the newest [`RETAINED_ENTRIES`] may go.
+    /// The first index to keep if the log has grown past its bounds. What
+    /// every member has reached goes (less [`RETAINED_ENTRIES`]): a leader
+    /// knows each follower's matched index; a follower, only its own. A
+    /// member that lags holds that back until the hard bounds.
     fn log_compaction_due(&self) -> Option<u64> {
-        let applied = self.shard.replica().applied();
-        let log = self.shard.replica().log();
-        let held = log.with_state(|s| s.last_index() - s.snap_index);
-        if self.store.len() < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
-            return None;
+        let r = self.shard.replica();
+        let (snap_index, held) = r
+            .log()
+            .with_state(|s| (s.snap_index, s.last_index() - s.snap_index));
+        let applied = r.applied();
+        let reached = r
+            .progress()
+            .iter()
+            .map(|(_, m)| *m)
+            .min()
+            .unwrap_or(applied);
+        let point = compaction_point(self.store.len(), held, snap_index, applied, reached)?;
+        if point.past_lagging {
+            tracing::error!(
+                reached,
+                keep_from = point.keep_from,
+                "compacting the raft log past a lagging member: it needs a snapshot transfer \
+                 (not built yet) to catch up"
+            );
         }
-        let keep_from = applied.saturating_sub(RETAINED_ENTRIES) + 1;
-        log.with_state(|s| keep_from > s.snap_index + 1)
-            .then_some(keep_from)
+        Some(point.keep_from)
     }
 
     /// Drops the entries before `keep_from` from the log, memory and file.
@@ -222,6 +241,34 @@ impl Member {
             *m = r.progress();
         }
     }
+}
+
+/// Where to compact a log of `bytes` and `held` entries after
+/// `snap_index`, with `applied` applied here and `reached` by every member.
+#[derive(Debug, PartialEq, Eq)]
+struct CompactionPoint {
+    keep_from: u64,
+    /// A member has not reached it (the hard bounds forced it).
+    past_lagging: bool,
+}
+
+fn compaction_point(
+    bytes: u64,
+    held: u64,
+    snap_index: u64,
+    applied: u64,
+    reached: u64,
+) -> Option<CompactionPoint> {
+    if bytes < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
+        return None;
+    }
+    let hard = bytes >= HARD_LOG_BYTES || held >= HARD_LOG_ENTRIES;
+    let upto = if hard { applied } else { applied.min(reached) };
+    let keep_from = upto.saturating_sub(RETAINED_ENTRIES) + 1;
+    (keep_from > snap_index + 1).then_some(CompactionPoint {
+        keep_from,
+        past_lagging: reached < keep_from,
+    })
 }
 
 fn now_nanos() -> u64 {
@@ -453,4 +500,33 @@ fn unknown_outcome(why: &str) -> ApiError {
              idempotency key, or read before writing again"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_is_compacted_to_what_every_member_reached_until_the_hard_bounds() {
+        // Small: nothing to do.
+        assert_eq!(compaction_point(1 << 20, 100, 0, 100, 100), None);
+        // Over the soft bound: up to what everyone reached, less the margin.
+        let p = compaction_point(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 30_000).unwrap();
+        assert_eq!(p.keep_from, 30_000 - RETAINED_ENTRIES + 1);
+        assert!(!p.past_lagging);
+        // A member far behind holds it back...
+        assert_eq!(
+            compaction_point(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 10),
+            None
+        );
+        // ...until the hard bound: then up to what this node applied.
+        let p = compaction_point(HARD_LOG_BYTES, 600_000, 0, 600_000, 10).unwrap();
+        assert_eq!(p.keep_from, 600_000 - RETAINED_ENTRIES + 1);
+        assert!(p.past_lagging);
+        // Never behind the existing compaction point.
+        assert_eq!(
+            compaction_point(COMPACT_LOG_BYTES, 50_000, 29_500, 50_000, 30_000),
+            None
+        );
+    }
 }
