@@ -232,26 +232,19 @@ impl Cluster {
 
     /// Waits until every node's whole WAL is the same, and returns it.
     fn converged_full_wal(&self) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let wals: Vec<_> = (0..NODES).map(|i| self.full_wal(i)).collect();
-            if wals.iter().all(|w| *w == wals[0]) {
-                return wals[0].clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the nodes' WALs never converged: {:?}",
-                wals.iter().map(Vec::len).collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.converged(|i| self.full_wal(i))
     }
 
     /// Waits until every node's WAL is the same, and returns it.
     fn converged_wal(&self) -> Vec<(u64, String, String)> {
+        self.converged(|i| self.wal(i))
+    }
+
+    /// Waits until `read` gives the same on every node, and returns it.
+    fn converged<T: PartialEq + Clone>(&self, read: impl Fn(usize) -> Vec<T>) -> Vec<T> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let wals: Vec<_> = (0..NODES).map(|i| self.wal(i)).collect();
+            let wals: Vec<_> = (0..NODES).map(&read).collect();
             if wals.iter().all(|w| *w == wals[0]) {
                 return wals[0].clone();
             }

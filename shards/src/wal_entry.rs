@@ -153,10 +153,11 @@ impl WalEntry {
 
 impl WalEntry {
     /// The transitions this entry (at `offset`, `size` bytes logged) holds,
-    /// as subscribers see them: an apply, or the applies of a batch part.
-    /// A replica of a group uses it to serve watches from its applied log.
-    pub fn watch_events(
-        &self,
+    /// as subscribers see them: an apply, or the applies of a batch part
+    /// (its size shared among them). Catching up from the WAL and a
+    /// replica serving watches from its applied log both read them here.
+    pub fn into_watch_events(
+        self,
         offset: u64,
         size: usize,
         out: &mut Vec<crate::commands::WatchEvent>,
@@ -174,20 +175,20 @@ impl WalEntry {
                 ..
             } => out.push(crate::commands::WatchEvent {
                 wal_offset: offset,
-                instance_id: instance_id.clone(),
-                machine: machine.clone(),
-                version: *version,
-                from_state: from_state.clone(),
-                to_state: to_state.clone(),
-                event: event.clone(),
-                payload: payload.clone(),
-                ctx: ctx.clone(),
+                instance_id,
+                machine,
+                version,
+                from_state,
+                to_state,
+                event,
+                payload,
+                ctx,
                 size,
             }),
             WalEntry::BatchPart { entries, .. } => {
                 let each = size / entries.len().max(1);
                 for e in entries {
-                    e.entry.watch_events(e.offset, each, out);
+                    e.entry.into_watch_events(e.offset, each, out);
                 }
             }
             _ => {}

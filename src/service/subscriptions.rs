@@ -186,52 +186,14 @@ pub fn events_from_record(
     }
     let entry: WalEntry = serde_json::from_slice(payload)
         .map_err(|e| ApiError::wal(format!("undecodable record at offset {offset}: {e}")))?;
-    Ok(match entry {
-        WalEntry::BatchPart {
-            batch_id, entries, ..
-        } => {
-            if aborted.contains(&batch_id) {
-                Vec::new()
-            } else {
-                let each = payload.len() / entries.len().max(1);
-                entries
-                    .into_iter()
-                    .filter_map(|e| apply_event(e.offset, e.entry, each))
-                    .collect()
-            }
+    if let WalEntry::BatchPart { batch_id, .. } = &entry {
+        if aborted.contains(batch_id) {
+            return Ok(Vec::new());
         }
-        other => apply_event(offset, other, payload.len())
-            .into_iter()
-            .collect(),
-    })
-}
-
-fn apply_event(offset: u64, entry: WalEntry, size: usize) -> Option<WatchEvent> {
-    match entry {
-        WalEntry::ApplyEvent {
-            instance_id,
-            machine,
-            version,
-            event,
-            from_state,
-            to_state,
-            payload,
-            ctx,
-            ..
-        } => Some(WatchEvent {
-            wal_offset: offset,
-            instance_id,
-            machine,
-            version,
-            from_state,
-            to_state,
-            event,
-            payload,
-            ctx,
-            size,
-        }),
-        _ => None,
     }
+    let mut events = Vec::new();
+    entry.into_watch_events(offset, payload.len(), &mut events);
+    Ok(events)
 }
 
 /// What a subscription at `cursor` gets from the hub.

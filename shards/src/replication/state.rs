@@ -359,7 +359,9 @@ impl ReplicatedShard {
             let entry: WalEntry = serde_json::from_slice(r.bytes)
                 .map_err(|e| format!("entry {}: record at offset {}: {e}", a.index, r.offset))?;
             if collect {
-                entry.watch_events(r.offset, r.bytes.len(), &mut progress.events);
+                entry
+                    .clone()
+                    .into_watch_events(r.offset, r.bytes.len(), &mut progress.events);
             }
             engine.replay(r.offset, entry)?;
             // One shard per group: an atomic batch's part is its whole
