@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::{data_dir, free_port, Client, Opts, Server};
 use rstmdb_shards::lincheck::{check, Call, InstanceModel, InstanceOp, InstanceRet};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 const NODES: usize = 3;
 
@@ -86,6 +87,8 @@ struct Cluster {
     nodes: Vec<Server>,
     /// Each node's metrics endpoint.
     metrics: Vec<SocketAddr>,
+    /// The token clients present (when the nodes require one).
+    client_token: Option<String>,
     /// `links[i][j]`: what node i dials to reach node j.
     links: Vec<Vec<Option<Link>>>,
 }
@@ -96,6 +99,18 @@ impl Cluster {
     }
 
     fn start_with(name: &str, fsync: &'static str, token: &dyn Fn(usize) -> String) -> Cluster {
+        Cluster::start_full(name, fsync, token, "", None)
+    }
+
+    /// Three nodes; `yaml` is added to every node's config file, and with
+    /// `client_token` the nodes require it (and the harness presents it).
+    fn start_full(
+        name: &str,
+        fsync: &'static str,
+        token: &dyn Fn(usize) -> String,
+        yaml: &str,
+        client_token: Option<&str>,
+    ) -> Cluster {
         let peer_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
         let links: Vec<Vec<Option<Link>>> = (0..NODES)
             .map(|i| {
@@ -119,10 +134,19 @@ impl Cluster {
                     })
                     .collect();
                 let config = dirs[i].path().with_extension("yaml");
+                let auth = client_token.map_or(String::new(), |t| {
+                    let hash: String = Sha256::digest(t.as_bytes())
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    format!("auth:\n  required: true\n  token_hashes: [\"{hash}\"]\n")
+                });
                 std::fs::write(
                     &config,
-                    "cluster:\n  tick_ms: 50\n  election_ticks: 10\n  heartbeat_ticks: 2\n  \
-                     commit_timeout_ms: 3000\n",
+                    format!(
+                        "cluster:\n  tick_ms: 50\n  election_ticks: 10\n  heartbeat_ticks: 2\n  \
+                         commit_timeout_ms: 3000\n{yaml}{auth}"
+                    ),
                 )
                 .unwrap();
                 let opts = Opts {
@@ -146,6 +170,7 @@ impl Cluster {
             nodes,
             metrics,
             links,
+            client_token: client_token.map(String::from),
         }
     }
 
@@ -159,10 +184,22 @@ impl Cluster {
         text
     }
 
+    /// A client of node `i`, authenticated when the nodes require it.
+    fn client(&self, i: usize) -> Client {
+        let mut c = self.nodes[i].client();
+        if let Some(t) = &self.client_token {
+            c.ok("AUTH", json!({"method": "bearer", "token": t}));
+        }
+        c
+    }
+
     fn status(&self, i: usize) -> Option<Value> {
         let stream = TcpStream::connect(self.nodes[i].addr).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let mut c = Client::from_stream(stream);
+        if let Some(t) = &self.client_token {
+            c.try_call("AUTH", &json!({"method": "bearer", "token": t}))?;
+        }
         let r = c.try_call("REPLICATION_STATUS", &json!({}))?;
         Some(r["result"].clone())
     }
@@ -853,4 +890,81 @@ fn leader_kill_cycles_and_a_rolling_restart_lose_nothing_and_apply_nothing_twice
         acked.applies.len()
     );
     assert!(!acked.applies.is_empty());
+}
+
+/// With token auth required, a follower forwards an authenticated
+/// client's writes (its AUTH replayed on the tunnel), and refuses an
+/// unauthenticated one as a single node would.
+#[test]
+fn forwarding_carries_the_clients_authentication() {
+    let c = Cluster::start_full(
+        "cluster-auth",
+        "never",
+        &|_| "secret".into(),
+        "",
+        Some("tok"),
+    );
+    let leader = c.leader();
+    let follower = (leader + 1) % NODES;
+    let mut anon = c.nodes[follower].client();
+    let (code, _) = anon.err(
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+    assert_eq!(code, "UNAUTHORIZED");
+    let mut authed = c.client(follower);
+    authed.ok(
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+    authed.ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": "a1", "machine": "m", "version": 1}),
+    );
+    let got = c
+        .client(leader)
+        .ok("GET_INSTANCE", json!({"instance_id": "a1"}));
+    assert_eq!(got["state"], "a");
+}
+
+/// `cluster.follower_reads: stale`: a node answers reads from its own
+/// applied state, even with no leader reachable; writes still need one.
+#[test]
+fn stale_follower_reads_answer_without_a_leader() {
+    let mut c = Cluster::start_full(
+        "cluster-stale",
+        "never",
+        &|_| "secret".into(),
+        "  follower_reads: stale\n",
+        None,
+    );
+    let leader = c.leader();
+    call_until_ok(
+        &c,
+        leader,
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+    call_until_ok(
+        &c,
+        leader,
+        "CREATE_INSTANCE",
+        json!({"instance_id": "s1", "machine": "m", "version": 1}),
+    );
+    let survivor = (leader + 1) % NODES;
+    c.converged_wal();
+    for i in 0..NODES {
+        if i != survivor {
+            c.nodes[i].kill9();
+        }
+    }
+    let got = c.nodes[survivor]
+        .client()
+        .ok("GET_INSTANCE", json!({"instance_id": "s1"}));
+    assert_eq!(got["state"], "a");
+    let r = c.nodes[survivor]
+        .client()
+        .call("APPLY_EVENT", json!({"instance_id": "s1", "event": "GO"}));
+    assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(r["error"]["retryable"], true, "{r}");
 }
