@@ -114,6 +114,26 @@ def write(target, name, data: bytes):
         f.write(data)
 
 
+def raft_log_seeds():
+    # raft_log: a group's log file (entries, a replaced tail, hard states),
+    # whole, compacted, and torn.
+    def raft_log_frame(body):
+        return struct.pack("<II", len(body), crc32c(body)) + body
+
+    def entry(index, term, data):
+        return raft_log_frame(struct.pack("<BQQBI", 2, index, term, 0, 0) + data)
+
+    def hard(term, vote, commit):
+        return raft_log_frame(struct.pack("<BQQQ", 3, term, vote, commit))
+
+    log = (b"RSTRAFT1" + entry(1, 1, b"") + entry(2, 1, b"\x01" * 12 + b"a") + hard(1, 1, 1)
+           + entry(2, 2, b"") + entry(3, 2, b"\x02" * 12) + hard(2, 2, 3))
+    write("raft_log", "log", log)
+    write("raft_log", "compacted", b"RSTRAFT1" + raft_log_frame(struct.pack("<BQQ", 1, 5, 2))
+          + entry(6, 3, b"") + hard(3, 1, 6))
+    write("raft_log", "torn", log[:-7])
+
+
 def main():
     data_dir = sys.argv[1]
     # frame_decode: a chunking seed byte, then a stream.
@@ -155,6 +175,7 @@ def main():
     write("raft_wire", "heartbeat", raft_frame(8))
     write("raft_wire", "append", raft_frame(3, [(7, 42, b"\x01" * 12 + b"records"), (7, 43, b"")]))
     write("raft_wire", "snapshot", raft_frame(7, snapshot=b"snap"))
+    raft_log_seeds()
     # wal_recovery: commit shapes, then damage ops (see the target).
     write("wal_recovery", "clean", bytes([6, 0x41, 0, 40, 0x02, 1, 0, 0xC3, 0, 9, 0, 200, 0x40, 2, 0]))
     write("wal_recovery", "torn", bytes([5, 0x40, 0, 50, 0x01, 0, 10, 0x00, 0, 30, 1, 3, 0x10]))

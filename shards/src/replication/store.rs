@@ -247,6 +247,17 @@ fn encode_hard(b: &mut Vec<u8>, hs: &HardState) {
     b.extend_from_slice(&hs.commit.to_le_bytes());
 }
 
+/// What a log file's bytes hold: the log, and where its intact part ends
+/// (what [`RaftStore::open`] keeps). Public for the fuzz target.
+pub fn decode(bytes: &[u8], voters: &[u64]) -> Result<(LogState, u64), String> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a raft log (bad magic)".into());
+    }
+    let mut state = LogState::bootstrap(voters);
+    let end = replay(bytes, &mut state)?;
+    Ok((state, end))
+}
+
 /// Rebuilds `state` from the file's frames; returns where the intact part
 /// ends (a torn or corrupt frame and everything after it are dropped). A
 /// frame that is intact but impossible (an entry past the end of the log)
@@ -256,6 +267,15 @@ fn replay(bytes: &[u8], state: &mut LogState) -> Result<u64, String> {
     while let Some(body) = next_frame(bytes, pos) {
         apply_frame(body, state).map_err(|e| format!("frame at byte {pos}: {e}"))?;
         pos += FRAME_HEADER + body.len();
+    }
+    // A committed entry is never replaced, so the commit index stays in
+    // the log whatever came after its hard state.
+    if state.hard_state.commit > state.last_index() {
+        return Err(format!(
+            "commit index {} past the log's end {}",
+            state.hard_state.commit,
+            state.last_index()
+        ));
     }
     Ok(pos as u64)
 }
@@ -300,6 +320,19 @@ fn apply_frame(body: &[u8], state: &mut LogState) -> Result<(), String> {
             let ctx_len = r.u32()? as usize;
             e.context = r.take(ctx_len)?.to_vec().into();
             e.data = r.0.to_vec().into();
+            let prev_term = match e.index - 1 {
+                i if i == state.snap_index => state.snap_term,
+                i if i > state.snap_index && i <= state.last_index() => {
+                    state.entries[(i - state.snap_index - 1) as usize].term
+                }
+                _ => 0,
+            };
+            if e.index > state.snap_index && e.term < prev_term {
+                return Err(format!(
+                    "entry {} of term {} after term {prev_term}",
+                    e.index, e.term
+                ));
+            }
             if e.index <= state.snap_index || e.index > state.last_index() + 1 {
                 return Err(format!(
                     "entry {} outside the log {}..={}",
@@ -468,5 +501,50 @@ mod tests {
         drop(s);
         let err = RaftStore::open(dir.path(), &[1]).err().expect("refused");
         assert!(err.to_string().contains("outside the log"), "{err}");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Writes of random entries (new leaders replacing tails) and hard
+        /// states, cut at any byte: what opens is exactly the log after
+        /// some prefix of the frames written.
+        #[test]
+        fn any_cut_opens_to_a_prefix_of_what_was_written(
+            steps in proptest::collection::vec((0u64..3, 1usize..4, any::<bool>()), 1..12),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut s, _) = RaftStore::open(dir.path(), &[1]).unwrap();
+            let mut expected = vec![(MAGIC.len() as u64, LogState::bootstrap(&[1]))];
+            let mut model = LogState::bootstrap(&[1]);
+            let mut term = 1;
+            for (back, n, hard) in steps {
+                term += 1;
+                let first = model.last_index().saturating_sub(back).max(model.snap_index) + 1;
+                let ents: Vec<Entry> = (0..n as u64).map(|i| entry(first + i, term, b"d")).collect();
+                let commit = model.hard_state.commit.min(first - 1);
+                for e in &ents {
+                    s.write(&Persist { entries: vec![e.clone()], ..Persist::default() }, false).unwrap();
+                    model.append(std::slice::from_ref(e));
+                    expected.push((s.len(), model.clone()));
+                }
+                if hard {
+                    let hs = HardState { term, vote: 1, commit, ..Default::default() };
+                    s.write(&Persist { hard_state: Some(hs.clone()), ..Persist::default() }, false).unwrap();
+                    model.hard_state = hs;
+                    expected.push((s.len(), model.clone()));
+                }
+            }
+            drop(s);
+            let path = dir.path().join("raft.log");
+            let bytes = std::fs::read(&path).unwrap();
+            let at = cut.index(bytes.len() + 1);
+            let (state, end) = decode(&bytes[..at.max(MAGIC.len())], &[1]).unwrap();
+            let (want_end, want) = expected.iter().rev().find(|(e, _)| *e as usize <= at.max(MAGIC.len())).unwrap();
+            prop_assert_eq!(end, *want_end);
+            prop_assert_eq!(state.entries, want.entries.clone());
+            prop_assert_eq!(state.hard_state, want.hard_state.clone());
+        }
     }
 }
