@@ -17,6 +17,7 @@ use crate::config::{AuthConfig, Config};
 use crate::net::forward::Forwarder;
 use crate::net::peer::{self, PeerAuth};
 use crate::security::auth::Authenticator;
+use crate::security::tls::PeerTls;
 use crate::service::replication_status::ClusterView;
 use crate::storage::datadir::DataDir;
 
@@ -35,7 +36,7 @@ impl PeerPart {
     pub fn spawn(
         self,
         shard: flume::WeakSender<ShardMsg>,
-        tunnels: flume::Sender<glommio::net::TcpStream>,
+        tunnels: flume::Sender<crate::net::peer_stream::PeerStream>,
     ) -> Result<(), String> {
         let listener = crate::net::listen::listener(self.listen)
             .map_err(|e| format!("cannot listen for peers on {}: {e}", self.listen))?;
@@ -147,8 +148,25 @@ fn peer_auth(cfg: &Config, node_id: u64) -> Result<PeerAuth, String> {
             "cluster peers are not authenticated: set replication.auth_token on every node"
         );
     }
+    let tls = if r.tls_enabled {
+        let (cert, key) = match (&cfg.tls.cert_path, &cfg.tls.key_path) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                unreachable!("validated: replication.tls_enabled needs tls.cert_path and key_path")
+            }
+        };
+        let tls = PeerTls::load(cert, key, r.tls_ca_path.as_deref(), r.tls_insecure)
+            .map_err(|e| format!("peer TLS: {e}"))?;
+        if r.tls_insecure {
+            tracing::warn!("replication.tls_insecure: peer certificates are not verified");
+        }
+        Some(tls)
+    } else {
+        None
+    };
     Ok(PeerAuth {
         node_id,
+        tls,
         client_addr: String::new(),
         client_addrs: Arc::default(),
         token: r.auth_token.clone(),

@@ -111,6 +111,24 @@ impl Cluster {
         yaml: &str,
         client_token: Option<&str>,
     ) -> Cluster {
+        Cluster::start_each(name, fsync, &|i| (token(i), yaml.to_string()), client_token)
+    }
+
+    /// Three nodes, each with its own (replication token, config lines).
+    fn start_nodes(
+        name: &str,
+        fsync: &'static str,
+        node: &dyn Fn(usize) -> (String, String),
+    ) -> Cluster {
+        Cluster::start_each(name, fsync, node, None)
+    }
+
+    fn start_each(
+        name: &str,
+        fsync: &'static str,
+        node: &dyn Fn(usize) -> (String, String),
+        client_token: Option<&str>,
+    ) -> Cluster {
         let peer_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
         let links: Vec<Vec<Option<Link>>> = (0..NODES)
             .map(|i| {
@@ -134,6 +152,7 @@ impl Cluster {
                     })
                     .collect();
                 let config = dirs[i].path().with_extension("yaml");
+                let (token, yaml) = node(i);
                 let auth = client_token.map_or(String::new(), |t| {
                     let hash: String = Sha256::digest(t.as_bytes())
                         .iter()
@@ -156,7 +175,7 @@ impl Cluster {
                         ("RSTMDB_CONFIG".into(), config.display().to_string()),
                         ("RSTMDB_CLUSTER_NODE_ID".into(), (i + 1).to_string()),
                         ("RSTMDB_CLUSTER_PEERS".into(), peers.join(",")),
-                        ("RSTMDB_REPL_AUTH_TOKEN".into(), token(i)),
+                        ("RSTMDB_REPL_AUTH_TOKEN".into(), token),
                         ("RSTMDB_METRICS_ENABLED".into(), "true".into()),
                         ("RSTMDB_METRICS_BIND".into(), metrics[i].to_string()),
                     ],
@@ -967,4 +986,72 @@ fn stale_follower_reads_answer_without_a_leader() {
         .call("APPLY_EVENT", json!({"instance_id": "s1", "event": "GO"}));
     assert_eq!(r["status"], "error", "{r}");
     assert_eq!(r["error"]["retryable"], true, "{r}");
+}
+
+/// Development certificates (a CA, and a server certificate for
+/// 127.0.0.1) made by the server's own `--gen-dev-certs`.
+fn dev_certs(name: &str) -> tempfile::TempDir {
+    let dir = data_dir(name);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rstmdb"))
+        .arg("--gen-dev-certs")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    dir
+}
+
+/// The `tls:` and `replication:` keys for peer TLS with `certs`.
+fn peer_tls_yaml(certs: &std::path::Path) -> String {
+    let p = |f: &str| certs.join(f).display().to_string();
+    format!(
+        "tls:\n  cert_path: {}\n  key_path: {}\nreplication:\n  tls_enabled: true\n  \
+         tls_ca_path: {}\n",
+        p("server.pem"),
+        p("server-key.pem"),
+        p("ca.pem")
+    )
+}
+
+/// `replication.tls_enabled`: peers talk TLS (Raft and tunnels alike), and
+/// the cluster works as without it.
+#[test]
+fn peers_over_tls_elect_replicate_and_forward() {
+    let certs = dev_certs("cluster-tls-certs");
+    let yaml = peer_tls_yaml(certs.path());
+    let c = Cluster::start_full("cluster-tls", "never", &|_| "secret".into(), &yaml, None);
+    let leader = c.leader();
+    let follower = (leader + 1) % NODES;
+    call_until_ok(
+        &c,
+        follower,
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+    c.nodes[follower].client().ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": "t1", "machine": "m", "version": 1}),
+    );
+    assert_eq!(c.converged_wal().len(), 2);
+}
+
+/// A node whose certificate the others' CA did not sign (and which does
+/// not trust theirs) never joins.
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_never_joins() {
+    let good = dev_certs("cluster-ca-good");
+    let other = dev_certs("cluster-ca-other");
+    let yamls = [peer_tls_yaml(good.path()), peer_tls_yaml(other.path())];
+    let c = Cluster::start_nodes("cluster-ca", "never", &|i| {
+        ("secret".to_string(), yamls[usize::from(i == 2)].clone())
+    });
+    let leader = c.leader_among(&[0, 1]);
+    call_until_ok(
+        &c,
+        leader,
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.wal(2).is_empty(), "the outsider received nothing");
 }

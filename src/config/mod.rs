@@ -1333,6 +1333,22 @@ impl Config {
             ));
         }
         self.cluster.validate(self.server.shards)?;
+        if self.cluster.enabled() && r.tls_enabled {
+            if self.tls.cert_path.is_none() || self.tls.key_path.is_none() {
+                return Err(invalid(
+                    "replication.tls_enabled",
+                    "replication.tls_enabled on a cluster node needs this node's certificate: set \
+                     tls.cert_path and tls.key_path (client TLS itself may stay off)",
+                ));
+            }
+            if r.tls_ca_path.is_none() && !r.tls_insecure {
+                return Err(invalid(
+                    "replication.tls_ca_path",
+                    "replication.tls_enabled needs replication.tls_ca_path, the CA peers' \
+                     certificates chain to (or replication.tls_insecure: true, for testing)",
+                ));
+            }
+        }
         if self.cluster.enabled() && self.storage.allow_flush_all {
             return Err(invalid(
                 "storage.allow_flush_all",

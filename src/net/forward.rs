@@ -18,12 +18,11 @@
 //! their outcome is unknown.
 
 use std::io;
-use std::net::ToSocketAddrs;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::net::peer_stream::PeerStream;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use crate::net::peer::{self, PeerAuth};
 use crate::protocol::frame;
@@ -116,7 +115,7 @@ impl Forwarder {
 /// One connection's tunnel to the leader.
 pub struct Upstream {
     pub leader: u64,
-    stream: TcpStream,
+    stream: PeerStream,
     rbuf: Vec<u8>,
 }
 
@@ -127,13 +126,7 @@ impl Upstream {
         let addr = fwd
             .address(leader)
             .ok_or_else(|| io::Error::other(format!("no address for node {leader}")))?;
-        let resolved = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other(format!("{addr} resolves to nothing")))?;
-        let mut stream = TcpStream::connect(resolved).await?;
-        let _ = stream.set_nodelay(true);
-        peer::introduce(&mut stream, peer::TUNNEL_MAGIC, &fwd.auth)
+        let stream = peer::connect(addr, peer::TUNNEL_MAGIC, &fwd.auth)
             .await
             .map_err(io::Error::other)?;
         let mut up = Upstream {

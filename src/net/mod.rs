@@ -7,4 +7,5 @@ pub mod forward;
 pub mod idle;
 pub mod listen;
 pub mod peer;
+pub mod peer_stream;
 pub mod server;

@@ -27,7 +27,9 @@ use glommio::net::{TcpListener, TcpStream};
 use rstmdb_shards::replication::wire;
 use rstmdb_shards::shard::ShardMsg;
 
+use crate::net::peer_stream::PeerStream;
 use crate::security::auth::Authenticator;
+use crate::security::tls::PeerTls;
 
 /// A connection carrying Raft messages.
 pub const RAFT_MAGIC: &[u8; 8] = b"RSTPEER1";
@@ -59,6 +61,8 @@ pub struct PeerAuth {
     pub token: Option<String>,
     /// Tokens accepted from peers; with none configured, any peer is.
     pub accept: Arc<Authenticator>,
+    /// TLS on peer connections (`replication.tls_enabled`).
+    pub tls: Option<PeerTls>,
 }
 
 /// Sends the frames queued for peer `id` at `addr` until the queue closes
@@ -67,7 +71,7 @@ pub async fn send_to(id: u64, addr: String, auth: PeerAuth, frames: flume::Recei
     let mut backoff = FIRST_BACKOFF;
     let mut refused_logged = false;
     while !frames.is_disconnected() {
-        match connect(&addr, &auth).await {
+        match connect(&addr, RAFT_MAGIC, &auth).await {
             Ok(mut stream) => {
                 backoff = FIRST_BACKOFF;
                 refused_logged = false;
@@ -93,24 +97,54 @@ pub async fn send_to(id: u64, addr: String, auth: PeerAuth, frames: flume::Recei
     }
 }
 
-async fn connect(addr: &str, auth: &PeerAuth) -> Result<TcpStream, String> {
+/// A connection of kind `magic` to the peer at `addr` (`HOST:PORT`):
+/// TCP, TLS when configured (the host is the name verified), then this
+/// node's introduction, accepted.
+pub async fn connect(addr: &str, magic: &[u8; 8], auth: &PeerAuth) -> Result<PeerStream, String> {
     let resolved: SocketAddr = addr
         .to_socket_addrs()
         .map_err(|e| format!("resolving: {e}"))?
         .next()
         .ok_or("resolves to nothing")?;
-    let mut stream = TcpStream::connect(resolved)
+    let tcp = TcpStream::connect(resolved)
         .await
         .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    introduce(&mut stream, RAFT_MAGIC, auth).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &auth.tls {
+        None => PeerStream::Plain(tcp),
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{host} is not a name to verify: {e}"))?;
+            let handshake = tls.connector.connect(name, tcp);
+            let tls = with_timeout(handshake, "TLS handshake").await?;
+            PeerStream::Connected(Box::new(tls))
+        }
+    };
+    introduce(&mut stream, magic, auth).await?;
     Ok(stream)
+}
+
+/// `fut`, or an error once [`HANDSHAKE_TIMEOUT`] passes.
+async fn with_timeout<T>(
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+    what: &str,
+) -> Result<T, String> {
+    futures_lite::future::or(
+        async { fut.await.map_err(|e| format!("{what}: {e}")) },
+        async {
+            glommio::timer::sleep(HANDSHAKE_TIMEOUT).await;
+            Err(format!("{what} timed out"))
+        },
+    )
+    .await
 }
 
 /// Introduces this node on a new connection of kind `magic` and waits
 /// for the peer to accept its token.
-pub async fn introduce(
-    stream: &mut TcpStream,
+async fn introduce(
+    stream: &mut PeerStream,
     magic: &[u8; 8],
     auth: &PeerAuth,
 ) -> Result<(), String> {
@@ -135,7 +169,7 @@ pub async fn introduce(
 }
 
 /// Writes queued frames until the queue closes or the connection fails.
-async fn pump(stream: &mut TcpStream, frames: &flume::Receiver<Vec<u8>>) -> std::io::Result<()> {
+async fn pump(stream: &mut PeerStream, frames: &flume::Receiver<Vec<u8>>) -> std::io::Result<()> {
     let mut buf = Vec::new();
     while let Ok(first) = frames.recv_async().await {
         buf.clear();
@@ -162,7 +196,7 @@ pub async fn accept_peers(
     listener: TcpListener,
     auth: PeerAuth,
     shard: flume::WeakSender<ShardMsg>,
-    tunnels: flume::Sender<TcpStream>,
+    tunnels: flume::Sender<PeerStream>,
 ) {
     let auth = Rc::new(auth);
     loop {
@@ -185,20 +219,30 @@ pub async fn accept_peers(
     }
 }
 
-/// One inbound peer: handshake, then Raft frames — or, for a tunnel, the
-/// stream goes to the frontend to be served as a client connection.
+/// One inbound peer: TLS if configured, the handshake, then Raft frames
+/// — or, for a tunnel, the stream goes to the frontend to be served as a
+/// client connection.
 async fn serve_peer(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     auth: &PeerAuth,
     shard: flume::WeakSender<ShardMsg>,
-    tunnels: flume::Sender<TcpStream>,
+    tunnels: flume::Sender<PeerStream>,
 ) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    let mut stream = match &auth.tls {
+        None => PeerStream::Plain(tcp),
+        Some(tls) => {
+            let tls = with_timeout(tls.acceptor.accept(tcp), "TLS handshake").await?;
+            PeerStream::Accepted(Box::new(tls))
+        }
+    };
     let (node, tunnel) = handshake(&mut stream, auth).await?;
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream
+        .tcp()
+        .set_read_timeout(None)
+        .map_err(|e| e.to_string())?;
     if tunnel {
         return tunnels
             .send_async(stream)
@@ -244,7 +288,7 @@ async fn serve_peer(
 
 /// Reads a peer's introduction and answers it; the peer's node id and
 /// whether the connection is a tunnel.
-async fn handshake(stream: &mut TcpStream, auth: &PeerAuth) -> Result<(u64, bool), String> {
+async fn handshake(stream: &mut PeerStream, auth: &PeerAuth) -> Result<(u64, bool), String> {
     let mut head = [0u8; 20];
     stream
         .read_exact(&mut head)

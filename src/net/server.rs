@@ -12,6 +12,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::net::connection;
 use crate::net::idle::IdleWatch;
+use crate::net::peer_stream::PeerStream;
 use crate::service::compaction::Compactor;
 use crate::service::ops::OpSettings;
 use crate::service::router::Router;
@@ -70,28 +71,28 @@ pub async fn serve(
         active: active.clone(),
     };
     loop {
-        let (stream, tunnel) = match next_connection(&inbound, &shutdown).await {
+        match next_connection(&inbound, &shutdown).await {
             Accepted::Stop => break,
             Accepted::Failed(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
             }
-            Accepted::Client(s) => (s, false),
-            Accepted::Tunnel(s) => (s, true),
-        };
-        // Shared by every frontend: the limit is the server's. A tunnel
-        // carries clients a follower already counted.
-        if active.fetch_add(1, Ordering::SeqCst) >= spawner.cfg.max_connections && !tunnel {
-            active.fetch_sub(1, Ordering::SeqCst);
-            // Over the limit: close without sending a byte (D18).
-            drop(stream);
-            continue;
+            Accepted::Client(stream) => {
+                // Shared by every frontend: the limit is the server's.
+                if active.fetch_add(1, Ordering::SeqCst) >= spawner.cfg.max_connections {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    // Over the limit: close without sending a byte (D18).
+                    drop(stream);
+                    continue;
+                }
+                spawner.spawn_client(stream, idle.as_ref().map(|w| w.register()));
+            }
+            Accepted::Tunnel(stream) => {
+                // It carries clients a follower already counted.
+                active.fetch_add(1, Ordering::SeqCst);
+                spawner.spawn_tunnel(stream);
+            }
         }
-        let idle = (!tunnel)
-            .then(|| idle.as_ref().map(|w| w.register()))
-            .flatten();
-        spawner.spawn(stream, idle, tunnel);
     }
     tracing::info!("stopped accepting; finishing open connections");
     drop(stop_tx);
@@ -107,14 +108,14 @@ pub struct Inbound {
     pub clients: TcpListener,
     /// Cluster mode: followers' tunnels, from the peer listener (a closed
     /// channel when there is none).
-    pub tunnels: flume::Receiver<TcpStream>,
+    pub tunnels: flume::Receiver<PeerStream>,
 }
 
 /// What the accept loop got.
 enum Accepted {
     Client(TcpStream),
     /// A follower's tunnel (see `net::forward`), already authenticated.
-    Tunnel(TcpStream),
+    Tunnel(PeerStream),
     Failed(std::io::Error),
     Stop,
 }
@@ -152,25 +153,11 @@ struct Spawner {
 }
 
 impl Spawner {
-    fn spawn(&self, stream: TcpStream, idle: Option<crate::net::idle::Idle>, tunnel: bool) {
+    /// A client connection: TLS if configured, then served.
+    fn spawn_client(&self, stream: TcpStream, idle: Option<crate::net::idle::Idle>) {
         let _ = stream.set_nodelay(true);
-        if let Some(m) = &self.cfg.metrics {
-            m.connections.increment(1);
-        }
-        let mut cfg = self.cfg.clone();
-        if tunnel {
-            // Served here as they came: never forwarded again, never TLS.
-            cfg.forward = None;
-            cfg.tls = None;
-        }
+        let (shared, cfg) = self.parts(idle);
         let active = self.active.clone();
-        let shared = connection::Shared {
-            router: self.router.clone(),
-            hub: self.hub.clone(),
-            compactor: self.compactor.clone(),
-            stop: self.stop.clone(),
-            idle,
-        };
         glommio::spawn_local(async move {
             let ended = match cfg.tls.clone() {
                 None => connection::serve(stream, shared, &cfg).await,
@@ -179,13 +166,45 @@ impl Spawner {
                     Err(e) => Err(e),
                 },
             };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            active.fetch_sub(1, Ordering::SeqCst);
+            finish(ended, &active);
         })
         .detach();
     }
+
+    /// A follower's tunnel: served as it came (its TLS, if any, is the
+    /// peer transport's), never forwarded again, never idle-closed.
+    fn spawn_tunnel(&self, stream: PeerStream) {
+        let (shared, mut cfg) = self.parts(None);
+        cfg.forward = None;
+        let active = self.active.clone();
+        glommio::spawn_local(async move {
+            finish(connection::serve(stream, shared, &cfg).await, &active);
+        })
+        .detach();
+    }
+
+    /// What a connection shares with the frontend, and its settings.
+    fn parts(&self, idle: Option<crate::net::idle::Idle>) -> (connection::Shared, FrontendConfig) {
+        if let Some(m) = &self.cfg.metrics {
+            m.connections.increment(1);
+        }
+        let shared = connection::Shared {
+            router: self.router.clone(),
+            hub: self.hub.clone(),
+            compactor: self.compactor.clone(),
+            stop: self.stop.clone(),
+            idle,
+        };
+        (shared, self.cfg.clone())
+    }
+}
+
+/// A connection ended: logged, and uncounted.
+fn finish(ended: std::io::Result<()>, active: &AtomicUsize) {
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+    active.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// The TLS handshake, bounded by [`crate::security::tls::HANDSHAKE_TIMEOUT`]; a

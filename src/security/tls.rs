@@ -291,3 +291,115 @@ mod tests {
         );
     }
 }
+
+// ---- between cluster peers -------------------------------------------------
+
+/// TLS on the peer port (`replication.tls_enabled`): the node's
+/// certificate (`tls.cert_path` / `tls.key_path`) for the peers that
+/// connect, and for its own connections the CA to verify peers with
+/// (`replication.tls_ca_path`), or none (`replication.tls_insecure`).
+/// Peers authenticate each other by the replication token inside the TLS
+/// session, so no client certificate is asked for.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub acceptor: futures_rustls::TlsAcceptor,
+    pub connector: futures_rustls::TlsConnector,
+}
+
+impl PeerTls {
+    /// The peer TLS of a node, from its `tls.*` certificate and its
+    /// `replication.tls_*` settings.
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        ca: Option<&Path>,
+        insecure: bool,
+    ) -> Result<PeerTls, TlsSetupError> {
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certificates("tls.cert_path", cert)?, private_key(key)?)
+            .map_err(|e| TlsSetupError::Rustls(format!("tls.cert_path / tls.key_path: {e}")))?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        let client = match (ca, insecure) {
+            (_, true) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyPeer(provider())))
+                .with_no_client_auth(),
+            (Some(ca), false) => {
+                let mut roots = RootCertStore::empty();
+                for c in certificates("replication.tls_ca_path", ca)? {
+                    roots.add(c).map_err(|e| TlsSetupError::Pem {
+                        key: "replication.tls_ca_path",
+                        path: ca.to_path_buf(),
+                        what: format!("not a usable CA certificate: {e}"),
+                    })?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            (None, false) => {
+                return Err(TlsSetupError::Rustls(
+                    "replication.tls_enabled needs replication.tls_ca_path (or tls_insecure)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(PeerTls {
+            acceptor: futures_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: futures_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+/// `replication.tls_insecure`: any certificate is accepted (the session is
+/// still encrypted, and the token still checked). For testing only.
+#[derive(Debug)]
+struct AnyPeer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyPeer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -518,9 +518,7 @@ mod tests {
             let (mut s, _) = RaftStore::open(dir.path(), &[1]).unwrap();
             let mut expected = vec![(MAGIC.len() as u64, LogState::bootstrap(&[1]))];
             let mut model = LogState::bootstrap(&[1]);
-            let mut term = 1;
-            for (back, n, hard) in steps {
-                term += 1;
+            for (term, (back, n, hard)) in (2u64..).zip(steps) {
                 let first = model.last_index().saturating_sub(back).max(model.snap_index) + 1;
                 let ents: Vec<Entry> = (0..n as u64).map(|i| entry(first + i, term, b"d")).collect();
                 let commit = model.hard_state.commit.min(first - 1);
