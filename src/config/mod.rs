@@ -1332,29 +1332,7 @@ impl Config {
                 ),
             ));
         }
-        self.cluster.validate(self.server.shards)?;
-        if self.cluster.enabled() && r.tls_enabled {
-            if self.tls.cert_path.is_none() || self.tls.key_path.is_none() {
-                return Err(invalid(
-                    "replication.tls_enabled",
-                    "replication.tls_enabled on a cluster node needs this node's certificate: set \
-                     tls.cert_path and tls.key_path (client TLS itself may stay off)",
-                ));
-            }
-            if r.tls_ca_path.is_none() && !r.tls_insecure {
-                return Err(invalid(
-                    "replication.tls_ca_path",
-                    "replication.tls_enabled needs replication.tls_ca_path, the CA peers' \
-                     certificates chain to (or replication.tls_insecure: true, for testing)",
-                ));
-            }
-        }
-        if self.cluster.enabled() && self.storage.allow_flush_all {
-            return Err(invalid(
-                "storage.allow_flush_all",
-                "storage.allow_flush_all cannot be used on a cluster node",
-            ));
-        }
+        self.validate_cluster_node()?;
         if r.role != ReplicationRole::Standalone {
             return Err(invalid(
                 "replication.role",
@@ -1363,6 +1341,36 @@ impl Config {
                      replication.role: standalone",
                     r.role
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cluster node's settings: the `cluster:` section, and what it
+    /// needs of the others (a certificate for peer TLS; no FLUSH_ALL).
+    fn validate_cluster_node(&self) -> Result<(), ConfigError> {
+        let r = &self.replication;
+        self.cluster.validate(self.server.shards)?;
+        if self.cluster.enabled() && r.tls_enabled {
+            if self.tls.cert_path.is_none() || self.tls.key_path.is_none() {
+                return Err(invalid(
+                    "replication.tls_enabled",
+                    "replication.tls_enabled on a cluster node needs this node's certificate: set \
+                 tls.cert_path and tls.key_path (client TLS itself may stay off)",
+                ));
+            }
+            if r.tls_ca_path.is_none() && !r.tls_insecure {
+                return Err(invalid(
+                    "replication.tls_ca_path",
+                    "replication.tls_enabled needs replication.tls_ca_path, the CA peers' \
+                 certificates chain to (or replication.tls_insecure: true, for testing)",
+                ));
+            }
+        }
+        if self.cluster.enabled() && self.storage.allow_flush_all {
+            return Err(invalid(
+                "storage.allow_flush_all",
+                "storage.allow_flush_all cannot be used on a cluster node",
             ));
         }
         Ok(())
