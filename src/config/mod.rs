@@ -2288,6 +2288,12 @@ replication:
         assert!(ServerConfig::default().shard_count() >= 1);
     }
 
+    /// Makes `c` node 1 of a valid three-node cluster.
+    fn cluster_node(c: &mut Config) {
+        c.cluster.node_id = Some(1);
+        c.cluster.peers = vec!["1=a:1".into(), "2=b:2".into(), "3=c:3".into()];
+    }
+
     #[test]
     fn validation_errors() {
         type Mutator = Box<dyn FnOnce(&mut Config)>;
@@ -2372,6 +2378,29 @@ replication:
                 Box::new(|c| {
                     c.storage.allow_flush_all = true;
                     c.replication.role = ReplicationRole::Primary;
+                }),
+            ),
+            (
+                "replication.tls_enabled",
+                Box::new(|c| {
+                    cluster_node(c);
+                    c.replication.tls_enabled = true;
+                }),
+            ),
+            (
+                "replication.tls_ca_path",
+                Box::new(|c| {
+                    cluster_node(c);
+                    c.replication.tls_enabled = true;
+                    c.tls.cert_path = Some("c.pem".into());
+                    c.tls.key_path = Some("k.pem".into());
+                }),
+            ),
+            (
+                "storage.allow_flush_all",
+                Box::new(|c| {
+                    cluster_node(c);
+                    c.storage.allow_flush_all = true;
                 }),
             ),
         ];
