@@ -1055,3 +1055,51 @@ fn a_peer_with_a_certificate_from_another_ca_never_joins() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(c.wal(2).is_empty(), "the outsider received nothing");
 }
+
+/// The real clients, unchanged, against a follower: the Python client's
+/// whole compatibility suite, and rstmdb-cli's writes and reads.
+#[test]
+fn the_real_clients_work_through_a_follower() {
+    let c = Cluster::start("cluster-clients", "every_write");
+    let leader = c.leader();
+    let follower = c.nodes[(leader + 1) % NODES].addr;
+    let python = common::tool(
+        "RSTMDB_PYTHON",
+        "venv/bin/python",
+        "Python with rstmdb 0.2.1",
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/compat.py");
+    let out = std::process::Command::new(python)
+        .args([
+            script,
+            &follower.ip().to_string(),
+            &follower.port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("python client suite: all checks passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::cli_path())
+            .args(["-s", &follower.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let def = machine().to_string();
+    cli(&["put-machine", "-n", "cli", "-v", "1", &def]);
+    cli(&["create-instance", "-m", "cli", "-V", "1", "--id", "c1"]);
+    assert!(cli(&["apply-event", "--instance", "c1", "--event", "GO"]).contains("a → b"));
+    assert!(cli(&["get-instance", "c1"]).contains("State: b"));
+}

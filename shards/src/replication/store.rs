@@ -64,6 +64,8 @@ pub struct RaftStore {
     end: u64,
     /// Bytes written since the last sync.
     unsynced: bool,
+    /// What it wrote and synced: (write calls, bytes, syncs).
+    io: (u64, u64, u64),
 }
 
 impl RaftStore {
@@ -115,6 +117,7 @@ impl RaftStore {
             file,
             end,
             unsynced: false,
+            io: (0, 0, 0),
         };
         Ok((store, state))
     }
@@ -144,8 +147,14 @@ impl RaftStore {
                 source,
             })?;
             self.unsynced = false;
+            self.io.2 += 1;
         }
         Ok(())
+    }
+
+    /// Write calls, bytes written and syncs since it was opened.
+    pub fn io(&self) -> (u64, u64, u64) {
+        self.io
     }
 
     /// Bytes in the file.
@@ -211,6 +220,8 @@ impl RaftStore {
             })?;
         self.end += buf.len() as u64;
         self.unsynced = true;
+        self.io.0 += 1;
+        self.io.1 += buf.len() as u64;
         Ok(())
     }
 }

@@ -313,6 +313,11 @@ impl ShardLoop {
         }
     }
 
+    /// The group's log file's I/O (cluster mode): writes, bytes, syncs.
+    pub(super) fn raft_log_io(&self) -> Option<(u64, u64, u64)> {
+        self.cluster.as_ref().map(|m| m.store.io())
+    }
+
     /// When the next tick is due.
     pub(super) fn next_tick(&self) -> Option<Instant> {
         self.cluster.as_ref().map(|m| m.next_tick)

@@ -186,12 +186,20 @@ impl ShardLoop {
     }
 
     /// The WAL's figures, as WAL_STATS and the metrics endpoint show them.
+    /// A cluster node's I/O includes its group's log: that is where its
+    /// durable writes and syncs go (the WAL is written at apply, unsynced).
     pub(super) fn wal_stats(&self) -> ShardWalStats {
+        let mut io = self.writer.io_stats();
+        if let Some((writes, bytes, syncs)) = self.raft_log_io() {
+            io.writes += writes;
+            io.bytes_written += bytes;
+            io.fsyncs += syncs;
+        }
         ShardWalStats {
             entries: self.writer.records(),
             segments: self.writer.segments().len() as u64,
             used_bytes: self.writer.used_bytes(),
-            io: self.writer.io_stats(),
+            io,
         }
     }
 
