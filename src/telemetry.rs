@@ -389,6 +389,16 @@ fn answer(
     let path = target.split('?').next().unwrap_or(target);
     let (status, ctype, body) = route(method, path);
     let head_only = method == "HEAD";
+    if path == "/health" && status == 200 {
+        // A cluster node is ready once it knows a leader and is caught up.
+        if let Some(Err(why)) = collector
+            .cluster
+            .as_ref()
+            .map(replication_status::readiness)
+        {
+            return respond(&mut stream, 503, ctype, why.as_bytes(), !head_only);
+        }
+    }
     match body {
         Some(b) => respond(&mut stream, status, ctype, b.as_bytes(), !head_only),
         None => {
@@ -411,6 +421,7 @@ fn respond(
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Request Header Fields Too Large",
     };
     let head = format!(

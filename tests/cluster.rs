@@ -195,9 +195,14 @@ impl Cluster {
 
     /// Node `i`'s `/metrics` text.
     fn scrape(&self, i: usize) -> String {
+        self.http_get(i, "/metrics")
+    }
+
+    /// The whole HTTP answer to `GET path` on node `i`'s metrics endpoint.
+    fn http_get(&self, i: usize, path: &str) -> String {
         let mut s = TcpStream::connect(self.metrics[i]).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         text
@@ -433,6 +438,11 @@ fn any_node_serves_every_operation_and_every_node_logs_the_same_records() {
         assert!(text.contains(family), "{family} missing:\n{text}");
     }
     assert!(c.scrape(f1).contains("rstmdb_replication_lag_entries"));
+    // Readiness: every node knows the leader and is caught up.
+    for i in 0..NODES {
+        let health = c.http_get(i, "/health");
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    }
     // And the real rstmdb-cli reads it.
     let out = std::process::Command::new(common::cli_path())
         .args(["-s", &c.nodes[f1].addr.to_string(), "replication-status"])
@@ -495,6 +505,16 @@ fn a_minority_answers_writes_with_a_retryable_error_and_recovers_when_healed() {
         started.elapsed() < Duration::from_secs(20),
         "answered, not hung"
     );
+    // The lone node steps down (check-quorum): not ready, though alive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.http_get(leader, "/health").starts_with("HTTP/1.1 503") {
+        assert!(
+            Instant::now() < deadline,
+            "a node without a majority stays ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.http_get(leader, "/healthz").starts_with("HTTP/1.1 200"));
     for &o in &others {
         c.nodes[o].restart();
     }

@@ -73,7 +73,7 @@ pub fn status(view: Option<&ClusterView>) -> Value {
             "last_applied_sequence": applied,
             "primary_sequence": commit,
             "lag_entries": commit.saturating_sub(applied),
-            "lag_seconds": 0,
+            "lag_seconds": lag_seconds(s),
         })
     };
     let obj = out.as_object_mut().expect("an object");
@@ -92,6 +92,39 @@ pub fn status(view: Option<&ClusterView>) -> Value {
 fn client_address(v: &ClusterView, id: u64) -> Option<String> {
     let announced = v.client_addrs.lock().ok().and_then(|m| m.get(&id).cloned());
     announced.or_else(|| address(v, id))
+}
+
+/// How long this node has been behind what it knows committed (0 while
+/// caught up).
+fn lag_seconds(s: &GroupStatus) -> f64 {
+    match s.behind_since_ms.load(Ordering::Relaxed) {
+        0 => 0.0,
+        since => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            now.saturating_sub(since) as f64 / 1000.0
+        }
+    }
+}
+
+/// Entries a follower may trail the commit index by and still count as
+/// caught up.
+pub const READY_LAG_ENTRIES: u64 = 1_000;
+
+/// Whether a cluster node is ready to serve (the metrics endpoint's
+/// `/health`): it knows a leader and has applied what it knows committed,
+/// give or take [`READY_LAG_ENTRIES`].
+pub fn readiness(v: &ClusterView) -> Result<(), &'static str> {
+    let s = &v.status;
+    if s.leader.load(Ordering::Relaxed) == 0 {
+        return Err("no leader known");
+    }
+    let commit = s.commit_index.load(Ordering::Relaxed);
+    if commit.saturating_sub(s.applied_index.load(Ordering::Relaxed)) > READY_LAG_ENTRIES {
+        return Err("catching up");
+    }
+    Ok(())
 }
 
 /// Sets the replication families at a scrape: the reference's
@@ -120,7 +153,7 @@ pub fn export_metrics(v: &ClusterView) {
         commit.saturating_sub(applied)
     };
     gauge!("rstmdb_replication_lag_entries").set(lag as f64);
-    gauge!("rstmdb_replication_lag_seconds").set(0.0);
+    gauge!("rstmdb_replication_lag_seconds").set(lag_seconds(s));
     counter!("rstmdb_replication_entries_sent_total")
         .absolute(s.entries_sent.load(Ordering::Relaxed));
     counter!("rstmdb_replication_sync_timeouts_total")
@@ -184,6 +217,16 @@ mod tests {
         );
         v.client_addrs.lock().unwrap().insert(1, "a:7401".into());
         assert_eq!(status(Some(&v))["upstream"], "a:7401");
+        assert_eq!(readiness(&v), Ok(()));
+        s.commit_index
+            .store(10 + READY_LAG_ENTRIES, Ordering::Relaxed);
+        s.applied_index.store(10, Ordering::Relaxed);
+        assert_eq!(readiness(&v), Ok(()), "within the lag allowed");
+        s.commit_index
+            .store(11 + READY_LAG_ENTRIES, Ordering::Relaxed);
+        assert_eq!(readiness(&v), Err("catching up"));
+        s.leader.store(0, Ordering::Relaxed);
+        assert_eq!(readiness(&v), Err("no leader known"));
         assert_eq!(follow["lag_entries"], 2);
     }
 }

@@ -94,6 +94,9 @@ pub struct GroupStatus {
     pub entries_sent: AtomicU64,
     /// Drains no majority confirmed within the commit timeout.
     pub commit_timeouts: AtomicU64,
+    /// Since when (Unix ms) this member has applied less than it knows
+    /// committed; 0 while caught up (`lag_seconds`).
+    pub behind_since_ms: AtomicU64,
 }
 
 /// Histogram of seconds from a drain's proposal to its outcome.
@@ -235,6 +238,12 @@ impl Member {
         s.leader.store(leader, Ordering::Relaxed);
         s.commit_index.store(r.commit_index(), Ordering::Relaxed);
         s.applied_index.store(r.applied(), Ordering::Relaxed);
+        let behind = r.applied() < r.commit_index();
+        match (behind, s.behind_since_ms.load(Ordering::Relaxed)) {
+            (true, 0) => s.behind_since_ms.store(now_ms().max(1), Ordering::Relaxed),
+            (false, since) if since != 0 => s.behind_since_ms.store(0, Ordering::Relaxed),
+            _ => {}
+        }
         s.applied_offset
             .store(self.shard.applied_offset() - 1, Ordering::Relaxed);
         if let Ok(mut m) = s.matched.lock() {
@@ -269,6 +278,10 @@ fn compaction_point(
         keep_from,
         past_lagging: reached < keep_from,
     })
+}
+
+fn now_ms() -> u64 {
+    now_nanos() / 1_000_000
 }
 
 fn now_nanos() -> u64 {
