@@ -358,24 +358,35 @@ fn call_until_ok(c: &Cluster, i: usize, op: &str, params: Value) -> Value {
     }
 }
 
+/// Registers the test machine through node `i` (retrying until a leader
+/// serves).
+fn put_machine(c: &Cluster, i: usize) {
+    call_until_ok(
+        c,
+        i,
+        "PUT_MACHINE",
+        json!({"machine": "m", "version": 1, "definition": machine()}),
+    );
+}
+
+/// Creates instance `id` through node `i`; its result.
+fn create(c: &Cluster, i: usize, id: &str) -> Value {
+    call_until_ok(
+        c,
+        i,
+        "CREATE_INSTANCE",
+        json!({"instance_id": id, "machine": "m", "version": 1}),
+    )
+}
+
 #[test]
 fn any_node_serves_every_operation_and_every_node_logs_the_same_records() {
     let c = Cluster::start("cluster-any", "every_write");
     let leader = c.leader();
     let followers: Vec<usize> = (0..NODES).filter(|&i| i != leader).collect();
     let (f1, f2) = (followers[0], followers[1]);
-    call_until_ok(
-        &c,
-        f1,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
-    let created = call_until_ok(
-        &c,
-        f2,
-        "CREATE_INSTANCE",
-        json!({"instance_id": "x", "machine": "m", "version": 1}),
-    );
+    put_machine(&c, f1);
+    let created = create(&c, f2, "x");
     let applied = c.nodes[f1]
         .client()
         .ok("APPLY_EVENT", json!({"instance_id": "x", "event": "GO"}));
@@ -457,18 +468,8 @@ fn watches_on_a_follower_see_transitions_committed_through_another_node() {
     let c = Cluster::start("cluster-watch", "never");
     let leader = c.leader();
     let follower = (leader + 1) % NODES;
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
-    call_until_ok(
-        &c,
-        leader,
-        "CREATE_INSTANCE",
-        json!({"instance_id": "w", "machine": "m", "version": 1}),
-    );
+    put_machine(&c, leader);
+    create(&c, leader, "w");
     let mut watcher = c.nodes[follower].client();
     watcher.ok("WATCH_ALL", json!({}));
     c.nodes[leader]
@@ -484,12 +485,7 @@ fn watches_on_a_follower_see_transitions_committed_through_another_node() {
 fn a_minority_answers_writes_with_a_retryable_error_and_recovers_when_healed() {
     let mut c = Cluster::start("cluster-minority", "every_write");
     let leader = c.leader();
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     let others: Vec<usize> = (0..NODES).filter(|&i| i != leader).collect();
     for &o in &others {
         c.nodes[o].kill9();
@@ -536,12 +532,7 @@ fn a_node_with_a_wrong_replication_token_never_joins() {
     });
     let leader = c.leader_among(&[0, 1]);
     assert!(leader < 2, "the intruder cannot lead");
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     std::thread::sleep(Duration::from_millis(500));
     assert!(c.wal(2).is_empty(), "the intruder received nothing");
     let log = c.nodes[leader].log_text() + &c.nodes[2].log_text();
@@ -712,12 +703,7 @@ fn check_history(c: &Cluster, mut history: History, started: Instant) {
 fn kill9_of_the_leader_under_load_loses_nothing_and_the_history_is_linearizable() {
     let mut c = Cluster::start("cluster-kill", "every_write");
     let leader = c.leader();
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     let started = Instant::now();
     let addrs = c.nodes.iter().map(|n| n.addr).collect();
     let history = run_clients(addrs, 4, || {
@@ -738,12 +724,7 @@ fn kill9_of_the_leader_under_load_loses_nothing_and_the_history_is_linearizable(
 fn partitions_and_heals_under_load_keep_the_history_linearizable() {
     let c = Cluster::start("cluster-partition", "never");
     let leader = c.leader();
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     let started = Instant::now();
     let addrs = c.nodes.iter().map(|n| n.addr).collect();
     let history = run_clients(addrs, 4, || {
@@ -844,12 +825,7 @@ fn leader_kill_cycles_and_a_rolling_restart_lose_nothing_and_apply_nothing_twice
         .unwrap_or(2);
     let mut c = Cluster::start("cluster-cycles", "every_write");
     let leader = c.leader();
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     let addrs: Vec<SocketAddr> = c.nodes.iter().map(|n| n.addr).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Acked>> = Arc::default();
@@ -978,18 +954,8 @@ fn stale_follower_reads_answer_without_a_leader() {
         None,
     );
     let leader = c.leader();
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
-    call_until_ok(
-        &c,
-        leader,
-        "CREATE_INSTANCE",
-        json!({"instance_id": "s1", "machine": "m", "version": 1}),
-    );
+    put_machine(&c, leader);
+    create(&c, leader, "s1");
     let survivor = (leader + 1) % NODES;
     c.converged_wal();
     for i in 0..NODES {
@@ -1042,12 +1008,7 @@ fn peers_over_tls_elect_replicate_and_forward() {
     let c = Cluster::start_full("cluster-tls", "never", &|_| "secret".into(), &yaml, None);
     let leader = c.leader();
     let follower = (leader + 1) % NODES;
-    call_until_ok(
-        &c,
-        follower,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, follower);
     c.nodes[follower].client().ok(
         "CREATE_INSTANCE",
         json!({"instance_id": "t1", "machine": "m", "version": 1}),
@@ -1066,12 +1027,7 @@ fn a_peer_with_a_certificate_from_another_ca_never_joins() {
         ("secret".to_string(), yamls[usize::from(i == 2)].clone())
     });
     let leader = c.leader_among(&[0, 1]);
-    call_until_ok(
-        &c,
-        leader,
-        "PUT_MACHINE",
-        json!({"machine": "m", "version": 1, "definition": machine()}),
-    );
+    put_machine(&c, leader);
     std::thread::sleep(Duration::from_millis(500));
     assert!(c.wal(2).is_empty(), "the outsider received nothing");
 }
