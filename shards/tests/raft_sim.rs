@@ -33,6 +33,9 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
                 total.committed += r.committed;
                 total.abandoned += r.abandoned;
                 total.wal_lost += r.wal_lost;
+                total.compactions += r.compactions;
+                total.snapshots += r.snapshots;
+                total.installs += r.installs;
             }
             Err(e) => panic!("seed {seed} ({nodes} nodes): {e}"),
         }
@@ -44,6 +47,7 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
         total.wal_lost > 0,
         "no crash took WAL records to catch up on"
     );
+    assert!(total.installs > 0, "no follower caught up by a snapshot");
     total
 }
 

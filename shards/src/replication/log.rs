@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 /// The log's contents.
@@ -27,6 +27,12 @@ pub struct LogState {
     pub hard_state: HardState,
     /// Voters and learners.
     pub conf_state: ConfState,
+    /// A snapshot the host prepared for followers that need one (not
+    /// durable: a leader builds another when asked again).
+    pub prepared: Option<Snapshot>,
+    /// The index a snapshot was asked for while none was prepared: the
+    /// host should build one.
+    pub wanted: Option<u64>,
 }
 
 impl LogState {
@@ -64,6 +70,35 @@ impl LogState {
             .all(|w| w[1].index == w[0].index + 1 && w[1].term >= w[0].term));
     }
 
+    /// Drops the entries before `keep_from` (applied ones: their effect is
+    /// in the host's state).
+    pub fn compact_to(&mut self, keep_from: u64) {
+        let keep_from = keep_from.clamp(self.snap_index + 1, self.last_index() + 1);
+        let cut = (keep_from - self.snap_index - 1) as usize;
+        if cut > 0 {
+            self.snap_term = self.entries[cut - 1].term;
+            self.snap_index = keep_from - 1;
+            self.entries.drain(..cut);
+        }
+    }
+
+    /// Replaces the log by a snapshot's point (raft-rs's
+    /// `MemStorage::apply_snapshot`): no entries, the commit at its index.
+    pub fn install(&mut self, meta: &SnapshotMetadata) {
+        assert!(
+            meta.index >= self.snap_index,
+            "a snapshot at {} behind the log's start {}",
+            meta.index,
+            self.snap_index
+        );
+        self.snap_index = meta.index;
+        self.snap_term = meta.term;
+        self.entries.clear();
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.hard_state.commit = meta.index;
+        self.conf_state = meta.get_conf_state().clone();
+    }
+
     fn entry(&self, index: u64) -> &Entry {
         &self.entries[(index - self.snap_index - 1) as usize]
     }
@@ -93,6 +128,18 @@ impl RaftLog {
     /// Runs `f` on the log's contents (compaction rewrites them).
     pub fn with_state<T>(&self, f: impl FnOnce(&mut LogState) -> T) -> T {
         f(&mut self.0.borrow_mut())
+    }
+
+    /// Offers followers `snapshot`, and clears the request for one.
+    pub fn offer(&self, snapshot: Snapshot) {
+        let mut s = self.0.borrow_mut();
+        s.prepared = Some(snapshot);
+        s.wanted = None;
+    }
+
+    /// Whether raft asked for a snapshot that is not prepared.
+    pub fn snapshot_wanted(&self) -> bool {
+        self.0.borrow().wanted.is_some()
     }
 
     /// Calls `f` on every entry from the newest back, until it returns
@@ -151,10 +198,23 @@ impl raft::Storage for RaftLog {
         Ok(self.0.borrow().last_index())
     }
 
-    /// The log is not compacted yet, so no follower ever needs a snapshot;
-    /// raft retries later on this answer. Snapshot transfer comes with
-    /// compaction of replicated logs.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// The prepared snapshot if it is recent enough: at least what was
+    /// asked for, and no older than the log's compaction point (a follower
+    /// that needs a snapshot is behind that point; an older one would not
+    /// bring it past the gap, and raft would send it again and again).
+    /// Otherwise the host is asked to build one (it can only between
+    /// drains), and raft retries.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut s = self.0.borrow_mut();
+        let needed = request_index.max(s.snap_index);
+        if let Some(p) = s
+            .prepared
+            .as_ref()
+            .filter(|p| p.get_metadata().index >= needed)
+        {
+            return Ok(p.clone());
+        }
+        s.wanted = Some(s.wanted.unwrap_or(0).max(needed));
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

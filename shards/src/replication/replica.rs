@@ -18,7 +18,9 @@
 //! term is in the log of every later leader that appends after it), so
 //! offsets grow along the committed log across every failover.
 
-use raft::prelude::{Entry, EntryType, HardState, Message};
+use raft::prelude::{
+    Entry, EntryType, HardState, Message, MessageType, Snapshot, SnapshotMetadata,
+};
 use raft::{RawNode, StateRole};
 
 use super::log::RaftLog;
@@ -90,6 +92,9 @@ pub struct Persist {
     /// Whether it must reach the disk before the messages it holds go out
     /// (false when only the commit index moved).
     pub must_sync: bool,
+    /// A snapshot's point the log now starts at (the log is rewritten
+    /// from it; its data is the host's to keep).
+    pub snapshot: Option<SnapshotMetadata>,
 }
 
 /// A committed entry, in log order. The engine's own entries (a new
@@ -122,6 +127,9 @@ pub struct Output {
     /// ReadIndex answers: (request context, the commit index a read with
     /// that context may be served at once applied).
     pub reads: Vec<(Vec<u8>, u64)>,
+    /// A snapshot from the leader: the host replaces its state by its
+    /// data (before applying anything after it).
+    pub install: Option<Snapshot>,
 }
 
 /// One member of a group.
@@ -143,6 +151,8 @@ pub struct Replica {
     applied: u64,
     /// The Ready whose write is in flight, and the messages that wait for it.
     in_flight: Option<(u64, Vec<Message>)>,
+    /// A snapshot installed, to count applied once persisted.
+    snapshot_to_apply: Option<u64>,
 }
 
 impl Replica {
@@ -178,6 +188,7 @@ impl Replica {
             term_start: u64::MAX,
             applied,
             in_flight: None,
+            snapshot_to_apply: None,
         };
         replica.redraw_election_timeout();
         replica.seen = replica.role();
@@ -306,11 +317,9 @@ impl Replica {
             return Output::default();
         }
         let mut rd = self.raw.ready();
-        assert!(
-            rd.snapshot().is_empty(),
-            "no snapshot is sent while logs are not compacted"
-        );
+        let install = self.take_snapshot(&rd);
         let send = rd.take_messages();
+        self.report_snapshots_sent(&send);
         let reads = rd
             .take_read_states()
             .into_iter()
@@ -329,14 +338,16 @@ impl Replica {
         let number = rd.number();
         let must_sync = rd.must_sync();
         self.raw.advance_append_async(rd);
+        let snapshot = install.as_ref().map(|s| s.get_metadata().clone());
         let mut out = Output {
             send,
             persist: None,
             apply,
             applied_to,
             reads,
+            install,
         };
-        if hard_state.is_none() && entries.is_empty() {
+        if hard_state.is_none() && entries.is_empty() && snapshot.is_none() {
             // Nothing to write: what waited for the write goes now.
             self.raw.on_persist_ready(number);
             self.notice_role();
@@ -348,6 +359,7 @@ impl Replica {
                 hard_state,
                 entries,
                 must_sync,
+                snapshot,
             });
         }
         out
@@ -359,8 +371,39 @@ impl Replica {
         let (expected, held) = self.in_flight.take().expect("a write in flight");
         assert_eq!(number, expected, "writes complete in order");
         self.raw.on_persist_ready(number);
+        if let Some(index) = self.snapshot_to_apply.take() {
+            // The host installed it at Ready time; raft may count it
+            // applied once it is persisted.
+            self.raw.advance_apply_to(index);
+        }
         self.notice_role();
         held
+    }
+
+    /// A snapshot the leader sent: installed into the in-memory log now
+    /// (the entries of this Ready follow it), handed to the host to load.
+    fn take_snapshot(&mut self, rd: &raft::Ready) -> Option<Snapshot> {
+        if rd.snapshot().is_empty() {
+            return None;
+        }
+        let snapshot = rd.snapshot().clone();
+        let index = snapshot.get_metadata().index;
+        self.log()
+            .with_state(|s| s.install(snapshot.get_metadata()));
+        self.applied = index;
+        self.snapshot_to_apply = Some(index);
+        Some(snapshot)
+    }
+
+    /// Snapshots go out through the host's transport, which reports no
+    /// delivery: each is reported sent at once. If it was lost, the
+    /// follower's next answer shows it still behind, and raft sends again.
+    fn report_snapshots_sent(&mut self, send: &[Message]) {
+        for m in send {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
+            }
+        }
     }
 
     /// Decodes committed entries for the host and records them applied.

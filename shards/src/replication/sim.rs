@@ -33,15 +33,20 @@ use serde_json::{json, Value};
 
 use super::log::{LogState, RaftLog};
 use super::replica::{Applied, Persist, Replica, ReplicaConfig};
-use super::state::{Outcome, Progress, Record, ReplicatedShard};
+use super::state::{Install, Outcome, Progress, Record, ReplicatedShard};
 use crate::commands::{ApplyEvent, Command, Reply};
 use crate::definition::MachineDef;
 use crate::engine::{Engine, EngineLimits, Offsets};
 use crate::lincheck::{self, Call, InstanceModel, InstanceOp, InstanceRet};
+use crate::snapshot::Step;
 use crate::wal_entry::WalEntry;
 
 /// Instances the clients work on.
 const INSTANCES: u64 = 4;
+/// A node compacts its log once it holds more entries than this...
+const LOG_BOUND: u64 = 16;
+/// ...keeping this many behind its applied index.
+const LOG_RETAIN: u64 = 2;
 
 /// The shape and fault rates of one run (times in virtual milliseconds).
 #[derive(Debug, Clone)]
@@ -114,6 +119,10 @@ pub struct SimReport {
     pub committed: u64,
     /// Drains a node gave up waiting for (commit timeout).
     pub abandoned: u64,
+    /// Log compactions, snapshots a leader built, snapshots installed.
+    pub compactions: u64,
+    pub snapshots: u64,
+    pub installs: u64,
     /// WAL records a crash took (replayed from the log afterwards).
     pub wal_lost: u64,
 }
@@ -149,8 +158,13 @@ struct Node {
     /// The engine, rebuilt from `wal` on restart.
     engine: Option<Engine>,
     /// The node's WAL: committed records, in log order. Survives crashes,
-    /// but a crash may take its newest records.
+    /// but a crash may take its newest records, down to `wal_durable`.
     wal: Vec<Record>,
+    /// Records of `wal` made durable (synced before the log was compacted).
+    wal_durable: usize,
+    /// A snapshot installed from the leader: every record below its offset
+    /// (the WAL starts there), as the snapshot file's bytes.
+    snap: Option<(u64, Vec<u8>)>,
     writing: Option<Persist>,
     /// Offset and index of the last entry this incarnation applied.
     last_offset: u64,
@@ -234,6 +248,8 @@ impl Sim {
                 shard: None,
                 engine: None,
                 wal: Vec::new(),
+                wal_durable: 0,
+                snap: None,
                 writing: None,
                 last_offset: 0,
                 applied_index: 0,
@@ -323,7 +339,10 @@ impl Sim {
         let seed = self.rng.next_u64();
         let node = &mut self.nodes[n];
         node.epoch += 1;
-        let mut e = engine();
+        let mut e = match &node.snap {
+            Some((_, bytes)) => load_image(bytes),
+            None => engine(),
+        };
         for r in &node.wal {
             let entry: WalEntry = serde_json::from_slice(&r.bytes).expect("a logged entry");
             e.replay(r.offset, entry).expect("the WAL replays");
@@ -331,15 +350,23 @@ impl Sim {
         for (id, _) in e.unresolved_parts() {
             e.resolve_part(&id, true);
         }
-        let wal_next = node.wal.last().map_or(1, |r| r.offset + 1);
+        let wal_next = node
+            .wal
+            .last()
+            .map(|r| r.offset + 1)
+            .or(node.snap.as_ref().map(|s| s.0))
+            .unwrap_or(1);
+        // The compacted entries are in the engine (snapshot and WAL).
+        let applied = node.disk.snap_index;
         let log = RaftLog::new(node.disk.clone());
-        let replica = Replica::new(n as u64 + 1, log, &self.replica_cfg, 0, seed)
+        let replica = Replica::new(n as u64 + 1, log, &self.replica_cfg, applied, seed)
             .expect("a valid replica config");
         node.shard = Some(ReplicatedShard::new(replica, wal_next));
         node.engine = Some(e);
         node.writing = None;
         node.last_offset = 0;
-        node.applied_index = 0;
+        // The engine holds the log up to its compaction point already.
+        node.applied_index = applied;
         node.pending = None;
         let first_tick = self.now + 1 + self.rng.below(self.cfg.tick_ms);
         let epoch = node.epoch;
@@ -364,14 +391,15 @@ impl Sim {
     /// may lose its newest records (written after their entry applied).
     fn crash(&mut self, n: usize) {
         let keep = self.rng.next_u64();
-        let lose = self.rng.below(4) as usize;
+        let lose = self.rng.below(8) as usize;
         let node = &mut self.nodes[n];
         if let Some(p) = node.writing.take() {
-            let parts = p.hard_state.is_some() as usize + p.entries.len();
+            let parts =
+                p.snapshot.is_some() as usize + p.hard_state.is_some() as usize + p.entries.len();
             let kept = (keep % (parts as u64 + 1)) as usize;
             write_prefix(&mut node.disk, &p, kept);
         }
-        let lose = lose.min(node.wal.len());
+        let lose = lose.min(node.wal.len() - node.wal_durable);
         node.wal.truncate(node.wal.len() - lose);
         self.report.wal_lost += lose as u64;
         node.shard = None;
@@ -395,11 +423,16 @@ impl Sim {
             .map_err(|e| format!("node {}: {e}", n + 1))?;
         self.check_leader(n)?;
         self.send(progress.send);
+        if let Some(install) = progress.install {
+            self.install(n, install);
+        }
         self.record_applied(n, progress.applied)?;
         self.write_wal(n, progress.write)?;
         if let Some(outcome) = progress.outcome {
             self.answer(n, outcome);
         }
+        self.offer_snapshot(n);
+        self.compact_log(n);
         if let Some(p) = progress.persist {
             let done = self.now + 1 + self.rng.below(self.cfg.max_write_ms);
             let epoch = self.nodes[n].epoch;
@@ -407,6 +440,58 @@ impl Sim {
             self.at(done, Event::Written { node: n, epoch });
         }
         Ok(())
+    }
+
+    /// Node `n` replaces its state by the leader's snapshot: the engine,
+    /// and a WAL that starts at the snapshot's offset.
+    fn install(&mut self, n: usize, install: Install) {
+        let node = &mut self.nodes[n];
+        node.engine = Some(load_image(&install.state));
+        node.wal.clear();
+        node.wal_durable = 0;
+        node.last_offset = install.offset - 1;
+        node.applied_index = node.shard.as_ref().expect("live").replica().applied();
+        node.snap = Some((install.offset, install.state));
+        self.report.installs += 1;
+    }
+
+    /// A leader whose followers need a snapshot builds one of its engine
+    /// when no drain is in flight.
+    fn offer_snapshot(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let (Some(shard), Some(engine)) = (node.shard.as_mut(), node.engine.as_mut()) else {
+            return;
+        };
+        if shard.snapshot_wanted() {
+            let image = engine_image(engine, shard.applied_offset());
+            shard.offer_snapshot(image);
+            self.report.snapshots += 1;
+        }
+    }
+
+    /// Compacts node `n`'s log, memory and disk, once it holds more than
+    /// [`LOG_BOUND`] entries: to [`LOG_RETAIN`] behind the applied index,
+    /// whoever lags (a follower behind it then needs a snapshot). The WAL
+    /// is made durable first, as the server syncs it.
+    fn compact_log(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let Some(shard) = node.shard.as_ref() else {
+            return;
+        };
+        let log = shard.replica().log();
+        let (snap_index, last) = log.with_state(|s| (s.snap_index, s.last_index()));
+        if last - snap_index <= LOG_BOUND {
+            return;
+        }
+        let keep_from = shard.replica().applied().saturating_sub(LOG_RETAIN) + 1;
+        if keep_from <= snap_index + 1 {
+            return;
+        }
+        node.wal_durable = node.wal.len();
+        log.with_state(|s| s.compact_to(keep_from));
+        node.disk
+            .compact_to(keep_from.min(node.disk.last_index() + 1));
+        self.report.compactions += 1;
     }
 
     /// Appends committed records to node `n`'s WAL: offsets must grow.
@@ -450,7 +535,8 @@ impl Sim {
             return Ok(());
         }
         let p = node.writing.take().expect("a write in flight");
-        let parts = p.hard_state.is_some() as usize + p.entries.len();
+        let parts =
+            p.snapshot.is_some() as usize + p.hard_state.is_some() as usize + p.entries.len();
         write_prefix(&mut node.disk, &p, parts);
         let held = node
             .shard
@@ -739,12 +825,28 @@ impl Sim {
                 states[0]
             ));
         }
-        if let Some(i) = self.nodes.iter().position(|n| n.wal != self.nodes[0].wal) {
+        // Above every node's floor (a node that installed a snapshot keeps
+        // no record below it), the WALs are the same.
+        let floor = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.snap.as_ref().map(|s| s.0))
+            .max()
+            .unwrap_or(0);
+        let above = |n: &Node| -> Vec<Record> {
+            n.wal
+                .iter()
+                .filter(|r| r.offset >= floor)
+                .cloned()
+                .collect()
+        };
+        let first = above(&self.nodes[0]);
+        if let Some(i) = self.nodes.iter().position(|n| above(n) != first) {
             return Err(format!(
-                "node {}'s WAL differs from node 1's ({} and {} records)",
+                "node {}'s WAL differs from node 1's above offset {floor} ({} and {} records)",
                 i + 1,
-                self.nodes[i].wal.len(),
-                self.nodes[0].wal.len()
+                above(&self.nodes[i]).len(),
+                first.len()
             ));
         }
         for (index, (term, offset)) in &self.acked {
@@ -789,13 +891,56 @@ const TRANSITIONS: [(&str, &str, &str); 4] = [
     ("c", "BACK", "a"),
 ];
 
-/// A fresh engine that knows the machine (as after its PUT_MACHINE).
-fn engine() -> Engine {
-    let mut e = Engine::new(&EngineLimits {
+/// The engine's limits on every node.
+fn limits() -> EngineLimits {
+    EngineLimits {
         // Larger than any run's keyed calls: a retry must find its key.
         idempotency_entries: 1 << 20,
         idempotency_max_age_ms: 0,
-    });
+    }
+}
+
+/// `engine` as a snapshot file's bytes (the server's own format, written
+/// to a simulated disk), covering every record below `offset`.
+fn engine_image(engine: &mut Engine, offset: u64) -> Vec<u8> {
+    let disk = rstmdb_wal::sim::SimDisk::new(0);
+    let dir = std::path::PathBuf::from("/snap");
+    rstmdb_wal::storage::Storage::create_dir_all(&disk, &dir).expect("a simulated directory");
+    let mut job =
+        crate::snapshot::SnapshotJob::begin_on(disk.clone(), engine, dir, 0, offset, 0, 0);
+    loop {
+        match job.step(engine, std::time::Duration::from_secs(1)) {
+            Step::More => {}
+            Step::Blocked => std::thread::sleep(std::time::Duration::from_micros(100)),
+            Step::Finished(done) => {
+                let file = done
+                    .recv()
+                    .expect("the snapshot writer answers")
+                    .expect("a simulated disk without faults");
+                return rstmdb_wal::storage::Storage::read(&disk, &file.path)
+                    .expect("the file just written");
+            }
+            Step::Abandoned(why) => panic!("snapshot abandoned: {why}"),
+        }
+    }
+}
+
+/// An engine loaded from [`engine_image`]'s bytes.
+fn load_image(bytes: &[u8]) -> Engine {
+    let disk = rstmdb_wal::sim::SimDisk::new(0);
+    let path = std::path::Path::new("/image/snapshot");
+    rstmdb_wal::storage::Storage::create_dir_all(&disk, std::path::Path::new("/image"))
+        .expect("a simulated directory");
+    rstmdb_wal::storage::Storage::create_file(&disk, path).expect("a simulated file");
+    rstmdb_wal::storage::Storage::write_at(&disk, path, 0, bytes).expect("a simulated write");
+    crate::snapshot::load_on(&disk, path, 0, &limits())
+        .expect("a snapshot the leader built")
+        .engine
+}
+
+/// A fresh engine that knows the machine (as after its PUT_MACHINE).
+fn engine() -> Engine {
+    let mut e = Engine::new(&limits());
     let transitions: Vec<Value> = TRANSITIONS
         .iter()
         .map(|(a, ev, b)| json!({"from": a, "event": ev, "to": b}))
@@ -877,6 +1022,17 @@ fn visible(engine: &mut Engine) -> String {
 /// Puts the first `parts` parts of `p` (the entries, then the hard state)
 /// on the disk.
 fn write_prefix(disk: &mut LogState, p: &Persist, parts: usize) {
+    // A snapshot's point comes first in the write (`RaftStore` frames it
+    // before the entries).
+    if let Some(meta) = &p.snapshot {
+        if parts == 0 {
+            return;
+        }
+        let mut meta = meta.clone();
+        meta.set_conf_state(disk.conf_state.clone());
+        disk.install(&meta);
+    }
+    let parts = parts.saturating_sub(p.snapshot.is_some() as usize);
     let n = parts.min(p.entries.len());
     disk.append(&p.entries[..n]);
     if let Some(hs) = &p.hard_state {

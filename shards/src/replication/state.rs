@@ -72,6 +72,18 @@ pub struct Progress {
     pub events: Vec<WatchEvent>,
     /// The entries applied, in log order.
     pub applied: Vec<Applied>,
+    /// A snapshot from the leader: the host replaces its state (engine and
+    /// WAL) by this one, which holds every record below `offset`.
+    pub install: Option<Install>,
+}
+
+/// A leader's state to replace the host's (see [`Progress::install`]).
+#[derive(Debug)]
+pub struct Install {
+    /// Every record below this offset is in `state`.
+    pub offset: u64,
+    /// The host's own encoding of its engine (a snapshot file).
+    pub state: Vec<u8>,
 }
 
 /// Why a drain cannot be proposed.
@@ -250,6 +262,9 @@ impl ReplicatedShard {
             persist: out.persist,
             ..Progress::default()
         };
+        if let Some(snapshot) = out.install {
+            self.install(snapshot, &mut progress)?;
+        }
         for a in out.apply {
             self.apply(engine, &a, collect, &mut progress)?;
             progress.applied.push(a);
@@ -261,6 +276,67 @@ impl ReplicatedShard {
     /// The write of Ready `number` is done: the messages that waited.
     pub fn persisted(&mut self, number: u64) -> Vec<Message> {
         self.replica.persisted(number)
+    }
+
+    /// Whether followers need a snapshot and the host may build one now:
+    /// its engine holds exactly the applied log (no drain in flight).
+    pub fn snapshot_wanted(&self) -> bool {
+        !self.busy() && self.replica.log().snapshot_wanted()
+    }
+
+    /// Offers followers the host's `state`, its engine as of the applied
+    /// index (see [`ReplicatedShard::snapshot_wanted`]).
+    pub fn offer_snapshot(&mut self, state: Vec<u8>) {
+        assert!(!self.busy(), "a snapshot of applied state only");
+        let index = self.replica.applied();
+        let term = raft::Storage::term(self.replica.log(), index)
+            .expect("the applied index is in the log");
+        let conf_state = self.replica.log().with_state(|s| s.conf_state.clone());
+        let mut data = self.applied_offset.to_le_bytes().to_vec();
+        data.extend_from_slice(&state);
+        let mut snapshot = raft::prelude::Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        self.replica.log().offer(snapshot);
+    }
+
+    /// The leader's snapshot replaces this node's state: a drain in flight
+    /// is dropped (its callers' outcome is unknown), and the host gets the
+    /// state to load.
+    fn install(
+        &mut self,
+        snapshot: raft::prelude::Snapshot,
+        progress: &mut Progress,
+    ) -> Result<(), String> {
+        let index = snapshot.get_metadata().index;
+        let data = &snapshot.data[..];
+        if data.len() < 8 {
+            return Err(format!("snapshot at {index}: {} bytes", data.len()));
+        }
+        let offset = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        progress.outcome = match self.in_flight.take() {
+            Some(InFlight::Write { proposed, .. }) => Some(Outcome::Lost(proposed)),
+            Some(InFlight::Read { .. }) => Some(Outcome::ReadLost),
+            Some(InFlight::Abandoned(p)) => {
+                if p.index > index {
+                    self.in_flight = Some(InFlight::Abandoned(p));
+                }
+                None
+            }
+            None => None,
+        };
+        self.applied_offset = offset;
+        self.replica.raise_next_offset(offset);
+        progress.install = Some(Install {
+            offset,
+            state: data[8..].to_vec(),
+        });
+        Ok(())
     }
 
     /// Moves the drain of reads on: note its confirmed index, answer it

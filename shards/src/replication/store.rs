@@ -39,6 +39,8 @@ const FRAME_HEADER: usize = 8;
 const KIND_BASE: u8 = 1;
 const KIND_ENTRY: u8 = 2;
 const KIND_HARD: u8 = 3;
+/// A snapshot installed from the leader: the log restarts at its point.
+const KIND_SNAP: u8 = 4;
 /// Largest frame body accepted when reading back: an entry is one drain,
 /// bounded well below this by the shard's drain limits.
 const MAX_FRAME: usize = 256 << 20;
@@ -126,6 +128,13 @@ impl RaftStore {
     /// when `sync` (the fsync policy says so, or raft needs it).
     pub fn write(&mut self, p: &Persist, sync: bool) -> Result<(), StoreError> {
         let mut buf = Vec::new();
+        if let Some(m) = &p.snapshot {
+            frame(&mut buf, |b| {
+                b.push(KIND_SNAP);
+                b.extend_from_slice(&m.index.to_le_bytes());
+                b.extend_from_slice(&m.term.to_le_bytes());
+            });
+        }
         for e in &p.entries {
             frame(&mut buf, |b| encode_entry(b, e));
         }
@@ -170,13 +179,13 @@ impl RaftStore {
     /// Rewrites the file with `state` from index `keep_from` on (and its
     /// hard state), and drops the entries before it from `state` too.
     pub fn compact(&mut self, state: &mut LogState, keep_from: u64) -> Result<(), StoreError> {
-        let keep_from = keep_from.clamp(state.snap_index + 1, state.last_index() + 1);
-        let cut = (keep_from - state.snap_index - 1) as usize;
-        if cut > 0 {
-            state.snap_term = state.entries[cut - 1].term;
-            state.snap_index = keep_from - 1;
-            state.entries.drain(..cut);
-        }
+        state.compact_to(keep_from);
+        self.rewrite(state)
+    }
+
+    /// Rewrites the file as `state`: its compaction point, entries and
+    /// hard state (after a compaction, or a snapshot's installation).
+    pub fn rewrite(&mut self, state: &LogState) -> Result<(), StoreError> {
         let mut buf = MAGIC.to_vec();
         frame(&mut buf, |b| {
             b.push(KIND_BASE);
@@ -354,6 +363,19 @@ fn apply_frame(body: &[u8], state: &mut LogState) -> Result<(), String> {
             }
             state.append(&[e]);
         }
+        KIND_SNAP => {
+            let (index, term) = (r.u64()?, r.u64()?);
+            if index < state.snap_index {
+                return Err(format!("a snapshot at {index} behind the log's start"));
+            }
+            let mut meta = raft::prelude::SnapshotMetadata {
+                index,
+                term,
+                ..Default::default()
+            };
+            meta.set_conf_state(state.conf_state.clone());
+            state.install(&meta);
+        }
         KIND_HARD => {
             state.hard_state.term = r.u64()?;
             state.hard_state.vote = r.u64()?;
@@ -418,6 +440,7 @@ mod tests {
             }),
             entries,
             must_sync: true,
+            snapshot: None,
         }
     }
 
@@ -501,6 +524,32 @@ mod tests {
         assert_eq!((st.snap_index, st.snap_term), (6, 2));
         assert_eq!(st.entries.first().map(|e| e.index), Some(7));
         assert_eq!((st.last_index(), st.hard_state.commit), (11, 11));
+    }
+
+    #[test]
+    fn an_installed_snapshot_restarts_the_log_at_its_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = RaftStore::open(dir.path(), &[1, 2]).unwrap();
+        s.write(
+            &persist(vec![entry(1, 1, b"a"), entry(2, 1, b"b")], 1, 1),
+            true,
+        )
+        .unwrap();
+        let snap = Persist {
+            snapshot: Some(raft::prelude::SnapshotMetadata {
+                index: 40,
+                term: 3,
+                ..Default::default()
+            }),
+            entries: vec![entry(41, 3, b"c")],
+            ..Persist::default()
+        };
+        s.write(&snap, true).unwrap();
+        drop(s);
+        let (_, st) = RaftStore::open(dir.path(), &[1, 2]).unwrap();
+        assert_eq!((st.snap_index, st.snap_term, st.last_index()), (40, 3, 41));
+        assert_eq!(st.hard_state.commit, 40);
+        assert_eq!(st.conf_state.voters, vec![1, 2]);
     }
 
     #[test]
