@@ -19,24 +19,7 @@ fn run_seeds(nodes: u64, default_seeds: u64) -> SimReport {
             ..SimConfig::default()
         };
         match run(seed, cfg) {
-            Ok(r) => {
-                total.acknowledged += r.acknowledged;
-                total.lost += r.lost;
-                total.calls += r.calls;
-                total.retries += r.retries;
-                total.unknown += r.unknown;
-                total.reads += r.reads;
-                total.pauses += r.pauses;
-                total.crashes += r.crashes;
-                total.partitions += r.partitions;
-                total.terms = total.terms.max(r.terms);
-                total.committed += r.committed;
-                total.abandoned += r.abandoned;
-                total.wal_lost += r.wal_lost;
-                total.compactions += r.compactions;
-                total.snapshots += r.snapshots;
-                total.installs += r.installs;
-            }
+            Ok(r) => total.add(&r),
             Err(e) => panic!("seed {seed} ({nodes} nodes): {e}"),
         }
     }

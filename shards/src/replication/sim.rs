@@ -127,6 +127,46 @@ pub struct SimReport {
     pub wal_lost: u64,
 }
 
+impl SimReport {
+    /// Adds another run's figures (the highest term is the larger one).
+    pub fn add(&mut self, r: &SimReport) {
+        let SimReport {
+            acknowledged,
+            lost,
+            calls,
+            retries,
+            unknown,
+            reads,
+            pauses,
+            crashes,
+            partitions,
+            terms,
+            committed,
+            abandoned,
+            compactions,
+            snapshots,
+            installs,
+            wal_lost,
+        } = r;
+        self.acknowledged += acknowledged;
+        self.lost += lost;
+        self.calls += calls;
+        self.retries += retries;
+        self.unknown += unknown;
+        self.reads += reads;
+        self.pauses += pauses;
+        self.crashes += crashes;
+        self.partitions += partitions;
+        self.terms = self.terms.max(*terms);
+        self.committed += committed;
+        self.abandoned += abandoned;
+        self.compactions += compactions;
+        self.snapshots += snapshots;
+        self.installs += installs;
+        self.wal_lost += wal_lost;
+    }
+}
+
 enum Event {
     Tick {
         node: usize,
