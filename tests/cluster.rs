@@ -89,6 +89,8 @@ struct Cluster {
     metrics: Vec<SocketAddr>,
     /// The token clients present (when the nodes require one).
     client_token: Option<String>,
+    /// Where each node listens for its peers.
+    peer_ports: Vec<u16>,
     /// `links[i][j]`: what node i dials to reach node j.
     links: Vec<Vec<Option<Link>>>,
 }
@@ -190,6 +192,7 @@ impl Cluster {
             metrics,
             links,
             client_token: client_token.map(String::from),
+            peer_ports,
         }
     }
 
@@ -1078,4 +1081,35 @@ fn the_real_clients_work_through_a_follower() {
     cli(&["create-instance", "-m", "cli", "-V", "1", "--id", "c1"]);
     assert!(cli(&["apply-event", "--instance", "c1", "--event", "GO"]).contains("a → b"));
     assert!(cli(&["get-instance", "c1"]).contains("State: b"));
+}
+
+/// Strangers that connect to a node's peer port and never introduce
+/// themselves do not stop it: it keeps committing, and once their
+/// handshakes time out a follower forwards to it again.
+#[test]
+fn a_flood_of_silent_connections_on_the_peer_port_does_not_stop_the_node() {
+    let c = Cluster::start("cluster-flood", "never");
+    let leader = c.leader();
+    put_machine(&c, leader);
+    let strangers: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", c.peer_ports[leader])).ok())
+        .collect();
+    assert!(strangers.len() > 64, "the flood connected");
+    // The group's own connections are established: the leader still
+    // commits.
+    c.nodes[leader].client().ok(
+        "CREATE_INSTANCE",
+        json!({"instance_id": "f1", "machine": "m", "version": 1}),
+    );
+    // Past the handshake timeout the strangers are gone, and a follower's
+    // new tunnel to the leader goes through.
+    std::thread::sleep(Duration::from_secs(6));
+    let follower = (leader + 1) % NODES;
+    call_until_ok(
+        &c,
+        follower,
+        "CREATE_INSTANCE",
+        json!({"instance_id": "f2", "machine": "m", "version": 1}),
+    );
+    drop(strangers);
 }

@@ -45,6 +45,10 @@ const MAX_TOKEN: usize = 4096;
 const WRITE_BATCH: usize = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Inbound connections still in their handshake (not yet authenticated)
+/// at once; more are closed at once, so a flood of strangers on the peer
+/// port costs bounded memory and tasks.
+const MAX_HANDSHAKING: usize = 64;
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -199,6 +203,7 @@ pub async fn accept_peers(
     tunnels: flume::Sender<PeerStream>,
 ) {
     let auth = Rc::new(auth);
+    let handshaking = Rc::new(std::cell::Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -208,10 +213,22 @@ pub async fn accept_peers(
                 continue;
             }
         };
+        if handshaking.get() >= MAX_HANDSHAKING {
+            tracing::debug!("too many peer handshakes in progress; closing a connection");
+            continue;
+        }
+        handshaking.set(handshaking.get() + 1);
         let (auth, shard, tunnels) = (auth.clone(), shard.clone(), tunnels.clone());
+        let handshaking = handshaking.clone();
         glommio::spawn_local(async move {
             let from = stream.peer_addr().ok();
-            if let Err(e) = serve_peer(stream, &auth, shard, tunnels).await {
+            let introduced = introduced(stream, &auth).await;
+            handshaking.set(handshaking.get() - 1);
+            let served = match introduced {
+                Ok(peer) => serve_peer(peer, shard, tunnels).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 tracing::info!(?from, error = %e, "peer connection closed");
             }
         })
@@ -219,15 +236,17 @@ pub async fn accept_peers(
     }
 }
 
-/// One inbound peer: TLS if configured, the handshake, then Raft frames
-/// — or, for a tunnel, the stream goes to the frontend to be served as a
-/// client connection.
-async fn serve_peer(
-    tcp: TcpStream,
-    auth: &PeerAuth,
-    shard: flume::WeakSender<ShardMsg>,
-    tunnels: flume::Sender<PeerStream>,
-) -> Result<(), String> {
+/// An inbound peer that introduced itself: its node id, whether the
+/// connection is a tunnel, and the stream.
+struct Introduced {
+    node: u64,
+    tunnel: bool,
+    stream: PeerStream,
+}
+
+/// TLS if configured, then the peer's introduction, within the handshake
+/// timeout.
+async fn introduced(tcp: TcpStream, auth: &PeerAuth) -> Result<Introduced, String> {
     let _ = tcp.set_nodelay(true);
     tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -243,6 +262,25 @@ async fn serve_peer(
         .tcp()
         .set_read_timeout(None)
         .map_err(|e| e.to_string())?;
+    Ok(Introduced {
+        node,
+        tunnel,
+        stream,
+    })
+}
+
+/// One introduced peer: Raft frames to the shard — or, for a tunnel, the
+/// stream goes to the frontend to be served as a client connection.
+async fn serve_peer(
+    peer: Introduced,
+    shard: flume::WeakSender<ShardMsg>,
+    tunnels: flume::Sender<PeerStream>,
+) -> Result<(), String> {
+    let Introduced {
+        node,
+        tunnel,
+        mut stream,
+    } = peer;
     if tunnel {
         return tunnels
             .send_async(stream)
