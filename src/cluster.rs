@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rstmdb_shards::replication::ReplicaConfig;
-use rstmdb_shards::shard::{ClusterShardConfig, GroupStatus, ShardMsg, PEER_QUEUE};
+use rstmdb_shards::shard::{ClusterShardConfig, GroupStatus, LogBounds, ShardMsg, PEER_QUEUE};
 use sha2::{Digest, Sha256};
 
 use crate::config::cluster::FollowerReads;
@@ -92,6 +92,8 @@ impl ClusterWiring {
                 ..ReplicaConfig::default()
             },
             commit_timeout: Duration::from_millis(c.commit_timeout_ms),
+            log_bounds: LogBounds::from_entries(c.raft_log_entries),
+            limits: crate::daemon::engine_limits(cfg),
             peers: queues,
             status: status.clone(),
         };

@@ -199,16 +199,21 @@ struct StorageSettings {
     segment_size: u64,
 }
 
+/// The engine's limits from `storage.*`.
+pub(crate) fn engine_limits(cfg: &Config) -> EngineLimits {
+    EngineLimits {
+        idempotency_entries: cfg.storage.idempotency_window,
+        idempotency_max_age_ms: cfg
+            .storage
+            .idempotency_max_age()
+            .map_or(0, |d| d.as_millis() as i64),
+    }
+}
+
 impl StorageSettings {
     fn of(cfg: &Config) -> StorageSettings {
         StorageSettings {
-            limits: EngineLimits {
-                idempotency_entries: cfg.storage.idempotency_window,
-                idempotency_max_age_ms: cfg
-                    .storage
-                    .idempotency_max_age()
-                    .map_or(0, |d| d.as_millis() as i64),
-            },
+            limits: engine_limits(cfg),
             segment_size: cfg.storage.wal_segment_size_mb * 1024 * 1024,
         }
     }

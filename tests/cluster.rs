@@ -1113,3 +1113,143 @@ fn a_flood_of_silent_connections_on_the_peer_port_does_not_stop_the_node() {
     );
     drop(strangers);
 }
+
+/// A follower that was down while the leader compacted its log past it
+/// catches up by a snapshot transfer: it installs the leader's state, its
+/// WAL restarts there (older history is refused, never served with a gap),
+/// it follows on from there, and it recovers from the installed snapshot
+/// after a kill -9.
+#[test]
+fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    let mut c = Cluster::start_full(
+        "cluster-snap",
+        "every_write",
+        &|_| "secret".into(),
+        "  follower_reads: stale\n  raft_log_entries: 40\n",
+        None,
+    );
+    let leader = c.leader();
+    put_machine(&c, leader);
+    for k in 0..10 {
+        create(&c, leader, &format!("early-{k}"));
+    }
+    c.converged_wal();
+    let behind = (leader + 1) % NODES;
+    c.nodes[behind].kill9();
+    // 12.5 × 40 entries: the leader stops waiting for the dead node.
+    let mut client = c.client(leader);
+    for k in 0..650 {
+        let id = format!("late-{k}");
+        client.ok(
+            "CREATE_INSTANCE",
+            json!({"instance_id": id, "machine": "m", "version": 1}),
+        );
+        if k % 3 == 0 {
+            client.ok("APPLY_EVENT", json!({"instance_id": id, "event": "GO"}));
+        }
+    }
+    c.nodes[behind].restart();
+    wait_for_install(&c, behind);
+    check_follower_state(&c, behind, false);
+    let sent = c.status(leader).unwrap()["groups"][0]["snapshots_sent"].clone();
+    assert!(sent.as_u64().unwrap() >= 1, "the leader sent it: {sent}");
+    // Older history is refused here, not served with a hole in it.
+    let (code, message) = c.nodes[behind]
+        .client()
+        .err("WAL_READ", json!({"from_offset": 1, "limit": 10}));
+    assert_eq!(code, "BAD_REQUEST", "{message}");
+    assert!(message.contains("replaced by a snapshot"), "{message}");
+    let (code, message) = c.nodes[behind]
+        .client()
+        .err("WATCH_ALL", json!({"from_offset": 1}));
+    assert_eq!(code, "BAD_REQUEST", "{message}");
+    // It follows on from the snapshot...
+    client.ok(
+        "APPLY_EVENT",
+        json!({"instance_id": "late-1", "event": "GO"}),
+    );
+    check_follower_state(&c, behind, true);
+    let installed_at = first_offset(&c, behind);
+    assert!(installed_at > 650, "the snapshot holds what came before");
+    let same = c.converged(|i| wal_from(&c, i, installed_at));
+    assert!(!same.is_empty());
+    // ...and recovers from it after a kill -9.
+    c.nodes[behind].kill9();
+    c.nodes[behind].restart();
+    check_follower_state(&c, behind, true);
+    assert_eq!(c.converged(|i| wal_from(&c, i, installed_at)), same);
+}
+
+/// The offset of the first record in node `i`'s WAL.
+fn first_offset(c: &Cluster, i: usize) -> u64 {
+    let r = c.nodes[i]
+        .client()
+        .ok("WAL_READ", json!({"from_offset": 0, "limit": 1}));
+    r["records"][0]["offset"].as_u64().expect("a record")
+}
+
+/// Node `i`'s WAL records from `from` on.
+fn wal_from(c: &Cluster, i: usize, from: u64) -> Vec<Value> {
+    let r = c.nodes[i]
+        .client()
+        .ok("WAL_READ", json!({"from_offset": from, "limit": 10000}));
+    r["records"].as_array().unwrap().clone()
+}
+
+/// Waits until node `i` has installed a snapshot and caught up.
+fn wait_for_install(c: &Cluster, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = c.status(i) {
+            let g = &s["groups"][0];
+            let installed = g["snapshots_installed"].as_u64().unwrap_or(0);
+            if installed > 0 && g["applied_index"] == g["commit_index"] {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never installed a snapshot: {:?}",
+            i + 1,
+            c.status(i)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Node `i`'s own state (stale reads) has every instance, in the state
+/// the writes left it (`moved`: with late-1 moved on), once it has caught
+/// up.
+fn check_follower_state(c: &Cluster, i: usize, moved: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut client = c.nodes[i].client();
+        let wrong: Vec<String> = (0..10)
+            .map(|k| (format!("early-{k}"), "a"))
+            .chain((0..650).map(|k| {
+                let state = if k % 3 == 0 || (moved && k == 1) {
+                    "b"
+                } else {
+                    "a"
+                };
+                (format!("late-{k}"), state)
+            }))
+            .filter(|(id, state)| {
+                let r = client.call("GET_INSTANCE", json!({"instance_id": id}));
+                r["result"]["state"] != *state
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} differs on {} instances, e.g. {:?}",
+            i + 1,
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -195,6 +195,21 @@ fn below_floor(path: &Path, start: u64, wal_floor: u64) -> String {
     )
 }
 
+/// A WAL whose first segment is not the log's first lost its beginning
+/// (compaction, or a cluster replica restarted above a leader's snapshot):
+/// without a snapshot, replaying what is left would build a state with a
+/// hole in its history.
+fn refuse_headless_wal(wal: &Recovered, snapshot_dir: &Path) -> Result<(), RecoveryError> {
+    match wal.segments.first() {
+        Some(&first) if first != 1 => Err(RecoveryError::NoUsableSnapshot {
+            floor: wal.first_offsets.first().copied().unwrap_or(0).max(2),
+            dir: snapshot_dir.to_path_buf(),
+            tried: format!(" (the WAL starts at segment {first}, not 1)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Replays the WAL on top of `loaded` (or an empty engine when no
 /// snapshot is needed).
 fn replay_after<S: Storage>(
@@ -238,6 +253,9 @@ fn replay_after<S: Storage>(
         }
         engine.replay(r.offset, entry)
     })?;
+    if start.is_none() {
+        refuse_headless_wal(&wal, snapshot_dir)?;
+    }
     Ok(RecoveredShard {
         engine,
         wal,

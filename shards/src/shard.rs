@@ -18,6 +18,8 @@ mod drain;
 mod gather;
 mod main_loop;
 mod snapshots;
+mod transfer;
+pub use transfer::MAX_SNAPSHOT_BYTES;
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
@@ -32,7 +34,7 @@ use crate::commands::{Batch, Command, Reply, ShardWalStats};
 use crate::engine::Engine;
 use crate::error::ApiError;
 pub use crate::sequencer::Sequencer;
-pub use cluster::{ClusterShardConfig, GroupStatus, COMMIT_SECONDS, PEER_QUEUE};
+pub use cluster::{ClusterShardConfig, GroupStatus, LogBounds, COMMIT_SECONDS, PEER_QUEUE};
 use snapshots::Snapshots;
 
 /// When to `fdatasync` (config `storage.fsync_policy`).
@@ -92,6 +94,10 @@ pub enum HubMsg {
     Events(Vec<WatchEvent>),
     /// The shard released its offsets: the watermark may have moved.
     Released,
+    /// Cluster mode: a leader's snapshot replaced this node's state, and
+    /// its WAL holds nothing below `below` any more. Subscribers still
+    /// below it cannot be served without a gap: they are ended (D19).
+    HistoryReplaced { below: u64 },
 }
 
 /// The shard's side of the subscription hubs' channels (one hub per
@@ -420,6 +426,10 @@ struct ShardLoop {
     commit_records: metrics::Histogram,
     /// Cluster mode: the shard's member of its group.
     cluster: Option<cluster::Member>,
+    /// Cluster mode: a leader's snapshot replaced the state below this
+    /// offset, and the WAL with it: readers asking for less are refused
+    /// rather than given a gap (0 while nothing was replaced).
+    replaced_below: u64,
 }
 
 impl ShardLoop {
@@ -451,6 +461,7 @@ impl ShardLoop {
             dirty_since: None,
             commit_records: metrics::histogram!(GROUP_COMMIT_RECORDS),
             cluster: None,
+            replaced_below: 0,
         }
     }
 

@@ -719,6 +719,23 @@ pub fn write_blocking(
     }
 }
 
+/// Stores a snapshot file received whole (from a cluster's leader) as the
+/// snapshot of `start` in `dir`: written beside, synced, renamed into
+/// place, the directory synced. The caller verifies it by loading it.
+pub fn store_received(dir: &Path, start: u64, bytes: &[u8]) -> Result<PathBuf, SnapshotError> {
+    use std::io::Write as _;
+    let path = dir.join(file_name(start));
+    let tmp = path.with_extension("tmp");
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.write_all(bytes).map_err(io_err("writing", &tmp))?;
+    f.sync_all().map_err(io_err("syncing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+    Disk.sync_dir(dir)
+        .map_err(io_err("syncing directory", dir))?;
+    Ok(path)
+}
+
 // ---- reading -------------------------------------------------------------
 
 /// Header fields checked without reading the whole file.

@@ -12,6 +12,9 @@ use super::{invalid, ConfigError, EnvLayer};
 /// Most nodes in a cluster (raft-rs copes with more; quorum writes do not).
 pub const MAX_NODES: usize = 9;
 
+/// Fewest entries `cluster.raft_log_entries` may name.
+pub const MIN_LOG_ENTRIES: u64 = 40;
+
 /// `cluster:`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -39,6 +42,11 @@ pub struct ClusterConfig {
     /// which confirms its leadership (ReadIndex) before answering.
     /// `stale`: every node answers reads from its own applied state.
     pub follower_reads: FollowerReads,
+    /// Entries the group's Raft log holds before it is compacted (its file
+    /// is also compacted past 64 MiB). A member more than 12.5× this many
+    /// entries behind (or 256 MiB) stops holding compaction back and
+    /// catches up by a snapshot transfer instead. Default 40,000.
+    pub raft_log_entries: u64,
 }
 
 /// `cluster.follower_reads`.
@@ -61,6 +69,7 @@ impl Default for ClusterConfig {
             heartbeat_ticks: 2,
             commit_timeout_ms: 5000,
             follower_reads: FollowerReads::Linearizable,
+            raft_log_entries: 40_000,
         }
     }
 }
@@ -169,6 +178,12 @@ impl ClusterConfig {
                 "cluster.election_ticks",
                 "cluster.tick_ms and cluster.heartbeat_ticks must be positive and \
                  cluster.election_ticks larger than cluster.heartbeat_ticks",
+            ));
+        }
+        if self.raft_log_entries < MIN_LOG_ENTRIES {
+            return Err(invalid(
+                "cluster.raft_log_entries",
+                format!("cluster.raft_log_entries must be at least {MIN_LOG_ENTRIES}"),
             ));
         }
         if self.commit_timeout_ms == 0 {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use rstmdb_shards::replication::wire;
-use rstmdb_shards::shard::ShardMsg;
+use rstmdb_shards::shard::{ShardMsg, MAX_SNAPSHOT_BYTES};
 
 use crate::net::peer_stream::PeerStream;
 use crate::security::auth::Authenticator;
@@ -36,9 +36,13 @@ pub const RAFT_MAGIC: &[u8; 8] = b"RSTPEER1";
 /// A connection carrying a follower's forwarded client requests
 /// (`net::forward`), served by the leader as a client connection.
 pub const TUNNEL_MAGIC: &[u8; 8] = b"RSTTUNL1";
-/// Largest frame accepted (an append of `max_message_bytes` entries fits
-/// many times over).
-pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame accepted: a snapshot for a follower travels in one (an
+/// append of `max_message_bytes` entries fits many times over). Frames come
+/// only from authenticated peers, and a frame's buffer grows with the bytes
+/// that actually arrive, never from the length prefix alone.
+pub const MAX_FRAME: usize = MAX_SNAPSHOT_BYTES as usize + (1 << 20);
+/// A frame buffer grown past this is given back after its frame.
+const KEEP_FRAME_BUFFER: usize = 4 << 20;
 /// Longest token accepted in a handshake.
 const MAX_TOKEN: usize = 4096;
 /// Bytes gathered into one write at most.
@@ -299,12 +303,11 @@ async fn serve_peer(
                 "node {node} sent a frame of {n} bytes (limit {MAX_FRAME})"
             ));
         }
-        body.resize(n, 0);
-        stream
-            .read_exact(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
+        read_frame(&mut stream, n, &mut body).await?;
         let (group, msg) = wire::decode(&body).map_err(|e| format!("node {node}: {e}"))?;
+        if body.capacity() > KEEP_FRAME_BUFFER {
+            body = Vec::new();
+        }
         if group != 0 || msg.from != node {
             // A node speaks only for itself, and every node runs one group.
             tracing::warn!(
@@ -322,6 +325,20 @@ async fn serve_peer(
             return Ok(());
         }
     }
+}
+
+/// Reads a frame of `n` bytes into `body`, growing it as the bytes arrive.
+async fn read_frame(stream: &mut PeerStream, n: usize, body: &mut Vec<u8>) -> Result<(), String> {
+    body.clear();
+    let got = stream
+        .take(n as u64)
+        .read_to_end(body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if got != n {
+        return Err(format!("a frame of {n} bytes ended after {got}"));
+    }
+    Ok(())
 }
 
 /// Reads a peer's introduction and answers it; the peer's node id and

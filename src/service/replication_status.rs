@@ -39,6 +39,8 @@ pub fn status(view: Option<&ClusterView>) -> Value {
         "applied_index": applied,
         "wal_offset": s.applied_offset.load(Ordering::Relaxed),
         "role": role_name(s.role.load(Ordering::Relaxed)),
+        "snapshots_sent": s.snapshots_sent.load(Ordering::Relaxed),
+        "snapshots_installed": s.snapshots_installed.load(Ordering::Relaxed),
     });
     let mut out = if leader == v.node_id {
         let matched = s.matched.lock().map(|m| m.clone()).unwrap_or_default();
@@ -159,6 +161,10 @@ pub fn export_metrics(v: &ClusterView) {
     counter!("rstmdb_replication_sync_timeouts_total")
         .absolute(s.commit_timeouts.load(Ordering::Relaxed));
     counter!("rstmdb_replication_slow_replica_disconnects_total").absolute(0);
+    counter!("rstmdb_replication_snapshots_sent_total")
+        .absolute(s.snapshots_sent.load(Ordering::Relaxed));
+    counter!("rstmdb_replication_snapshots_installed_total")
+        .absolute(s.snapshots_installed.load(Ordering::Relaxed));
     gauge!("rstmdb_replication_term").set(s.term.load(Ordering::Relaxed) as f64);
     counter!("rstmdb_replication_elections_total").absolute(s.term_changes.load(Ordering::Relaxed));
     gauge!("rstmdb_replication_role").set(f64::from(s.role.load(Ordering::Relaxed)));

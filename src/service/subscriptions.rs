@@ -336,17 +336,45 @@ impl Hub {
         Take::Live(events, next)
     }
 
+    /// Takes in one message of a shard.
+    fn receive(&mut self, msg: HubMsg) {
+        match msg {
+            HubMsg::Events(evs) => {
+                for e in evs {
+                    self.pending.insert(e.wal_offset, Arc::new(e));
+                }
+            }
+            HubMsg::Released => {}
+            HubMsg::HistoryReplaced { below } => self.replace_history(below),
+        }
+    }
+
+    /// A leader's snapshot replaced this node's state below `below` (cluster
+    /// mode): no subscription may start below it any more, and every
+    /// subscription still below it is sent to the WAL, whose read there is
+    /// refused, which ends it (never a silent gap, D19). The window is
+    /// emptied: what it held lies below `below`.
+    fn replace_history(&mut self, below: u64) {
+        self.shared
+            .set_wal_floor(self.shared.wal_floor().max(below));
+        self.pending.retain(|&offset, _| offset >= below);
+        self.window.clear();
+        self.window_bytes = 0;
+        self.base = self.base.max(below);
+        // Whoever waits is woken to find out.
+        self.doorbells.retain(|b| match b.try_send(()) {
+            Ok(()) | Err(flume::TrySendError::Full(_)) => true,
+            Err(flume::TrySendError::Disconnected(_)) => false,
+        });
+    }
+
     /// Folds everything the shards sent into the window.
     fn pump(&mut self, rx: &flume::Receiver<HubMsg>) {
         // Watermark first, then drain: every event below it was sent before
         // its shard released, so it is in the channel by now.
         let w = self.seq.watermark();
         while let Ok(msg) = rx.try_recv() {
-            if let HubMsg::Events(evs) = msg {
-                for e in evs {
-                    self.pending.insert(e.wal_offset, Arc::new(e));
-                }
-            }
+            self.receive(msg);
         }
         if self.live.is_none() {
             // Not collecting yet. While enabling, keep what arrives: events
@@ -398,11 +426,7 @@ impl Hub {
 pub async fn run_hub(hub: Rc<RefCell<Hub>>, rx: flume::Receiver<HubMsg>) {
     while let Ok(first) = rx.recv_async().await {
         let mut h = hub.borrow_mut();
-        if let HubMsg::Events(evs) = first {
-            for e in evs {
-                h.pending.insert(e.wal_offset, Arc::new(e));
-            }
-        }
+        h.receive(first);
         h.pump(&rx);
     }
 }

@@ -41,7 +41,7 @@ pub fn recover_all(
     // machine definitions so a PUT_MACHINE cut short by a crash on some
     // shards is complete everywhere.
     let started = std::time::Instant::now();
-    let manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
+    let mut manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
     let results: Vec<Result<RecoveredShard, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..shards)
             .map(|i| {
@@ -81,8 +81,13 @@ pub fn recover_all(
     let mut recovered = Vec::with_capacity(shards);
     let mut snapshot_starts = Vec::with_capacity(shards);
     let mut records_ever = Vec::with_capacity(shards);
-    for r in results {
+    for (i, r) in results.into_iter().enumerate() {
         let r = r?;
+        // Subscriptions may not start below what the WAL still holds, even
+        // where the manifest's floor is lower (a cluster replica restarted
+        // its WAL above a leader's snapshot).
+        let floor = &mut manifest.shards[i].wal_floor;
+        *floor = (*floor).max(retained_floor(&r.wal, r.snapshot_start));
         recovered.push((r.engine, r.wal));
         snapshot_starts.push(r.snapshot_start);
         records_ever.push(r.records_ever);
@@ -160,6 +165,17 @@ pub fn recover_all(
         next_offset,
         manifest,
     })
+}
+
+/// The lowest offset from which the WAL holds every record: 0 while it
+/// still starts at its first segment; else the oldest segment's first
+/// record, or (that segment holding none yet) the snapshot's start.
+fn retained_floor(wal: &rstmdb_wal::Recovered, snapshot_start: Option<u64>) -> u64 {
+    match (wal.segments.first(), wal.first_offsets.first()) {
+        (None | Some(1), _) => 0,
+        (Some(_), Some(&first)) if first != 0 => first,
+        _ => snapshot_start.unwrap_or(0),
+    }
 }
 
 /// Every shard holding a (name, version) must hold the same definition

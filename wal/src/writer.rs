@@ -434,6 +434,41 @@ impl<S: Storage> WalWriter<S> {
         out
     }
 
+    /// Starts the log afresh below `next`: a new segment becomes the
+    /// current one and every older segment is taken out of the log
+    /// (returned, oldest first, for the caller to retire before anything is
+    /// written to the new one). For a cluster replica whose state a
+    /// leader's snapshot replaced: the records it held are no longer a
+    /// prefix of the history, and recovery must not mistake them for one.
+    /// The next record staged must be at or above `next`.
+    pub async fn restart_at(&mut self, next: u64) -> Result<Vec<PathBuf>, WalError> {
+        assert!(
+            self.record_ends.is_empty(),
+            "nothing staged across a restart"
+        );
+        assert!(
+            next > self.last_offset,
+            "the log restarts above its last record ({} >= {next})",
+            self.last_offset
+        );
+        if let Some(why) = self.poisoned.clone() {
+            return Err(self.poison_error(why));
+        }
+        let file = self.take_next_segment(self.seg_id + 1).await?;
+        self.switch_to(file).await?;
+        self.prepare_next();
+        self.last_offset = next - 1;
+        let old = self.segments.len() - 1;
+        self.index.drain(..old);
+        let paths = self
+            .segments
+            .drain(..old)
+            .map(|s| self.cfg.dir.join(segment::file_name(s.id)))
+            .collect();
+        debug_assert_eq!(self.segments.len(), 1);
+        Ok(paths)
+    }
+
     /// The lowest offset from which every record is still in the log: 0
     /// while no segment was ever removed (the log starts at segment 1),
     /// else the first offset of the oldest segment (`None` if that one

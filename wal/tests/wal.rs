@@ -420,3 +420,52 @@ fn reads_from_any_offset_through_the_index() {
         check(&dir, plans);
     }
 }
+
+/// A replica's log restarted above a gap (a leader's snapshot replaced its
+/// state): the old segments leave the log, recovery sees only what came
+/// after, and a restart continues there.
+#[test]
+fn a_restarted_log_holds_only_what_came_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), 1, &[400, 400], true);
+    let dir = tmp.path().to_path_buf();
+    let (retired, retained) = run(move || {
+        LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let rec = recover(&opts(&dir), |_| Ok(())).expect("recover");
+                let cfg = WriterConfig {
+                    dir: dir.clone(),
+                    shard: 0,
+                    segment_size: SEG,
+                    mode: WriteMode::PageCache,
+                };
+                let mut w = WalWriter::open(cfg, &rec).await.expect("open");
+                let old = w.restart_at(5_000).await.expect("restart");
+                let (retired, err) = segment::retire(&dir, &old);
+                assert!(err.is_none(), "{err:?}");
+                assert_eq!(w.segments().len(), 1, "only the new segment is left");
+                for off in 5_000..5_010u64 {
+                    let payload = format!("record-{off}-");
+                    w.stage(off, 1, payload.as_bytes()).expect("stage");
+                }
+                w.commit(true).await.expect("commit");
+                let retained = w.retained_from();
+                w.close().await.expect("close");
+                (retired.len(), retained)
+            })
+            .expect("spawn")
+            .join()
+            .expect("join")
+    });
+    assert!(retired >= 2, "the old segments were retired ({retired})");
+    assert_eq!(retained, Some(5_000));
+    assert_eq!(
+        read_all(tmp.path()).unwrap(),
+        (5_000..5_010).collect::<Vec<_>>()
+    );
+    write(tmp.path(), 5_010, &[5], true);
+    assert_eq!(
+        read_all(tmp.path()).unwrap(),
+        (5_000..5_015).collect::<Vec<_>>()
+    );
+}

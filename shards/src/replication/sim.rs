@@ -503,8 +503,9 @@ impl Sim {
             return;
         };
         if shard.snapshot_wanted() {
-            let image = engine_image(engine, shard.applied_offset());
-            shard.offer_snapshot(image);
+            let point = shard.snapshot_point();
+            let image = engine_image(engine, point.offset);
+            shard.offer_snapshot(point, &image);
             self.report.snapshots += 1;
         }
     }

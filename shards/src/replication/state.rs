@@ -86,6 +86,20 @@ pub struct Install {
     pub state: Vec<u8>,
 }
 
+/// Where a snapshot of a leader's engine stands in its group's log (see
+/// [`ReplicatedShard::snapshot_point`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotPoint {
+    /// The last entry the snapshot holds.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    /// The group's configuration there.
+    pub conf_state: raft::prelude::ConfState,
+    /// Every record below this offset is in the snapshot.
+    pub offset: u64,
+}
+
 /// Why a drain cannot be proposed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DrainError {
@@ -263,6 +277,9 @@ impl ReplicatedShard {
             ..Progress::default()
         };
         if let Some(snapshot) = out.install {
+            // raft hands over entries after a snapshot only once it is
+            // persisted: the host loads the snapshot before any of them.
+            assert!(out.apply.is_empty(), "entries applied beside a snapshot");
             self.install(snapshot, &mut progress)?;
         }
         for a in out.apply {
@@ -284,24 +301,41 @@ impl ReplicatedShard {
         !self.busy() && self.replica.log().snapshot_wanted()
     }
 
-    /// Offers followers the host's `state`, its engine as of the applied
-    /// index (see [`ReplicatedShard::snapshot_wanted`]).
-    pub fn offer_snapshot(&mut self, state: Vec<u8>) {
+    /// Where a snapshot of the host's engine taken now stands: the applied
+    /// index, its term, the configuration and the offset below which the
+    /// engine holds every record. The host may take a while to serialize
+    /// the engine (point-in-time, while drains go on): it offers the state
+    /// with this point once done.
+    pub fn snapshot_point(&self) -> SnapshotPoint {
         assert!(!self.busy(), "a snapshot of applied state only");
         let index = self.replica.applied();
         let term = raft::Storage::term(self.replica.log(), index)
             .expect("the applied index is in the log");
-        let conf_state = self.replica.log().with_state(|s| s.conf_state.clone());
-        let mut data = self.applied_offset.to_le_bytes().to_vec();
-        data.extend_from_slice(&state);
+        SnapshotPoint {
+            index,
+            term,
+            conf_state: self.replica.log().with_state(|s| s.conf_state.clone()),
+            offset: self.applied_offset,
+        }
+    }
+
+    /// Offers followers the host's `state`, its engine as of `point` (see
+    /// [`ReplicatedShard::snapshot_point`]). A point the log has since been
+    /// compacted past is never sent (raft asks again, and the host builds
+    /// a newer one).
+    pub fn offer_snapshot(&mut self, point: SnapshotPoint, state: &[u8]) {
+        assert!(point.index <= self.replica.applied(), "a point of the past");
+        let mut data = Vec::with_capacity(8 + state.len());
+        data.extend_from_slice(&point.offset.to_le_bytes());
+        data.extend_from_slice(state);
         let mut snapshot = raft::prelude::Snapshot {
             data: data.into(),
             ..Default::default()
         };
         let meta = snapshot.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+        meta.index = point.index;
+        meta.term = point.term;
+        meta.set_conf_state(point.conf_state);
         self.replica.log().offer(snapshot);
     }
 

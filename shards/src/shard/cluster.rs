@@ -27,6 +27,7 @@ use futures_lite::future;
 use raft::prelude::Message;
 use raft::StateRole;
 
+use super::transfer::{outgoing_dir, Outgoing};
 use super::{FsyncPolicy, HubMsg, ShardLoop, ShardMsg};
 use crate::commands::WatchEvent;
 use crate::error::{ApiError, ErrorCode};
@@ -39,18 +40,39 @@ use crate::replication::{wire, RaftLog};
 /// lossy network would (raft retransmits).
 pub const PEER_QUEUE: usize = 4096;
 
-/// Entries kept in the group's log behind the point every member has
-/// reached (for a leader change: the new leader may need them).
-pub const RETAINED_ENTRIES: u64 = 1_000;
-/// The log is compacted once its file passes this size...
+/// The log is compacted once its file passes this size (or it holds
+/// [`LogBounds::entries`] entries).
 const COMPACT_LOG_BYTES: u64 = 64 << 20;
-/// ...or it holds this many entries.
-const COMPACT_LOG_ENTRIES: u64 = 40_000;
-/// A member that lags holds compaction back until the log reaches these
-/// bounds; past them the log is compacted all the same, and that member
-/// can only catch up by a snapshot transfer (not built yet).
+/// A member that lags holds compaction back until the log reaches this
+/// size (or [`LogBounds::hard_entries`]); past it the log is compacted all
+/// the same, and that member catches up by a snapshot transfer.
 const HARD_LOG_BYTES: u64 = 256 << 20;
-const HARD_LOG_ENTRIES: u64 = 500_000;
+
+/// How many entries the group's log holds before it is compacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// Compacted once it holds this many entries (`cluster.raft_log_entries`).
+    pub entries: u64,
+    /// Entries kept behind the point every member has reached (a new
+    /// leader may need them): 1/40 of `entries`.
+    pub retained: u64,
+    /// A lagging member holds compaction back up to this many entries:
+    /// 12.5 × `entries`.
+    pub hard_entries: u64,
+}
+
+impl LogBounds {
+    /// The bounds derived from `entries` (40,000 by default: 1,000 kept
+    /// behind, 500,000 held for a lagging member).
+    pub fn from_entries(entries: u64) -> LogBounds {
+        let entries = entries.max(2);
+        LogBounds {
+            entries,
+            retained: (entries / 40).max(1),
+            hard_entries: entries.saturating_mul(25) / 2,
+        }
+    }
+}
 
 /// A shard's cluster settings.
 #[derive(Debug, Clone)]
@@ -68,6 +90,10 @@ pub struct ClusterShardConfig {
     /// How long a drain waits for its commit before its callers are told
     /// the outcome is unknown.
     pub commit_timeout: Duration,
+    /// When the group's log is compacted.
+    pub log_bounds: LogBounds,
+    /// What a received snapshot is loaded with.
+    pub limits: crate::engine::EngineLimits,
     /// Frames to each peer (its transport task sends them).
     pub peers: HashMap<u64, flume::Sender<Vec<u8>>>,
     /// What `REPLICATION_STATUS` and the metrics read.
@@ -94,6 +120,10 @@ pub struct GroupStatus {
     pub entries_sent: AtomicU64,
     /// Drains no majority confirmed within the commit timeout.
     pub commit_timeouts: AtomicU64,
+    /// Snapshots this node offered to followers behind its compacted log.
+    pub snapshots_sent: AtomicU64,
+    /// Leader's snapshots this node installed.
+    pub snapshots_installed: AtomicU64,
     /// Since when (Unix ms) this member has applied less than it knows
     /// committed; 0 while caught up (`lag_seconds`).
     pub behind_since_ms: AtomicU64,
@@ -105,11 +135,13 @@ pub const COMMIT_SECONDS: &str = "rstmdb_replication_commit_seconds";
 /// The group side of a shard: the replication core and the log file.
 pub(super) struct Member {
     pub(super) cfg: ClusterShardConfig,
-    shard: ReplicatedShard,
+    pub(super) shard: ReplicatedShard,
     store: RaftStore,
     next_tick: Instant,
     /// What became of the drain in flight, once the core says.
     outcome: Option<Outcome>,
+    /// The snapshot this node builds for followers (as leader).
+    pub(super) outgoing: Outgoing,
 }
 
 impl Member {
@@ -119,6 +151,7 @@ impl Member {
     pub(super) fn open(cfg: ClusterShardConfig, wal_next: u64) -> Result<Member, String> {
         let (store, state) =
             RaftStore::open(&cfg.raft_dir, &cfg.voters).map_err(|e| e.to_string())?;
+        clear_outgoing(&outgoing_dir(&cfg.raft_dir))?;
         let applied = state.snap_index;
         let seed = cfg.node_id ^ ((std::process::id() as u64) << 20) ^ now_nanos();
         let replica = Replica::new(
@@ -135,6 +168,7 @@ impl Member {
             shard: ReplicatedShard::new(replica, wal_next),
             store,
             outcome: None,
+            outgoing: Outgoing::default(),
         })
     }
 
@@ -197,13 +231,20 @@ impl Member {
             .map(|(_, m)| *m)
             .min()
             .unwrap_or(applied);
-        let point = compaction_point(self.store.len(), held, snap_index, applied, reached)?;
+        let at = LogPosition {
+            bytes: self.store.len(),
+            held,
+            snap_index,
+            applied,
+            reached,
+        };
+        let point = compaction_point(&self.cfg.log_bounds, &at)?;
         if point.past_lagging {
-            tracing::error!(
+            tracing::warn!(
                 reached,
                 keep_from = point.keep_from,
-                "compacting the raft log past a lagging member: it needs a snapshot transfer \
-                 (not built yet) to catch up"
+                "compacting the raft log past a lagging member: it will catch up by a snapshot \
+                 transfer"
             );
         }
         Some(point.keep_from)
@@ -252,8 +293,28 @@ impl Member {
     }
 }
 
-/// Where to compact a log of `bytes` and `held` entries after
-/// `snap_index`, with `applied` applied here and `reached` by every member.
+/// Where a member's log stands, for [`compaction_point`].
+struct LogPosition {
+    /// Its file's size.
+    bytes: u64,
+    /// Entries after `snap_index`.
+    held: u64,
+    /// The compaction point.
+    snap_index: u64,
+    /// Applied here.
+    applied: u64,
+    /// Reached by every member (as far as this one knows).
+    reached: u64,
+}
+
+/// Empties (creating it if need be) the directory of snapshots for
+/// followers: what a crash left there is not wanted.
+fn clear_outgoing(dir: &std::path::Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))
+}
+
+/// Where to compact a log.
 #[derive(Debug, PartialEq, Eq)]
 struct CompactionPoint {
     keep_from: u64,
@@ -261,22 +322,20 @@ struct CompactionPoint {
     past_lagging: bool,
 }
 
-fn compaction_point(
-    bytes: u64,
-    held: u64,
-    snap_index: u64,
-    applied: u64,
-    reached: u64,
-) -> Option<CompactionPoint> {
-    if bytes < COMPACT_LOG_BYTES && held < COMPACT_LOG_ENTRIES {
+fn compaction_point(bounds: &LogBounds, at: &LogPosition) -> Option<CompactionPoint> {
+    if at.bytes < COMPACT_LOG_BYTES && at.held < bounds.entries {
         return None;
     }
-    let hard = bytes >= HARD_LOG_BYTES || held >= HARD_LOG_ENTRIES;
-    let upto = if hard { applied } else { applied.min(reached) };
-    let keep_from = upto.saturating_sub(RETAINED_ENTRIES) + 1;
-    (keep_from > snap_index + 1).then_some(CompactionPoint {
+    let hard = at.bytes >= HARD_LOG_BYTES || at.held >= bounds.hard_entries;
+    let upto = if hard {
+        at.applied
+    } else {
+        at.applied.min(at.reached)
+    };
+    let keep_from = upto.saturating_sub(bounds.retained) + 1;
+    (keep_from > at.snap_index + 1).then_some(CompactionPoint {
         keep_from,
-        past_lagging: reached < keep_from,
+        past_lagging: at.reached < keep_from,
     })
 }
 
@@ -297,7 +356,7 @@ enum Woke {
 }
 
 impl ShardLoop {
-    fn member(&mut self) -> &mut Member {
+    pub(super) fn member(&mut self) -> &mut Member {
         self.cluster.as_mut().expect("cluster mode")
     }
 
@@ -420,12 +479,16 @@ impl ShardLoop {
                 Err(e) => fatal(self.cfg.id, format_args!("applying a committed entry: {e}")),
             };
             let idle = p.persist.is_none()
+                && p.install.is_none()
                 && p.applied.is_empty()
                 && p.send.is_empty()
                 && p.outcome.is_none();
             m.send(p.send);
             if p.outcome.is_some() {
                 m.outcome = p.outcome;
+            }
+            if let Some(install) = p.install {
+                self.install_snapshot(install).await;
             }
             self.write_applied(p.write, p.events).await;
             if let Some(w) = p.persist {
@@ -440,6 +503,7 @@ impl ShardLoop {
                 m.send(held);
             }
             self.compact_log_if_due().await;
+            self.send_snapshot_if_due().await;
             self.member().publish();
             if idle {
                 return;
@@ -504,7 +568,7 @@ impl ShardLoop {
 /// The group's log or the WAL could not be written: going on could
 /// acknowledge what is not on disk, so the process stops (as TigerBeetle
 /// does). A restart recovers from the Raft log and catches up from peers.
-fn fatal(shard: usize, what: std::fmt::Arguments<'_>) -> ! {
+pub(super) fn fatal(shard: usize, what: std::fmt::Arguments<'_>) -> ! {
     tracing::error!(shard, "stopping the node: {what}");
     eprintln!("rstmdb: shard {shard}: stopping the node: {what}");
     std::process::exit(70)
@@ -524,27 +588,38 @@ fn unknown_outcome(why: &str) -> ApiError {
 mod tests {
     use super::*;
 
+    fn at(bytes: u64, held: u64, snap_index: u64, applied: u64, reached: u64) -> LogPosition {
+        LogPosition {
+            bytes,
+            held,
+            snap_index,
+            applied,
+            reached,
+        }
+    }
+
     #[test]
     fn the_log_is_compacted_to_what_every_member_reached_until_the_hard_bounds() {
+        let b = LogBounds::from_entries(40_000);
+        assert_eq!((b.retained, b.hard_entries), (1_000, 500_000));
         // Small: nothing to do.
-        assert_eq!(compaction_point(1 << 20, 100, 0, 100, 100), None);
+        assert_eq!(compaction_point(&b, &at(1 << 20, 100, 0, 100, 100)), None);
         // Over the soft bound: up to what everyone reached, less the margin.
-        let p = compaction_point(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 30_000).unwrap();
-        assert_eq!(p.keep_from, 30_000 - RETAINED_ENTRIES + 1);
+        let p = compaction_point(&b, &at(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 30_000)).unwrap();
+        assert_eq!(p.keep_from, 30_000 - b.retained + 1);
         assert!(!p.past_lagging);
         // A member far behind holds it back...
-        assert_eq!(
-            compaction_point(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 10),
-            None
-        );
+        let far_behind = at(COMPACT_LOG_BYTES, 50_000, 0, 50_000, 10);
+        assert_eq!(compaction_point(&b, &far_behind), None);
         // ...until the hard bound: then up to what this node applied.
-        let p = compaction_point(HARD_LOG_BYTES, 600_000, 0, 600_000, 10).unwrap();
-        assert_eq!(p.keep_from, 600_000 - RETAINED_ENTRIES + 1);
+        let p = compaction_point(&b, &at(HARD_LOG_BYTES, 600_000, 0, 600_000, 10)).unwrap();
+        assert_eq!(p.keep_from, 600_000 - b.retained + 1);
+        assert!(p.past_lagging);
+        // By entries alone too.
+        let p = compaction_point(&b, &at(1 << 20, 500_000, 0, 500_000, 10)).unwrap();
         assert!(p.past_lagging);
         // Never behind the existing compaction point.
-        assert_eq!(
-            compaction_point(COMPACT_LOG_BYTES, 50_000, 29_500, 50_000, 30_000),
-            None
-        );
+        let compacted = at(COMPACT_LOG_BYTES, 50_000, 29_500, 50_000, 30_000);
+        assert_eq!(compaction_point(&b, &compacted), None);
     }
 }

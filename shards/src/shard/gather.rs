@@ -121,13 +121,7 @@ impl ShardLoop {
             ShardMsg::Compact(req) => self.snaps.compact(&self.cfg, &mut self.writer, req),
             ShardMsg::Stats(to) => self.send_stats(to),
             ShardMsg::Telemetry(to) => self.send_telemetry(to),
-            ShardMsg::WalRead(req) => spawn_wal_read(
-                self.cfg.id,
-                self.cfg.wal.dir.clone(),
-                self.writer.read_plan(req.range.from),
-                self.writer.reader_io(),
-                req,
-            ),
+            ShardMsg::WalRead(req) => self.read_wal(req),
             ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => self.release_atomic(batch_id),
             ShardMsg::Peer(m) => self.on_peer(m).await,
             ShardMsg::Batch(b) => return Some(DrainItem::Batch(b)),
@@ -217,6 +211,30 @@ impl ShardLoop {
         self.seq.hold(self.cfg.id, self.atomic.hold_floor());
         self.cfg.events.send(HubMsg::Released);
         self.let_deferred_run();
+    }
+
+    /// Serves a WAL read off the loop — unless it starts below what a
+    /// leader's snapshot replaced here (cluster mode), where this node's
+    /// WAL has a hole: refused, never answered with a gap. (A read from 0,
+    /// "from the start", gets what is retained, as after compaction.)
+    fn read_wal(&self, req: WalReadRequest) {
+        let from = req.range.from;
+        if from > 0 && from < self.replaced_below {
+            let error = ApiError::bad_request(format!(
+                "records below offset {} on this node were replaced by a snapshot from the \
+                     cluster's leader; read from {} on, or read older records on another node",
+                self.replaced_below, self.replaced_below
+            ));
+            let _ = req.reply_to.try_send((self.cfg.id, Err(error)));
+            return;
+        }
+        spawn_wal_read(
+            self.cfg.id,
+            self.cfg.wal.dir.clone(),
+            self.writer.read_plan(from),
+            self.writer.reader_io(),
+            req,
+        );
     }
 }
 
