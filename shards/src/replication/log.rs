@@ -137,6 +137,19 @@ impl RaftLog {
         s.wanted = None;
     }
 
+    /// Drops the prepared snapshot once every member has reached `index`
+    /// past it (`reached`): nobody needs it, and it may be large. Raft asks
+    /// again if one is needed later.
+    pub fn release_prepared(&self, reached: u64) {
+        let mut s = self.0.borrow_mut();
+        if s.prepared
+            .as_ref()
+            .is_some_and(|p| p.get_metadata().index <= reached)
+        {
+            s.prepared = None;
+        }
+    }
+
     /// Whether raft asked for a snapshot that is not prepared.
     pub fn snapshot_wanted(&self) -> bool {
         self.0.borrow().wanted.is_some()

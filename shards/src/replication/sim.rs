@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 
 use super::log::{LogState, RaftLog};
 use super::replica::{Applied, Persist, Replica, ReplicaConfig};
-use super::state::{Install, Outcome, Progress, Record, ReplicatedShard};
+use super::state::{Install, Outcome, Progress, Record, ReplicatedShard, SnapshotPoint};
 use crate::commands::{ApplyEvent, Command, Reply};
 use crate::definition::MachineDef;
 use crate::engine::{Engine, EngineLimits, Offsets};
@@ -205,6 +205,10 @@ struct Node {
     /// A snapshot installed from the leader: every record below its offset
     /// (the WAL starts there), as the snapshot file's bytes.
     snap: Option<(u64, Vec<u8>)>,
+    /// A snapshot this node (as leader) is building for followers: taken
+    /// at its point, offered some steps later (the server writes it a slice
+    /// at a time while drains go on), when the log may have moved past it.
+    building: Option<(SnapshotPoint, Vec<u8>)>,
     writing: Option<Persist>,
     /// Offset and index of the last entry this incarnation applied.
     last_offset: u64,
@@ -290,6 +294,7 @@ impl Sim {
                 wal: Vec::new(),
                 wal_durable: 0,
                 snap: None,
+                building: None,
                 writing: None,
                 last_offset: 0,
                 applied_index: 0,
@@ -444,6 +449,7 @@ impl Sim {
         self.report.wal_lost += lose as u64;
         node.shard = None;
         node.engine = None;
+        node.building = None;
         node.epoch += 1;
         self.report.crashes += 1;
         if let Some((w, _, _)) = node.pending.take() {
@@ -502,10 +508,16 @@ impl Sim {
         let (Some(shard), Some(engine)) = (node.shard.as_mut(), node.engine.as_mut()) else {
             return;
         };
-        if shard.snapshot_wanted() {
+        if let Some((point, image)) = node.building.take() {
+            if self.rng.chance(0.5) {
+                shard.offer_snapshot(point, &image);
+            } else {
+                node.building = Some((point, image));
+            }
+        } else if shard.snapshot_wanted() {
             let point = shard.snapshot_point();
             let image = engine_image(engine, point.offset);
-            shard.offer_snapshot(point, &image);
+            node.building = Some((point, image));
             self.report.snapshots += 1;
         }
     }

@@ -65,6 +65,7 @@ impl ShardLoop {
     /// Leader: starts a snapshot for followers if raft wants one, or
     /// offers the one that finished.
     pub(super) async fn send_snapshot_if_due(&mut self) {
+        self.release_sent_snapshot();
         self.begin_outgoing_if_wanted();
         let Some(outcome) = self.outgoing_outcome() else {
             return;
@@ -84,6 +85,20 @@ impl ShardLoop {
             SnapshotOutcome::Skipped(_) => unreachable!("a follower's snapshot is always taken"),
         };
         self.member().outgoing.not_before = retry.map(|d| Instant::now() + d);
+    }
+
+    /// Lets go of the offered snapshot once every follower is past it.
+    fn release_sent_snapshot(&mut self) {
+        let Some(m) = self.cluster.as_ref() else {
+            return;
+        };
+        let r = m.shard.replica();
+        if !r.log().with_state(|s| s.prepared.is_some()) {
+            return;
+        }
+        if let Some(reached) = r.progress().iter().map(|(_, matched)| *matched).min() {
+            r.log().release_prepared(reached);
+        }
     }
 
     /// Starts writing a snapshot of the engine, as of its place in the
@@ -160,6 +175,9 @@ impl ShardLoop {
             return Some(RETRY_AFTER_TOO_LARGE);
         }
         let m = self.member();
+        if !m.shard.replica().is_leader() {
+            return None; // no follower of ours needs it now
+        }
         m.shard.offer_snapshot(point, &bytes);
         m.cfg.status.snapshots_sent.fetch_add(1, Ordering::Relaxed);
         None
