@@ -8,6 +8,7 @@
 #
 #   bench/cluster.sh                 # 5 s cells
 #   DURATION=10 bench/cluster.sh
+#   WORKLOADS=apply DOC=/tmp/scratch.md bench/cluster.sh   # one workload, docs untouched
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ RESULTS=$WORK/results.jsonl
 CLIENT_PORTS=(7431 7432 7433)
 PEER_PORTS=(7531 7532 7533)
 PEERS="1=127.0.0.1:${PEER_PORTS[0]},2=127.0.0.1:${PEER_PORTS[1]},3=127.0.0.1:${PEER_PORTS[2]}"
-WORKLOADS=(apply get)
+read -ra WORKLOADS <<<"${WORKLOADS:-apply get}"
 CELLS=("1 1" "16 8")
 
 if [ -z "${NO_BUILD:-}" ]; then

@@ -31,9 +31,10 @@ use super::transfer::{outgoing_dir, Outgoing};
 use super::{FsyncPolicy, HubMsg, ShardLoop, ShardMsg};
 use crate::commands::WatchEvent;
 use crate::error::{ApiError, ErrorCode};
+use crate::replication::replica::Persist;
 use crate::replication::replica::{Replica, ReplicaConfig};
 use crate::replication::state::{DrainError, Outcome, Record, ReplicatedShard};
-use crate::replication::store::RaftStore;
+use crate::replication::store::{RaftStore, StoreError};
 use crate::replication::{wire, RaftLog};
 
 /// Most frames queued to one peer; beyond it messages are dropped, as a
@@ -136,7 +137,8 @@ pub const COMMIT_SECONDS: &str = "rstmdb_replication_commit_seconds";
 pub(super) struct Member {
     pub(super) cfg: ClusterShardConfig,
     pub(super) shard: ReplicatedShard,
-    store: RaftStore,
+    /// The log file; lent to a blocking thread during a synced write.
+    store: Option<RaftStore>,
     next_tick: Instant,
     /// What became of the drain in flight, once the core says.
     outcome: Option<Outcome>,
@@ -166,7 +168,7 @@ impl Member {
             next_tick: Instant::now() + cfg.tick,
             cfg,
             shard: ReplicatedShard::new(replica, wal_next),
-            store,
+            store: Some(store),
             outcome: None,
             outgoing: Outgoing::default(),
         })
@@ -232,7 +234,7 @@ impl Member {
             .min()
             .unwrap_or(applied);
         let at = LogPosition {
-            bytes: self.store.len(),
+            bytes: self.store().len(),
             held,
             snap_index,
             applied,
@@ -254,12 +256,41 @@ impl Member {
     /// The caller made the WAL, which holds their records, durable first.
     fn compact_log(&mut self, keep_from: u64) {
         let log = self.shard.replica().log().clone();
-        let store = &mut self.store;
+        let store = self.store.as_mut().expect("not lent out");
         if let Err(e) = log.with_state(|s| store.compact(s, keep_from)) {
             // The old file is intact (the new one replaces it only once
             // durable): go on with it, and try again later.
             tracing::error!(error = %e, "compacting the raft log failed");
         }
+    }
+
+    fn store(&self) -> &RaftStore {
+        self.store.as_ref().expect("not lent out")
+    }
+
+    fn store_mut(&mut self) -> &mut RaftStore {
+        self.store.as_mut().expect("not lent out")
+    }
+
+    /// Writes a Ready's share of the log. A synced write runs on a
+    /// blocking thread, so that this executor keeps going meanwhile: the
+    /// append messages this Ready sent reach the followers (the peer tasks
+    /// share the executor) while the leader's own write runs, and the
+    /// frontends keep reading. An unsynced write (page cache) is cheaper
+    /// done here.
+    async fn persist(&mut self, w: Persist, sync: bool) -> Result<(), StoreError> {
+        if !sync {
+            return self.store_mut().write(&w, false);
+        }
+        let mut store = self.store.take().expect("one write at a time");
+        let (store, written) = glommio::executor()
+            .spawn_blocking(move || {
+                let written = store.write(&w, true);
+                (store, written)
+            })
+            .await;
+        self.store = Some(store);
+        written
     }
 
     fn publish(&self) {
@@ -380,14 +411,14 @@ impl ShardLoop {
     /// shutdown).
     pub(super) fn sync_raft_log(&mut self) -> Result<(), String> {
         match self.cluster.as_mut() {
-            Some(m) => m.store.sync().map_err(|e| e.to_string()),
+            Some(m) => m.store_mut().sync().map_err(|e| e.to_string()),
             None => Ok(()),
         }
     }
 
     /// The group's log file's I/O (cluster mode): writes, bytes, syncs.
     pub(super) fn raft_log_io(&self) -> Option<(u64, u64, u64)> {
-        self.cluster.as_ref().map(|m| m.store.io())
+        self.cluster.as_ref().map(|m| m.store().io())
     }
 
     /// When the next tick is due.
@@ -494,12 +525,13 @@ impl ShardLoop {
             if let Some(w) = p.persist {
                 let sync = self.cfg.fsync == FsyncPolicy::EveryWrite && w.must_sync;
                 let m = self.member();
-                if let Err(e) = m.store.write(&w, sync) {
+                let number = w.number;
+                if let Err(e) = m.persist(w, sync).await {
                     // The log cannot be trusted any more: stop rather than
                     // acknowledge what may not be on disk.
                     fatal(self.cfg.id, format_args!("{e}"));
                 }
-                let held = m.shard.persisted(w.number);
+                let held = m.shard.persisted(number);
                 m.send(held);
             }
             self.compact_log_if_due().await;
