@@ -32,8 +32,10 @@ const MAX_DRAIN_COMMANDS: usize = 8192;
 /// The `rstmdb` command: the server, or one of the offline tools.
 pub fn main() -> ExitCode {
     let cli = config::Cli::parse();
-    if let Some(config::Command::Wal(cmd)) = &cli.command {
-        return wal_tool::run(cmd);
+    match &cli.command {
+        Some(config::Command::Wal(cmd)) => return wal_tool::run(cmd),
+        Some(config::Command::Cluster(cmd)) => return crate::tools::cluster_tool::run(cmd),
+        None => {}
     }
     if cli.print_default_config {
         let _ = std::io::stdout().write_all(config::EMBEDDED_DEFAULT.as_bytes());

@@ -1253,3 +1253,80 @@ fn check_follower_state(c: &Cluster, i: usize, moved: bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `rstmdb cluster transfer-leader` through a follower hands the leadership
+/// where it is asked to, `rstmdb cluster status` prints the node's view,
+/// HELLO announces the `cluster` feature, and a leader stopped with SIGTERM
+/// hands its leadership over before it goes.
+#[test]
+fn leadership_is_handed_over_on_request_and_before_a_graceful_stop() {
+    let mut c = Cluster::start("cluster-transfer", "every_write");
+    let leader = c.leader();
+    put_machine(&c, leader);
+    create(&c, leader, "t1");
+    let to = (leader + 1) % NODES;
+    let via = (leader + 2) % NODES;
+    let out = cluster_tool(&[
+        "transfer-leader",
+        "--server",
+        &c.nodes[via].addr.to_string(),
+        "--to",
+        &(to + 1).to_string(),
+    ]);
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["leader_id"], to as u64 + 1, "{out}");
+    assert_eq!(c.leader(), to);
+    let status: Value = serde_json::from_str(&cluster_tool(&[
+        "status",
+        "--server",
+        &c.nodes[via].addr.to_string(),
+    ]))
+    .unwrap();
+    assert_eq!(status["leader_id"], to as u64 + 1, "{status}");
+    let hello = c.nodes[via].client().ok(
+        "HELLO",
+        json!({"protocol_version": 1, "features": ["cluster", "batch"]}),
+    );
+    assert_eq!(hello["features"], json!(["batch", "cluster"]));
+    // A node that is not a voter is refused, clearly.
+    let (code, message) = c.nodes[via]
+        .client()
+        .err("CLUSTER_TRANSFER_LEADER", json!({"to": 9}));
+    assert_eq!(code, "BAD_REQUEST", "{message}");
+    // A graceful stop of the leader hands it over first: once the process
+    // has exited, the others already follow a new leader (without the
+    // handover they would name the old one until an election timeout).
+    assert_eq!(c.nodes[to].stop(), Some(0));
+    let others: Vec<usize> = (0..NODES).filter(|&i| i != to).collect();
+    let views: Vec<Value> = others
+        .iter()
+        .map(|&i| c.status(i).unwrap()["leader_id"].clone())
+        .collect();
+    assert!(
+        views[0] == views[1] && views[0] != json!(to + 1) && !views[0].is_null(),
+        "after the stop: {views:?}"
+    );
+    let next = c.leader_among(&others);
+    let got = call_until_ok(
+        &c,
+        next,
+        "APPLY_EVENT",
+        json!({"instance_id": "t1", "event": "GO"}),
+    );
+    assert_eq!(got["to_state"], "b", "{got}");
+}
+
+/// Runs `rstmdb cluster ARGS`; its standard output (it must succeed).
+fn cluster_tool(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rstmdb"))
+        .arg("cluster")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rstmdb cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

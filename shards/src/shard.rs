@@ -130,6 +130,13 @@ pub enum ShardMsg {
     Batch(Batch),
     /// Read committed records back (served off the shard loop).
     WalRead(WalReadRequest),
+    /// Cluster mode: hand this node's leadership to `to` (or, with `None`,
+    /// to the follower furthest along); answered with the leader once
+    /// another node leads.
+    TransferLeader {
+        to: Option<u64>,
+        reply_to: flume::Sender<Result<u64, ApiError>>,
+    },
     /// Answered as soon as the shard handles it: every drain the shard
     /// starts afterwards sees the current `EventSink::watching` flag.
     Barrier(flume::Sender<()>),

@@ -184,6 +184,40 @@ pub enum Command {
     /// directory (offline; see README, "Offline WAL tools").
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Look at or steer a running cluster through one of its nodes (see
+    /// README, "Replicated cluster").
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `rstmdb cluster …`: RCP requests to a running node.
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Print the node's view of the cluster (REPLICATION_STATUS) as JSON.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Hand the leadership to node `--to` (default: the follower furthest
+    /// along) and print the new leader; any node forwards it to the leader.
+    TransferLeader {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The node to lead.
+        #[arg(long, value_name = "NODE_ID")]
+        to: Option<u64>,
+    },
+}
+
+/// Which node to ask, and how.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct ServerArgs {
+    /// The node's client address.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7401")]
+    pub server: String,
+    /// Bearer token, sent with AUTH when given.
+    #[arg(long, env = "RSTMDB_TOKEN")]
+    pub token: Option<String>,
 }
 
 /// `rstmdb wal …`.

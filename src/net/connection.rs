@@ -404,6 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     .snapshot_instance(shard, id, &self.replies)
                     .await,
             ),
+            Action::TransferLeader { to } => done(sh.router.transfer_leader(to).await),
             _ => unreachable!("only operations that need the session come here"),
         }
     }
@@ -494,6 +495,7 @@ fn needs_session(action: &Action) -> bool {
             | Action::Unwatch(_)
             | Action::Compact { .. }
             | Action::SnapshotInstance(..)
+            | Action::TransferLeader { .. }
     )
 }
 

@@ -15,6 +15,7 @@ use crate::net::idle::IdleWatch;
 use crate::net::peer_stream::PeerStream;
 use crate::service::compaction::Compactor;
 use crate::service::ops::OpSettings;
+use crate::service::replication_status::ClusterView;
 use crate::service::router::Router;
 use crate::service::subscriptions::Hub;
 use crate::telemetry::RequestMetrics;
@@ -95,10 +96,39 @@ pub async fn serve(
         }
     }
     tracing::info!("stopped accepting; finishing open connections");
+    if let Some(view) = &spawner.cfg.ops.cluster {
+        hand_over_leadership(view, &spawner.router).await;
+    }
     drop(stop_tx);
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
     while active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long a stopping leader waits for another node to take over.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(3);
+
+/// A cluster node that leads hands its leadership to the follower furthest
+/// along before it stops, so that the cluster does not wait an election
+/// timeout for a new leader (a rolling restart costs no failover).
+async fn hand_over_leadership(view: &ClusterView, router: &Router) {
+    let status = &view.status;
+    if status.leader.load(Ordering::Relaxed) != view.node_id {
+        return;
+    }
+    let handed =
+        futures_lite::future::or(async { Some(router.transfer_leader(None).await) }, async {
+            glommio::timer::sleep(HAND_OVER_WITHIN).await;
+            None
+        })
+        .await;
+    match handed {
+        Some(Ok(_)) => tracing::info!("leadership handed over before stopping"),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "could not hand leadership over before stopping")
+        }
+        None => tracing::warn!("no node took leadership in time; stopping anyway"),
     }
 }
 

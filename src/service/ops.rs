@@ -23,6 +23,17 @@ use crate::service::subscriptions::Filter;
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Features the server announces.
 pub const FEATURES: [&str; 3] = ["idempotency", "batch", "wal_read"];
+/// Announced besides by a cluster node: our own `CLUSTER_*` operations.
+pub const CLUSTER_FEATURE: &str = "cluster";
+
+/// The features this server announces.
+fn features(s: &OpSettings) -> Vec<&'static str> {
+    let mut f = FEATURES.to_vec();
+    if s.cluster.is_some() {
+        f.push(CLUSTER_FEATURE);
+    }
+    f
+}
 /// Largest LIST_INSTANCES page returned at once (DECISIONS D21).
 pub const MAX_LIST_PAGE: usize = 100_000;
 
@@ -88,6 +99,9 @@ pub enum Action {
     },
     /// SNAPSHOT_INSTANCE: export one instance to a file.
     SnapshotInstance(usize, String),
+    /// CLUSTER_TRANSFER_LEADER (ours): hand the leadership to `to`, or to
+    /// the follower furthest along.
+    TransferLeader { to: Option<u64> },
 }
 
 /// An operation's parameters: JSON text borrowed from the request frame
@@ -185,12 +199,12 @@ fn plan_inner(
         return Err(auth::unauthorized());
     }
     Ok(match op {
-        "HELLO" => hello(p, session)?,
+        "HELLO" => hello(p, session, s)?,
         "AUTH" => authenticate(p, session, s)?,
         "PING" => local(&serde_json::json!({"pong": true})),
         "BYE" => Action::Bye,
         "INFO" => local(&serde_json::json!({
-            "features": FEATURES,
+            "features": features(s),
             "max_batch_ops": 100,
             "max_frame_bytes": crate::protocol::frame::MAX_PAYLOAD,
             "protocol_version": 1,
@@ -198,6 +212,7 @@ fn plan_inner(
             "server_version": SERVER_VERSION,
         })),
         "REPLICATION_STATUS" => local(&super::replication_status::status(s.cluster.as_ref())),
+        "CLUSTER_TRANSFER_LEADER" => transfer_leader(p, s)?,
         "PUT_MACHINE" => put_machine(p, s)?,
         "GET_MACHINE" => {
             #[derive(Deserialize)]
@@ -303,6 +318,27 @@ fn plan_inner(
     })
 }
 
+/// CLUSTER_TRANSFER_LEADER: `{"to": node_id}` (optional). A follower
+/// forwards it to the leader, which answers once another node leads.
+fn transfer_leader(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TransferParams {
+        #[serde(default)]
+        to: Option<u64>,
+    }
+    if s.cluster.is_none() {
+        return Err(ApiError::bad_request(
+            "CLUSTER_TRANSFER_LEADER: this server is not a cluster node",
+        ));
+    }
+    let q: TransferParams = match p {
+        Params::Raw(None) => TransferParams { to: None },
+        p => p.parse()?,
+    };
+    Ok(Action::TransferLeader { to: q.to })
+}
+
 /// A subscription request.
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
@@ -381,7 +417,7 @@ fn watch_all(p: Params<'_>) -> Result<Action, ApiError> {
     }))
 }
 
-fn hello(p: Params<'_>, session: &mut Session) -> Result<Action, ApiError> {
+fn hello(p: Params<'_>, session: &mut Session, s: &OpSettings) -> Result<Action, ApiError> {
     #[derive(Deserialize)]
     struct HelloParams {
         protocol_version: u16,
@@ -410,9 +446,8 @@ fn hello(p: Params<'_>, session: &mut Session) -> Result<Action, ApiError> {
     } else {
         WireMode::Binary
     };
-    let features: Vec<&str> = FEATURES
-        .iter()
-        .copied()
+    let features: Vec<&str> = features(s)
+        .into_iter()
         .filter(|f| h.features.iter().any(|r| r == f))
         .collect();
     Ok(local(&serde_json::json!({

@@ -118,6 +118,19 @@ impl Router {
         &self.shards
     }
 
+    /// CLUSTER_TRANSFER_LEADER: shard 0 (the node's group) hands its
+    /// leadership over; the answer names the new leader.
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<Vec<u8>, ApiError> {
+        let (tx, rx) = flume::bounded(1);
+        let msg = ShardMsg::TransferLeader { to, reply_to: tx };
+        self.shards[0]
+            .send_async(msg)
+            .await
+            .map_err(|_| unavailable())?;
+        let leader = rx.recv_async().await.map_err(|_| unavailable())??;
+        Ok(serde_json::to_vec(&serde_json::json!({ "leader_id": leader })).expect("serializable"))
+    }
+
     /// The offset sequencer.
     pub fn sequencer(&self) -> &Sequencer {
         &self.seq
@@ -198,7 +211,8 @@ impl Router {
                 | Action::Watch(_)
                 | Action::Unwatch(_)
                 | Action::Compact { .. }
-                | Action::SnapshotInstance(..) => Slot::Done(Err(ApiError::new(
+                | Action::SnapshotInstance(..)
+                | Action::TransferLeader { .. } => Slot::Done(Err(ApiError::new(
                     ErrorCode::InternalError,
                     "internal error: a connection-level operation reached the router",
                 ))),

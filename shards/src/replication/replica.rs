@@ -211,6 +211,18 @@ impl Replica {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Hands leadership to `to` (a voter): raft brings it up to date, then
+    /// tells it to stand for election at once. Proposals are refused
+    /// meanwhile; raft gives up after an election timeout.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// The voters of the group.
+    pub fn voters(&self) -> Vec<u64> {
+        self.log().with_state(|s| s.conf_state.voters.clone())
+    }
+
     /// The log (shared with the engine).
     pub fn log(&self) -> &RaftLog {
         self.raw.store()

@@ -345,6 +345,15 @@ fn clear_outgoing(dir: &std::path::Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))
 }
 
+/// The follower furthest along (by matched index) to hand leadership to.
+fn best_successor(me: u64, progress: &[(u64, u64)]) -> Option<u64> {
+    progress
+        .iter()
+        .filter(|(id, _)| *id != me)
+        .max_by_key(|(id, matched)| (*matched, std::cmp::Reverse(*id)))
+        .map(|(id, _)| *id)
+}
+
 /// Where to compact a log.
 #[derive(Debug, PartialEq, Eq)]
 struct CompactionPoint {
@@ -378,6 +387,13 @@ fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Why a wait for the group ended without its condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    TimedOut,
+    Stopping,
 }
 
 /// What woke a wait for the group.
@@ -446,7 +462,14 @@ impl ShardLoop {
         })?;
         let started = Instant::now();
         self.cycle().await;
-        let waited = self.wait_for_group(|m| m.outcome.is_some()).await;
+        let deadline = started + self.member().cfg.commit_timeout;
+        let waited = self
+            .wait_for_group(|m| m.outcome.is_some(), deadline)
+            .await
+            .map_err(|w| match w {
+                Waited::TimedOut => unknown_outcome("no majority confirmed it in time"),
+                Waited::Stopping => unknown_outcome("the server is stopping"),
+            });
         metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(e) = waited {
             // Given up: undo the drain; the core keeps its index open.
@@ -472,16 +495,19 @@ impl ShardLoop {
     }
 
     /// Runs the group (peer messages, ticks) until `done` holds or the
-    /// commit timeout passes. Other messages wait for the drain in flight.
-    async fn wait_for_group(&mut self, done: impl Fn(&Member) -> bool) -> Result<(), ApiError> {
-        let deadline = Instant::now() + self.member().cfg.commit_timeout;
+    /// `deadline` passes. Other messages wait until then.
+    async fn wait_for_group(
+        &mut self,
+        done: impl Fn(&Member) -> bool,
+        deadline: Instant,
+    ) -> Result<(), Waited> {
         loop {
             if done(self.member()) {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(unknown_outcome("no majority confirmed it in time"));
+                return Err(Waited::TimedOut);
             }
             let wake = self.member().next_tick.min(deadline);
             let rx = &self.rx;
@@ -493,9 +519,57 @@ impl ShardLoop {
             match woke {
                 Woke::Msg(Some(ShardMsg::Peer(msg))) => self.on_peer(msg).await,
                 Woke::Msg(Some(other)) => self.ready.push_back(other),
-                Woke::Msg(None) => return Err(unknown_outcome("the server is stopping")),
+                Woke::Msg(None) => return Err(Waited::Stopping),
                 Woke::Timer => self.tick_if_due().await,
             }
+        }
+    }
+
+    /// Hands this node's leadership to `to`, or to the follower furthest
+    /// along; the new leader once another node leads (within two election
+    /// timeouts, after which raft has given up on the transfer).
+    pub(super) async fn transfer_leader(&mut self, to: Option<u64>) -> Result<u64, ApiError> {
+        let retry = |why: String| ApiError::new(ErrorCode::InternalError, format!("{why}; retry"));
+        let Some(m) = self.cluster.as_mut() else {
+            return Err(ApiError::bad_request("this server is not a cluster node"));
+        };
+        let me = m.cfg.node_id;
+        let r = m.shard.replica();
+        if !r.is_leader() {
+            return Err(retry("this node does not lead now".into()));
+        }
+        let target = match to {
+            Some(id) if !r.voters().contains(&id) => {
+                return Err(ApiError::bad_request(format!(
+                    "node {id} is not a voter of this cluster (voters: {:?})",
+                    r.voters()
+                )))
+            }
+            Some(id) => id,
+            None => best_successor(me, &r.progress())
+                .ok_or_else(|| retry("no other node to hand leadership to".into()))?,
+        };
+        if target == me {
+            return Ok(me);
+        }
+        m.shard.replica_mut().transfer_leader(target);
+        let ticks = m.cfg.replica.election_ticks as u32 * 2;
+        let deadline = Instant::now() + m.cfg.tick * ticks;
+        self.cycle().await;
+        let handed = |m: &Member| {
+            let (_, _, leader) = m.shard.replica().role();
+            leader != 0 && leader != me
+        };
+        let waited = self.wait_for_group(handed, deadline).await;
+        let (_, _, leader) = self.member().shard.replica().role();
+        match waited {
+            Ok(()) => {
+                tracing::info!(shard = self.cfg.id, to = leader, "handed leadership over");
+                Ok(leader)
+            }
+            Err(_) => Err(retry(format!(
+                "node {target} did not take leadership in time (node {leader} leads)"
+            ))),
         }
     }
 
@@ -628,6 +702,13 @@ mod tests {
             applied,
             reached,
         }
+    }
+
+    #[test]
+    fn leadership_goes_to_the_follower_furthest_along() {
+        assert_eq!(best_successor(1, &[(1, 90), (2, 80), (3, 85)]), Some(3));
+        assert_eq!(best_successor(1, &[(1, 90), (2, 85), (3, 85)]), Some(2));
+        assert_eq!(best_successor(1, &[(1, 90)]), None);
     }
 
     #[test]

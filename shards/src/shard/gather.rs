@@ -122,6 +122,10 @@ impl ShardLoop {
             ShardMsg::Stats(to) => self.send_stats(to),
             ShardMsg::Telemetry(to) => self.send_telemetry(to),
             ShardMsg::WalRead(req) => self.read_wal(req),
+            ShardMsg::TransferLeader { to, reply_to } => {
+                let outcome = self.transfer_leader(to).await;
+                let _ = reply_to.try_send(outcome);
+            }
             ShardMsg::Atomic(AtomicMsg::Release { batch_id }) => self.release_atomic(batch_id),
             ShardMsg::Peer(m) => self.on_peer(m).await,
             ShardMsg::Batch(b) => return Some(DrainItem::Batch(b)),
