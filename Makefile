@@ -8,7 +8,7 @@ PYTHON ?= python3
 CRASH_CYCLES ?= 10
 ATOMIC_CRASH_CYCLES ?= 20
 
-.PHONY: all build run test tools lint fmt compat crash sim fuzz bench bench-full bench-extras bench-recovery bench-cluster certs run-secure cluster cluster-test clean
+.PHONY: all build run test tools lint fmt compat crash sim fuzz bench bench-full bench-extras bench-recovery bench-cluster certs run-secure cluster cluster-test deploy-check clean
 
 all: build
 
@@ -91,6 +91,18 @@ $(PY):
 	rm -rf $(TOOLS)/venv
 	$(PYTHON) -m venv $(TOOLS)/venv
 	$(TOOLS)/venv/bin/pip install --quiet rstmdb==0.2.1
+
+## Offline checks of the deployment files (config/kubernetes, the compose
+## files, the seccomp profile): the manifests against the Kubernetes API
+## schemas (kubernetes-validate, installed into .tools/venv), and what the
+## cluster needs of each (config/deploy_check.py says what); then the
+## cluster, compaction, watch, TLS and crash tests with every server under
+## the seccomp profile (config/docker/seccomp_exec.py, libseccomp).
+deploy-check: $(PY)
+	$(TOOLS)/venv/bin/pip install --quiet kubernetes-validate==1.37.0 pyseccomp==0.1.2
+	$(PY) config/deploy_check.py
+	RSTMDB_TEST_WRAPPER="$(PY) $(CURDIR)/config/docker/seccomp_exec.py $(CURDIR)/config/docker/seccomp-rstmdb.json --" \
+	  $(CARGO) test --release --test cluster --test compaction --test watch --test security --test crash
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -113,6 +113,28 @@ impl ClusterConfig {
             .ok_or_else(|| format!("cluster.peers: {} resolves to nothing", own.addr))
     }
 
+    /// With no `node_id`, takes the id of the peer whose host is this
+    /// machine's name (`host`, or `host.` followed by a domain): a
+    /// StatefulSet's pods (`rstmdb-0.rstmdb-peers…`) or a compose file's
+    /// services then share one configuration.
+    pub fn find_self(&mut self, host: Option<&str>) {
+        let Some(host) = host.filter(|h| !h.is_empty()) else {
+            return;
+        };
+        let mine: Vec<u64> = self
+            .peer_list()
+            .into_iter()
+            .filter(|p| {
+                let name = p.addr.rsplit_once(':').map_or(&*p.addr, |(h, _)| h);
+                name == host || name.strip_prefix(host).is_some_and(|d| d.starts_with('.'))
+            })
+            .map(|p| p.id)
+            .collect();
+        if let [id] = mine[..] {
+            self.node_id = Some(id);
+        }
+    }
+
     pub(super) fn apply_env(&mut self, e: &mut EnvLayer<'_>) {
         e.number_opt("RSTMDB_CLUSTER_NODE_ID", &mut self.node_id);
         if let Some(v) = e.get_nonempty("RSTMDB_CLUSTER_PEERS") {
@@ -131,8 +153,8 @@ impl ClusterConfig {
             if !self.peers.is_empty() {
                 return Err(invalid(
                     "cluster.node_id",
-                    "cluster.peers is set but cluster.node_id is not: give this node its id \
-                     (RSTMDB_CLUSTER_NODE_ID)",
+                    "cluster.peers is set but cluster.node_id is not, and no peer's host is \
+                     this machine's name: give this node its id (RSTMDB_CLUSTER_NODE_ID)",
                 ));
             }
             return Ok(());
@@ -273,5 +295,28 @@ mod tests {
             ..ClusterConfig::default()
         };
         assert_eq!(key(&orphan, None), "cluster.node_id");
+    }
+
+    #[test]
+    fn a_node_finds_its_id_by_its_host_name() {
+        let mut c = ClusterConfig {
+            peers: vec![
+                "1=rstmdb-0.rstmdb-peers.db.svc.cluster.local:7501".into(),
+                "2=rstmdb-1.rstmdb-peers.db.svc.cluster.local:7501".into(),
+                "3=rstmdb-10:7501".into(),
+            ],
+            ..ClusterConfig::default()
+        };
+        c.find_self(Some("rstmdb-1"));
+        assert_eq!(c.node_id, Some(2));
+        c.node_id = None;
+        c.find_self(Some("rstmdb-10"));
+        assert_eq!(c.node_id, Some(3));
+        // A prefix of another name is not a match.
+        c.node_id = None;
+        c.find_self(Some("rstmdb"));
+        assert_eq!(c.node_id, None);
+        c.find_self(None);
+        assert_eq!(c.node_id, None);
     }
 }

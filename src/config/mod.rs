@@ -1046,12 +1046,31 @@ pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
     config.warnings = warnings;
     config.apply_env(env);
     config.apply_cli(cli);
+    if config.cluster.node_id.is_none() && !config.cluster.peers.is_empty() {
+        let host = env("HOSTNAME")
+            .filter(|h| !h.is_empty())
+            .or_else(system_hostname);
+        config.cluster.find_self(host.as_deref());
+    }
     config.validate()?;
     if config.cluster.enabled() {
         // One Raft group per node for now (see `cluster::ClusterConfig`).
         config.server.shards = Some(1);
     }
     Ok(config)
+}
+
+/// The machine's host name (a pod's name under Kubernetes).
+fn system_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes a
+    // NUL-terminated name into it (truncated if too long).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
 }
 
 impl Config {
@@ -1626,6 +1645,24 @@ mod tests {
                 "config/default.yaml does not mention {name}"
             );
         }
+    }
+
+    #[test]
+    fn a_cluster_node_without_an_id_takes_its_host_names() {
+        let env = |k: &str| match k {
+            "RSTMDB_CLUSTER_PEERS" => Some("1=node-a:7501,2=node-b:7501,3=node-c:7501".into()),
+            "HOSTNAME" => Some("node-b".into()),
+            _ => None,
+        };
+        let c = load(&Cli::default(), &env).unwrap();
+        assert_eq!(c.cluster.node_id, Some(2));
+        // No peer named after this machine: refused, saying how to fix it.
+        let stranger = |k: &str| match k {
+            "HOSTNAME" => Some("elsewhere".into()),
+            other => env(other),
+        };
+        let err = load(&Cli::default(), &stranger).unwrap_err().to_string();
+        assert!(err.contains("RSTMDB_CLUSTER_NODE_ID"), "{err}");
     }
 
     #[test]

@@ -90,7 +90,18 @@ impl Server {
     pub fn spawn_on(data: &Path, opts: Opts, addr: SocketAddr) -> Server {
         let log = data.with_extension(format!("{}.log", addr.port()));
         let logf = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rstmdb"));
+        // RSTMDB_TEST_WRAPPER runs the server under another program (for
+        // example `strace -f -o FILE`: how the seccomp profile's list of
+        // system calls was taken); kill -9 then reaches the wrapper.
+        let mut cmd = match std::env::var("RSTMDB_TEST_WRAPPER") {
+            Ok(w) if !w.trim().is_empty() => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().expect("non-empty"));
+                c.args(words).arg(env!("CARGO_BIN_EXE_rstmdb"));
+                c
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_rstmdb")),
+        };
         cmd.arg("--bind")
             .arg(addr.to_string())
             .arg("--data-dir")
