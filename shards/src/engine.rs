@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::commands::{ApplyEvent, Command, InstanceSummary, Reply, WatchEvent};
 use crate::ctx::Ctx;
-use crate::definition::MachineDef;
+use crate::definition::{MachineDef, Transition};
 use crate::error::{ApiError, ErrorCode};
 use crate::idempotency::{Cached, IdempotencyWindow, InsertUndo};
 use crate::wal_entry::{BatchEntry, WalEntry};
@@ -837,71 +837,97 @@ impl Engine {
         Ok(reply)
     }
 
+    /// APPLY_EVENT as a page of steps: each check may refuse before anything
+    /// changes; then the record is staged, and only then the state changes.
     fn apply_event(
         &mut self,
         a: ApplyEvent,
         offsets: &mut Offsets,
         now: i64,
     ) -> Result<Reply, ApiError> {
-        #[derive(Serialize)]
-        struct R<'a> {
-            applied: bool,
-            ctx: &'a Ctx,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            event_id: Option<&'a str>,
-            from_state: &'a str,
-            to_state: &'a str,
-            wal_offset: u64,
+        let inst = self.live_instance(&a.instance_id)?;
+        if let Some(reply) = self.repeated_apply(&a, inst, now) {
+            return Ok(reply);
         }
-        let inst = self
-            .instances
-            .get(&a.instance_id)
+        check_expected(&a, inst)?;
+        let t = self.transition(&a, inst)?;
+        // Parsed once, for the guard and the merge, and only if needed.
+        let current =
+            (t.guard.is_some() || Ctx::merge_changes(&a.payload)).then(|| inst.ctx.to_value());
+        check_guard(t, &a, inst, current.as_ref())?;
+        let to_name = t.to.clone();
+        let change = ApplyChange {
+            incarnation: inst.created_offset,
+            ctx: match current {
+                Some(cur) => inst.ctx.merged_from(cur, &a.payload),
+                None => inst.ctx.clone(),
+            },
+            from_state: inst.state.clone(),
+            machine: inst.machine.clone(),
+            version: inst.version,
+            to_state: self.intern(&to_name),
+        };
+        let offset = self.stage_apply(offsets, &a, &change, now)?;
+        if self.collect_events {
+            self.push_watch_event(offset, &a.instance_id, a.event, a.payload, &change);
+        }
+        let reply = json(&ApplyReply {
+            applied: true,
+            ctx: &change.ctx,
+            event_id: a.event_id.as_deref(),
+            from_state: &change.from_state,
+            to_state: &change.to_state,
+            wal_offset: offset,
+        });
+        self.remember_apply(&a.instance_id, a.idempotency_key, &change, offset, now);
+        self.move_instance(a.instance_id, a.event_id, change, offset, now);
+        Ok(reply)
+    }
+
+    /// The instance an operation targets: present and not deleted.
+    fn live_instance(&self, id: &str) -> Result<&Instance, ApiError> {
+        self.instances
+            .get(id)
             .filter(|i| !i.deleted)
-            .ok_or_else(|| instance_not_found(&a.instance_id))?;
-        if let Some(key) = &a.idempotency_key {
-            if let Some(Cached::Apply {
-                incarnation,
-                from_state,
-                to_state,
-                ctx,
-                wal_offset,
-            }) = self.idempotency.get(&a.instance_id, key, now)
-                .filter(|c| matches!(c, Cached::Apply { incarnation, .. } if *incarnation == inst.created_offset))
-            {
-                debug_assert_eq!(*incarnation, inst.created_offset);
-                return Ok(json(&R {
-                    applied: false,
-                    ctx,
-                    event_id: a.event_id.as_deref(),
-                    from_state,
-                    to_state,
-                    wal_offset: *wal_offset,
-                }));
-            }
-        }
-        if let Some(exp) = &a.expected_state {
-            if **exp != *inst.state {
-                return Err(ApiError::core(
-                    ErrorCode::Conflict,
-                    format!("state conflict: expected '{exp}', actual '{}'", inst.state),
-                ));
-            }
-        }
-        if let Some(exp) = a.expected_wal_offset {
-            if exp != inst.last_wal_offset {
-                return Err(ApiError::core(
-                    ErrorCode::Conflict,
-                    format!(
-                        "WAL offset conflict: expected {exp}, actual {}",
-                        inst.last_wal_offset
-                    ),
-                ));
-            }
-        }
+            .ok_or_else(|| instance_not_found(id))
+    }
+
+    /// The first answer again, for a retry whose key the window still holds
+    /// for this incarnation of the instance (a predecessor's does not count).
+    fn repeated_apply(&self, a: &ApplyEvent, inst: &Instance, now: i64) -> Option<Reply> {
+        let key = a.idempotency_key.as_ref()?;
+        let same = |c: &&Cached| match c {
+            Cached::Apply { incarnation, .. } => *incarnation == inst.created_offset,
+            _ => false,
+        };
+        let Some(Cached::Apply {
+            incarnation,
+            from_state,
+            to_state,
+            ctx,
+            wal_offset,
+        }) = self.idempotency.get(&a.instance_id, key, now).filter(same)
+        else {
+            return None;
+        };
+        debug_assert_eq!(*incarnation, inst.created_offset);
+        Some(json(&ApplyReply {
+            applied: false,
+            ctx,
+            event_id: a.event_id.as_deref(),
+            from_state,
+            to_state,
+            wal_offset: *wal_offset,
+        }))
+    }
+
+    /// The transition the event takes in the instance's state, if its
+    /// machine version defines one.
+    fn transition(&self, a: &ApplyEvent, inst: &Instance) -> Result<&Transition, ApiError> {
         let def = self
             .machine(&inst.machine, inst.version)
             .ok_or_else(|| machine_not_found(&inst.machine, inst.version))?;
-        let t = def.transition(&inst.state, &a.event).ok_or_else(|| {
+        def.transition(&inst.state, &a.event).ok_or_else(|| {
             ApiError::core(
                 ErrorCode::InvalidTransition,
                 format!(
@@ -909,99 +935,108 @@ impl Engine {
                     a.event, inst.state
                 ),
             )
-        })?;
-        // Parsed once, for the guard and the merge, and only if needed.
-        let current =
-            (t.guard.is_some() || Ctx::merge_changes(&a.payload)).then(|| inst.ctx.to_value());
-        if let (Some(g), Some(cur)) = (&t.guard, &current) {
-            if !g.eval(cur) {
-                return Err(ApiError::core(
-                    ErrorCode::GuardFailed,
-                    format!(
-                        "guard failed: guard failed for transition '{}' -> '{}' on event '{}'",
-                        inst.state, t.to, a.event
-                    ),
-                ));
-            }
-        }
-        let to_name = t.to.clone();
-        let incarnation = inst.created_offset;
-        let new_ctx = match current {
-            Some(cur) => inst.ctx.merged_from(cur, &a.payload),
-            None => inst.ctx.clone(),
-        };
-        let from_state = inst.state.clone();
-        let (machine, version) = (inst.machine.clone(), inst.version);
-        let to_state = self.intern(&to_name);
-        let offset = self.stage(
+        })
+    }
+
+    /// Stages the apply's WAL record: refused, before anything changed, if
+    /// it is too large.
+    fn stage_apply(
+        &mut self,
+        offsets: &mut Offsets,
+        a: &ApplyEvent,
+        change: &ApplyChange,
+        now: i64,
+    ) -> Result<u64, ApiError> {
+        self.stage(
             offsets,
             WalEntry::ApplyEvent {
                 instance_id: a.instance_id.clone(),
-                machine: machine.to_string(),
-                version,
+                machine: change.machine.to_string(),
+                version: change.version,
                 event: a.event.clone(),
-                from_state: from_state.to_string(),
-                to_state: to_state.to_string(),
+                from_state: change.from_state.to_string(),
+                to_state: change.to_state.to_string(),
                 payload: a.payload.clone(),
-                ctx: new_ctx.clone(),
+                ctx: change.ctx.clone(),
                 event_id: a.event_id.clone(),
                 idempotency_key: a.idempotency_key.clone(),
                 ts: now,
             },
-        )?;
-        if self.collect_events {
-            self.events.push(WatchEvent {
-                wal_offset: offset,
-                instance_id: a.instance_id.clone(),
-                machine: machine.to_string(),
-                version,
-                from_state: from_state.to_string(),
-                to_state: to_state.to_string(),
-                event: a.event,
-                payload: a.payload,
-                ctx: new_ctx.clone(),
-                size: self.last_entry_size,
-            });
-        }
-        let reply = json(&R {
-            applied: true,
-            ctx: &new_ctx,
-            event_id: a.event_id.as_deref(),
-            from_state: &from_state,
-            to_state: &to_state,
+        )
+    }
+
+    /// Queues the apply for watchers (sized by the record just staged).
+    fn push_watch_event(
+        &mut self,
+        offset: u64,
+        instance_id: &str,
+        event: String,
+        payload: Value,
+        change: &ApplyChange,
+    ) {
+        self.events.push(WatchEvent {
             wal_offset: offset,
+            instance_id: instance_id.to_owned(),
+            machine: change.machine.to_string(),
+            version: change.version,
+            from_state: change.from_state.to_string(),
+            to_state: change.to_state.to_string(),
+            event,
+            payload,
+            ctx: change.ctx.clone(),
+            size: self.last_entry_size,
         });
-        if let Some(key) = a.idempotency_key {
-            let cached = Cached::Apply {
-                incarnation,
-                from_state: from_state.to_string(),
-                to_state: to_state.to_string(),
-                ctx: new_ctx.clone(),
-                wal_offset: offset,
-            };
-            let prev = self.idempotency.insert(&a.instance_id, &key, cached, now);
-            self.undo
-                .push(Undo::Idempotency(a.instance_id.clone(), key, prev));
-        }
-        self.preserve(&a.instance_id);
-        let inst = self
-            .instances
-            .get_mut(&a.instance_id)
-            .expect("looked up above");
+    }
+
+    /// Keeps the apply's answer under its idempotency key, if it has one,
+    /// with the undo entry that forgets it again.
+    fn remember_apply(
+        &mut self,
+        id: &str,
+        key: Option<String>,
+        change: &ApplyChange,
+        offset: u64,
+        now: i64,
+    ) {
+        let Some(key) = key else {
+            return;
+        };
+        let cached = Cached::Apply {
+            incarnation: change.incarnation,
+            from_state: change.from_state.to_string(),
+            to_state: change.to_state.to_string(),
+            ctx: change.ctx.clone(),
+            wal_offset: offset,
+        };
+        let prev = self.idempotency.insert(id, &key, cached, now);
+        self.undo.push(Undo::Idempotency(id.to_owned(), key, prev));
+    }
+
+    /// Moves the instance to its new state and context, logging the old
+    /// values as its undo entry.
+    fn move_instance(
+        &mut self,
+        id: String,
+        event_id: Option<String>,
+        change: ApplyChange,
+        offset: u64,
+        now: i64,
+    ) {
+        self.preserve(&id);
+        let inst = self.instances.get_mut(&id).expect("looked up above");
         let prev = Instance {
             machine: inst.machine.clone(),
             version: inst.version,
-            state: std::mem::replace(&mut inst.state, to_state),
-            ctx: std::mem::replace(&mut inst.ctx, new_ctx),
-            last_event_id: std::mem::replace(&mut inst.last_event_id, a.event_id),
+            state: std::mem::replace(&mut inst.state, change.to_state),
+            ctx: std::mem::replace(&mut inst.ctx, change.ctx),
+            last_event_id: std::mem::replace(&mut inst.last_event_id, event_id),
             last_wal_offset: std::mem::replace(&mut inst.last_wal_offset, offset),
             created_offset: inst.created_offset,
             created_at: inst.created_at,
             updated_at: std::mem::replace(&mut inst.updated_at, now),
             deleted: false,
         };
-        self.undo.push(Undo::Instance(a.instance_id, Some(prev)));
-        Ok(reply)
+        self.undo.push(Undo::Instance(id, Some(prev)));
     }
 
     fn flush_all(&mut self, offsets: &mut Offsets, now: i64) -> Result<Reply, ApiError> {
@@ -1106,6 +1141,8 @@ impl Engine {
         &self.aborted
     }
 
+    /// Applies one recovered entry other than a batch record: notes the
+    /// instance's old value when inside a batch part, then one step per kind.
     fn replay_one(
         &mut self,
         offset: u64,
@@ -1127,114 +1164,219 @@ impl Engine {
                 version,
                 definition,
                 ..
-            } => match MachineDef::from_json(&definition) {
-                Ok(def) => {
-                    self.machines
-                        .entry(machine)
-                        .or_default()
-                        .entry(version)
-                        .or_insert_with(|| Arc::new(def));
-                }
-                Err(e) => {
-                    tracing::warn!(%machine, version, error = %e, "skipping invalid logged definition")
-                }
-            },
-            WalEntry::CreateInstance {
-                instance_id,
-                machine,
-                version,
-                initial_state,
-                initial_ctx,
-                idempotency_key,
-                ts,
-            } => {
-                if let Some(key) = idempotency_key {
-                    let prev = self.idempotency.insert(
-                        &instance_id,
-                        &key,
-                        Cached::Create {
-                            state: initial_state.clone(),
-                            wal_offset: offset,
-                        },
-                        ts,
-                    );
-                    if let Some(u) = undo.as_deref_mut() {
-                        u.push(Undo::Idempotency(instance_id.clone(), key, prev));
-                    }
-                }
-                let (machine, state) = (self.intern(&machine), self.intern(&initial_state));
-                self.instances.insert(
-                    instance_id,
-                    Instance {
-                        machine,
-                        version,
-                        state,
-                        ctx: initial_ctx,
-                        last_event_id: None,
-                        last_wal_offset: offset,
-                        created_offset: offset,
-                        created_at: ts,
-                        updated_at: ts,
-                        deleted: false,
-                    },
-                );
-            }
-            WalEntry::ApplyEvent {
-                instance_id,
-                from_state,
-                to_state,
-                ctx,
-                event_id,
-                idempotency_key,
-                ts,
-                ..
-            } => {
-                let to_name = self.intern(&to_state);
-                let inst = self
-                    .instances
-                    .get_mut(&instance_id)
-                    .ok_or_else(|| format!("apply_event for unknown instance {instance_id}"))?;
-                if let Some(key) = idempotency_key {
-                    let prev = self.idempotency.insert(
-                        &instance_id,
-                        &key,
-                        Cached::Apply {
-                            incarnation: inst.created_offset,
-                            from_state,
-                            to_state: to_state.clone(),
-                            ctx: ctx.clone(),
-                            wal_offset: offset,
-                        },
-                        ts,
-                    );
-                    if let Some(u) = undo {
-                        u.push(Undo::Idempotency(instance_id.clone(), key, prev));
-                    }
-                }
-                inst.state = to_name;
-                inst.ctx = ctx;
-                inst.last_event_id = event_id;
-                inst.last_wal_offset = offset;
-                inst.updated_at = ts;
-            }
-            WalEntry::FlushAll { .. } => {
-                self.machines.clear();
-                self.instances.clear();
-                self.idempotency = self.idempotency.emptied();
-            }
+            } => self.replay_put_machine(machine, version, &definition),
+            WalEntry::CreateInstance { .. } => self.replay_create(offset, entry, undo),
+            WalEntry::ApplyEvent { .. } => self.replay_apply(offset, entry, undo)?,
+            WalEntry::FlushAll { .. } => self.replay_flush_all(),
             WalEntry::DeleteInstance {
                 instance_id, ts, ..
-            } => {
-                let inst = self
-                    .instances
-                    .get_mut(&instance_id)
-                    .ok_or_else(|| format!("delete_instance for unknown instance {instance_id}"))?;
-                inst.deleted = true;
-                inst.last_wal_offset = offset;
-                inst.updated_at = ts;
-            }
+            } => self.replay_delete(offset, &instance_id, ts)?,
         }
         Ok(())
+    }
+
+    /// A logged definition; one that no longer parses is skipped, not fatal.
+    fn replay_put_machine(&mut self, machine: String, version: u32, definition: &Value) {
+        match MachineDef::from_json(definition) {
+            Ok(def) => {
+                self.machines
+                    .entry(machine)
+                    .or_default()
+                    .entry(version)
+                    .or_insert_with(|| Arc::new(def));
+            }
+            Err(e) => {
+                tracing::warn!(%machine, version, error = %e, "skipping invalid logged definition")
+            }
+        }
+    }
+
+    /// A logged create: its idempotency key first, then the instance.
+    fn replay_create(&mut self, offset: u64, entry: WalEntry, undo: Option<&mut Vec<Undo>>) {
+        let WalEntry::CreateInstance {
+            instance_id,
+            machine,
+            version,
+            initial_state,
+            initial_ctx,
+            idempotency_key,
+            ts,
+        } = entry
+        else {
+            unreachable!("replay_one passes create records only")
+        };
+        if let Some(key) = idempotency_key {
+            let cached = Cached::Create {
+                state: initial_state.clone(),
+                wal_offset: offset,
+            };
+            replay_key(&mut self.idempotency, &instance_id, key, cached, ts, undo);
+        }
+        let (machine, state) = (self.intern(&machine), self.intern(&initial_state));
+        self.instances.insert(
+            instance_id,
+            Instance {
+                machine,
+                version,
+                state,
+                ctx: initial_ctx,
+                last_event_id: None,
+                last_wal_offset: offset,
+                created_offset: offset,
+                created_at: ts,
+                updated_at: ts,
+                deleted: false,
+            },
+        );
+    }
+
+    /// A logged apply: its instance must exist; its key is recorded for the
+    /// instance's incarnation before the instance moves.
+    fn replay_apply(
+        &mut self,
+        offset: u64,
+        entry: WalEntry,
+        undo: Option<&mut Vec<Undo>>,
+    ) -> Result<(), String> {
+        let WalEntry::ApplyEvent {
+            instance_id,
+            from_state,
+            to_state,
+            ctx,
+            event_id,
+            idempotency_key,
+            ts,
+            ..
+        } = entry
+        else {
+            unreachable!("replay_one passes apply records only")
+        };
+        let to_name = self.intern(&to_state);
+        let inst = self
+            .instances
+            .get_mut(&instance_id)
+            .ok_or_else(|| format!("apply_event for unknown instance {instance_id}"))?;
+        if let Some(key) = idempotency_key {
+            let cached = Cached::Apply {
+                incarnation: inst.created_offset,
+                from_state,
+                to_state: to_state.clone(),
+                ctx: ctx.clone(),
+                wal_offset: offset,
+            };
+            replay_key(&mut self.idempotency, &instance_id, key, cached, ts, undo);
+        }
+        inst.state = to_name;
+        inst.ctx = ctx;
+        inst.last_event_id = event_id;
+        inst.last_wal_offset = offset;
+        inst.updated_at = ts;
+        Ok(())
+    }
+
+    /// A logged FLUSH_ALL: everything goes, the window's limits stay.
+    fn replay_flush_all(&mut self) {
+        self.machines.clear();
+        self.instances.clear();
+        self.idempotency = self.idempotency.emptied();
+    }
+
+    /// A logged delete (soft): its instance must exist.
+    fn replay_delete(&mut self, offset: u64, instance_id: &str, ts: i64) -> Result<(), String> {
+        let inst = self
+            .instances
+            .get_mut(instance_id)
+            .ok_or_else(|| format!("delete_instance for unknown instance {instance_id}"))?;
+        inst.deleted = true;
+        inst.last_wal_offset = offset;
+        inst.updated_at = ts;
+        Ok(())
+    }
+}
+
+/// APPLY_EVENT's answer (also the answer replayed for a repeated key).
+#[derive(Serialize)]
+struct ApplyReply<'a> {
+    applied: bool,
+    ctx: &'a Ctx,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    from_state: &'a str,
+    to_state: &'a str,
+    wal_offset: u64,
+}
+
+/// What an apply changes, decided by its checks before anything is staged.
+struct ApplyChange {
+    /// The instance's create offset (keys are per incarnation).
+    incarnation: u64,
+    ctx: Ctx,
+    from_state: Arc<str>,
+    machine: Arc<str>,
+    version: u32,
+    to_state: Arc<str>,
+}
+
+/// Optimistic concurrency: the state and the WAL offset the client expects,
+/// where it names them.
+fn check_expected(a: &ApplyEvent, inst: &Instance) -> Result<(), ApiError> {
+    if let Some(exp) = &a.expected_state {
+        if **exp != *inst.state {
+            return Err(ApiError::core(
+                ErrorCode::Conflict,
+                format!("state conflict: expected '{exp}', actual '{}'", inst.state),
+            ));
+        }
+    }
+    if let Some(exp) = a.expected_wal_offset {
+        if exp != inst.last_wal_offset {
+            return Err(ApiError::core(
+                ErrorCode::Conflict,
+                format!(
+                    "WAL offset conflict: expected {exp}, actual {}",
+                    inst.last_wal_offset
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The transition's guard, evaluated on the current context (`current` is
+/// there whenever the transition has a guard).
+fn check_guard(
+    t: &Transition,
+    a: &ApplyEvent,
+    inst: &Instance,
+    current: Option<&Value>,
+) -> Result<(), ApiError> {
+    if let (Some(g), Some(cur)) = (&t.guard, current) {
+        if !g.eval(cur) {
+            return Err(ApiError::core(
+                ErrorCode::GuardFailed,
+                format!(
+                    "guard failed: guard failed for transition '{}' -> '{}' on event '{}'",
+                    inst.state, t.to, a.event
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Records a replayed key in the idempotency window and, inside a batch
+/// part, how to forget it (a free function: the caller may hold an instance).
+fn replay_key(
+    idempotency: &mut IdempotencyWindow,
+    id: &str,
+    key: String,
+    cached: Cached,
+    ts: i64,
+    undo: Option<&mut Vec<Undo>>,
+) {
+    let prev = idempotency.insert(id, &key, cached, ts);
+    if let Some(u) = undo {
+        u.push(Undo::Idempotency(id.to_owned(), key, prev));
     }
 }
 
