@@ -156,15 +156,45 @@ impl Compactor {
         self.round(when).await
     }
 
+    /// One round (see the module doc): snapshots, floors, manifest, then
+    /// deletion, one round at a time.
     async fn round(&self, when: SnapshotWhen) -> Result<Report, ApiError> {
         let _one = self.rounds.lock().await;
         let began = Instant::now();
         *self.last_round.lock().expect("not poisoned") = Some(began);
         let shards = self.router.shards();
         let n = shards.len();
+        let mut report = Report::default();
+        let mut failure: Option<String> = None;
 
-        // 1. Snapshot requests, under the exclusive gate.
-        let (tx, rx) = flume::bounded::<(usize, SnapshotOutcome)>(n);
+        let snapshots = self.request_snapshots(shards, when).await?;
+        let written = self
+            .collect_snapshots(&snapshots, n, &mut report, &mut failure)
+            .await?;
+        let manifest = self.raise_floors();
+        self.write_manifest(&manifest).await?;
+        let compactions = self.request_compaction(shards, &written, &manifest).await?;
+        let retained = self
+            .collect_compaction(&compactions, n, &manifest, &mut report, &mut failure)
+            .await?;
+        self.lower_floors(&manifest, retained).await;
+
+        log_round(&report, began);
+        match failure {
+            None => Ok(report),
+            Some(e) => Err(internal(format!("compaction incomplete: {e}"))),
+        }
+    }
+
+    /// Step 1: asks every shard to snapshot, holding the gate exclusively
+    /// only while the requests are sent (so no atomic batch straddles a
+    /// snapshot); returns where the outcomes arrive.
+    async fn request_snapshots(
+        &self,
+        shards: &[flume::Sender<ShardMsg>],
+        when: SnapshotWhen,
+    ) -> Result<flume::Receiver<(usize, SnapshotOutcome)>, ApiError> {
+        let (tx, rx) = flume::bounded::<(usize, SnapshotOutcome)>(shards.len());
         let prune_upto = self
             .oldest_snapshots
             .lock()
@@ -197,11 +227,20 @@ impl Compactor {
             }
         }
         drop(tx);
+        Ok(rx)
+    }
 
-        // 2. Outcomes.
+    /// Step 2: gathers the `n` snapshot outcomes, records written ones in
+    /// the manifest (in memory) and notes who skipped; returns each shard's
+    /// new snapshot start, if any.
+    async fn collect_snapshots(
+        &self,
+        rx: &flume::Receiver<(usize, SnapshotOutcome)>,
+        n: usize,
+        report: &mut Report,
+        failure: &mut Option<String>,
+    ) -> Result<Vec<Option<u64>>, ApiError> {
         let mut written: Vec<Option<u64>> = vec![None; n];
-        let mut report = Report::default();
-        let mut failure: Option<String> = None;
         for _ in 0..n {
             let (shard, outcome) = rx
                 .recv_async()
@@ -227,35 +266,49 @@ impl Compactor {
                 }
             }
         }
+        Ok(written)
+    }
 
-        // 3. Floors: never above what the slowest subscription still needs.
+    /// Step 3: raises each snapshotted shard's WAL floor to its snapshot's
+    /// start, never above what the slowest subscription still needs, and
+    /// publishes the highest; returns the manifest to write.
+    fn raise_floors(&self) -> Manifest {
         let slowest = self.shared.min_cursor();
-        let manifest = {
-            let mut m = self.manifest.lock().expect("not poisoned");
-            for e in m.shards.iter_mut() {
-                if e.snapshot.is_some() {
-                    let floor = slowest.map_or(e.start_offset, |c| c.min(e.start_offset));
-                    e.wal_floor = e.wal_floor.max(floor);
-                }
+        let mut m = self.manifest.lock().expect("not poisoned");
+        for e in m.shards.iter_mut() {
+            if e.snapshot.is_some() {
+                let floor = slowest.map_or(e.start_offset, |c| c.min(e.start_offset));
+                e.wal_floor = e.wal_floor.max(floor);
             }
-            let highest = m.shards.iter().map(|e| e.wal_floor).max().unwrap_or(0);
-            self.shared
-                .set_wal_floor(self.shared.wal_floor().max(highest));
-            m.clone()
-        };
+        }
+        let highest = m.shards.iter().map(|e| e.wal_floor).max().unwrap_or(0);
+        self.shared
+            .set_wal_floor(self.shared.wal_floor().max(highest));
+        m.clone()
+    }
 
-        // 4. The manifest, before anything is deleted.
+    /// Step 4: writes the manifest durably, before anything is deleted.
+    async fn write_manifest(&self, manifest: &Manifest) -> Result<(), ApiError> {
         let root = self.manifest_dir.clone();
         let to_write = manifest.clone();
         glommio::executor()
             .spawn_blocking(move || to_write.write(&root))
             .await
-            .map_err(|e| ApiError::wal(format!("writing the manifest: {e}")))?;
+            .map_err(|e| ApiError::wal(format!("writing the manifest: {e}")))
+    }
 
-        // 5. Deletion.
+    /// Step 5a: asks every shard to delete its segments below its floor
+    /// (keeping those inside the retention time) and prune old snapshots;
+    /// returns where the outcomes arrive.
+    async fn request_compaction(
+        &self,
+        shards: &[flume::Sender<ShardMsg>],
+        written: &[Option<u64>],
+        manifest: &Manifest,
+    ) -> Result<flume::Receiver<(usize, CompactOutcome)>, ApiError> {
         let retain_since = (!self.settings.retention.is_zero())
             .then(|| SystemTime::now() - self.settings.retention);
-        let (ctx, crx) = flume::bounded::<(usize, CompactOutcome)>(n);
+        let (ctx, crx) = flume::bounded::<(usize, CompactOutcome)>(shards.len());
         for (i, s) in shards.iter().enumerate() {
             let msg = ShardMsg::Compact(CompactRequest {
                 snapshot_start: written[i],
@@ -269,6 +322,20 @@ impl Compactor {
                 .map_err(|_| internal("shard unavailable (server shutting down)"))?;
         }
         drop(ctx);
+        Ok(crx)
+    }
+
+    /// Step 5b: gathers the `n` compaction outcomes into the report and the
+    /// oldest snapshots; returns the manifest with each floor lowered to
+    /// the WAL the shard actually kept (never below the history floor).
+    async fn collect_compaction(
+        &self,
+        crx: &flume::Receiver<(usize, CompactOutcome)>,
+        n: usize,
+        manifest: &Manifest,
+        report: &mut Report,
+        failure: &mut Option<String>,
+    ) -> Result<Manifest, ApiError> {
         let mut retained = manifest.clone();
         for _ in 0..n {
             let (shard, o) = crx
@@ -287,44 +354,37 @@ impl Compactor {
                 failure.get_or_insert(format!("shard {shard}: {e}"));
             }
         }
-        // 6. Where retention (or segment granularity) kept more WAL than the
-        // floor allowed to drop, say so: recovery may then fall back to an
-        // older snapshot, and subscribers may start lower.
-        if retained != manifest {
-            let root = self.manifest_dir.clone();
-            let to_write = retained.clone();
-            match glommio::executor()
-                .spawn_blocking(move || to_write.write(&root))
-                .await
-            {
-                Ok(()) => {
-                    let highest = retained
-                        .shards
-                        .iter()
-                        .map(|e| e.wal_floor)
-                        .max()
-                        .unwrap_or(0)
-                        .max(retained.history_floor);
-                    self.shared.set_wal_floor(highest);
-                    *self.manifest.lock().expect("not poisoned") = retained;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not lower the WAL floors in the manifest")
-                }
+        Ok(retained)
+    }
+
+    /// Step 6: where retention (or segment granularity) kept more WAL than
+    /// the floor allowed to drop, says so: recovery may then fall back to an
+    /// older snapshot, and subscribers may start lower. A failed write only
+    /// warns (the manifest on disk still claims no more than the disk has).
+    async fn lower_floors(&self, manifest: &Manifest, retained: Manifest) {
+        if retained == *manifest {
+            return;
+        }
+        let root = self.manifest_dir.clone();
+        let to_write = retained.clone();
+        match glommio::executor()
+            .spawn_blocking(move || to_write.write(&root))
+            .await
+        {
+            Ok(()) => {
+                let highest = retained
+                    .shards
+                    .iter()
+                    .map(|e| e.wal_floor)
+                    .max()
+                    .unwrap_or(0)
+                    .max(retained.history_floor);
+                self.shared.set_wal_floor(highest);
+                *self.manifest.lock().expect("not poisoned") = retained;
             }
-        }
-        if report.snapshots_created > 0 || report.segments_deleted > 0 {
-            tracing::info!(
-                snapshots = report.snapshots_created,
-                segments_deleted = report.segments_deleted,
-                bytes_reclaimed = report.bytes_reclaimed,
-                elapsed_ms = began.elapsed().as_millis() as u64,
-                "compaction round done"
-            );
-        }
-        match failure {
-            None => Ok(report),
-            Some(e) => Err(internal(format!("compaction incomplete: {e}"))),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not lower the WAL floors in the manifest")
+            }
         }
     }
 
@@ -464,4 +524,17 @@ fn write_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Resul
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Logs a round's figures when it did anything.
+fn log_round(report: &Report, began: Instant) {
+    if report.snapshots_created > 0 || report.segments_deleted > 0 {
+        tracing::info!(
+            snapshots = report.snapshots_created,
+            segments_deleted = report.segments_deleted,
+            bytes_reclaimed = report.bytes_reclaimed,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "compaction round done"
+        );
+    }
 }
