@@ -11,13 +11,14 @@
 //! Atomic mode is all-or-nothing across shards and crashes (D11): see
 //! [`run_atomic`].
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
 use rstmdb_shards::atomic::Vote;
 use rstmdb_shards::commands::{Command, Reply};
 use rstmdb_shards::error::{ApiError, ErrorCode};
-use rstmdb_shards::shard::{AtomicMsg, ShardMsg};
+use rstmdb_shards::shard::{AtomicMsg, PartAnswer, ShardMsg};
 use serde_json::Value;
 
 use crate::protocol::names::OPS;
@@ -104,63 +105,121 @@ async fn run_atomic(
     ctx: &Ctx<'_>,
     settings: &OpSettings,
 ) -> Result<Vec<u8>, ApiError> {
-    let mut planned = Vec::with_capacity(ops.len());
-    let mut names = Vec::with_capacity(ops.len());
-    let mut parts: std::collections::BTreeMap<usize, Vec<(u32, Command)>> = Default::default();
+    let plan = plan_atomic(ops, session, settings)?;
+    let shards = ctx.router.shards();
+    let batch_id = uuid::Uuid::new_v4().to_string();
+    let voters: Vec<usize> = plan.parts.keys().copied().collect();
+    prepare(&batch_id, &plan, shards).await?;
+    // From here until the release or abort is sent, a snapshot round must
+    // not start: it would see some parts written and others not.
+    let _gate = ctx.compactor.commit_gate().await;
+    let answers = commit(&batch_id, &voters, ops.len(), ctx, shards).await?;
+    release(&batch_id, &voters, shards).await;
+    Ok(assemble(plan.planned, answers))
+}
+
+/// Each participant shard's part: its ops' slots and commands, in batch order.
+type Parts = BTreeMap<usize, Vec<(u32, Command)>>;
+
+/// The shards' answers, by slot (`None`: no shard answered that op).
+type Answers = Vec<Option<Result<Vec<u8>, ApiError>>>;
+
+/// An atomic batch once planned, before any shard has seen it.
+struct AtomicPlan<'a> {
+    /// How each op is answered, in batch order.
+    planned: Vec<Planned>,
+    /// Each op's name, for the error of a failed op.
+    names: Vec<&'a str>,
+    /// Each participant's part.
+    parts: Parts,
+}
+
+/// Splits the ops into the frontend's own answers and the shards' parts; an
+/// op that cannot be atomic, or that fails already here, fails the batch.
+fn plan_atomic<'a>(
+    ops: &'a [Value],
+    session: &mut Session,
+    settings: &OpSettings,
+) -> Result<AtomicPlan<'a>, ApiError> {
+    let mut plan = AtomicPlan {
+        planned: Vec::with_capacity(ops.len()),
+        names: Vec::with_capacity(ops.len()),
+        parts: Parts::new(),
+    };
     for (i, element) in ops.iter().enumerate() {
         let op = op_name(element)?;
         if !ATOMIC_OPS.contains(&op) {
-            return Err(atomic_failed(format!(
-                "op {i} ({op}) cannot be part of an atomic batch"
-            )));
+            return Err(not_atomic(i, op));
         }
         let params = element.get("params").cloned().unwrap_or(Value::Null);
-        names.push(op);
-        planned.push(match ops::plan(op, params, session, settings) {
+        plan.names.push(op);
+        let planned = match ops::plan(op, params, session, settings) {
             Action::Local(Ok(r)) => Planned::Local(r),
-            Action::Local(Err(e)) => {
-                return Err(atomic_failed(format!(
-                    "op {i} ({op}): {}: {}",
-                    e.code.as_str(),
-                    e.message
-                )))
-            }
+            Action::Local(Err(e)) => return Err(op_failed(i, op, &e)),
             Action::Shard(shard, cmd) => {
-                parts.entry(shard).or_default().push((i as u32, cmd));
+                plan.parts.entry(shard).or_default().push((i as u32, cmd));
                 Planned::Shard
             }
-            _ => {
-                return Err(atomic_failed(format!(
-                    "op {i} ({op}) cannot be part of an atomic batch"
-                )))
-            }
-        });
+            _ => return Err(not_atomic(i, op)),
+        };
+        plan.planned.push(planned);
     }
-    let shards = ctx.router.shards();
-    let batch_id = uuid::Uuid::new_v4().to_string();
-    let voters: Vec<usize> = parts.keys().copied().collect();
+    Ok(plan)
+}
 
-    // Phase 1: prepare. Our own sender is dropped before the answers are
-    // awaited, so a shard that dies closes the channel instead of hanging us.
-    let (vtx, vrx) = flume::bounded(voters.len().max(1));
-    let mut contacted = Vec::with_capacity(voters.len());
-    for (&shard, commands) in &parts {
+/// Phase 1: every participant dry-runs its part and holds its instances; if
+/// any cannot, the shards that voted yes are aborted (they hold a part).
+async fn prepare(
+    batch_id: &str,
+    plan: &AtomicPlan<'_>,
+    shards: &[flume::Sender<ShardMsg>],
+) -> Result<(), ApiError> {
+    let votes = send_prepares(batch_id, &plan.parts, shards).await?;
+    let (yes, failure) = collect_votes(&votes, plan.parts.len()).await;
+    if let Some((slot, e)) = failure {
+        abort(batch_id, &yes, shards).await;
+        let op = plan.names.get(slot as usize).copied().unwrap_or("?");
+        return Err(op_failed(slot as usize, op, &e));
+    }
+    Ok(())
+}
+
+/// Sends every participant its part; if a shard is gone, aborts those
+/// already asked. Our own sender is dropped before the votes are awaited,
+/// so a shard that dies closes the channel instead of hanging us.
+async fn send_prepares(
+    batch_id: &str,
+    parts: &Parts,
+    shards: &[flume::Sender<ShardMsg>],
+) -> Result<flume::Receiver<(usize, Vote)>, ApiError> {
+    let (vtx, vrx) = flume::bounded(parts.len().max(1));
+    let mut contacted = Vec::with_capacity(parts.len());
+    for (&shard, commands) in parts {
         let msg = AtomicMsg::Prepare {
-            batch_id: batch_id.clone(),
+            batch_id: batch_id.to_owned(),
             commands: commands.clone(),
             reply_to: vtx.clone(),
         };
         if send(&shards[shard], msg).await.is_err() {
-            abort(&batch_id, &contacted, shards).await;
+            abort(batch_id, &contacted, shards).await;
             return Err(unavailable());
         }
         contacted.push(shard);
     }
     drop(vtx);
+    Ok(vrx)
+}
+
+/// Awaits the votes: the shards that voted yes, and the failure of the
+/// earliest failed op (or a shard that died, which ends the wait).
+async fn collect_votes(
+    votes: &flume::Receiver<(usize, Vote)>,
+    voters: usize,
+) -> (Vec<usize>, Option<(u32, ApiError)>) {
     let mut failure: Option<(u32, ApiError)> = None;
     let mut yes = Vec::new();
-    for _ in 0..voters.len() {
-        match vrx.recv_async().await {
+    for _ in 0..voters {
+        match votes.recv_async().await {
             Ok((shard, Vote::Yes { .. })) => yes.push(shard),
             Ok((_, Vote::No { slot, error })) => {
                 if failure.as_ref().is_none_or(|(s, _)| slot < *s) {
@@ -173,74 +232,108 @@ async fn run_atomic(
             }
         }
     }
-    if let Some((slot, e)) = failure {
-        abort(&batch_id, &yes, shards).await;
-        let op = names.get(slot as usize).copied().unwrap_or("?");
-        return Err(atomic_failed(format!(
-            "op {slot} ({op}): {}: {}",
-            e.code.as_str(),
-            e.message
-        )));
-    }
+    (yes, failure)
+}
 
-    // Phase 2: every participant runs its part for real and logs it (even
-    // an empty part: recovery counts the batch only if all parts are there).
-    // From here until the release or abort is sent, a snapshot round must
-    // not start: it would see some parts written and others not.
-    let _gate = ctx.compactor.commit_gate().await;
+/// Phase 2, under the commit gate: every participant runs its part for
+/// real and logs it (even an empty part: recovery counts the batch only if
+/// all parts are there). Any failure aborts every part.
+async fn commit(
+    batch_id: &str,
+    voters: &[usize],
+    slots: usize,
+    ctx: &Ctx<'_>,
+    shards: &[flume::Sender<ShardMsg>],
+) -> Result<Answers, ApiError> {
+    let (tx, rx) = flume::bounded(voters.len().max(1));
+    let sent = send_commits(batch_id, voters, tx, shards).await;
+    let short = (sent < voters.len()).then(unavailable);
+    let (answers, failed) = collect_parts(&rx, sent, slots).await;
+    if let Some(e) = short.or(failed) {
+        // Parts may be logged: replaying subscribers must skip them.
+        ctx.hub.borrow().shared.add_aborted(batch_id.to_owned());
+        abort(batch_id, voters, shards).await;
+        return Err(e);
+    }
+    Ok(answers)
+}
+
+/// Sends every participant the commit; returns how many got it. The
+/// sender is dropped here, so a shard that dies closes the channel.
+async fn send_commits(
+    batch_id: &str,
+    voters: &[usize],
+    reply_to: flume::Sender<PartAnswer>,
+    shards: &[flume::Sender<ShardMsg>],
+) -> usize {
     let participants: Vec<u32> = voters.iter().map(|&s| s as u32).collect();
-    let (ctx_tx, ctx_rx) = flume::bounded(voters.len().max(1));
     let mut sent = 0;
-    for &shard in &voters {
+    for &shard in voters {
         let msg = AtomicMsg::Commit {
-            batch_id: batch_id.clone(),
+            batch_id: batch_id.to_owned(),
             participants: participants.clone(),
-            reply_to: ctx_tx.clone(),
+            reply_to: reply_to.clone(),
         };
         if send(&shards[shard], msg).await.is_ok() {
             sent += 1;
         }
     }
-    drop(ctx_tx);
-    let mut answers: Vec<Option<Result<Vec<u8>, ApiError>>> =
-        (0..ops.len()).map(|_| None).collect();
-    let mut commit_error = (sent < voters.len()).then(unavailable);
+    sent
+}
+
+/// Awaits the `sent` parts' answers: each op's by its slot, and the first
+/// error (a part that failed, or a shard that died, which ends the wait).
+async fn collect_parts(
+    parts: &flume::Receiver<PartAnswer>,
+    sent: usize,
+    slots: usize,
+) -> (Answers, Option<ApiError>) {
+    let mut answers: Answers = (0..slots).map(|_| None).collect();
+    let mut error = None;
     for _ in 0..sent {
-        match ctx_rx.recv_async().await {
+        match parts.recv_async().await {
             Ok((_, Ok(replies))) => {
                 for (slot, r) in replies {
-                    answers[slot as usize] = Some(match r {
-                        Reply::Json(b) => Ok(b),
-                        Reply::Error(e) => Err(e),
-                        other => Err(ApiError::new(
-                            ErrorCode::InternalError,
-                            format!("unexpected reply {other:?}"),
-                        )),
-                    });
+                    answers[slot as usize] = Some(part_reply(r));
                 }
             }
-            Ok((_, Err(e))) => commit_error = commit_error.or(Some(e)),
+            Ok((_, Err(e))) => error = error.or(Some(e)),
             Err(_) => {
-                commit_error = commit_error.or(Some(unavailable()));
+                error = error.or(Some(unavailable()));
                 break;
             }
         }
     }
-    if let Some(e) = commit_error {
-        // Parts may be logged: replaying subscribers must skip them.
-        ctx.hub.borrow().shared.add_aborted(batch_id.clone());
-        abort(&batch_id, &voters, shards).await;
-        return Err(e);
-    }
+    (answers, error)
+}
 
-    // Phase 3: every part is durable; the batch is committed.
-    for &shard in &voters {
+/// One op's answer from its part's reply.
+fn part_reply(r: Reply) -> Result<Vec<u8>, ApiError> {
+    match r {
+        Reply::Json(b) => Ok(b),
+        Reply::Error(e) => Err(e),
+        other => Err(ApiError::new(
+            ErrorCode::InternalError,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
+}
+
+/// Phase 3: every part is durable, the batch is committed; the shards drop
+/// their holds (nothing to wait for).
+async fn release(batch_id: &str, voters: &[usize], shards: &[flume::Sender<ShardMsg>]) {
+    for &shard in voters {
         let _ = shards[shard]
             .send_async(ShardMsg::Atomic(AtomicMsg::Release {
-                batch_id: batch_id.clone(),
+                batch_id: batch_id.to_owned(),
             }))
             .await;
     }
+}
+
+/// The `result` object: every op's answer in batch order, the frontend's
+/// own or its shard's (a shard that did not answer: unavailable).
+fn assemble(planned: Vec<Planned>, mut answers: Answers) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(br#"{"results":["#);
     for (i, p) in planned.into_iter().enumerate() {
@@ -254,7 +347,23 @@ async fn run_atomic(
         push_result(&mut out, r);
     }
     out.extend_from_slice(b"]}");
-    Ok(out)
+    out
+}
+
+/// Op `slot` may not be part of an atomic batch.
+fn not_atomic(slot: usize, op: &str) -> ApiError {
+    atomic_failed(format!(
+        "op {slot} ({op}) cannot be part of an atomic batch"
+    ))
+}
+
+/// Op `slot` failed with `e`, which fails the whole batch.
+fn op_failed(slot: usize, op: &str, e: &ApiError) -> ApiError {
+    atomic_failed(format!(
+        "op {slot} ({op}): {}: {}",
+        e.code.as_str(),
+        e.message
+    ))
 }
 
 fn unavailable() -> ApiError {
