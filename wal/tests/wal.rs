@@ -46,14 +46,7 @@ fn write_in(dir: &Path, first: u64, batches: &[(usize, bool)], mode: WriteMode) 
     run(move || {
         LocalExecutorBuilder::default()
             .spawn(move || async move {
-                let rec = recover(&opts(&dir), |_| Ok(())).expect("recover");
-                let cfg = WriterConfig {
-                    dir: dir.clone(),
-                    shard: 0,
-                    segment_size: SEG,
-                    mode,
-                };
-                let mut w = WalWriter::open(cfg, &rec).await.expect("open");
+                let mut w = open_writer(&dir, mode).await;
                 let before = w.io_stats().fsyncs;
                 let mut off = first;
                 for (n, sync) in batches {
@@ -72,6 +65,18 @@ fn write_in(dir: &Path, first: u64, batches: &[(usize, bool)], mode: WriteMode) 
             .join()
             .expect("join")
     })
+}
+
+/// A writer where recovery leaves the log in `dir` (inside an executor).
+async fn open_writer(dir: &Path, mode: WriteMode) -> WalWriter {
+    let rec = recover(&opts(dir), |_| Ok(())).expect("recover");
+    let cfg = WriterConfig {
+        dir: dir.to_path_buf(),
+        shard: 0,
+        segment_size: SEG,
+        mode,
+    };
+    WalWriter::open(cfg, &rec).await.expect("open")
 }
 
 fn read_all(dir: &Path) -> Result<Vec<u64>, WalError> {
@@ -432,14 +437,7 @@ fn a_restarted_log_holds_only_what_came_after() {
     let (retired, retained) = run(move || {
         LocalExecutorBuilder::default()
             .spawn(move || async move {
-                let rec = recover(&opts(&dir), |_| Ok(())).expect("recover");
-                let cfg = WriterConfig {
-                    dir: dir.clone(),
-                    shard: 0,
-                    segment_size: SEG,
-                    mode: WriteMode::PageCache,
-                };
-                let mut w = WalWriter::open(cfg, &rec).await.expect("open");
+                let mut w = open_writer(&dir, WriteMode::PageCache).await;
                 let old = w.restart_at(5_000).await.expect("restart");
                 let (retired, err) = segment::retire(&dir, &old);
                 assert!(err.is_none(), "{err:?}");
