@@ -144,13 +144,7 @@ pub(super) struct Member {
     outcome: Option<Outcome>,
     /// The snapshot this node builds for followers (as leader).
     pub(super) outgoing: Outgoing,
-    /// When the followers' matched indexes were last published.
-    matched_at: Instant,
 }
-
-/// How often the followers' matched indexes are published (they are
-/// read by people and scrapers, not by the write path).
-const MATCHED_EVERY: Duration = Duration::from_millis(100);
 
 impl Member {
     /// Opens the group's log and joins it. `wal_next` is the offset after
@@ -177,9 +171,6 @@ impl Member {
             store: Some(store),
             outcome: None,
             outgoing: Outgoing::default(),
-            matched_at: Instant::now()
-                .checked_sub(MATCHED_EVERY)
-                .unwrap_or_else(Instant::now),
         })
     }
 
@@ -302,10 +293,7 @@ impl Member {
         written
     }
 
-    /// Publishes the member's figures for `REPLICATION_STATUS`, the
-    /// metrics and `/health`: atomics every cycle; each follower's matched
-    /// index (a lock and a list) at most every [`MATCHED_EVERY`].
-    fn publish(&mut self) {
+    fn publish(&self) {
         let s = &self.cfg.status;
         let r = self.shard.replica();
         let (term, role, leader) = r.role();
@@ -318,7 +306,7 @@ impl Member {
             StateRole::Leader => 2,
             StateRole::PreCandidate => 3,
         };
-        let role_changed = s.role.swap(role, Ordering::Relaxed) != role;
+        s.role.store(role, Ordering::Relaxed);
         s.leader.store(leader, Ordering::Relaxed);
         s.commit_index.store(r.commit_index(), Ordering::Relaxed);
         s.applied_index.store(r.applied(), Ordering::Relaxed);
@@ -330,11 +318,8 @@ impl Member {
         }
         s.applied_offset
             .store(self.shard.applied_offset() - 1, Ordering::Relaxed);
-        if role_changed || self.matched_at.elapsed() >= MATCHED_EVERY {
-            if let Ok(mut m) = s.matched.lock() {
-                *m = r.progress();
-            }
-            self.matched_at = Instant::now();
+        if let Ok(mut m) = s.matched.lock() {
+            *m = r.progress();
         }
     }
 }
