@@ -308,6 +308,9 @@ struct Wiring {
 }
 
 impl Wiring {
+    /// A page of named steps, in the order the parts must be made: the
+    /// shards' recoveries, channels and sinks, cluster, shards and router,
+    /// compactor, metrics, then the frontends.
     fn build(
         cfg: &Config,
         data: &DataDir,
@@ -324,25 +327,97 @@ impl Wiring {
             next_offset,
             manifest,
         } = recovery;
-        let recovered: Vec<ShardRecovery> = engines
-            .into_iter()
-            .zip(aborted)
-            .zip(snapshot_starts)
-            .zip(records_ever)
-            .map(
-                |((((engine, wal), aborted), snapshot_start), records_ever)| ShardRecovery {
-                    engine,
-                    wal,
-                    resume: shard::Resume {
-                        aborted_batches: aborted,
-                        snapshot_start,
-                        records_ever,
-                    },
-                },
-            )
-            .collect();
+        let recovered = shard_recoveries(engines, aborted, snapshot_starts, records_ever);
         let shards = recovered.len();
         let frontends = cfg.server.frontend_count_for(shards);
+        let sinks = Sinks::new(next_offset, shards, frontends);
+        let mut cluster = crate::cluster::ClusterWiring::build(cfg, data)?;
+        let peers = cluster.as_mut().and_then(|c| c.peers.take());
+        let common = ShardCommon {
+            seq: sinks.seq.clone(),
+            events: sinks.events,
+            ready: sinks.shard_ready_tx,
+            cluster: cluster.as_ref().map(|c| c.shard.clone()),
+        };
+        let (senders, shard_parts) = shard_parts(cfg, data, storage, recovered, common);
+        let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
+        let peers = peers.map(|p| (p, senders[0].downgrade()));
+        let router = router::Router::new(senders, sinks.seq.clone());
+        let (shared, compactor) = compactor(cfg, data, &router, aborted_ever, manifest);
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        serve_metrics(cfg, &security, weak_senders, &active, cluster.as_ref())?;
+        let view = cluster.as_ref().map(|c| c.view.clone());
+        let forward = cluster.as_ref().map(|c| c.forward.clone());
+        let fcfg = frontend_config(cfg, security, shards, view, forward)?;
+        let common = FrontendCommon {
+            peers,
+            bind: cfg.network.bind_addr,
+            router,
+            fcfg,
+            seq: sinks.seq,
+            watching: sinks.watching,
+            shared,
+            compactor,
+            active,
+        };
+        let (frontend_parts, handshake) = frontend_parts(sinks.hub_rxs, common, frontends);
+        let start = Start {
+            shards,
+            frontends,
+            shard_ready: sinks.shard_ready,
+            go: handshake.go,
+            frontend_ready: handshake.ready,
+            shutdown_tx: handshake.shutdown,
+        };
+        Ok(Wiring {
+            shards: shard_parts,
+            frontends: frontend_parts,
+            start,
+        })
+    }
+}
+
+/// Each shard's recovered engine and WAL position with what it resumes
+/// from (its undone batch parts, snapshot start, records ever written).
+fn shard_recoveries(
+    engines: Vec<(rstmdb_shards::engine::Engine, rstmdb_wal::Recovered)>,
+    aborted: Vec<Vec<String>>,
+    snapshot_starts: Vec<Option<u64>>,
+    records_ever: Vec<u64>,
+) -> Vec<ShardRecovery> {
+    engines
+        .into_iter()
+        .zip(aborted)
+        .zip(snapshot_starts)
+        .zip(records_ever)
+        .map(
+            |((((engine, wal), aborted), snapshot_start), records_ever)| ShardRecovery {
+                engine,
+                wal,
+                resume: shard::Resume {
+                    aborted_batches: aborted,
+                    snapshot_start,
+                    records_ever,
+                },
+            },
+        )
+        .collect()
+}
+
+/// The offset sequencer, one hub channel per frontend (the shards' event
+/// sink), and the channel each shard says it is ready on.
+struct Sinks {
+    seq: Sequencer,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+    hub_rxs: Vec<flume::Receiver<shard::HubMsg>>,
+    events: shard::EventSink,
+    shard_ready_tx: std::sync::mpsc::Sender<Result<(), String>>,
+    shard_ready: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Sinks {
+    /// The sequencer resumes at the first offset no shard has used.
+    fn new(next_offset: u64, shards: usize, frontends: usize) -> Sinks {
         let seq = Sequencer::new(next_offset, shards);
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (hub_txs, hub_rxs): (Vec<_>, Vec<_>) = (0..frontends)
@@ -353,75 +428,124 @@ impl Wiring {
             watching: watching.clone(),
             tx: hub_txs,
         };
-        let mut cluster = crate::cluster::ClusterWiring::build(cfg, data)?;
-        let peers = cluster.as_mut().and_then(|c| c.peers.take());
-        let common = ShardCommon {
-            seq: seq.clone(),
+        Sinks {
+            seq,
+            watching,
+            hub_rxs,
             events,
-            ready: shard_ready_tx,
-            cluster: cluster.as_ref().map(|c| c.shard.clone()),
-        };
-        let (senders, shard_parts) = shard_parts(cfg, data, storage, recovered, common);
-        let weak_senders: Vec<_> = senders.iter().map(|s| s.downgrade()).collect();
-        let mut peers = peers.map(|p| (p, senders[0].downgrade()));
-        let router = router::Router::new(senders, seq.clone());
-        let shared = Arc::new(subscriptions::Shared::default());
-        shared.extend_aborted(aborted_ever);
-        let compactor = Arc::new(compaction::Compactor::new(
-            router.clone(),
-            shared.clone(),
-            compaction_settings(cfg),
-            data.root().to_path_buf(),
-            data.base().to_path_buf(),
-            manifest,
-        ));
-        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        if let Some(handle) = &security.prometheus {
-            let view = cluster.as_ref().map(|c| c.view.clone());
-            let collector = telemetry::Collector::new(weak_senders, active.clone(), view);
-            let addr = telemetry::serve(cfg.metrics.bind_addr, handle.clone(), collector)?;
-            tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
-        }
-        let view = cluster.as_ref().map(|c| c.view.clone());
-        let forward = cluster.as_ref().map(|c| c.forward.clone());
-        let fcfg = frontend_config(cfg, security, shards, view, forward)?;
-        let (go_tx, go) = flume::bounded::<()>(frontends);
-        let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
-        let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
-        let frontend_parts = hub_rxs
-            .into_iter()
-            .enumerate()
-            .map(|(index, hub_rx)| FrontendPart {
-                index,
-                peers: peers.take(),
-                bind: cfg.network.bind_addr,
-                hub_rx,
-                router: router.clone(),
-                fcfg: fcfg.clone(),
-                seq: seq.clone(),
-                watching: watching.clone(),
-                shared: shared.clone(),
-                compactor: compactor.clone(),
-                active: active.clone(),
-                go: go.clone(),
-                shutdown: shutdown.clone(),
-                ready: frontend_ready_tx.clone(),
-            })
-            .collect();
-        let start = Start {
-            shards,
-            frontends,
+            shard_ready_tx,
             shard_ready,
-            go: go_tx,
-            frontend_ready,
-            shutdown_tx,
-        };
-        Ok(Wiring {
-            shards: shard_parts,
-            frontends: frontend_parts,
-            start,
-        })
+        }
     }
+}
+
+/// The subscriptions' shared state (knowing every batch ever undone) and
+/// the compactor working through the router.
+fn compactor(
+    cfg: &Config,
+    data: &DataDir,
+    router: &router::Router,
+    aborted_ever: std::collections::HashSet<String>,
+    manifest: crate::storage::datadir::Manifest,
+) -> (Arc<subscriptions::Shared>, Arc<compaction::Compactor>) {
+    let shared = Arc::new(subscriptions::Shared::default());
+    shared.extend_aborted(aborted_ever);
+    let compactor = Arc::new(compaction::Compactor::new(
+        router.clone(),
+        shared.clone(),
+        compaction_settings(cfg),
+        data.root().to_path_buf(),
+        data.base().to_path_buf(),
+        manifest,
+    ));
+    (shared, compactor)
+}
+
+/// Where metrics are on, the endpoint, serving from now on: it holds the
+/// shards' senders weakly, so it does not keep them running.
+fn serve_metrics(
+    cfg: &Config,
+    security: &Security,
+    weak_senders: Vec<flume::WeakSender<ShardMsg>>,
+    active: &Arc<std::sync::atomic::AtomicUsize>,
+    cluster: Option<&crate::cluster::ClusterWiring>,
+) -> Result<(), String> {
+    if let Some(handle) = &security.prometheus {
+        let view = cluster.map(|c| c.view.clone());
+        let collector = telemetry::Collector::new(weak_senders, active.clone(), view);
+        let addr = telemetry::serve(cfg.metrics.bind_addr, handle.clone(), collector)?;
+        tracing::info!(%addr, "metrics endpoint listening (/metrics, /health, /healthz)");
+    }
+    Ok(())
+}
+
+/// What every frontend gets alike (frontend 0 alone the peer transport).
+struct FrontendCommon {
+    peers: Option<(crate::cluster::PeerPart, flume::WeakSender<ShardMsg>)>,
+    bind: std::net::SocketAddr,
+    router: router::Router,
+    fcfg: server::FrontendConfig,
+    seq: Sequencer,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<subscriptions::Shared>,
+    compactor: Arc<compaction::Compactor>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The main thread's ends of the frontends' start-up handshake.
+struct Handshake {
+    go: flume::Sender<()>,
+    shutdown: flume::Sender<()>,
+    ready: std::sync::mpsc::Receiver<Result<std::net::SocketAddr, String>>,
+}
+
+/// Each frontend's part, one per hub channel, and the main thread's ends
+/// of the channels that release, stop and hear from them.
+fn frontend_parts(
+    hub_rxs: Vec<flume::Receiver<shard::HubMsg>>,
+    common: FrontendCommon,
+    frontends: usize,
+) -> (Vec<FrontendPart>, Handshake) {
+    let FrontendCommon {
+        mut peers,
+        bind,
+        router,
+        fcfg,
+        seq,
+        watching,
+        shared,
+        compactor,
+        active,
+    } = common;
+    let (go_tx, go) = flume::bounded::<()>(frontends);
+    let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
+    let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
+    let parts = hub_rxs
+        .into_iter()
+        .enumerate()
+        .map(|(index, hub_rx)| FrontendPart {
+            index,
+            peers: peers.take(),
+            bind,
+            hub_rx,
+            router: router.clone(),
+            fcfg: fcfg.clone(),
+            seq: seq.clone(),
+            watching: watching.clone(),
+            shared: shared.clone(),
+            compactor: compactor.clone(),
+            active: active.clone(),
+            go: go.clone(),
+            shutdown: shutdown.clone(),
+            ready: frontend_ready_tx.clone(),
+        })
+        .collect();
+    let handshake = Handshake {
+        go: go_tx,
+        shutdown: shutdown_tx,
+        ready: frontend_ready,
+    };
+    (parts, handshake)
 }
 
 /// What every shard gets alike.

@@ -42,7 +42,39 @@ pub fn recover_all(
     // shards is complete everywhere.
     let started = std::time::Instant::now();
     let mut manifest = data.read_manifest(shards).map_err(|e| e.to_string())?;
-    let results: Vec<Result<RecoveredShard, String>> = std::thread::scope(|s| {
+    let results = recover_shards(data, shards, limits, segment_size, &manifest);
+    let Gathered {
+        mut recovered,
+        snapshot_starts,
+        records_ever,
+    } = gather(results, &mut manifest)?;
+    union_machines(&mut recovered)?;
+    let next_offset = next_offset(&recovered);
+    let present = durable_parts(&recovered);
+    let aborted = resolve_parts(&mut recovered, &present, next_offset, shards);
+    let aborted_ever = aborted_ever(&recovered, &aborted);
+    log_recovery(&recovered, shards, next_offset, started);
+    Ok(Recovery {
+        shards: recovered,
+        snapshot_starts,
+        records_ever,
+        aborted,
+        aborted_ever,
+        next_offset,
+        manifest,
+    })
+}
+
+/// One scoped thread per shard, each recovering from its snapshots above
+/// the manifest's floor; the results in shard order.
+fn recover_shards(
+    data: &DataDir,
+    shards: usize,
+    limits: &EngineLimits,
+    segment_size: u64,
+    manifest: &Manifest,
+) -> Vec<Result<RecoveredShard, String>> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = (0..shards)
             .map(|i| {
                 let opts = RecoveryOptions {
@@ -54,20 +86,7 @@ pub fn recover_all(
                 let limits = limits.clone();
                 let snapshots = data.snapshot_dir(i);
                 let floor = manifest.shards[i].wal_floor.max(manifest.history_floor);
-                s.spawn(move || {
-                    let t = std::time::Instant::now();
-                    let r = recover_shard(&opts, &limits, &snapshots, floor)
-                        .map_err(|e| format!("shard {i}: recovery failed: {e}"))?;
-                    tracing::info!(
-                        shard = i,
-                        snapshot_start = r.snapshot_start,
-                        skipped_snapshots = r.skipped.len(),
-                        wal_records = r.wal.records,
-                        elapsed_ms = t.elapsed().as_millis() as u64,
-                        "shard recovered"
-                    );
-                    Ok(r)
-                })
+                s.spawn(move || recover_one(i, &opts, &limits, &snapshots, floor))
             })
             .collect();
         handles
@@ -77,7 +96,45 @@ pub fn recover_all(
                     .unwrap_or_else(|_| Err("recovery thread panicked".into()))
             })
             .collect()
-    });
+    })
+}
+
+/// One shard's recovery (on its own thread), logged with its timing.
+fn recover_one(
+    i: usize,
+    opts: &RecoveryOptions,
+    limits: &EngineLimits,
+    snapshots: &std::path::Path,
+    floor: u64,
+) -> Result<RecoveredShard, String> {
+    let t = std::time::Instant::now();
+    let r = recover_shard(opts, limits, snapshots, floor)
+        .map_err(|e| format!("shard {i}: recovery failed: {e}"))?;
+    tracing::info!(
+        shard = i,
+        snapshot_start = r.snapshot_start,
+        skipped_snapshots = r.skipped.len(),
+        wal_records = r.wal.records,
+        elapsed_ms = t.elapsed().as_millis() as u64,
+        "shard recovered"
+    );
+    Ok(r)
+}
+
+/// The shards' recovered parts, split by what `Recovery` keeps of them.
+struct Gathered {
+    recovered: Vec<(Engine, Recovered)>,
+    snapshot_starts: Vec<Option<u64>>,
+    records_ever: Vec<u64>,
+}
+
+/// The first failure in shard order, or every shard's parts, each shard's
+/// manifest floor raised to what its WAL still holds.
+fn gather(
+    results: Vec<Result<RecoveredShard, String>>,
+    manifest: &mut Manifest,
+) -> Result<Gathered, String> {
+    let shards = results.len();
     let mut recovered = Vec::with_capacity(shards);
     let mut snapshot_starts = Vec::with_capacity(shards);
     let mut records_ever = Vec::with_capacity(shards);
@@ -92,6 +149,16 @@ pub fn recover_all(
         snapshot_starts.push(r.snapshot_start);
         records_ever.push(r.records_ever);
     }
+    Ok(Gathered {
+        recovered,
+        snapshot_starts,
+        records_ever,
+    })
+}
+
+/// Every shard adopts every machine definition any shard holds (they must
+/// agree), completing a PUT_MACHINE a crash cut short.
+fn union_machines(recovered: &mut [(Engine, Recovered)]) -> Result<(), String> {
     let all_machines: Vec<_> = recovered
         .iter()
         .flat_map(|(e, _)| e.machine_defs())
@@ -102,13 +169,22 @@ pub fn recover_all(
             engine.adopt_machine(name.clone(), *v, def.clone());
         }
     }
+    Ok(())
+}
+
+/// The first offset no shard has used, in its WAL or its engine.
+fn next_offset(recovered: &[(Engine, Recovered)]) -> u64 {
     // Batch parts carry their first entry's offset: count their entries too.
-    let next_offset = recovered
+    recovered
         .iter()
         .map(|(e, r)| r.last_offset.max(e.max_offset()))
         .max()
         .unwrap_or(0)
-        + 1;
+        + 1
+}
+
+/// Per unresolved atomic batch, the shards whose part of it is durable.
+fn durable_parts(recovered: &[(Engine, Recovered)]) -> HashMap<String, HashSet<u32>> {
     // Atomic-batch parts count only if every participant's part is durable:
     // replayed from its WAL, or inside its snapshot with the batch known
     // there as committed (the participant snapshotted after the release).
@@ -126,6 +202,17 @@ pub fn recover_all(
             }
         }
     }
+    present
+}
+
+/// Commits each unresolved part whose batch is durable on every
+/// participant and undoes the others; per shard, the batches it undid.
+fn resolve_parts(
+    recovered: &mut [(Engine, Recovered)],
+    present: &HashMap<String, HashSet<u32>>,
+    next_offset: u64,
+    shards: usize,
+) -> Vec<Vec<String>> {
     let mut aborted: Vec<Vec<String>> = vec![Vec::new(); shards];
     for (i, (engine, _)) in recovered.iter_mut().enumerate() {
         for (id, participants) in engine.unresolved_parts() {
@@ -142,12 +229,27 @@ pub fn recover_all(
             }
         }
     }
-    // Batches undone anywhere: subscribers replaying the log skip their parts.
+    aborted
+}
+
+/// Batches undone anywhere, before or now: subscribers replaying the log
+/// skip their parts.
+fn aborted_ever(recovered: &[(Engine, Recovered)], aborted: &[Vec<String>]) -> HashSet<String> {
     let mut aborted_ever: HashSet<String> = recovered
         .iter()
         .flat_map(|(e, _)| e.aborted_batches().iter().cloned())
         .collect();
     aborted_ever.extend(aborted.iter().flatten().cloned());
+    aborted_ever
+}
+
+/// The closing log line: instances recovered, the next offset, the time.
+fn log_recovery(
+    recovered: &[(Engine, Recovered)],
+    shards: usize,
+    next_offset: u64,
+    started: std::time::Instant,
+) {
     let instances: usize = recovered.iter().map(|(e, _)| e.active_instances()).sum();
     tracing::info!(
         shards,
@@ -156,15 +258,6 @@ pub fn recover_all(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovery complete"
     );
-    Ok(Recovery {
-        shards: recovered,
-        snapshot_starts,
-        records_ever,
-        aborted,
-        aborted_ever,
-        next_offset,
-        manifest,
-    })
 }
 
 /// The lowest offset from which the WAL holds every record: 0 while it
