@@ -370,85 +370,151 @@ fn write_file<S: Storage>(
     start: u64,
     rx: flume::Receiver<SinkMsg>,
 ) -> Result<Option<SnapshotFile>, SnapshotError> {
-    let sync_dir = |d: &Path| storage.sync_dir(d).map_err(io_err("syncing directory", d));
-    if !storage.exists(&dir) {
-        storage
-            .create_dir_all(&dir)
-            .map_err(io_err("creating", &dir))?;
-        // The new directory's entry must survive a power loss too.
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-    }
+    create_dir(storage, &dir)?;
     let path = dir.join(file_name(start));
     let tmp = path.with_extension("tmp");
-    let result = (|| {
-        storage
-            .create_file(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        let mut header = Vec::with_capacity(HEADER);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&FORMAT.to_le_bytes());
-        header.extend_from_slice(&shard.to_le_bytes());
-        header.extend_from_slice(&start.to_le_bytes());
-        header.extend_from_slice(&0u64.to_le_bytes());
-        let file = Appender {
-            storage,
-            path: &tmp,
-            pos: 0,
-        };
-        let mut out = CrcWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            crc: 0,
-            len: 0,
-        };
-        out.write_all(&header).map_err(io_err("writing", &tmp))?;
-        let mut z = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
-            .map_err(io_err("starting compression for", &tmp))?;
-        let mut finished = false;
-        while let Ok(msg) = rx.recv() {
-            match msg {
-                SinkMsg::Data(d) => z.write_all(&d).map_err(io_err("writing", &tmp))?,
-                SinkMsg::Finish => {
-                    finished = true;
-                    break;
-                }
-            }
-        }
-        if !finished {
-            return Ok(None);
-        }
-        let mut out = z.finish().map_err(io_err("writing", &tmp))?;
-        let body = out.len - HEADER as u64;
-        let crc = out.crc;
-        let mut trailer = Vec::with_capacity(TRAILER);
-        trailer.extend_from_slice(&body.to_le_bytes());
-        trailer.extend_from_slice(&crc.to_le_bytes());
-        trailer.extend_from_slice(&0u32.to_le_bytes());
-        trailer.extend_from_slice(END_MAGIC);
-        out.inner
-            .write_all(&trailer)
-            .map_err(io_err("writing", &tmp))?;
-        out.inner
-            .into_inner()
-            .map_err(|e| io_err("writing", &tmp)(e.into_error()))?;
-        storage.sync_file(&tmp).map_err(io_err("syncing", &tmp))?;
-        let size = storage.len(&tmp).map_err(io_err("reading size of", &tmp))?;
-        storage
-            .rename(&tmp, &path)
-            .map_err(io_err("renaming", &tmp))?;
-        sync_dir(&dir)?;
-        Ok(Some(SnapshotFile {
-            path: path.clone(),
-            start_offset: start,
-            size,
-            checksum: format!("{crc:08x}"),
-        }))
-    })();
+    let result = write_and_place(storage, &dir, &path, &tmp, shard, start, &rx);
     if !matches!(result, Ok(Some(_))) {
         let _ = storage.remove(&tmp);
     }
     result
+}
+
+/// Syncs `dir` so that the entries made in it survive a power loss.
+fn sync_dir<S: Storage>(storage: &S, dir: &Path) -> Result<(), SnapshotError> {
+    storage
+        .sync_dir(dir)
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// Creates the snapshot directory if missing, syncing its parent.
+fn create_dir<S: Storage>(storage: &S, dir: &Path) -> Result<(), SnapshotError> {
+    if !storage.exists(dir) {
+        storage
+            .create_dir_all(dir)
+            .map_err(io_err("creating", dir))?;
+        // The new directory's entry must survive a power loss too.
+        if let Some(parent) = dir.parent() {
+            sync_dir(storage, parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `tmp` whole and makes it durable as `path`; `None` when the
+/// shard went away without `Finish` (the caller removes `tmp`).
+fn write_and_place<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    path: &Path,
+    tmp: &Path,
+    shard: u32,
+    start: u64,
+    rx: &flume::Receiver<SinkMsg>,
+) -> Result<Option<SnapshotFile>, SnapshotError> {
+    let out = create_tmp(storage, tmp, shard, start)?;
+    let Some(out) = compress_chunks(out, tmp, rx)? else {
+        return Ok(None);
+    };
+    let crc = write_trailer(out, tmp)?;
+    let size = place(storage, dir, tmp, path)?;
+    Ok(Some(SnapshotFile {
+        path: path.to_path_buf(),
+        start_offset: start,
+        size,
+        checksum: format!("{crc:08x}"),
+    }))
+}
+
+/// The temporary file's writer: buffered, counting length and CRC.
+type TmpWriter<'a, S> = CrcWriter<BufWriter<Appender<'a, S>>>;
+
+/// Creates `tmp` and writes the header through a fresh CRC.
+fn create_tmp<'a, S: Storage>(
+    storage: &'a S,
+    tmp: &'a Path,
+    shard: u32,
+    start: u64,
+) -> Result<TmpWriter<'a, S>, SnapshotError> {
+    storage.create_file(tmp).map_err(io_err("creating", tmp))?;
+    let mut header = Vec::with_capacity(HEADER);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT.to_le_bytes());
+    header.extend_from_slice(&shard.to_le_bytes());
+    header.extend_from_slice(&start.to_le_bytes());
+    header.extend_from_slice(&0u64.to_le_bytes());
+    let file = Appender {
+        storage,
+        path: tmp,
+        pos: 0,
+    };
+    let mut out = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: 0,
+        len: 0,
+    };
+    out.write_all(&header).map_err(io_err("writing", tmp))?;
+    Ok(out)
+}
+
+/// Streams the shard's chunks through zstd until `Finish`; `None` if the
+/// shard went away first.
+fn compress_chunks<'a, S: Storage>(
+    out: TmpWriter<'a, S>,
+    tmp: &Path,
+    rx: &flume::Receiver<SinkMsg>,
+) -> Result<Option<TmpWriter<'a, S>>, SnapshotError> {
+    let mut z = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
+        .map_err(io_err("starting compression for", tmp))?;
+    let mut finished = false;
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            SinkMsg::Data(d) => z.write_all(&d).map_err(io_err("writing", tmp))?,
+            SinkMsg::Finish => {
+                finished = true;
+                break;
+            }
+        }
+    }
+    if !finished {
+        return Ok(None);
+    }
+    let out = z.finish().map_err(io_err("writing", tmp))?;
+    Ok(Some(out))
+}
+
+/// Appends the trailer (outside the CRC it records) and flushes; returns
+/// the CRC.
+fn write_trailer<S: Storage>(mut out: TmpWriter<'_, S>, tmp: &Path) -> Result<u32, SnapshotError> {
+    let body = out.len - HEADER as u64;
+    let crc = out.crc;
+    let mut trailer = Vec::with_capacity(TRAILER);
+    trailer.extend_from_slice(&body.to_le_bytes());
+    trailer.extend_from_slice(&crc.to_le_bytes());
+    trailer.extend_from_slice(&0u32.to_le_bytes());
+    trailer.extend_from_slice(END_MAGIC);
+    out.inner
+        .write_all(&trailer)
+        .map_err(io_err("writing", tmp))?;
+    out.inner
+        .into_inner()
+        .map_err(|e| io_err("writing", tmp)(e.into_error()))?;
+    Ok(crc)
+}
+
+/// Fsyncs `tmp`, renames it to `path` and fsyncs `dir`: the snapshot
+/// exists complete or not at all. Returns the file's size.
+fn place<S: Storage>(
+    storage: &S,
+    dir: &Path,
+    tmp: &Path,
+    path: &Path,
+) -> Result<u64, SnapshotError> {
+    storage.sync_file(tmp).map_err(io_err("syncing", tmp))?;
+    let size = storage.len(tmp).map_err(io_err("reading size of", tmp))?;
+    storage.rename(tmp, path).map_err(io_err("renaming", tmp))?;
+    sync_dir(storage, dir)?;
+    Ok(size)
 }
 
 /// Makes the calling thread yield the CPU to the shards: compression is
@@ -528,68 +594,14 @@ impl SnapshotJob {
             ..SnapCursor::default()
         });
         let mut buf = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
-        let mut aborted: Vec<String> = engine.aborted.iter().cloned().collect();
-        aborted.sort_unstable();
-        push_line(
-            &mut buf,
-            b'H',
-            &MetaLine {
-                format: FORMAT,
-                shard,
-                start_offset: start,
-                created_at: now,
-                aborted,
-                committed: engine.committed.clone(),
-                wal_records,
-            },
-        );
-        let mut counts = EndLine::default();
-        let mut names: Vec<&String> = engine.machines.keys().collect();
-        names.sort_unstable();
-        for name in names {
-            for (v, def) in &engine.machines[name] {
-                push_line(
-                    &mut buf,
-                    b'M',
-                    &MachineOut {
-                        machine: name,
-                        version: *v,
-                        checksum: def.checksum(),
-                        definition: def.normalized(),
-                    },
-                );
-                counts.machines += 1;
-            }
-        }
-        let (tx, rx) = flume::bounded(CHUNKS_IN_FLIGHT);
-        let (done_tx, done) = flume::bounded(1);
-        let spawned = std::thread::Builder::new()
-            .name(format!("snapshot-{shard}"))
-            .spawn(move || {
-                lower_priority();
-                let r = match write_file(&storage, dir, shard, start, rx) {
-                    Ok(Some(f)) => Ok(f),
-                    Ok(None) => Err("snapshot abandoned".to_owned()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = done_tx.send(r);
-            });
-        let tx = match spawned {
-            Ok(_) => Some(tx),
-            Err(e) => {
-                let (done_tx, done_rx) = flume::bounded(1);
-                let _ = done_tx.send(Err(format!("cannot start the snapshot thread: {e}")));
-                return SnapshotJob {
-                    start,
-                    phase: Phase::Done,
-                    idem_next: 0,
-                    idem_end: 0,
-                    counts,
-                    buf,
-                    tx: None,
-                    done: done_rx,
-                };
-            }
+        push_meta(&mut buf, engine, shard, start, now, wal_records);
+        let counts = EndLine {
+            machines: push_machines(&mut buf, engine),
+            ..EndLine::default()
+        };
+        let (tx, done) = match spawn_writer(storage, dir, shard, start) {
+            Ok(writer) => writer,
+            Err(e) => return Self::not_started(start, counts, buf, e),
         };
         SnapshotJob {
             start,
@@ -598,8 +610,25 @@ impl SnapshotJob {
             idem_end: engine.idempotency.next_seq(),
             counts,
             buf,
-            tx,
+            tx: Some(tx),
             done,
+        }
+    }
+
+    /// A job that is already `Done`, its result the writer thread's
+    /// failure to start.
+    fn not_started(start: u64, counts: EndLine, buf: Vec<u8>, e: std::io::Error) -> Self {
+        let (done_tx, done_rx) = flume::bounded(1);
+        let _ = done_tx.send(Err(format!("cannot start the snapshot thread: {e}")));
+        SnapshotJob {
+            start,
+            phase: Phase::Done,
+            idem_next: 0,
+            idem_end: 0,
+            counts,
+            buf,
+            tx: None,
+            done: done_rx,
         }
     }
 
@@ -692,6 +721,83 @@ impl SnapshotJob {
         self.tx = None;
         self.phase = Phase::Done;
     }
+}
+
+/// The meta line (`H`), first in the body; aborted batch ids sorted so
+/// that equal states give equal files.
+fn push_meta(
+    buf: &mut Vec<u8>,
+    engine: &Engine,
+    shard: u32,
+    start: u64,
+    now: i64,
+    wal_records: u64,
+) {
+    let mut aborted: Vec<String> = engine.aborted.iter().cloned().collect();
+    aborted.sort_unstable();
+    push_line(
+        buf,
+        b'H',
+        &MetaLine {
+            format: FORMAT,
+            shard,
+            start_offset: start,
+            created_at: now,
+            aborted,
+            committed: engine.committed.clone(),
+            wal_records,
+        },
+    );
+}
+
+/// One `M` line per machine version, by name; returns how many.
+fn push_machines(buf: &mut Vec<u8>, engine: &Engine) -> u64 {
+    let mut machines = 0;
+    let mut names: Vec<&String> = engine.machines.keys().collect();
+    names.sort_unstable();
+    for name in names {
+        for (v, def) in &engine.machines[name] {
+            push_line(
+                buf,
+                b'M',
+                &MachineOut {
+                    machine: name,
+                    version: *v,
+                    checksum: def.checksum(),
+                    definition: def.normalized(),
+                },
+            );
+            machines += 1;
+        }
+    }
+    machines
+}
+
+/// The receiving end of a snapshot's result.
+type Done = flume::Receiver<Result<SnapshotFile, String>>;
+
+/// Starts the writer thread (at a lower priority); returns where to send
+/// it chunks and where its result arrives.
+fn spawn_writer<S: Storage>(
+    storage: S,
+    dir: PathBuf,
+    shard: u32,
+    start: u64,
+) -> std::io::Result<(flume::Sender<SinkMsg>, Done)> {
+    let (tx, rx) = flume::bounded(CHUNKS_IN_FLIGHT);
+    let (done_tx, done) = flume::bounded(1);
+    std::thread::Builder::new()
+        .name(format!("snapshot-{shard}"))
+        .spawn(move || {
+            lower_priority();
+            let r = match write_file(&storage, dir, shard, start, rx) {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err("snapshot abandoned".to_owned()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done_tx.send(r);
+        })?;
+    Ok((tx, done))
 }
 
 /// Writes a snapshot of `engine` in one go, waiting until it is durable:
@@ -806,146 +912,218 @@ pub fn load_on<S: Storage>(
 ) -> Result<Loaded, SnapshotError> {
     let bytes = storage.read(path).map_err(io_err("reading", path))?;
     let (start, _) = check_frame(path, &bytes, shard)?;
-    let bad = |reason: String| SnapshotError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
     let body = &bytes[HEADER..bytes.len() - TRAILER];
-    let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| bad(e.to_string()))?;
+    let decoder =
+        zstd::stream::read::Decoder::new(body).map_err(|e| corrupt(path, e.to_string()))?;
     let mut reader = BufReader::with_capacity(1 << 20, decoder);
-    let mut engine = Engine::new(limits);
-    let mut counts = EndLine::default();
-    let mut end: Option<EndLine> = None;
-    let mut saw_meta = false;
-    let mut wal_records = 0;
-    let mut line = Vec::with_capacity(4096);
-    let mut n = 0u64;
-    loop {
-        line.clear();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| bad(format!("decompressing: {e}")))?;
-        if read == 0 {
-            break;
-        }
-        n += 1;
-        if end.is_some() {
-            return Err(bad(format!("data after the end line (line {n})")));
-        }
-        if line.len() < 3 || line[1] != b' ' || line.last() != Some(&b'\n') {
-            return Err(bad(format!("malformed line {n}")));
-        }
-        let json = &line[2..line.len() - 1];
-        let parse_err = |e: serde_json::Error| bad(format!("line {n}: {e}"));
-        match (line[0], saw_meta) {
-            (b'H', false) => {
-                let m: MetaLine = serde_json::from_slice(json).map_err(parse_err)?;
-                if m.format != FORMAT || m.shard != shard || m.start_offset != start {
-                    return Err(bad("meta line does not match the header".into()));
-                }
-                engine.aborted.extend(m.aborted);
-                engine.committed = m.committed;
-                wal_records = m.wal_records;
-                saw_meta = true;
-            }
-            (b'M', true) => {
-                let m: MachineIn = serde_json::from_slice(json).map_err(parse_err)?;
-                let def = MachineDef::from_json(&m.definition)
-                    .map_err(|e| bad(format!("machine {} v{}: {e}", m.machine, m.version)))?;
-                if def.checksum() != m.checksum {
-                    return Err(bad(format!(
-                        "machine {} v{}: checksum {} does not match {}",
-                        m.machine,
-                        m.version,
-                        def.checksum(),
-                        m.checksum
-                    )));
-                }
-                engine
-                    .machines
-                    .entry(m.machine)
-                    .or_default()
-                    .insert(m.version, Arc::new(def));
-                counts.machines += 1;
-            }
-            (b'I', true) => {
-                let i: InstanceIn<'_> = serde_json::from_slice(json).map_err(parse_err)?;
-                if i.last_wal_offset >= start.max(1) {
-                    return Err(bad(format!(
-                        "instance {} is at offset {}, not below the snapshot's {start}",
-                        i.id, i.last_wal_offset
-                    )));
-                }
-                let (machine, state) = (engine.intern(&i.machine), engine.intern(&i.state));
-                let prev = engine.instances.insert(
-                    i.id,
-                    Instance {
-                        machine,
-                        version: i.version,
-                        state,
-                        ctx: i.ctx,
-                        last_event_id: i.last_event_id,
-                        last_wal_offset: i.last_wal_offset,
-                        created_offset: i.created_offset,
-                        created_at: i.created_at,
-                        updated_at: i.updated_at,
-                        deleted: i.deleted,
-                    },
-                );
-                if prev.is_some() {
-                    return Err(bad(format!("instance listed twice (line {n})")));
-                }
-                counts.instances += 1;
-            }
-            (b'K', true) => {
-                let k: IdemLine<'_> = serde_json::from_slice(json).map_err(parse_err)?;
-                let cached = match (k.incarnation, k.from_state, k.ctx) {
-                    (None, None, None) => Cached::Create {
-                        state: k.state.into_owned(),
-                        wal_offset: k.wal_offset,
-                    },
-                    (Some(incarnation), Some(from), Some(ctx)) => Cached::Apply {
-                        incarnation,
-                        from_state: from.into_owned(),
-                        to_state: k.state.into_owned(),
-                        ctx,
-                        wal_offset: k.wal_offset,
-                    },
-                    _ => return Err(bad(format!("line {n}: incomplete idempotency entry"))),
-                };
-                let _ = engine.idempotency.insert(&k.id, &k.key, cached, k.at);
-                counts.idempotency += 1;
-            }
-            (b'E', true) => {
-                end = Some(serde_json::from_slice(json).map_err(parse_err)?);
-            }
-            (tag, _) => {
-                return Err(bad(format!(
-                    "unexpected line {n} (tag {:?})",
-                    char::from(tag)
-                )))
-            }
-        }
-    }
+    let mut loading = Loading {
+        path,
+        shard,
+        start,
+        engine: Engine::new(limits),
+        counts: EndLine::default(),
+        end: None,
+        saw_meta: false,
+        wal_records: 0,
+    };
+    loading.read_lines(&mut reader)?;
     // The reader must have consumed the whole zstd stream.
     let mut rest = Vec::new();
     let _ = reader.read_to_end(&mut rest);
-    match end {
-        Some(e) if e == counts => {}
-        Some(e) => {
-            return Err(bad(format!(
-                "counts {counts:?} do not match the end line {e:?}"
-            )))
-        }
-        None => return Err(bad("no end line".into())),
+    loading.finish()
+}
+
+/// A snapshot body's reason to be refused, for `path`.
+fn corrupt(path: &Path, reason: String) -> SnapshotError {
+    SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
     }
-    engine.max_offset = start.saturating_sub(1);
-    Ok(Loaded {
-        engine,
-        start_offset: start,
-        instances: counts.instances,
-        wal_records,
-    })
+}
+
+/// A snapshot being loaded: the engine so far and what its lines counted.
+struct Loading<'a> {
+    path: &'a Path,
+    shard: u32,
+    start: u64,
+    engine: Engine,
+    counts: EndLine,
+    end: Option<EndLine>,
+    saw_meta: bool,
+    wal_records: u64,
+}
+
+impl Loading<'_> {
+    /// This snapshot refused, for `reason`.
+    fn bad(&self, reason: String) -> SnapshotError {
+        corrupt(self.path, reason)
+    }
+
+    /// A line `n` that is not the JSON its tag promises.
+    fn parse_err(&self, n: u64, e: serde_json::Error) -> SnapshotError {
+        self.bad(format!("line {n}: {e}"))
+    }
+
+    /// Reads the decompressed body line by line (`n` counts from 1), each
+    /// checked for shape before its kind is loaded.
+    fn read_lines<R: BufRead>(&mut self, reader: &mut R) -> Result<(), SnapshotError> {
+        let mut line = Vec::with_capacity(4096);
+        let mut n = 0u64;
+        loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| self.bad(format!("decompressing: {e}")))?;
+            if read == 0 {
+                return Ok(());
+            }
+            n += 1;
+            if self.end.is_some() {
+                return Err(self.bad(format!("data after the end line (line {n})")));
+            }
+            if line.len() < 3 || line[1] != b' ' || line.last() != Some(&b'\n') {
+                return Err(self.bad(format!("malformed line {n}")));
+            }
+            self.line(line[0], &line[2..line.len() - 1], n)?;
+        }
+    }
+
+    /// One line by its tag: the meta line first, then the others.
+    fn line(&mut self, tag: u8, json: &[u8], n: u64) -> Result<(), SnapshotError> {
+        match (tag, self.saw_meta) {
+            (b'H', false) => self.meta(json, n),
+            (b'M', true) => self.machine(json, n),
+            (b'I', true) => self.instance(json, n),
+            (b'K', true) => self.idempotency(json, n),
+            (b'E', true) => {
+                self.end = Some(serde_json::from_slice(json).map_err(|e| self.parse_err(n, e))?);
+                Ok(())
+            }
+            (tag, _) => Err(self.bad(format!("unexpected line {n} (tag {:?})", char::from(tag)))),
+        }
+    }
+
+    /// The meta line must agree with the header.
+    fn meta(&mut self, json: &[u8], n: u64) -> Result<(), SnapshotError> {
+        let m: MetaLine = serde_json::from_slice(json).map_err(|e| self.parse_err(n, e))?;
+        if m.format != FORMAT || m.shard != self.shard || m.start_offset != self.start {
+            return Err(self.bad("meta line does not match the header".into()));
+        }
+        self.engine.aborted.extend(m.aborted);
+        self.engine.committed = m.committed;
+        self.wal_records = m.wal_records;
+        self.saw_meta = true;
+        Ok(())
+    }
+
+    /// A machine version, its definition checked against its checksum.
+    fn machine(&mut self, json: &[u8], n: u64) -> Result<(), SnapshotError> {
+        let m: MachineIn = serde_json::from_slice(json).map_err(|e| self.parse_err(n, e))?;
+        let def = MachineDef::from_json(&m.definition)
+            .map_err(|e| self.bad(format!("machine {} v{}: {e}", m.machine, m.version)))?;
+        if def.checksum() != m.checksum {
+            return Err(self.bad(format!(
+                "machine {} v{}: checksum {} does not match {}",
+                m.machine,
+                m.version,
+                def.checksum(),
+                m.checksum
+            )));
+        }
+        self.engine
+            .machines
+            .entry(m.machine)
+            .or_default()
+            .insert(m.version, Arc::new(def));
+        self.counts.machines += 1;
+        Ok(())
+    }
+
+    /// An instance, which must predate the snapshot and appear once.
+    fn instance(&mut self, json: &[u8], n: u64) -> Result<(), SnapshotError> {
+        let i: InstanceIn<'_> = serde_json::from_slice(json).map_err(|e| self.parse_err(n, e))?;
+        let start = self.start;
+        if i.last_wal_offset >= start.max(1) {
+            return Err(self.bad(format!(
+                "instance {} is at offset {}, not below the snapshot's {start}",
+                i.id, i.last_wal_offset
+            )));
+        }
+        let engine = &mut self.engine;
+        let (machine, state) = (engine.intern(&i.machine), engine.intern(&i.state));
+        let prev = engine.instances.insert(
+            i.id,
+            Instance {
+                machine,
+                version: i.version,
+                state,
+                ctx: i.ctx,
+                last_event_id: i.last_event_id,
+                last_wal_offset: i.last_wal_offset,
+                created_offset: i.created_offset,
+                created_at: i.created_at,
+                updated_at: i.updated_at,
+                deleted: i.deleted,
+            },
+        );
+        if prev.is_some() {
+            return Err(self.bad(format!("instance listed twice (line {n})")));
+        }
+        self.counts.instances += 1;
+        Ok(())
+    }
+
+    /// An idempotency entry: a create's, or an apply's with all its parts.
+    fn idempotency(&mut self, json: &[u8], n: u64) -> Result<(), SnapshotError> {
+        let k: IdemLine<'_> = serde_json::from_slice(json).map_err(|e| self.parse_err(n, e))?;
+        let cached = match (k.incarnation, k.from_state, k.ctx) {
+            (None, None, None) => Cached::Create {
+                state: k.state.into_owned(),
+                wal_offset: k.wal_offset,
+            },
+            (Some(incarnation), Some(from), Some(ctx)) => Cached::Apply {
+                incarnation,
+                from_state: from.into_owned(),
+                to_state: k.state.into_owned(),
+                ctx,
+                wal_offset: k.wal_offset,
+            },
+            _ => return Err(self.bad(format!("line {n}: incomplete idempotency entry"))),
+        };
+        let _ = self.engine.idempotency.insert(&k.id, &k.key, cached, k.at);
+        self.counts.idempotency += 1;
+        Ok(())
+    }
+
+    /// The end line must be there and match what was loaded.
+    fn finish(self) -> Result<Loaded, SnapshotError> {
+        let Loading {
+            path,
+            start,
+            mut engine,
+            counts,
+            end,
+            wal_records,
+            ..
+        } = self;
+        match end {
+            Some(e) if e == counts => {}
+            Some(e) => {
+                return Err(corrupt(
+                    path,
+                    format!("counts {counts:?} do not match the end line {e:?}"),
+                ))
+            }
+            None => return Err(corrupt(path, "no end line".into())),
+        }
+        engine.max_offset = start.saturating_sub(1);
+        Ok(Loaded {
+            engine,
+            start_offset: start,
+            instances: counts.instances,
+            wal_records,
+        })
+    }
 }
 
 /// Reads just the checksum and start offset of a snapshot file (verifying
