@@ -189,6 +189,7 @@ fn plan_params(op: &str, p: Params<'_>, session: &mut Session, s: &OpSettings) -
     }
 }
 
+/// The operation table: the auth check first, then one call per operation.
 fn plan_inner(
     op: &str,
     p: Params<'_>,
@@ -203,66 +204,16 @@ fn plan_inner(
         "AUTH" => authenticate(p, session, s)?,
         "PING" => local(&serde_json::json!({"pong": true})),
         "BYE" => Action::Bye,
-        "INFO" => local(&serde_json::json!({
-            "features": features(s),
-            "max_batch_ops": 100,
-            "max_frame_bytes": crate::protocol::frame::MAX_PAYLOAD,
-            "protocol_version": 1,
-            "server_name": "rstmdb",
-            "server_version": SERVER_VERSION,
-        })),
+        "INFO" => info(s),
         "REPLICATION_STATUS" => local(&super::replication_status::status(s.cluster.as_ref())),
         "CLUSTER_TRANSFER_LEADER" => transfer_leader(p, s)?,
         "PUT_MACHINE" => put_machine(p, s)?,
-        "GET_MACHINE" => {
-            #[derive(Deserialize)]
-            struct GetMachineParams {
-                machine: String,
-                version: u32,
-            }
-            let q: GetMachineParams = p.parse()?;
-            Action::Shard(
-                0,
-                Command::GetMachine {
-                    machine: q.machine,
-                    version: q.version,
-                },
-            )
-        }
+        "GET_MACHINE" => get_machine(p)?,
         "LIST_MACHINES" => Action::Shard(0, Command::ListMachines),
         "CREATE_INSTANCE" => create_instance(p, s)?,
-        "GET_INSTANCE" => {
-            #[derive(Deserialize)]
-            struct GetInstanceParams {
-                instance_id: String,
-            }
-            let q: GetInstanceParams = p.parse()?;
-            Action::Shard(
-                routing::shard_for(&q.instance_id, s.shards),
-                Command::GetInstance {
-                    instance_id: q.instance_id,
-                },
-            )
-        }
+        "GET_INSTANCE" => get_instance(p, s)?,
         "LIST_INSTANCES" => list_instances(p)?,
-        "DELETE_INSTANCE" => {
-            let p = p.into_value()?;
-            let id = match p.get("instance_id") {
-                Some(Value::String(id)) => id.clone(),
-                _ => return Err(ApiError::bad_request("missing instance_id")),
-            };
-            let key = p
-                .get("idempotency_key")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            Action::Shard(
-                routing::shard_for(&id, s.shards),
-                Command::DeleteInstance {
-                    instance_id: id,
-                    idempotency_key: key,
-                },
-            )
-        }
+        "DELETE_INSTANCE" => delete_instance(p, s)?,
         "APPLY_EVENT" => apply_event(p, s)?,
         "WAL_STATS" => Action::WalStats,
         "FLUSH_ALL" if !s.allow_flush_all => {
@@ -273,48 +224,129 @@ fn plan_inner(
         "FLUSH_ALL" => Action::FlushAll,
         "WATCH_INSTANCE" => watch_instance(p, s)?,
         "WATCH_ALL" => watch_all(p)?,
-        "UNWATCH" => {
-            #[derive(Deserialize)]
-            struct UnwatchParams {
-                subscription_id: String,
-            }
-            let q: UnwatchParams = p.parse()?;
-            Action::Unwatch(q.subscription_id)
-        }
+        "UNWATCH" => unwatch(p)?,
         "BATCH" => Action::Batch(p.into_value()?),
         "REPLICATE" | "REPLICATE_ACK" => {
             return Err(ApiError::bad_request(
                 "replication operations are handled internally",
             ))
         }
-        "WAL_READ" => {
-            // The reference's lenient parsing: from_offset must be a
-            // non-negative integer; a limit that is not one is ignored.
-            let p = p.into_value()?;
-            let from = p
-                .get("from_offset")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| ApiError::bad_request("missing from_offset"))?;
-            let limit = p.get("limit").and_then(Value::as_u64);
-            Action::WalRead { from, limit }
-        }
-        "SNAPSHOT_INSTANCE" => {
-            let p = p.into_value()?;
-            let id = match p.get("instance_id") {
-                Some(Value::String(id)) => id.clone(),
-                _ => return Err(ApiError::bad_request("missing instance_id")),
-            };
-            Action::SnapshotInstance(routing::shard_for(&id, s.shards), id)
-        }
-        // The reference treats a non-bool force_snapshot as false.
-        "COMPACT" => Action::Compact {
-            force: p
-                .into_value()?
-                .get("force_snapshot")
-                .and_then(Value::as_bool)
-                == Some(true),
-        },
+        "WAL_READ" => wal_read(p)?,
+        "SNAPSHOT_INSTANCE" => snapshot_instance(p, s)?,
+        "COMPACT" => compact(p)?,
         other => return Err(ApiError::bad_request(format!("unknown operation: {other}"))),
+    })
+}
+
+/// INFO: the server's identity and limits (its features depend on `s`).
+fn info(s: &OpSettings) -> Action {
+    local(&serde_json::json!({
+        "features": features(s),
+        "max_batch_ops": 100,
+        "max_frame_bytes": crate::protocol::frame::MAX_PAYLOAD,
+        "protocol_version": 1,
+        "server_name": "rstmdb",
+        "server_version": SERVER_VERSION,
+    }))
+}
+
+/// GET_MACHINE: shard 0 answers, the authority on every definition (see `router`).
+fn get_machine(p: Params<'_>) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct GetMachineParams {
+        machine: String,
+        version: u32,
+    }
+    let q: GetMachineParams = p.parse()?;
+    Ok(Action::Shard(
+        0,
+        Command::GetMachine {
+            machine: q.machine,
+            version: q.version,
+        },
+    ))
+}
+
+/// GET_INSTANCE: to the shard that owns the instance.
+fn get_instance(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct GetInstanceParams {
+        instance_id: String,
+    }
+    let q: GetInstanceParams = p.parse()?;
+    Ok(Action::Shard(
+        routing::shard_for(&q.instance_id, s.shards),
+        Command::GetInstance {
+            instance_id: q.instance_id,
+        },
+    ))
+}
+
+/// DELETE_INSTANCE, read loosely as the reference does: only a string
+/// `instance_id` is required; an `idempotency_key` that is not a string is
+/// ignored.
+fn delete_instance(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
+    let p = p.into_value()?;
+    let id = match p.get("instance_id") {
+        Some(Value::String(id)) => id.clone(),
+        _ => return Err(ApiError::bad_request("missing instance_id")),
+    };
+    let key = p
+        .get("idempotency_key")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(Action::Shard(
+        routing::shard_for(&id, s.shards),
+        Command::DeleteInstance {
+            instance_id: id,
+            idempotency_key: key,
+        },
+    ))
+}
+
+/// UNWATCH: the connection removes the subscription itself.
+fn unwatch(p: Params<'_>) -> Result<Action, ApiError> {
+    #[derive(Deserialize)]
+    struct UnwatchParams {
+        subscription_id: String,
+    }
+    let q: UnwatchParams = p.parse()?;
+    Ok(Action::Unwatch(q.subscription_id))
+}
+
+/// WAL_READ, with the reference's lenient parsing: from_offset must be a
+/// non-negative integer; a limit that is not one is ignored.
+fn wal_read(p: Params<'_>) -> Result<Action, ApiError> {
+    let p = p.into_value()?;
+    let from = p
+        .get("from_offset")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::bad_request("missing from_offset"))?;
+    let limit = p.get("limit").and_then(Value::as_u64);
+    Ok(Action::WalRead { from, limit })
+}
+
+/// SNAPSHOT_INSTANCE, read loosely: only a string `instance_id` is required.
+fn snapshot_instance(p: Params<'_>, s: &OpSettings) -> Result<Action, ApiError> {
+    let p = p.into_value()?;
+    let id = match p.get("instance_id") {
+        Some(Value::String(id)) => id.clone(),
+        _ => return Err(ApiError::bad_request("missing instance_id")),
+    };
+    Ok(Action::SnapshotInstance(
+        routing::shard_for(&id, s.shards),
+        id,
+    ))
+}
+
+/// COMPACT: the reference treats a non-bool force_snapshot as false.
+fn compact(p: Params<'_>) -> Result<Action, ApiError> {
+    Ok(Action::Compact {
+        force: p
+            .into_value()?
+            .get("force_snapshot")
+            .and_then(Value::as_bool)
+            == Some(true),
     })
 }
 

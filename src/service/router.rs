@@ -148,116 +148,28 @@ impl Router {
         actions: Vec<Action>,
         replies: &(flume::Sender<BatchReply>, flume::Receiver<BatchReply>),
     ) -> Vec<Outcome> {
-        let n = self.shards.len();
-        let mut per_shard: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
+        let mut per_shard: Vec<Vec<(u32, Command)>> = vec![Vec::new(); self.shards.len()];
         let mut slots = Vec::with_capacity(actions.len());
         for (i, action) in actions.into_iter().enumerate() {
-            let slot = i as u32;
-            slots.push(match action {
-                Action::Local(r) => Slot::Done(r),
-                Action::Bye => Slot::Bye,
-                Action::Shard(s, cmd) => {
-                    per_shard[s].push((slot, cmd));
-                    Slot::Single
-                }
-                Action::PutMachine(cmd) => {
-                    let (machine, version) = match &cmd {
-                        Command::PutMachine {
-                            machine, version, ..
-                        } => (machine.clone(), *version),
-                        _ => unreachable!("PutMachine action carries a PutMachine command"),
-                    };
-                    per_shard[0].push((slot, cmd.clone()));
-                    Slot::Put {
-                        machine,
-                        version,
-                        pending: (n > 1).then_some(cmd),
-                        first_error: None,
-                        created: false,
-                        checksum: None,
-                    }
-                }
-                Action::ListInstances {
-                    machine,
-                    state,
-                    offset,
-                    limit,
-                } => {
-                    let take = offset.saturating_add(limit);
-                    for list in per_shard.iter_mut() {
-                        let cmd = Command::ListInstances {
-                            machine: machine.clone(),
-                            state: state.clone(),
-                            take,
-                        };
-                        list.push((slot, cmd));
-                    }
-                    Slot::List {
-                        offset,
-                        limit,
-                        total: 0,
-                        parts: Vec::with_capacity(n),
-                        error: None,
-                    }
-                }
-                Action::WalStats => {
-                    for list in per_shard.iter_mut() {
-                        list.push((slot, Command::WalStats));
-                    }
-                    Slot::Stats(Ok(ShardWalStats::default()))
-                }
-                Action::WalRead { from, limit } => Slot::WalRead { from, limit },
-                Action::Batch(_)
-                | Action::Watch(_)
-                | Action::Unwatch(_)
-                | Action::Compact { .. }
-                | Action::SnapshotInstance(..)
-                | Action::TransferLeader { .. } => Slot::Done(Err(ApiError::new(
-                    ErrorCode::InternalError,
-                    "internal error: a connection-level operation reached the router",
-                ))),
-                Action::FlushAll => {
-                    for list in per_shard.iter_mut() {
-                        list.push((slot, Command::FlushAll));
-                    }
-                    Slot::Flush {
-                        instances: 0,
-                        machines: 0,
-                        error: None,
-                    }
-                }
-            });
+            slots.push(slot_for(i as u32, action, &mut per_shard));
         }
         self.dispatch_all(per_shard, &mut slots, replies).await;
-
         // Phase 2 of PUT_MACHINE: the other shards, once shard 0 accepted.
-        let mut phase2: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if let Slot::Put {
-                pending,
-                first_error,
-                checksum,
-                ..
-            } = slot
-            {
-                if let Some(cmd) = pending.take() {
-                    if first_error.is_none() && checksum.is_some() {
-                        for list in phase2.iter_mut().skip(1) {
-                            list.push((i as u32, cmd.clone()));
-                        }
-                    }
-                }
-            }
-        }
+        let phase2 = put_phase2(&mut slots, self.shards.len());
         if phase2.iter().any(|l| !l.is_empty()) {
             self.dispatch_all(phase2, &mut slots, replies).await;
         }
+        self.run_wal_reads(&mut slots).await;
+        slots.into_iter().map(|s| self.finish(s)).collect()
+    }
+
+    /// Answers the cycle's WAL_READ slots, after its shard commands ran.
+    async fn run_wal_reads(&self, slots: &mut [Slot]) {
         for slot in slots.iter_mut() {
             if let Slot::WalRead { from, limit } = *slot {
                 *slot = Slot::Done(self.wal_read(from, limit).await);
             }
         }
-        slots.into_iter().map(|s| self.finish(s)).collect()
     }
 
     /// Executes the plain actions of a cycle (answered locally or by one
@@ -576,6 +488,113 @@ impl Router {
     }
 }
 
+/// The merge state of one action, after queueing its shard commands (if
+/// any) on `per_shard`.
+fn slot_for(slot: u32, action: Action, per_shard: &mut [Vec<(u32, Command)>]) -> Slot {
+    match action {
+        Action::Local(r) => Slot::Done(r),
+        Action::Bye => Slot::Bye,
+        Action::Shard(s, cmd) => {
+            per_shard[s].push((slot, cmd));
+            Slot::Single
+        }
+        Action::PutMachine(cmd) => put_slot(slot, cmd, per_shard),
+        Action::ListInstances {
+            machine,
+            state,
+            offset,
+            limit,
+        } => {
+            let take = offset.saturating_add(limit);
+            fan_out(per_shard, slot, || Command::ListInstances {
+                machine: machine.clone(),
+                state: state.clone(),
+                take,
+            });
+            Slot::List {
+                offset,
+                limit,
+                total: 0,
+                parts: Vec::with_capacity(per_shard.len()),
+                error: None,
+            }
+        }
+        Action::WalStats => {
+            fan_out(per_shard, slot, || Command::WalStats);
+            Slot::Stats(Ok(ShardWalStats::default()))
+        }
+        Action::WalRead { from, limit } => Slot::WalRead { from, limit },
+        Action::Batch(_)
+        | Action::Watch(_)
+        | Action::Unwatch(_)
+        | Action::Compact { .. }
+        | Action::SnapshotInstance(..)
+        | Action::TransferLeader { .. } => Slot::Done(Err(ApiError::new(
+            ErrorCode::InternalError,
+            "internal error: a connection-level operation reached the router",
+        ))),
+        Action::FlushAll => {
+            fan_out(per_shard, slot, || Command::FlushAll);
+            Slot::Flush {
+                instances: 0,
+                machines: 0,
+                error: None,
+            }
+        }
+    }
+}
+
+/// Queues one command per shard, built by `cmd`, for a fan-out action.
+fn fan_out(per_shard: &mut [Vec<(u32, Command)>], slot: u32, cmd: impl Fn() -> Command) {
+    for list in per_shard.iter_mut() {
+        list.push((slot, cmd()));
+    }
+}
+
+/// PUT_MACHINE phase 1: shard 0 only; the command is kept for phase 2
+/// when there are other shards.
+fn put_slot(slot: u32, cmd: Command, per_shard: &mut [Vec<(u32, Command)>]) -> Slot {
+    let (machine, version) = match &cmd {
+        Command::PutMachine {
+            machine, version, ..
+        } => (machine.clone(), *version),
+        _ => unreachable!("PutMachine action carries a PutMachine command"),
+    };
+    per_shard[0].push((slot, cmd.clone()));
+    Slot::Put {
+        machine,
+        version,
+        pending: (per_shard.len() > 1).then_some(cmd),
+        first_error: None,
+        created: false,
+        checksum: None,
+    }
+}
+
+/// PUT_MACHINE phase 2: the pending commands, for every shard but 0, of
+/// the PUTs that shard 0 accepted (no error, a checksum).
+fn put_phase2(slots: &mut [Slot], n: usize) -> Vec<Vec<(u32, Command)>> {
+    let mut phase2: Vec<Vec<(u32, Command)>> = vec![Vec::new(); n];
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if let Slot::Put {
+            pending,
+            first_error,
+            checksum,
+            ..
+        } = slot
+        {
+            if let Some(cmd) = pending.take() {
+                if first_error.is_none() && checksum.is_some() {
+                    for list in phase2.iter_mut().skip(1) {
+                        list.push((i as u32, cmd.clone()));
+                    }
+                }
+            }
+        }
+    }
+    phase2
+}
+
 /// PUT_MACHINE result: created if any shard stored it now (a retry after a
 /// partial failure completes the registration on the remaining shards).
 fn put_result(machine: &str, version: u32, created: bool, checksum: &str) -> Vec<u8> {
@@ -603,21 +622,7 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
                 ..
             },
             r,
-        ) => match r {
-            Reply::PutMachine {
-                created: c,
-                checksum: sum,
-            } => {
-                *created |= c;
-                *checksum = Some(sum);
-            }
-            Reply::Error(e) => {
-                if first_error.as_ref().is_none_or(|(s, _)| shard < *s) {
-                    *first_error = Some((shard, e));
-                }
-            }
-            other => *first_error = Some((shard, unexpected(&other))),
-        },
+        ) => merge_put(first_error, created, checksum, shard, r),
         (
             Slot::List {
                 total,
@@ -626,29 +631,8 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
                 ..
             },
             r,
-        ) => match r {
-            Reply::Instances { total: t, items } => {
-                *total += t;
-                parts.push(items);
-            }
-            Reply::Error(e) => *error = Some(e),
-            other => *error = Some(unexpected(&other)),
-        },
-        (Slot::Stats(acc), r) => match (acc.as_mut(), r) {
-            (Ok(acc), Reply::WalStats(s)) => {
-                acc.entries += s.entries;
-                acc.segments += s.segments;
-                acc.used_bytes += s.used_bytes;
-                acc.io.bytes_read += s.io.bytes_read;
-                acc.io.bytes_written += s.io.bytes_written;
-                acc.io.reads += s.io.reads;
-                acc.io.writes += s.io.writes;
-                acc.io.fsyncs += s.io.fsyncs;
-            }
-            (Err(_), _) => {}
-            (Ok(_), Reply::Error(e)) => *acc = Err(e),
-            (Ok(_), other) => *acc = Err(unexpected(&other)),
-        },
+        ) => merge_list(total, parts, error, r),
+        (Slot::Stats(acc), r) => merge_stats(acc, r),
         (
             Slot::Flush {
                 instances,
@@ -656,21 +640,95 @@ fn merge(slot: &mut Slot, shard: usize, reply: Reply) {
                 error,
             },
             r,
-        ) => match r {
-            Reply::Flushed {
-                instances: i,
-                machines: m,
-            } => {
-                *instances += i;
-                // Every shard holds every definition: count them once.
-                if shard == 0 {
-                    *machines = m;
-                }
-            }
-            Reply::Error(e) => *error = Some(e),
-            other => *error = Some(unexpected(&other)),
-        },
+        ) => merge_flush(instances, machines, error, shard, r),
         (s, other) => *s = Slot::Done(Err(unexpected(&other))),
+    }
+}
+
+/// PUT_MACHINE: created if any shard stored it now; of the shards' errors
+/// the lowest shard's is kept (an unexpected reply kind always is).
+fn merge_put(
+    first_error: &mut Option<(usize, ApiError)>,
+    created: &mut bool,
+    checksum: &mut Option<String>,
+    shard: usize,
+    reply: Reply,
+) {
+    match reply {
+        Reply::PutMachine {
+            created: c,
+            checksum: sum,
+        } => {
+            *created |= c;
+            *checksum = Some(sum);
+        }
+        Reply::Error(e) => {
+            if first_error.as_ref().is_none_or(|(s, _)| shard < *s) {
+                *first_error = Some((shard, e));
+            }
+        }
+        other => *first_error = Some((shard, unexpected(&other))),
+    }
+}
+
+/// LIST_INSTANCES: totals add up; each shard's sorted share is kept for
+/// [`list_result`].
+fn merge_list(
+    total: &mut u64,
+    parts: &mut Vec<Vec<InstanceSummary>>,
+    error: &mut Option<ApiError>,
+    reply: Reply,
+) {
+    match reply {
+        Reply::Instances { total: t, items } => {
+            *total += t;
+            parts.push(items);
+        }
+        Reply::Error(e) => *error = Some(e),
+        other => *error = Some(unexpected(&other)),
+    }
+}
+
+/// WAL_STATS: every figure is summed; the first error sticks.
+fn merge_stats(acc: &mut Result<ShardWalStats, ApiError>, reply: Reply) {
+    match (acc.as_mut(), reply) {
+        (Ok(acc), Reply::WalStats(s)) => {
+            acc.entries += s.entries;
+            acc.segments += s.segments;
+            acc.used_bytes += s.used_bytes;
+            acc.io.bytes_read += s.io.bytes_read;
+            acc.io.bytes_written += s.io.bytes_written;
+            acc.io.reads += s.io.reads;
+            acc.io.writes += s.io.writes;
+            acc.io.fsyncs += s.io.fsyncs;
+        }
+        (Err(_), _) => {}
+        (Ok(_), Reply::Error(e)) => *acc = Err(e),
+        (Ok(_), other) => *acc = Err(unexpected(&other)),
+    }
+}
+
+/// FLUSH_ALL: removed instances add up; definitions are counted once.
+fn merge_flush(
+    instances: &mut u64,
+    machines: &mut u64,
+    error: &mut Option<ApiError>,
+    shard: usize,
+    reply: Reply,
+) {
+    match reply {
+        Reply::Flushed {
+            instances: i,
+            machines: m,
+        } => {
+            *instances += i;
+            // Every shard holds every definition: count them once.
+            if shard == 0 {
+                *machines = m;
+            }
+        }
+        Reply::Error(e) => *error = Some(e),
+        other => *error = Some(unexpected(&other)),
     }
 }
 
