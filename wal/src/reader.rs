@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use crate::record::{self, Decoded};
@@ -121,95 +122,149 @@ fn read_counting(
     range: ReadRange,
     io: &mut (u64, u64),
 ) -> Result<Page, WalError> {
-    let mut out = Vec::new();
-    let mut bytes = 0usize;
-    let page = |records, truncated| {
-        Ok(Page {
-            records,
-            truncated,
-            ..Page::default()
-        })
-    };
+    let mut page = PageBuilder::new(range);
     if range.limit == 0 || range.from >= range.below {
-        return page(out, range.limit == 0);
+        return Ok(page.finish(range.limit == 0));
     }
-    // Skip segments wholly before `from`: those whose successor starts at or
-    // before it.
-    let mut first = 0;
-    for i in 0..segments.len() {
-        let next_first = segments.get(i + 1).map_or(0, |s| s.first_offset);
-        if next_first != 0 && next_first <= range.from {
-            first = i + 1;
-        }
-    }
-    for seg in &segments[first..] {
+    for seg in &segments[first_wanted(segments, range.from)..] {
         if seg.first_offset == 0 {
             continue;
         }
         if seg.first_offset >= range.below {
-            return page(out, false);
+            return Ok(page.finish(false));
         }
-        let mut w = SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used, io)?;
-        let mut pos = seg.start.max(BLOCK);
-        while pos < seg.used {
-            let head = w.at(pos, record::HEADER_LEN as u64)?;
-            if head[0] == 0 {
-                if pos.is_multiple_of(BLOCK) {
-                    break;
-                }
-                pos = align_up(pos);
-                continue;
-            }
-            let len = if head.len() >= 8 {
-                u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as u64
-            } else {
-                0
-            };
-            let rec = w.at(pos, record::HEADER_LEN as u64 + len)?;
-            match record::decode(rec) {
-                Decoded::Record(r, _, n) => {
-                    if r.kind == REPAIR_KIND || r.offset < range.from {
-                        pos += n as u64;
-                        continue;
-                    }
-                    if r.offset >= range.below {
-                        return page(out, false);
-                    }
-                    if !out.is_empty() && bytes + r.payload.len() > range.max_bytes {
-                        return page(out, true);
-                    }
-                    bytes += r.payload.len();
-                    out.push(OwnedRecord {
-                        offset: r.offset,
-                        kind: r.kind,
-                        payload: r.payload.to_vec(),
-                    });
-                    pos += n as u64;
-                    if out.len() >= range.limit {
-                        return page(out, true);
-                    }
-                }
-                Decoded::Invalid(reason) => {
-                    // Bytes cut off by a recovery are followed by their
-                    // repair record at the next block boundary.
-                    let next = align_up(pos + 1);
-                    let repaired = next + (record::HEADER_LEN as u64) <= seg.used
-                        && {
-                            let after = w.at(next, record::HEADER_LEN as u64 + 8)?;
-                            matches!(record::decode(after),
-                            Decoded::Record(r, _, _) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes())
-                        };
-                    if !repaired {
-                        return Err(WalError::Corrupt {
-                            path: w.path.clone(),
-                            position: pos,
-                            reason,
-                        });
-                    }
-                    pos = next;
-                }
-            }
+        if let ControlFlow::Break(truncated) = read_segment(dir, seg, io, &mut page)? {
+            return Ok(page.finish(truncated));
         }
     }
-    page(out, false)
+    Ok(page.finish(false))
+}
+
+/// The index of the first segment that may hold `from`: segments whose
+/// successor starts at or before it are wholly before it.
+fn first_wanted(segments: &[SegmentInfo], from: u64) -> usize {
+    let mut first = 0;
+    for i in 0..segments.len() {
+        let next_first = segments.get(i + 1).map_or(0, |s| s.first_offset);
+        if next_first != 0 && next_first <= from {
+            first = i + 1;
+        }
+    }
+    first
+}
+
+/// Reads one segment's records from `SegmentInfo::start` into `page`;
+/// `Break(truncated)` once the page is complete.
+fn read_segment(
+    dir: &Path,
+    seg: &SegmentInfo,
+    io: &mut (u64, u64),
+    page: &mut PageBuilder,
+) -> Result<ControlFlow<bool>, WalError> {
+    let mut w = SegmentWindow::open(dir.join(segment::file_name(seg.id)), seg.used, io)?;
+    let mut pos = seg.start.max(BLOCK);
+    while pos < seg.used {
+        let head = w.at(pos, record::HEADER_LEN as u64)?;
+        if head[0] == 0 {
+            if pos.is_multiple_of(BLOCK) {
+                break;
+            }
+            pos = align_up(pos);
+            continue;
+        }
+        let len = payload_len(head);
+        match record::decode(w.at(pos, record::HEADER_LEN as u64 + len)?) {
+            Decoded::Record(r, _, n) => {
+                if let ControlFlow::Break(truncated) = page.offer(r) {
+                    return Ok(ControlFlow::Break(truncated));
+                }
+                pos += n as u64;
+            }
+            Decoded::Invalid(reason) => pos = skip_repaired(&mut w, pos, reason)?,
+        }
+    }
+    Ok(ControlFlow::Continue(()))
+}
+
+/// The payload length a record header declares (0 when the header is cut
+/// short: decoding then says why).
+fn payload_len(head: &[u8]) -> u64 {
+    if head.len() >= 8 {
+        u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as u64
+    } else {
+        0
+    }
+}
+
+/// Invalid bytes at `pos` are only acceptable where a recovery cut them off:
+/// their repair record follows at the next block boundary, where reading
+/// goes on. Anything else is corruption.
+fn skip_repaired(w: &mut SegmentWindow<'_>, pos: u64, reason: String) -> Result<u64, WalError> {
+    let next = align_up(pos + 1);
+    let repaired = next + (record::HEADER_LEN as u64) <= w.used && {
+        let after = w.at(next, record::HEADER_LEN as u64 + 8)?;
+        matches!(record::decode(after),
+        Decoded::Record(r, _, _) if r.kind == REPAIR_KIND && r.payload == pos.to_le_bytes())
+    };
+    if !repaired {
+        return Err(WalError::Corrupt {
+            path: w.path.clone(),
+            position: pos,
+            reason,
+        });
+    }
+    Ok(next)
+}
+
+/// The records of a page so far, held against the range's limits.
+struct PageBuilder {
+    range: ReadRange,
+    records: Vec<OwnedRecord>,
+    bytes: usize,
+}
+
+impl PageBuilder {
+    /// An empty page for `range`.
+    fn new(range: ReadRange) -> Self {
+        PageBuilder {
+            range,
+            records: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Takes the next record in log order if the page wants it;
+    /// `Break(truncated)` once the page is complete.
+    fn offer(&mut self, r: record::RecordRef<'_>) -> ControlFlow<bool> {
+        let range = self.range;
+        if r.kind == REPAIR_KIND || r.offset < range.from {
+            return ControlFlow::Continue(());
+        }
+        if r.offset >= range.below {
+            return ControlFlow::Break(false);
+        }
+        if !self.records.is_empty() && self.bytes + r.payload.len() > range.max_bytes {
+            return ControlFlow::Break(true);
+        }
+        self.bytes += r.payload.len();
+        self.records.push(OwnedRecord {
+            offset: r.offset,
+            kind: r.kind,
+            payload: r.payload.to_vec(),
+        });
+        if self.records.len() >= range.limit {
+            ControlFlow::Break(true)
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// The page; `truncated` when a limit cut it short.
+    fn finish(self, truncated: bool) -> Page {
+        Page {
+            records: self.records,
+            truncated,
+            ..Page::default()
+        }
+    }
 }

@@ -94,7 +94,8 @@ where
     recover_on(&Disk, opts, visit)
 }
 
-/// [`recover`] on any [`Storage`].
+/// [`recover`] on any [`Storage`]: a page of steps, in the order they always
+/// ran.
 pub fn recover_on<S, F>(
     storage: &S,
     opts: &RecoveryOptions,
@@ -105,112 +106,216 @@ where
     F: FnMut(RecordRef<'_>) -> Result<(), String>,
 {
     assert!(opts.segment_size >= 2 * BLOCK && opts.segment_size.is_multiple_of(BLOCK));
-    let sync_dir = |dir: &Path| {
-        storage
-            .sync_dir(dir)
-            .map_err(|e| WalError::io("syncing directory", dir, e))
-    };
+    let run = Recovery { storage, opts };
     if !opts.read_only {
-        storage
-            .create_dir_all(&opts.dir)
-            .map_err(|e| WalError::io("creating WAL directory", &opts.dir, e))?;
-        sync_dir(&opts.dir)?;
-        if let Some(parent) = opts.dir.parent() {
-            sync_dir(parent)?;
-        }
+        run.create_dir()?;
     }
-    // Every change to the files goes through this one gate.
-    let finish = |path: &Path, buf: &[u8], resume, repair| {
-        if opts.read_only {
-            Ok(())
-        } else {
-            finish_newest(storage, path, buf, resume, repair, opts.segment_size)
-        }
-    };
-    let mut ids = segment::list_on(storage, &opts.dir, !opts.read_only)?;
-    for pair in ids.windows(2) {
-        if pair[1] != pair[0] + 1 {
-            return Err(WalError::BadSegment {
-                path: opts.dir.join(segment::file_name(pair[0] + 1)),
-                reason: format!("segment missing between {} and {}", pair[0], pair[1]),
-            });
-        }
-    }
-    drop_trailing_empty_segments(storage, opts, &mut ids)?;
+    let ids = run.list_segments()?;
     let mut out = Recovered {
         segments: ids.clone(),
         ..Recovered::default()
     };
     for (i, &id) in ids.iter().enumerate() {
         let newest = i + 1 == ids.len();
-        let path = opts.dir.join(segment::file_name(id));
-        let buf = storage
-            .read(&path)
-            .map_err(|e| WalError::io("reading segment", &path, e))?;
-        out.bytes_read += buf.len() as u64;
-        out.reads += 1;
-        segment::check_header(&buf, opts.shard, id).map_err(|reason| WalError::BadSegment {
-            path: path.clone(),
-            reason,
-        })?;
-        let records_before = out.records;
-        let mut first_offset = 0;
-        let end = scan(&buf, &path, &mut out, &mut |r: RecordRef<'_>| {
-            if first_offset == 0 {
-                first_offset = r.offset;
+        run.recover_segment(id, newest, &mut out, &mut visit)?;
+    }
+    Ok(out)
+}
+
+/// One recovery's storage and options, shared by its steps.
+struct Recovery<'a, S> {
+    storage: &'a S,
+    opts: &'a RecoveryOptions,
+}
+
+impl<S: Storage> Recovery<'_, S> {
+    /// Creates the WAL directory and makes its entry durable (the directory
+    /// and its parent synced).
+    fn create_dir(&self) -> Result<(), WalError> {
+        let dir = &self.opts.dir;
+        self.storage
+            .create_dir_all(dir)
+            .map_err(|e| WalError::io("creating WAL directory", dir, e))?;
+        self.sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            self.sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs a directory, naming it on failure.
+    fn sync_dir(&self, dir: &Path) -> Result<(), WalError> {
+        self.storage
+            .sync_dir(dir)
+            .map_err(|e| WalError::io("syncing directory", dir, e))
+    }
+
+    /// The segment ids to replay, ascending: none may be missing between
+    /// the first and the last, and trailing empty ones are dropped.
+    fn list_segments(&self) -> Result<Vec<u64>, WalError> {
+        let opts = self.opts;
+        let mut ids = segment::list_on(self.storage, &opts.dir, !opts.read_only)?;
+        for pair in ids.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                return Err(WalError::BadSegment {
+                    path: opts.dir.join(segment::file_name(pair[0] + 1)),
+                    reason: format!("segment missing between {} and {}", pair[0], pair[1]),
+                });
             }
-            visit(r)
-        })?;
-        debug_assert!(first_offset == 0 || out.records > records_before);
+        }
+        drop_trailing_empty_segments(self.storage, opts, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Replays segment `id` and adds what the writer needs to know about it
+    /// to `out`; the newest segment is also made ready for appends.
+    fn recover_segment<F>(
+        &self,
+        id: u64,
+        newest: bool,
+        out: &mut Recovered,
+        visit: &mut F,
+    ) -> Result<(), WalError>
+    where
+        F: FnMut(RecordRef<'_>) -> Result<(), String>,
+    {
+        let path = self.opts.dir.join(segment::file_name(id));
+        let buf = self.read_segment(id, &path, out)?;
+        let (end, first_offset) = replay(&buf, &path, out, visit)?;
         out.first_offsets.push(first_offset);
         out.indexes.push(index_of(&buf));
-        let used = match end {
+        let used = self.settle_end(id, path, &buf, end, newest, out)?;
+        out.used_bytes.push(used);
+        Ok(())
+    }
+
+    /// Reads a whole segment (counted in `out`) and checks its header.
+    fn read_segment(&self, id: u64, path: &Path, out: &mut Recovered) -> Result<Vec<u8>, WalError> {
+        let buf = self
+            .storage
+            .read(path)
+            .map_err(|e| WalError::io("reading segment", path, e))?;
+        out.bytes_read += buf.len() as u64;
+        out.reads += 1;
+        segment::check_header(&buf, self.opts.shard, id).map_err(|reason| {
+            WalError::BadSegment {
+                path: path.to_path_buf(),
+                reason,
+            }
+        })?;
+        Ok(buf)
+    }
+
+    /// Decides what the end of a scanned segment means and returns the bytes
+    /// it uses: a clean end, a torn tail cut off the newest segment, or
+    /// corruption anywhere else.
+    fn settle_end(
+        &self,
+        id: u64,
+        path: PathBuf,
+        buf: &[u8],
+        end: ScanEnd,
+        newest: bool,
+        out: &mut Recovered,
+    ) -> Result<u64, WalError> {
+        match end {
             ScanEnd::Clean { end } => {
                 let resume = align_up(end);
                 if newest {
-                    finish(&path, &buf, resume, None)?;
+                    self.finish(&path, buf, resume, None)?;
                     out.resume = Some((id, resume));
                 }
-                resume
+                Ok(resume)
             }
-            ScanEnd::Torn { pos, reason } => {
-                if !newest {
-                    // Rotation syncs a segment before the next one gets a
-                    // record, so an older segment cannot hold a torn write.
-                    return Err(WalError::Corrupt {
-                        path,
-                        position: pos,
-                        reason,
-                    });
-                }
-                let resume = if pos.is_multiple_of(BLOCK) {
-                    finish(&path, &buf, pos, None)?;
-                    pos
-                } else {
-                    let repair_at = align_up(pos);
-                    finish(
-                        &path,
-                        &buf,
-                        repair_at + BLOCK,
-                        Some((repair_at, pos, out.last_offset)),
-                    )?;
-                    repair_at + BLOCK
-                };
-                if !opts.read_only {
-                    tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
-                }
-                out.torn = Some(TornTail {
-                    path: path.clone(),
-                    position: pos,
-                    reason,
-                });
-                out.resume = Some((id, resume));
-                resume
-            }
-        };
-        out.used_bytes.push(used);
+            // Rotation syncs a segment before the next one gets a record, so
+            // an older segment cannot hold a torn write.
+            ScanEnd::Torn { pos, reason } if !newest => Err(WalError::Corrupt {
+                path,
+                position: pos,
+                reason,
+            }),
+            ScanEnd::Torn { pos, reason } => self.cut_torn_tail(id, path, buf, pos, reason, out),
+        }
     }
-    Ok(out)
+
+    /// Cuts the torn tail at `pos` off the newest segment and returns where
+    /// appends resume: at `pos` on a block boundary, else after a repair
+    /// record at the next one (the block holding `pos` is not rewritten).
+    fn cut_torn_tail(
+        &self,
+        id: u64,
+        path: PathBuf,
+        buf: &[u8],
+        pos: u64,
+        reason: String,
+        out: &mut Recovered,
+    ) -> Result<u64, WalError> {
+        let resume = if pos.is_multiple_of(BLOCK) {
+            self.finish(&path, buf, pos, None)?;
+            pos
+        } else {
+            let repair_at = align_up(pos);
+            let repair = Some((repair_at, pos, out.last_offset));
+            self.finish(&path, buf, repair_at + BLOCK, repair)?;
+            repair_at + BLOCK
+        };
+        if !self.opts.read_only {
+            tracing::warn!(file = %path.display(), position = pos, %reason, "WAL torn tail cut off");
+        }
+        out.torn = Some(TornTail {
+            path,
+            position: pos,
+            reason,
+        });
+        out.resume = Some((id, resume));
+        Ok(resume)
+    }
+
+    /// Every change to the files goes through this one gate: a read-only
+    /// recovery changes nothing.
+    fn finish(
+        &self,
+        path: &Path,
+        buf: &[u8],
+        resume: u64,
+        repair: Option<(u64, u64, u64)>,
+    ) -> Result<(), WalError> {
+        if self.opts.read_only {
+            Ok(())
+        } else {
+            finish_newest(
+                self.storage,
+                path,
+                buf,
+                resume,
+                repair,
+                self.opts.segment_size,
+            )
+        }
+    }
+}
+
+/// Scans one segment, passing its records to `visit`; returns how the scan
+/// ended and the offset of the segment's first record (0 when it has none).
+fn replay<F>(
+    buf: &[u8],
+    path: &Path,
+    out: &mut Recovered,
+    visit: &mut F,
+) -> Result<(ScanEnd, u64), WalError>
+where
+    F: FnMut(RecordRef<'_>) -> Result<(), String>,
+{
+    let records_before = out.records;
+    let mut first_offset = 0;
+    let end = scan(buf, path, out, &mut |r: RecordRef<'_>| {
+        if first_offset == 0 {
+            first_offset = r.offset;
+        }
+        visit(r)
+    })?;
+    debug_assert!(first_offset == 0 || out.records > records_before);
+    Ok((end, first_offset))
 }
 
 /// Removes segments at the end of the log that hold no record: the writer
