@@ -200,6 +200,21 @@ fn json<T: Serialize>(v: &T) -> Reply {
     Reply::Json(serde_json::to_vec(v).expect("result serialization cannot fail"))
 }
 
+/// The reply to create_instance, fresh or replayed from the idempotency cache.
+fn create_reply(instance_id: &str, state: &str, wal_offset: u64) -> Reply {
+    #[derive(Serialize)]
+    struct R<'a> {
+        instance_id: &'a str,
+        state: &'a str,
+        wal_offset: u64,
+    }
+    json(&R {
+        instance_id,
+        state,
+        wal_offset,
+    })
+}
+
 fn instance_not_found(id: &str) -> ApiError {
     ApiError::core(
         ErrorCode::InstanceNotFound,
@@ -648,37 +663,12 @@ impl Engine {
         offsets: &mut Offsets,
         now: i64,
     ) -> Result<Reply, ApiError> {
-        #[derive(Serialize)]
-        struct R<'a> {
-            instance_id: &'a str,
-            state: &'a str,
-            wal_offset: u64,
-        }
         if let Some(key) = &idempotency_key {
-            if let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(&id, key, now)
-            {
-                // Only while the instance that create made still exists.
-                let same = self
-                    .instances
-                    .get(&id)
-                    .is_some_and(|i| !i.deleted && i.created_offset == *wal_offset);
-                if same {
-                    return Ok(json(&R {
-                        instance_id: &id,
-                        state,
-                        wal_offset: *wal_offset,
-                    }));
-                }
+            if let Some(reply) = self.create_replayed(&id, key, now) {
+                return Ok(reply);
             }
         }
-        if let Some(existing) = self.instances.get(&id) {
-            if !existing.deleted || !allow_recreate {
-                return Err(ApiError::core(
-                    ErrorCode::InstanceExists,
-                    format!("instance already exists: {id}"),
-                ));
-            }
-        }
+        self.check_create_allowed(&id, allow_recreate)?;
         let def = self
             .machine(&machine, version)
             .ok_or_else(|| machine_not_found(&machine, version))?
@@ -697,22 +687,9 @@ impl Engine {
                 ts: now,
             },
         )?;
-        let reply = json(&R {
-            instance_id: &id,
-            state: &state,
-            wal_offset: offset,
-        });
+        let reply = create_reply(&id, &state, offset);
         if let Some(key) = idempotency_key {
-            let prev = self.idempotency.insert(
-                &id,
-                &key,
-                Cached::Create {
-                    state: state.to_string(),
-                    wal_offset: offset,
-                },
-                now,
-            );
-            self.undo.push(Undo::Idempotency(id.clone(), key, prev));
+            self.remember_create(&id, key, &state, offset, now);
         }
         let inst = Instance {
             machine: self.intern(&machine),
@@ -730,6 +707,41 @@ impl Engine {
         let prev = self.instances.insert(id.clone(), inst);
         self.undo.push(Undo::Instance(id, prev));
         Ok(reply)
+    }
+
+    /// The cached reply of a retried create, only while the instance that create made still exists.
+    fn create_replayed(&self, id: &str, key: &str, now: i64) -> Option<Reply> {
+        let Some(Cached::Create { state, wal_offset }) = self.idempotency.get(id, key, now) else {
+            return None;
+        };
+        let same = self
+            .instances
+            .get(id)
+            .is_some_and(|i| !i.deleted && i.created_offset == *wal_offset);
+        same.then(|| create_reply(id, state, *wal_offset))
+    }
+
+    /// A live instance blocks a create; a deleted one only without `allow_recreate`.
+    fn check_create_allowed(&self, id: &str, allow_recreate: bool) -> Result<(), ApiError> {
+        if let Some(existing) = self.instances.get(id) {
+            if !existing.deleted || !allow_recreate {
+                return Err(ApiError::core(
+                    ErrorCode::InstanceExists,
+                    format!("instance already exists: {id}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Caches the create's outcome under its key, with the undo entry that forgets it.
+    fn remember_create(&mut self, id: &str, key: String, state: &str, offset: u64, now: i64) {
+        let cached = Cached::Create {
+            state: state.to_string(),
+            wal_offset: offset,
+        };
+        let prev = self.idempotency.insert(id, &key, cached, now);
+        self.undo.push(Undo::Idempotency(id.to_string(), key, prev));
     }
 
     fn get_instance(&self, id: &str) -> Result<Reply, ApiError> {

@@ -653,49 +653,7 @@ impl SnapshotJob {
         if tx.is_full() {
             return Step::Blocked;
         }
-        let began = Instant::now();
-        // At least one slice per step, however small the budget.
-        let mut first = true;
-        while first || (self.buf.len() < CHUNK_BYTES && began.elapsed() < budget) {
-            first = false;
-            match self.phase {
-                Phase::Instances => {
-                    let snap = engine.snap.as_mut().expect("set by begin");
-                    let stop = (snap.next + 256).min(snap.end);
-                    while snap.next < stop && self.buf.len() < CHUNK_BYTES {
-                        let i = snap.next;
-                        snap.next += 1;
-                        let (id, current) = engine.instances.get_index(i).expect("below end");
-                        let value = snap.shadow.remove(&i);
-                        push_instance(&mut self.buf, id, value.as_ref().unwrap_or(current));
-                        self.counts.instances += 1;
-                    }
-                    if snap.next == snap.end {
-                        debug_assert!(snap.shadow.is_empty());
-                        self.phase = Phase::Idempotency;
-                    }
-                }
-                Phase::Idempotency => {
-                    let buf = &mut self.buf;
-                    let counts = &mut self.counts;
-                    self.idem_next = engine.idempotency.visit_from(
-                        self.idem_next,
-                        self.idem_end,
-                        256,
-                        |id, key, c, at| {
-                            push_idem(buf, id, key, c, at);
-                            counts.idempotency += 1;
-                        },
-                    );
-                    if self.idem_next >= self.idem_end {
-                        push_line(&mut self.buf, b'E', &self.counts);
-                        self.phase = Phase::Done;
-                        break;
-                    }
-                }
-                Phase::Done => break,
-            }
-        }
+        self.fill(engine, budget);
         if !self.buf.is_empty() && (self.buf.len() >= CHUNK_BYTES || self.phase == Phase::Done) {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES + 65536));
             if tx.try_send(SinkMsg::Data(chunk)).is_err() {
@@ -705,14 +663,75 @@ impl SnapshotJob {
             }
         }
         if self.phase == Phase::Done {
-            engine.snap = None;
-            let tx = self.tx.take().expect("present until done");
-            if tx.send(SinkMsg::Finish).is_err() {
-                tracing::debug!("snapshot writer gone before finish");
-            }
-            return Step::Finished(self.done.clone());
+            return self.finish(engine);
         }
         Step::More
+    }
+
+    /// Serializes slices until a chunk is full, the budget is spent or the body ends.
+    fn fill(&mut self, engine: &mut Engine, budget: Duration) {
+        let began = Instant::now();
+        // At least one slice per step, however small the budget.
+        let mut first = true;
+        while first || (self.buf.len() < CHUNK_BYTES && began.elapsed() < budget) {
+            first = false;
+            match self.phase {
+                Phase::Instances => self.fill_instances(engine),
+                Phase::Idempotency => {
+                    if self.fill_idempotency(engine) {
+                        break;
+                    }
+                }
+                Phase::Done => break,
+            }
+        }
+    }
+
+    /// Up to 256 instances, each as it was when the snapshot began (its shadow, if changed since).
+    fn fill_instances(&mut self, engine: &mut Engine) {
+        let snap = engine.snap.as_mut().expect("set by begin");
+        let stop = (snap.next + 256).min(snap.end);
+        while snap.next < stop && self.buf.len() < CHUNK_BYTES {
+            let i = snap.next;
+            snap.next += 1;
+            let (id, current) = engine.instances.get_index(i).expect("below end");
+            let value = snap.shadow.remove(&i);
+            push_instance(&mut self.buf, id, value.as_ref().unwrap_or(current));
+            self.counts.instances += 1;
+        }
+        if snap.next == snap.end {
+            debug_assert!(snap.shadow.is_empty());
+            self.phase = Phase::Idempotency;
+        }
+    }
+
+    /// Up to 256 idempotency entries; at the window's end, the end line. True once done.
+    fn fill_idempotency(&mut self, engine: &Engine) -> bool {
+        let buf = &mut self.buf;
+        let counts = &mut self.counts;
+        self.idem_next =
+            engine
+                .idempotency
+                .visit_from(self.idem_next, self.idem_end, 256, |id, key, c, at| {
+                    push_idem(buf, id, key, c, at);
+                    counts.idempotency += 1;
+                });
+        if self.idem_next >= self.idem_end {
+            push_line(&mut self.buf, b'E', &self.counts);
+            self.phase = Phase::Done;
+            return true;
+        }
+        false
+    }
+
+    /// Ends the job: releases the engine and tells the writer to sync and rename.
+    fn finish(&mut self, engine: &mut Engine) -> Step {
+        engine.snap = None;
+        let tx = self.tx.take().expect("present until done");
+        if tx.send(SinkMsg::Finish).is_err() {
+            tracing::debug!("snapshot writer gone before finish");
+        }
+        Step::Finished(self.done.clone())
     }
 
     /// Gives up: the writer thread removes its temporary file.

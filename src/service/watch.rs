@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use futures_lite::{AsyncWrite, AsyncWriteExt};
-use rstmdb_shards::commands::Command;
+use rstmdb_shards::commands::{Command, WatchEvent};
 use rstmdb_shards::error::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
@@ -133,60 +133,25 @@ pub async fn deliver<S: AsyncWrite + Unpin>(
     for sub in session.subscriptions.iter_mut() {
         loop {
             if steps >= STEPS_PER_PASS {
-                if !out.is_empty() {
-                    stream.write_all(&out).await?;
-                }
-                // A TLS stream may hold the last record until flushed.
-                stream.flush().await?;
+                write_and_flush(&out, stream).await?;
                 return Ok(true);
             }
             steps += 1;
             let take = ctx.hub.borrow().take(sub.cursor, CHUNK);
-            match take {
+            let more = match take {
                 Take::Live(events, next) => {
                     let more = events.len() == CHUNK;
-                    for e in events.iter().filter(|e| sub.filter.matches(e)) {
-                        push(&mut out, &encode_event(sub, e), mode);
-                        sub.metrics.forwarded.increment(1);
-                    }
+                    push_matching(sub, events.iter().map(|e| &**e), mode, &mut out);
                     sub.advance(next);
                     flush_if_large(&mut out, stream).await?;
-                    if !more {
-                        break;
-                    }
+                    more
                 }
                 Take::FromWal { below } => {
-                    let (records, next) =
-                        ctx.router.read_merged(sub.cursor, below, CATCH_UP_RECORDS).await.map_err(|e| {
-                            tracing::warn!(subscription = %sub.id, error = %e, "catch-up read failed; closing");
-                            std::io::Error::other(e.to_string())
-                        })?;
-                    let mut events = Vec::new();
-                    {
-                        let shared = ctx.hub.borrow().shared.clone();
-                        let aborted = shared.aborted();
-                        for r in &records {
-                            let evs = events_from_record(r.offset, r.kind, &r.payload, &aborted)
-                                .map_err(|e| std::io::Error::other(e.to_string()))?;
-                            events.extend(evs);
-                        }
-                    }
-                    // A batch part's record carries its first change's
-                    // offset; its changes run on from there. Deliver only
-                    // what lies in [cursor, below): the rest comes from the
-                    // window.
-                    events.retain(|e| e.wal_offset >= sub.cursor && e.wal_offset < below);
-                    for e in events.iter().filter(|e| sub.filter.matches(e)) {
-                        push(&mut out, &encode_event(sub, e), mode);
-                        sub.metrics.forwarded.increment(1);
-                    }
-                    debug_assert!(next > sub.cursor || records.is_empty());
-                    if next <= sub.cursor {
-                        break;
-                    }
-                    sub.advance(next);
-                    flush_if_large(&mut out, stream).await?;
+                    catch_up(sub, ctx, below, mode, &mut out, stream).await?
                 }
+            };
+            if !more {
+                break;
             }
         }
         let released = ctx.hub.borrow().released();
@@ -194,11 +159,71 @@ pub async fn deliver<S: AsyncWrite + Unpin>(
             .lag
             .record(released.saturating_sub(sub.cursor) as f64);
     }
-    if !out.is_empty() {
-        stream.write_all(&out).await?;
-    }
-    stream.flush().await?;
+    write_and_flush(&out, stream).await?;
     Ok(false)
+}
+
+/// One catch-up read of `[cursor, below)` from the WAL. Returns false when it moved
+/// the cursor no further (nothing more to read there now).
+async fn catch_up<S: AsyncWrite + Unpin>(
+    sub: &mut Subscription,
+    ctx: &Ctx<'_>,
+    below: u64,
+    mode: WireMode,
+    out: &mut Vec<u8>,
+    stream: &mut S,
+) -> std::io::Result<bool> {
+    let (records, next) = ctx
+        .router
+        .read_merged(sub.cursor, below, CATCH_UP_RECORDS)
+        .await
+        .map_err(|e| {
+            tracing::warn!(subscription = %sub.id, error = %e, "catch-up read failed; closing");
+            std::io::Error::other(e.to_string())
+        })?;
+    let mut events = Vec::new();
+    {
+        let shared = ctx.hub.borrow().shared.clone();
+        let aborted = shared.aborted();
+        for r in &records {
+            let evs = events_from_record(r.offset, r.kind, &r.payload, &aborted)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            events.extend(evs);
+        }
+    }
+    // A batch part's record carries its first change's offset; its changes
+    // run on from there. Deliver only what lies in [cursor, below): the rest
+    // comes from the window.
+    events.retain(|e| e.wal_offset >= sub.cursor && e.wal_offset < below);
+    push_matching(sub, events.iter(), mode, out);
+    debug_assert!(next > sub.cursor || records.is_empty());
+    if next <= sub.cursor {
+        return Ok(false);
+    }
+    sub.advance(next);
+    flush_if_large(out, stream).await?;
+    Ok(true)
+}
+
+/// Encodes onto `out` the events that pass `sub`'s filter, counting each as forwarded.
+fn push_matching<'e>(
+    sub: &Subscription,
+    events: impl Iterator<Item = &'e WatchEvent>,
+    mode: WireMode,
+    out: &mut Vec<u8>,
+) {
+    for e in events.filter(|e| sub.filter.matches(e)) {
+        push(out, &encode_event(sub, e), mode);
+        sub.metrics.forwarded.increment(1);
+    }
+}
+
+/// Writes what is buffered, then flushes: a TLS stream may hold the last record until flushed.
+async fn write_and_flush<S: AsyncWrite + Unpin>(out: &[u8], stream: &mut S) -> std::io::Result<()> {
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+    }
+    stream.flush().await
 }
 
 /// Whether any subscription may have something to deliver.

@@ -232,12 +232,7 @@ fn verify_all(
     };
     let mut problems = 0;
     let mut unrepaired = 0;
-    let backup = root.join(format!(
-        "repair-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-    ));
+    let backup = backup_dir(root);
     for i in 0..layout.shards {
         let floor = manifest.shards[i].wal_floor.max(manifest.history_floor);
         let (found, cut) = verify_one(layout, i, floor, out)?;
@@ -246,35 +241,68 @@ fn verify_all(
             unrepaired += found;
             continue;
         }
-        let Some(cut) = cut else {
+        unrepaired += repair_shard(layout, i, floor, found, cut, &backup, out)?;
+    }
+    write_result(problems, unrepaired, repair, out)
+}
+
+/// Where a repair backs up the segments it cuts: one folder per run, named by the time.
+fn backup_dir(root: &Path) -> std::path::PathBuf {
+    root.join(format!(
+        "repair-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    ))
+}
+
+/// Repairs shard `i`'s `found` problems where a WAL cut can, then verifies it again.
+/// Returns how many problems are left.
+fn repair_shard(
+    layout: &Layout,
+    i: usize,
+    floor: u64,
+    found: usize,
+    cut: Option<Cut>,
+    backup: &Path,
+    out: &mut impl Write,
+) -> std::io::Result<usize> {
+    let Some(cut) = cut else {
+        writeln!(
+            out,
+            "shard {i}: cannot repair: only WAL damage is repaired (a damaged snapshot is \
+             skipped by start-up when an older one or the WAL covers it)"
+        )?;
+        return Ok(found);
+    };
+    let shard_backup = backup.join(format!("shard-{i:03}"));
+    match cut_wal(&layout.wal_dir(i), &cut, &shard_backup) {
+        Ok(moved) => {
             writeln!(
                 out,
-                "shard {i}: cannot repair: only WAL damage is repaired (a damaged snapshot is \
-                 skipped by start-up when an older one or the WAL covers it)"
+                "shard {i}: REPAIRED: WAL cut at segment {} byte {}; {moved} segment file(s) \
+                 backed up in {}",
+                segment::file_name(cut.segment),
+                cut.position,
+                shard_backup.display()
             )?;
-            unrepaired += found;
-            continue;
-        };
-        let shard_backup = backup.join(format!("shard-{i:03}"));
-        match cut_wal(&layout.wal_dir(i), &cut, &shard_backup) {
-            Ok(moved) => {
-                writeln!(
-                    out,
-                    "shard {i}: REPAIRED: WAL cut at segment {} byte {}; {moved} segment file(s) \
-                     backed up in {}",
-                    segment::file_name(cut.segment),
-                    cut.position,
-                    shard_backup.display()
-                )?;
-                let (left, _) = verify_one(layout, i, floor, out)?;
-                unrepaired += left;
-            }
-            Err(e) => {
-                writeln!(out, "shard {i}: repair failed: {e}")?;
-                unrepaired += found;
-            }
+            let (left, _) = verify_one(layout, i, floor, out)?;
+            Ok(left)
+        }
+        Err(e) => {
+            writeln!(out, "shard {i}: repair failed: {e}")?;
+            Ok(found)
         }
     }
+}
+
+/// The closing `result:` line and the exit code it stands for.
+fn write_result(
+    problems: usize,
+    unrepaired: usize,
+    repair: bool,
+    out: &mut impl Write,
+) -> std::io::Result<u8> {
     if problems == 0 {
         writeln!(out, "result: ok")?;
         Ok(EXIT_OK)

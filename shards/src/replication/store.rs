@@ -312,83 +312,108 @@ fn next_frame(bytes: &[u8], pos: usize) -> Option<&[u8]> {
     (crc32c::crc32c(body) == crc).then_some(body)
 }
 
+/// Replays one frame onto the log state; a frame that cannot follow is an error.
 fn apply_frame(body: &[u8], state: &mut LogState) -> Result<(), String> {
-    let mut r = Fields(&body[1..]);
+    let r = Fields(&body[1..]);
     match body[0] {
-        KIND_BASE => {
-            let (index, term) = (r.u64()?, r.u64()?);
-            if !state.entries.is_empty() || state.snap_index != 0 {
-                return Err("a compaction point after entries".into());
-            }
-            state.snap_index = index;
-            state.snap_term = term;
-            state.hard_state.commit = state.hard_state.commit.max(index);
-        }
+        KIND_BASE => apply_base(r, state),
         KIND_ENTRY => {
-            let mut e = Entry {
-                index: r.u64()?,
-                term: r.u64()?,
-                ..Default::default()
-            };
-            let kind = r.u8()?;
-            e.set_entry_type(match kind {
-                0 => EntryType::EntryNormal,
-                1 => EntryType::EntryConfChange,
-                2 => EntryType::EntryConfChangeV2,
-                k => return Err(format!("unknown entry type {k}")),
-            });
-            let ctx_len = r.u32()? as usize;
-            e.context = r.take(ctx_len)?.to_vec().into();
-            e.data = r.0.to_vec().into();
-            let prev_term = match e.index - 1 {
-                i if i == state.snap_index => state.snap_term,
-                i if i > state.snap_index && i <= state.last_index() => {
-                    state.entries[(i - state.snap_index - 1) as usize].term
-                }
-                _ => 0,
-            };
-            if e.index > state.snap_index && e.term < prev_term {
-                return Err(format!(
-                    "entry {} of term {} after term {prev_term}",
-                    e.index, e.term
-                ));
-            }
-            if e.index <= state.snap_index || e.index > state.last_index() + 1 {
-                return Err(format!(
-                    "entry {} outside the log {}..={}",
-                    e.index,
-                    state.snap_index + 1,
-                    state.last_index()
-                ));
-            }
+            let e = decode_entry(r)?;
+            check_entry(&e, state)?;
             state.append(&[e]);
+            Ok(())
         }
-        KIND_SNAP => {
-            let (index, term) = (r.u64()?, r.u64()?);
-            if index < state.snap_index {
-                return Err(format!("a snapshot at {index} behind the log's start"));
-            }
-            let mut meta = raft::prelude::SnapshotMetadata {
-                index,
-                term,
-                ..Default::default()
-            };
-            meta.set_conf_state(state.conf_state.clone());
-            state.install(&meta);
+        KIND_SNAP => apply_snap(r, state),
+        KIND_HARD => apply_hard(r, state),
+        k => Err(format!("unknown frame kind {k}")),
+    }
+}
+
+/// The compaction point, valid only as the first frame of a log.
+fn apply_base(mut r: Fields, state: &mut LogState) -> Result<(), String> {
+    let (index, term) = (r.u64()?, r.u64()?);
+    if !state.entries.is_empty() || state.snap_index != 0 {
+        return Err("a compaction point after entries".into());
+    }
+    state.snap_index = index;
+    state.snap_term = term;
+    state.hard_state.commit = state.hard_state.commit.max(index);
+    Ok(())
+}
+
+/// An entry frame: index, term, type, context, then the data to the frame's end.
+fn decode_entry(mut r: Fields) -> Result<Entry, String> {
+    let mut e = Entry {
+        index: r.u64()?,
+        term: r.u64()?,
+        ..Default::default()
+    };
+    let kind = r.u8()?;
+    e.set_entry_type(match kind {
+        0 => EntryType::EntryNormal,
+        1 => EntryType::EntryConfChange,
+        2 => EntryType::EntryConfChangeV2,
+        k => return Err(format!("unknown entry type {k}")),
+    });
+    let ctx_len = r.u32()? as usize;
+    e.context = r.take(ctx_len)?.to_vec().into();
+    e.data = r.0.to_vec().into();
+    Ok(e)
+}
+
+/// An entry may not lower the term, and must land inside the log or just past its end.
+fn check_entry(e: &Entry, state: &LogState) -> Result<(), String> {
+    let prev_term = match e.index - 1 {
+        i if i == state.snap_index => state.snap_term,
+        i if i > state.snap_index && i <= state.last_index() => {
+            state.entries[(i - state.snap_index - 1) as usize].term
         }
-        KIND_HARD => {
-            state.hard_state.term = r.u64()?;
-            state.hard_state.vote = r.u64()?;
-            state.hard_state.commit = r.u64()?;
-            if state.hard_state.commit > state.last_index() {
-                return Err(format!(
-                    "commit index {} past the log's end {}",
-                    state.hard_state.commit,
-                    state.last_index()
-                ));
-            }
-        }
-        k => return Err(format!("unknown frame kind {k}")),
+        _ => 0,
+    };
+    if e.index > state.snap_index && e.term < prev_term {
+        return Err(format!(
+            "entry {} of term {} after term {prev_term}",
+            e.index, e.term
+        ));
+    }
+    if e.index <= state.snap_index || e.index > state.last_index() + 1 {
+        return Err(format!(
+            "entry {} outside the log {}..={}",
+            e.index,
+            state.snap_index + 1,
+            state.last_index()
+        ));
+    }
+    Ok(())
+}
+
+/// A snapshot install: the log restarts after it, keeping the current membership.
+fn apply_snap(mut r: Fields, state: &mut LogState) -> Result<(), String> {
+    let (index, term) = (r.u64()?, r.u64()?);
+    if index < state.snap_index {
+        return Err(format!("a snapshot at {index} behind the log's start"));
+    }
+    let mut meta = raft::prelude::SnapshotMetadata {
+        index,
+        term,
+        ..Default::default()
+    };
+    meta.set_conf_state(state.conf_state.clone());
+    state.install(&meta);
+    Ok(())
+}
+
+/// The hard state, whose commit index may not pass the log's end.
+fn apply_hard(mut r: Fields, state: &mut LogState) -> Result<(), String> {
+    state.hard_state.term = r.u64()?;
+    state.hard_state.vote = r.u64()?;
+    state.hard_state.commit = r.u64()?;
+    if state.hard_state.commit > state.last_index() {
+        return Err(format!(
+            "commit index {} past the log's end {}",
+            state.hard_state.commit,
+            state.last_index()
+        ));
     }
     Ok(())
 }
