@@ -65,57 +65,7 @@ enum Cmd {
         check: u64,
     },
     /// A closed-loop workload with latency percentiles.
-    Run {
-        /// Workload.
-        #[arg(long, value_enum, default_value = "apply")]
-        workload: workload::Workload,
-        /// Connections.
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        /// Requests in flight per connection.
-        #[arg(long, default_value_t = 8)]
-        pipeline: usize,
-        /// Measured seconds.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Total requests (instead of a duration).
-        #[arg(long)]
-        requests: Option<u64>,
-        /// Unmeasured seconds first.
-        #[arg(long, default_value_t = 2.0)]
-        warmup: f64,
-        /// Pre-created instances.
-        #[arg(long, default_value_t = 1000)]
-        instances: usize,
-        /// Pick instances at random (default: round-robin).
-        #[arg(long)]
-        random: bool,
-        /// Filler bytes in payloads and contexts.
-        #[arg(long, default_value_t = 0)]
-        payload_bytes: usize,
-        /// Share of GET_INSTANCE in `mixed`.
-        #[arg(long, default_value_t = 0.5)]
-        get_ratio: f64,
-        /// WATCH_ALL subscribers in `watch`.
-        #[arg(long, default_value_t = 100)]
-        watchers: usize,
-        /// Server process whose CPU time to report.
-        #[arg(long)]
-        server_pid: Option<u32>,
-        /// Print the report as one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Skip the end-of-run consistency check (the null server).
-        #[arg(long)]
-        no_check: bool,
-        /// How the connections are driven: a thread each, or one thread
-        /// for all (`evented`: a lighter client, to cross-check results).
-        #[arg(long, value_enum, default_value = "threads")]
-        client: driver::ClientMode,
-        /// `key=value` copied into the report's `tags` (repeatable).
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-    },
+    Run(RunArgs),
     /// Writes the markdown table of a matrix run into a document.
     Report {
         /// JSON lines written by `run --json`.
@@ -152,6 +102,60 @@ enum Cmd {
     },
 }
 
+/// The options of `run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Workload.
+    #[arg(long, value_enum, default_value = "apply")]
+    workload: workload::Workload,
+    /// Connections.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    pipeline: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Total requests (instead of a duration).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Unmeasured seconds first.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Pre-created instances.
+    #[arg(long, default_value_t = 1000)]
+    instances: usize,
+    /// Pick instances at random (default: round-robin).
+    #[arg(long)]
+    random: bool,
+    /// Filler bytes in payloads and contexts.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Share of GET_INSTANCE in `mixed`.
+    #[arg(long, default_value_t = 0.5)]
+    get_ratio: f64,
+    /// WATCH_ALL subscribers in `watch`.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// Server process whose CPU time to report.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Skip the end-of-run consistency check (the null server).
+    #[arg(long)]
+    no_check: bool,
+    /// How the connections are driven: a thread each, or one thread
+    /// for all (`evented`: a lighter client, to cross-check results).
+    #[arg(long, value_enum, default_value = "threads")]
+    client: driver::ClientMode,
+    /// `key=value` copied into the report's `tags` (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
 /// How the null server runs.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum NullRuntime {
@@ -162,15 +166,27 @@ enum NullRuntime {
 fn main() {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::NullServer { .. }) {
-        // Output piped into `head` and the like: end quietly, as a command
-        // line tool does, instead of panicking on a broken pipe. (Not for
-        // the null server, which writes to sockets.)
-        // SAFETY: restoring the default disposition of one signal.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        restore_sigpipe();
     }
-    let outcome = match cli.cmd {
+    if let Err(e) = dispatch(cli.addr, cli.cmd) {
+        eprintln!("rstmdb-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Output piped into `head` and the like: end quietly, as a command line
+/// tool does, instead of panicking on a broken pipe. (Not for the null
+/// server, which writes to sockets.)
+fn restore_sigpipe() {
+    // SAFETY: restoring the default disposition of one signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Runs one subcommand against the server at `addr`.
+fn dispatch(addr: SocketAddr, cmd: Cmd) -> Result<(), String> {
+    match cmd {
         Cmd::Load {
             instances,
             events,
@@ -179,7 +195,7 @@ fn main() {
             ctx_bytes,
             check,
         } => load(
-            cli.addr,
+            addr,
             instances,
             events,
             connections.max(1),
@@ -191,63 +207,8 @@ fn main() {
             instances,
             seconds,
             compact_at_ms,
-        } => pause(cli.addr, instances.max(1), seconds, compact_at_ms),
-        Cmd::Run {
-            workload,
-            connections,
-            pipeline,
-            duration,
-            requests,
-            warmup,
-            instances,
-            random,
-            payload_bytes,
-            get_ratio,
-            watchers,
-            server_pid,
-            json,
-            no_check,
-            client,
-            tags,
-        } => {
-            let s = workload::Settings {
-                addr: cli.addr,
-                workload,
-                connections: connections.max(1),
-                pipeline: pipeline.max(1),
-                duration: Duration::from_secs_f64(duration.max(0.0)),
-                requests,
-                warmup: Duration::from_secs_f64(warmup.max(0.0)),
-                instances,
-                random,
-                payload_bytes,
-                get_ratio: get_ratio.clamp(0.0, 1.0),
-                watchers,
-                server_pid,
-                check: !no_check,
-                client,
-            };
-            workload::run(&s).and_then(|mut report| {
-                let mut t = serde_json::Map::new();
-                for kv in &tags {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-                    t.insert(k.to_owned(), Value::from(v));
-                }
-                report["tags"] = Value::Object(t);
-                if json {
-                    println!("{report}");
-                } else {
-                    print_report(&report);
-                }
-                let wrong = report["consistency"]["wrong"].as_u64().unwrap_or(0);
-                if wrong > 0 {
-                    return Err(format!(
-                        "consistency check failed: {wrong} instances differ from the acknowledged applies"
-                    ));
-                }
-                Ok(())
-            })
-        }
+        } => pause(addr, instances.max(1), seconds, compact_at_ms),
+        Cmd::Run(args) => run(addr, &args),
         Cmd::NullServer { bind, runtime } => match runtime {
             NullRuntime::Threads => null_server::serve(&bind),
             NullRuntime::Glommio => null_glommio::serve(&bind),
@@ -258,11 +219,57 @@ fn main() {
             into,
             header,
         } => report::write(&input, &into, &header),
-    };
-    if let Err(e) = outcome {
-        eprintln!("rstmdb-bench: {e}");
-        std::process::exit(1);
     }
+}
+
+/// `run`: the workload, its report printed (tagged), and an error when the
+/// consistency check found instances that differ.
+fn run(addr: SocketAddr, a: &RunArgs) -> Result<(), String> {
+    let mut report = workload::run(&settings(addr, a))?;
+    report["tags"] = tags(&a.tags);
+    if a.json {
+        println!("{report}");
+    } else {
+        print_report(&report);
+    }
+    let wrong = report["consistency"]["wrong"].as_u64().unwrap_or(0);
+    if wrong > 0 {
+        return Err(format!(
+            "consistency check failed: {wrong} instances differ from the acknowledged applies"
+        ));
+    }
+    Ok(())
+}
+
+/// The workload's settings from the options, clamped to sensible values.
+fn settings(addr: SocketAddr, a: &RunArgs) -> workload::Settings {
+    workload::Settings {
+        addr,
+        workload: a.workload,
+        connections: a.connections.max(1),
+        pipeline: a.pipeline.max(1),
+        duration: Duration::from_secs_f64(a.duration.max(0.0)),
+        requests: a.requests,
+        warmup: Duration::from_secs_f64(a.warmup.max(0.0)),
+        instances: a.instances,
+        random: a.random,
+        payload_bytes: a.payload_bytes,
+        get_ratio: a.get_ratio.clamp(0.0, 1.0),
+        watchers: a.watchers,
+        server_pid: a.server_pid,
+        check: !a.no_check,
+        client: a.client,
+    }
+}
+
+/// The `--tag key=value` options as a JSON object (a bare `key` maps to "").
+fn tags(tags: &[String]) -> Value {
+    let mut t = serde_json::Map::new();
+    for kv in tags {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        t.insert(k.to_owned(), Value::from(v));
+    }
+    Value::Object(t)
 }
 
 fn print_report(r: &Value) {
@@ -345,6 +352,8 @@ fn run_pipelined(
     Ok((started.elapsed(), errors))
 }
 
+/// `load`: registers the ring machine, creates the instances, applies the
+/// events, then checks the end state of a sample.
 fn load(
     addr: SocketAddr,
     instances: u64,
@@ -362,6 +371,20 @@ fn load(
         )
         .map_err(|e| e.to_string())?;
     result(&r)?;
+    load_create(addr, instances, connections, pipeline, ctx_bytes)?;
+    load_apply(addr, instances, events, connections, pipeline)?;
+    load_check(&mut c, instances, events, check)
+}
+
+/// `load`'s first phase: creates instances `b-0 …`, each context with
+/// `ctx_bytes` of filler.
+fn load_create(
+    addr: SocketAddr,
+    instances: u64,
+    connections: u64,
+    pipeline: u64,
+    ctx_bytes: usize,
+) -> Result<(), String> {
     let filler = "f".repeat(ctx_bytes);
     let (t_create, errors) = run_pipelined(
         addr,
@@ -388,6 +411,17 @@ fn load(
         json!({"phase": "create", "requests": instances, "seconds": t_create.as_secs_f64(),
                "per_second": instances as f64 / t_create.as_secs_f64()})
     );
+    Ok(())
+}
+
+/// `load`'s second phase: applies `events` NEXTs round-robin over the instances.
+fn load_apply(
+    addr: SocketAddr,
+    instances: u64,
+    events: u64,
+    connections: u64,
+    pipeline: u64,
+) -> Result<(), String> {
     // Event k goes to instance k % N; round-robin keeps every connection's
     // requests to one instance in order (k and k + N share a connection
     // when N is a multiple of the connection count, or are N apart in
@@ -412,6 +446,12 @@ fn load(
         json!({"phase": "apply", "requests": events, "seconds": t_apply.as_secs_f64(),
                "per_second": events as f64 / t_apply.as_secs_f64()})
     );
+    Ok(())
+}
+
+/// `load`'s last phase: checks `check` instances (0 = all), evenly spread,
+/// against the state their share of the events leads to.
+fn load_check(c: &mut Conn, instances: u64, events: u64, check: u64) -> Result<(), String> {
     // Consistency: instance i received ceil((events - i) / N) events.
     let sample = if check == 0 {
         instances

@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,18 +129,9 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Runs the workload and returns the report.
 pub fn run(s: &Settings) -> Result<Value, String> {
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() % 1_000_000_000);
-    let prefix = format!("b{run_id}");
+    let prefix = run_prefix();
     let mut admin = Conn::connect(s.addr).map_err(|e| e.to_string())?;
-    let r = admin
-        .call(
-            "PUT_MACHINE",
-            &json!({"machine": "ring", "version": 1, "definition": ring_machine()}),
-        )
-        .map_err(|e| e.to_string())?;
-    result(&r)?;
+    put_ring_machine(&mut admin)?;
     let filler = "f".repeat(s.payload_bytes);
     let needs_instances = !matches!(s.workload, Workload::Create);
     let instances = if needs_instances {
@@ -147,7 +139,95 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     } else {
         0
     };
-    // Pre-create, pipelined on the admin connection.
+    pre_create(&mut admin, &prefix, instances)?;
+
+    let totals = Arc::new(Totals {
+        applied: (0..instances).map(|_| AtomicU64::new(0)).collect(),
+        uncertain: Mutex::new(Vec::new()),
+        measuring: AtomicBool::new(s.warmup.is_zero()),
+        acked_at: Mutex::new(std::collections::HashMap::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let budget = Arc::new(AtomicU64::new(s.requests.unwrap_or(u64::MAX)));
+
+    // Watchers first, so they see every event of the measured period.
+    let watched = Arc::new(AtomicU64::new(0));
+    let lag = Arc::new(Mutex::new(new_histogram()));
+    let watcher_threads = start_watchers(s, &stop, &watched, &lag, &totals)?;
+
+    let cpu_before = s.server_pid.and_then(cpu_seconds);
+    let streams = connect_streams(s)?;
+    let shared = Shared {
+        settings: s.clone(),
+        prefix: prefix.clone(),
+        filler,
+        totals: totals.clone(),
+        stop: stop.clone(),
+        budget: budget.clone(),
+    };
+    let handles = driver::start(s.client, &shared, streams);
+    let (period, merged) = measure(s, &totals, &stop, cpu_before, handles)?;
+    stop.store(true, Ordering::SeqCst);
+    end_watchers(s, &mut admin, &prefix, &totals, instances, watcher_threads);
+
+    let consistency = check_consistency(s, &mut admin, &prefix, &totals, instances)?;
+    Ok(build_report(
+        s,
+        &period,
+        &merged,
+        consistency,
+        &watched,
+        &lag,
+    ))
+}
+
+/// The connection threads of a run, each returning its connections' counts.
+type Handles = Vec<std::thread::JoinHandle<Vec<driver::ConnReport>>>;
+
+/// The merged counts of every connection of a run.
+struct Merged {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    transport: u64,
+}
+
+/// The measured period: its length, and the CPU times read at its ends.
+struct Period {
+    elapsed: Duration,
+    cpu_from: Option<f64>,
+    cpu_to: Option<f64>,
+    client_cpu_from: Option<f64>,
+    client_cpu_to: Option<f64>,
+}
+
+/// A latency histogram: 1 µs to 60 s, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+/// An instance id prefix unique to this run, so runs on one server do not collide.
+fn run_prefix() -> String {
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 1_000_000_000);
+    format!("b{run_id}")
+}
+
+/// Registers the ring machine every workload applies to.
+fn put_ring_machine(admin: &mut Conn) -> Result<(), String> {
+    let r = admin
+        .call(
+            "PUT_MACHINE",
+            &json!({"machine": "ring", "version": 1, "definition": ring_machine()}),
+        )
+        .map_err(|e| e.to_string())?;
+    result(&r)?;
+    Ok(())
+}
+
+/// Creates instances `{prefix}-0 …`, pipelined on the admin connection 256 at a time.
+fn pre_create(admin: &mut Conn, prefix: &str, instances: usize) -> Result<(), String> {
     let mut i = 0;
     while i < instances {
         let end = (i + 256).min(instances);
@@ -167,72 +247,84 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         }
         i = end;
     }
+    Ok(())
+}
 
-    let totals = Arc::new(Totals {
-        applied: (0..instances).map(|_| AtomicU64::new(0)).collect(),
-        uncertain: Mutex::new(Vec::new()),
-        measuring: AtomicBool::new(s.warmup.is_zero()),
-        acked_at: Mutex::new(std::collections::HashMap::new()),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let budget = Arc::new(AtomicU64::new(s.requests.unwrap_or(u64::MAX)));
-
-    // Watchers first, so they see every event of the measured period.
-    let watched = Arc::new(AtomicU64::new(0));
-    let lag = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-    ));
+/// Subscribes the `watch` workload's WATCH_ALL connections, each read by its own thread.
+fn start_watchers(
+    s: &Settings,
+    stop: &Arc<AtomicBool>,
+    watched: &Arc<AtomicU64>,
+    lag: &Arc<Mutex<Histogram<u64>>>,
+    totals: &Arc<Totals>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
     let mut watcher_threads = Vec::new();
-    if s.workload == Workload::Watch {
-        for _ in 0..s.watchers {
-            let (addr, stop, watched, lag, totals) = (
-                s.addr,
-                stop.clone(),
-                watched.clone(),
-                lag.clone(),
-                totals.clone(),
-            );
-            let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
-            let r = c
-                .call("WATCH_ALL", &json!({"include_ctx": false}))
-                .map_err(|e| e.to_string())?;
-            result(&r)?;
-            watcher_threads.push(std::thread::spawn(move || {
-                /// The fields of an event the bench reads.
-                #[derive(Deserialize)]
-                struct Event<'a> {
-                    #[serde(rename = "type", borrow)]
-                    kind: Cow<'a, str>,
-                    #[serde(default)]
-                    wal_offset: Option<u64>,
+    if s.workload != Workload::Watch {
+        return Ok(watcher_threads);
+    }
+    for _ in 0..s.watchers {
+        let (addr, stop, watched, lag, totals) = (
+            s.addr,
+            stop.clone(),
+            watched.clone(),
+            lag.clone(),
+            totals.clone(),
+        );
+        let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+        let r = c
+            .call("WATCH_ALL", &json!({"include_ctx": false}))
+            .map_err(|e| e.to_string())?;
+        result(&r)?;
+        watcher_threads.push(std::thread::spawn(move || {
+            watch_events(c, &stop, &watched, &lag, &totals);
+        }));
+    }
+    Ok(watcher_threads)
+}
+
+/// One watcher's loop: counts the events it reads while measuring, and
+/// their lag behind the acknowledgement of the apply that made them.
+fn watch_events(
+    mut c: Conn,
+    stop: &AtomicBool,
+    watched: &AtomicU64,
+    lag: &Mutex<Histogram<u64>>,
+    totals: &Totals,
+) {
+    /// The fields of an event the bench reads.
+    #[derive(Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        #[serde(default)]
+        wal_offset: Option<u64>,
+    }
+    let mut payload = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if c.read_raw(&mut payload).is_err() {
+            break;
+        }
+        let Ok(ev) = serde_json::from_slice::<Event<'_>>(&payload) else {
+            continue;
+        };
+        if ev.kind != "event" {
+            continue;
+        }
+        let now = Instant::now();
+        if totals.measuring.load(Ordering::Relaxed) {
+            watched.fetch_add(1, Ordering::Relaxed);
+            if let Some(off) = ev.wal_offset {
+                if let Some(t) = totals.acked_at.lock().unwrap().get(&off) {
+                    let us = now.saturating_duration_since(*t).as_micros() as u64;
+                    let _ = lag.lock().unwrap().record(us.max(1));
                 }
-                let mut payload = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if c.read_raw(&mut payload).is_err() {
-                        break;
-                    }
-                    let Ok(ev) = serde_json::from_slice::<Event<'_>>(&payload) else {
-                        continue;
-                    };
-                    if ev.kind != "event" {
-                        continue;
-                    }
-                    let now = Instant::now();
-                    if totals.measuring.load(Ordering::Relaxed) {
-                        watched.fetch_add(1, Ordering::Relaxed);
-                        if let Some(off) = ev.wal_offset {
-                            if let Some(t) = totals.acked_at.lock().unwrap().get(&off) {
-                                let us = now.saturating_duration_since(*t).as_micros() as u64;
-                                let _ = lag.lock().unwrap().record(us.max(1));
-                            }
-                        }
-                    }
-                }
-            }));
+            }
         }
     }
+}
 
-    let cpu_before = s.server_pid.and_then(cpu_seconds);
+/// Opens the measured connections (no Nagle delay, a 60 s read timeout).
+fn connect_streams(s: &Settings) -> Result<Vec<TcpStream>, String> {
     let mut streams = Vec::with_capacity(s.connections);
     for _ in 0..s.connections {
         let stream = TcpStream::connect(s.addr).map_err(|e| format!("connect: {e}"))?;
@@ -240,16 +332,18 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
         streams.push(stream);
     }
-    let shared = Shared {
-        settings: s.clone(),
-        prefix: prefix.clone(),
-        filler: filler.clone(),
-        totals: totals.clone(),
-        stop: stop.clone(),
-        budget: budget.clone(),
-    };
-    let handles = driver::start(s.client, &shared, streams);
-    // Warm-up, then the measured period.
+    Ok(streams)
+}
+
+/// Waits out the warm-up, then the measured period, which ends when every
+/// connection has reported (a `--requests` run ends with its budget).
+fn measure(
+    s: &Settings,
+    totals: &Totals,
+    stop: &AtomicBool,
+    cpu_before: Option<f64>,
+    handles: Handles,
+) -> Result<(Period, Merged), String> {
     if !s.warmup.is_zero() {
         std::thread::sleep(s.warmup);
         totals.measuring.store(true, Ordering::SeqCst);
@@ -261,27 +355,50 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         std::thread::sleep(s.duration);
         stop.store(true, Ordering::SeqCst);
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-    let mut ok = 0u64;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut transport = 0u64;
+    let merged = merge(handles)?;
+    let period = Period {
+        elapsed: measured_from.elapsed().max(Duration::from_micros(1)),
+        cpu_from,
+        cpu_to: s.server_pid.and_then(cpu_seconds),
+        client_cpu_from,
+        client_cpu_to: cpu_seconds(std::process::id()),
+    };
+    Ok((period, merged))
+}
+
+/// Joins the connection threads and adds up their reports.
+fn merge(handles: Handles) -> Result<Merged, String> {
+    let mut m = Merged {
+        hist: new_histogram(),
+        ok: 0,
+        errors: BTreeMap::new(),
+        transport: 0,
+    };
     for h in handles {
         let reports = h
             .join()
             .map_err(|_| "a connection thread panicked".to_string())?;
         for c in reports {
-            hist.add(&c.hist).expect("same bounds");
-            ok += c.ok;
+            m.hist.add(&c.hist).expect("same bounds");
+            m.ok += c.ok;
             for (code, n) in c.errors {
-                *errors.entry(code).or_default() += n;
+                *m.errors.entry(code).or_default() += n;
             }
-            transport += c.transport;
+            m.transport += c.transport;
         }
     }
-    let elapsed = measured_from.elapsed().max(Duration::from_micros(1));
-    let cpu_to = s.server_pid.and_then(cpu_seconds);
-    let client_cpu_to = cpu_seconds(std::process::id());
-    stop.store(true, Ordering::SeqCst);
+    Ok(m)
+}
+
+/// Ends the watcher threads (after `stop` is set).
+fn end_watchers(
+    s: &Settings,
+    admin: &mut Conn,
+    prefix: &str,
+    totals: &Totals,
+    instances: usize,
+    watcher_threads: Vec<std::thread::JoinHandle<()>>,
+) {
     // Wake watchers blocked in a read with one more event.
     if s.workload == Workload::Watch && instances > 0 {
         let _ = admin.call(
@@ -293,9 +410,18 @@ pub fn run(s: &Settings) -> Result<Value, String> {
     for t in watcher_threads {
         let _ = t.join();
     }
+}
 
-    // Consistency: every instance's state equals its acknowledged applies
-    // modulo 4 (instances with an unanswered apply are skipped).
+/// Consistency: every instance's state equals its acknowledged applies
+/// modulo 4 (instances with an unanswered apply are skipped); returns
+/// (checked, wrong).
+fn check_consistency(
+    s: &Settings,
+    admin: &mut Conn,
+    prefix: &str,
+    totals: &Totals,
+    instances: usize,
+) -> Result<(u64, u64), String> {
     let mut checked = 0u64;
     let mut wrong = 0u64;
     if s.check
@@ -322,15 +448,30 @@ pub fn run(s: &Settings) -> Result<Value, String> {
             }
         }
     }
+    Ok((checked, wrong))
+}
 
-    let h = &hist;
-    let q = |p: f64| {
-        if h.is_empty() {
-            0
-        } else {
-            h.value_at_quantile(p)
-        }
-    };
+/// The value at quantile `p`, or 0 for an empty histogram.
+fn quantile(h: &Histogram<u64>, p: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(p)
+    }
+}
+
+/// The run's report: throughput, latency, errors, consistency, CPU time
+/// (the server's and the load generator's own) and the watchers' figures.
+fn build_report(
+    s: &Settings,
+    period: &Period,
+    merged: &Merged,
+    (checked, wrong): (u64, u64),
+    watched: &AtomicU64,
+    lag: &Mutex<Histogram<u64>>,
+) -> Value {
+    let (h, ok, elapsed) = (&merged.hist, merged.ok, period.elapsed);
+    let q = |p: f64| quantile(h, p);
     let mut report = json!({
         "workload": format!("{:?}", s.workload).to_lowercase(),
         "connections": s.connections,
@@ -339,31 +480,25 @@ pub fn run(s: &Settings) -> Result<Value, String> {
         "ok": ok,
         "ops_per_sec": ok as f64 / elapsed.as_secs_f64(),
         "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": h.max()},
-        "errors": errors,
-        "transport_errors": transport,
+        "errors": merged.errors,
+        "transport_errors": merged.transport,
         "consistency": {"checked": checked, "wrong": wrong},
     });
-    if let (Some(a), Some(b)) = (cpu_from, cpu_to) {
+    if let (Some(a), Some(b)) = (period.cpu_from, period.cpu_to) {
         report["server_cpu_seconds"] = json!(b - a);
         report["server_cpu_percent"] = json!(100.0 * (b - a) / elapsed.as_secs_f64());
         report["server_cpu_us_per_op"] = json!(1e6 * (b - a) / ok.max(1) as f64);
     }
     // The load generator's own CPU over the measured period (all its
     // threads), to show it was not the bottleneck.
-    if let (Some(a), Some(b)) = (client_cpu_from, client_cpu_to) {
+    if let (Some(a), Some(b)) = (period.client_cpu_from, period.client_cpu_to) {
         report["client_cpu_seconds"] = json!(b - a);
         report["client_cpu_us_per_op"] = json!(1e6 * (b - a) / ok.max(1) as f64);
     }
     report["client"] = json!(format!("{:?}", s.client).to_lowercase());
     if s.workload == Workload::Watch {
         let l = lag.lock().unwrap();
-        let ql = |p: f64| {
-            if l.is_empty() {
-                0
-            } else {
-                l.value_at_quantile(p)
-            }
-        };
+        let ql = |p: f64| quantile(&l, p);
         report["watch"] = json!({
             "watchers": s.watchers,
             "events_delivered": watched.load(Ordering::Relaxed),
@@ -371,7 +506,7 @@ pub fn run(s: &Settings) -> Result<Value, String> {
             "lag_us": {"p50": ql(0.5), "p99": ql(0.99), "max": l.max()},
         });
     }
-    Ok(report)
+    report
 }
 
 /// Appends the params of the k-th request of connection `conn` as JSON
@@ -387,79 +522,108 @@ pub fn request(
     k: u64,
     rng: &mut u64,
 ) -> (&'static str, Option<u32>) {
-    use std::io::Write as _;
-    let instances = s.instances.max(1) as u64;
-    let pick = |rng: &mut u64, k: u64| -> u32 {
-        if s.random {
-            (next_rand(rng) % instances) as u32
-        } else {
-            ((k * s.connections as u64 + conn as u64) % instances) as u32
-        }
-    };
-    let payload = |out: &mut Vec<u8>, n: u64| {
-        if filler.is_empty() {
-            let _ = write!(out, r#"{{"n":{n}}}"#);
-        } else {
-            let _ = write!(out, r#"{{"n":{n},"filler":"{filler}"}}"#);
-        }
-    };
-    let apply = |out: &mut Vec<u8>, i: u32, n: u64| {
-        let _ = write!(
-            out,
-            r#"{{"instance_id":"{prefix}-{i}","event":"NEXT","payload":"#
-        );
-        payload(out, n);
-        out.push(b'}');
-    };
-    let get = |out: &mut Vec<u8>, i: u32| {
-        let _ = write!(out, r#"{{"instance_id":"{prefix}-{i}"}}"#);
-    };
     match s.workload {
         Workload::Apply | Workload::Watch => {
-            let i = pick(rng, k);
-            apply(out, i, k);
+            let i = pick(s, conn, rng, k);
+            write_apply(out, prefix, filler, i, k);
             ("APPLY_EVENT", Some(i))
         }
         Workload::Get => {
-            get(out, pick(rng, k));
+            write_get(out, prefix, pick(s, conn, rng, k));
             ("GET_INSTANCE", None)
         }
         Workload::Mixed => {
-            let i = pick(rng, k);
-            // Deterministic interleaving with the requested share of GETs.
-            let is_get =
-                ((k as f64 + 1.0) * s.get_ratio).floor() > (k as f64 * s.get_ratio).floor();
-            if is_get {
-                get(out, i);
+            let i = pick(s, conn, rng, k);
+            if is_get(k, s.get_ratio) {
+                write_get(out, prefix, i);
                 ("GET_INSTANCE", None)
             } else {
-                apply(out, i, k);
+                write_apply(out, prefix, filler, i, k);
                 ("APPLY_EVENT", Some(i))
             }
         }
         Workload::Create => {
-            let _ = write!(
-                out,
-                r#"{{"instance_id":"{prefix}-c{conn}-{k}","machine":"ring","version":1,"initial_ctx":"#
-            );
-            payload(out, 0);
-            out.push(b'}');
+            write_create(out, prefix, filler, conn, k);
             ("CREATE_INSTANCE", None)
         }
         Workload::Batch => {
-            let a = pick(rng, k);
-            let mut b = (next_rand(rng) % s.instances.max(1) as u64) as u32;
-            if b == a {
-                b = (b + 1) % s.instances.max(1) as u32;
-            }
-            out.extend_from_slice(br#"{"mode":"atomic","ops":[{"op":"APPLY_EVENT","params":"#);
-            apply(out, a, k);
-            out.extend_from_slice(br#"},{"op":"APPLY_EVENT","params":"#);
-            apply(out, b, k);
-            out.extend_from_slice(b"}]}");
+            let a = pick(s, conn, rng, k);
+            write_batch(out, s, prefix, filler, a, k, rng);
             ("BATCH", None)
         }
     }
+}
+
+/// The instance of the k-th request: random, or round-robin over the connections.
+fn pick(s: &Settings, conn: usize, rng: &mut u64, k: u64) -> u32 {
+    let instances = s.instances.max(1) as u64;
+    if s.random {
+        (next_rand(rng) % instances) as u32
+    } else {
+        ((k * s.connections as u64 + conn as u64) % instances) as u32
+    }
+}
+
+/// Whether the k-th `mixed` request is a GET: a deterministic interleaving
+/// with the requested share of GETs.
+fn is_get(k: u64, get_ratio: f64) -> bool {
+    ((k as f64 + 1.0) * get_ratio).floor() > (k as f64 * get_ratio).floor()
+}
+
+/// Appends an apply's or a create's payload `{"n": n}`, with the filler if any.
+fn write_payload(out: &mut Vec<u8>, filler: &str, n: u64) {
+    if filler.is_empty() {
+        let _ = write!(out, r#"{{"n":{n}}}"#);
+    } else {
+        let _ = write!(out, r#"{{"n":{n},"filler":"{filler}"}}"#);
+    }
+}
+
+/// Appends APPLY_EVENT params: NEXT on instance `i`.
+fn write_apply(out: &mut Vec<u8>, prefix: &str, filler: &str, i: u32, n: u64) {
+    let _ = write!(
+        out,
+        r#"{{"instance_id":"{prefix}-{i}","event":"NEXT","payload":"#
+    );
+    write_payload(out, filler, n);
+    out.push(b'}');
+}
+
+/// Appends GET_INSTANCE params for instance `i`.
+fn write_get(out: &mut Vec<u8>, prefix: &str, i: u32) {
+    let _ = write!(out, r#"{{"instance_id":"{prefix}-{i}"}}"#);
+}
+
+/// Appends CREATE_INSTANCE params: a new instance per (connection, k).
+fn write_create(out: &mut Vec<u8>, prefix: &str, filler: &str, conn: usize, k: u64) {
+    let _ = write!(
+        out,
+        r#"{{"instance_id":"{prefix}-c{conn}-{k}","machine":"ring","version":1,"initial_ctx":"#
+    );
+    write_payload(out, filler, 0);
+    out.push(b'}');
+}
+
+/// Appends atomic BATCH params: applies on instance `a` and on a second,
+/// random instance other than `a`.
+fn write_batch(
+    out: &mut Vec<u8>,
+    s: &Settings,
+    prefix: &str,
+    filler: &str,
+    a: u32,
+    k: u64,
+    rng: &mut u64,
+) {
+    let mut b = (next_rand(rng) % s.instances.max(1) as u64) as u32;
+    if b == a {
+        b = (b + 1) % s.instances.max(1) as u32;
+    }
+    out.extend_from_slice(br#"{"mode":"atomic","ops":[{"op":"APPLY_EVENT","params":"#);
+    write_apply(out, prefix, filler, a, k);
+    out.extend_from_slice(br#"},{"op":"APPLY_EVENT","params":"#);
+    write_apply(out, prefix, filler, b, k);
+    out.extend_from_slice(b"}]}");
 }
 
 #[cfg(test)]
