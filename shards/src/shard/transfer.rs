@@ -1,5 +1,5 @@
 //! Snapshot transfer in cluster mode: how a follower that is behind the
-//! leader's compacted log (or a node with an empty disk) catches up.
+//! leader's compacted log catches up.
 //!
 //! **Leader.** When raft asks for a snapshot that is not prepared, the
 //! shard notes where its engine stands in the group's log (applied index,
