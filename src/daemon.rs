@@ -239,15 +239,10 @@ struct FrontendPart {
     /// Cluster mode, frontend 0: the peer transport (it hands Raft
     /// messages to shard 0 through a sender that does not keep it alive).
     peers: Option<(crate::cluster::PeerPart, flume::WeakSender<ShardMsg>)>,
-    bind: std::net::SocketAddr,
+    /// Its hub's end of the shards' event channel.
     hub_rx: flume::Receiver<shard::HubMsg>,
-    router: router::Router,
-    fcfg: server::FrontendConfig,
-    seq: Sequencer,
-    watching: Arc<std::sync::atomic::AtomicBool>,
-    shared: Arc<subscriptions::Shared>,
-    compactor: Arc<compaction::Compactor>,
-    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// What every frontend gets alike.
+    common: FrontendCommon,
     /// Fires (or closes) once every shard is ready: listen only then.
     go: flume::Receiver<()>,
     shutdown: flume::Receiver<()>,
@@ -350,7 +345,6 @@ impl Wiring {
         let forward = cluster.as_ref().map(|c| c.forward.clone());
         let fcfg = frontend_config(cfg, security, shards, view, forward)?;
         let common = FrontendCommon {
-            peers,
             bind: cfg.network.bind_addr,
             router,
             fcfg,
@@ -360,7 +354,7 @@ impl Wiring {
             compactor,
             active,
         };
-        let (frontend_parts, handshake) = frontend_parts(sinks.hub_rxs, common, frontends);
+        let (frontend_parts, handshake) = frontend_parts(sinks.hub_rxs, peers, common, frontends);
         let start = Start {
             shards,
             frontends,
@@ -479,9 +473,9 @@ fn serve_metrics(
     Ok(())
 }
 
-/// What every frontend gets alike (frontend 0 alone the peer transport).
+/// What every frontend gets alike.
+#[derive(Clone)]
 struct FrontendCommon {
-    peers: Option<(crate::cluster::PeerPart, flume::WeakSender<ShardMsg>)>,
     bind: std::net::SocketAddr,
     router: router::Router,
     fcfg: server::FrontendConfig,
@@ -503,20 +497,10 @@ struct Handshake {
 /// of the channels that release, stop and hear from them.
 fn frontend_parts(
     hub_rxs: Vec<flume::Receiver<shard::HubMsg>>,
+    mut peers: Option<(crate::cluster::PeerPart, flume::WeakSender<ShardMsg>)>,
     common: FrontendCommon,
     frontends: usize,
 ) -> (Vec<FrontendPart>, Handshake) {
-    let FrontendCommon {
-        mut peers,
-        bind,
-        router,
-        fcfg,
-        seq,
-        watching,
-        shared,
-        compactor,
-        active,
-    } = common;
     let (go_tx, go) = flume::bounded::<()>(frontends);
     let (shutdown_tx, shutdown) = flume::bounded::<()>(1);
     let (frontend_ready_tx, frontend_ready) = std::sync::mpsc::channel();
@@ -526,15 +510,8 @@ fn frontend_parts(
         .map(|(index, hub_rx)| FrontendPart {
             index,
             peers: peers.take(),
-            bind,
             hub_rx,
-            router: router.clone(),
-            fcfg: fcfg.clone(),
-            seq: seq.clone(),
-            watching: watching.clone(),
-            shared: shared.clone(),
-            compactor: compactor.clone(),
-            active: active.clone(),
+            common: common.clone(),
             go: go.clone(),
             shutdown: shutdown.clone(),
             ready: frontend_ready_tx.clone(),
@@ -718,12 +695,12 @@ async fn run_frontend(f: FrontendPart) {
     if f.go.recv_async().await.is_err() {
         return; // start-up failed elsewhere
     }
-    let listener = match listen::listener(f.bind) {
+    let listener = match listen::listener(f.common.bind) {
         Ok(l) => l,
         Err(e) => {
             let _ = f
                 .ready
-                .send(Err(format!("cannot listen on {}: {e}", f.bind)));
+                .send(Err(format!("cannot listen on {}: {e}", f.common.bind)));
             return;
         }
     };
@@ -735,15 +712,17 @@ async fn run_frontend(f: FrontendPart) {
             return;
         }
     }
-    let _ = f.ready.send(Ok(listener.local_addr().unwrap_or(f.bind)));
+    let _ = f
+        .ready
+        .send(Ok(listener.local_addr().unwrap_or(f.common.bind)));
     drop(f.ready);
-    let hub = subscriptions::Hub::new(f.seq, f.watching, f.shared);
+    let hub = subscriptions::Hub::new(f.common.seq, f.common.watching, f.common.shared);
     let hub = std::rc::Rc::new(std::cell::RefCell::new(hub));
     glommio::spawn_local(subscriptions::run_hub(hub.clone(), f.hub_rx)).detach();
     let (auto_stop_tx, auto_stop_rx) = flume::bounded::<()>(1);
     let auto = (f.index == 0).then(|| {
-        let ticks = f.fcfg.ticker.every(compaction::AUTO_CHECK_EVERY);
-        glommio::spawn_local(f.compactor.clone().run_auto(auto_stop_rx, ticks))
+        let ticks = f.common.fcfg.ticker.every(compaction::AUTO_CHECK_EVERY);
+        glommio::spawn_local(f.common.compactor.clone().run_auto(auto_stop_rx, ticks))
     });
     let inbound = server::Inbound {
         clients: listener,
@@ -751,12 +730,12 @@ async fn run_frontend(f: FrontendPart) {
     };
     server::serve(
         inbound,
-        f.router,
+        f.common.router,
         hub,
-        f.compactor,
-        f.fcfg,
+        f.common.compactor,
+        f.common.fcfg,
         f.shutdown,
-        f.active,
+        f.common.active,
     )
     .await;
     // Then nothing of ours holds the shards' channels, and they stop.
