@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{data_dir, free_port, Client, Opts, Server};
+use common::{data_dir, dev_certs, free_port, Client, Opts, Server};
 use rstmdb_shards::lincheck::{check, Call, InstanceModel, InstanceOp, InstanceRet};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -977,19 +977,6 @@ fn stale_follower_reads_answer_without_a_leader() {
     assert_eq!(r["error"]["retryable"], true, "{r}");
 }
 
-/// Development certificates (a CA, and a server certificate for
-/// 127.0.0.1) made by the server's own `--gen-dev-certs`.
-fn dev_certs(name: &str) -> tempfile::TempDir {
-    let dir = data_dir(name);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rstmdb"))
-        .arg("--gen-dev-certs")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    dir
-}
-
 /// The `tls:` and `replication:` keys for peer TLS with `certs`.
 fn peer_tls_yaml(certs: &std::path::Path) -> String {
     let p = |f: &str| certs.join(f).display().to_string();
@@ -1288,11 +1275,19 @@ fn leadership_is_handed_over_on_request_and_before_a_graceful_stop() {
         json!({"protocol_version": 1, "features": ["cluster", "batch"]}),
     );
     assert_eq!(hello["features"], json!(["batch", "cluster"]));
-    // A node that is not a voter is refused, clearly.
-    let (code, message) = c.nodes[via]
+    // A node that is not a voter, or a malformed target, is refused clearly.
+    for bad in [json!({"to": 9}), json!({"to": "two"}), json!({"node": 2})] {
+        let (code, message) = c.nodes[via].client().err("CLUSTER_TRANSFER_LEADER", bad);
+        assert_eq!(code, "BAD_REQUEST", "{message}");
+    }
+    // A standalone server has no leadership to hand over.
+    let dir = data_dir("cluster-transfer-standalone");
+    let standalone = Server::start(dir.path(), Opts::default());
+    let (code, message) = standalone
         .client()
-        .err("CLUSTER_TRANSFER_LEADER", json!({"to": 9}));
+        .err("CLUSTER_TRANSFER_LEADER", json!({}));
     assert_eq!(code, "BAD_REQUEST", "{message}");
+    assert!(message.contains("not a cluster node"), "{message}");
     // A graceful stop of the leader hands it over first: once the process
     // has exited, the others already follow a new leader (without the
     // handover they would name the old one until an election timeout).

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{cli_path, CliOut as Out, Client, Opts, Server};
+use common::{cli_path, dev_certs, CliOut as Out, Client, Opts, Server};
 use serde_json::json;
 
 /// Runs `rstmdb-cli -s <server> ARGS` with `env` set (and `RSTMDB_TOKEN`
@@ -58,18 +58,6 @@ fn expect_fail(server: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
         o.stdout, o.stderr
     );
     o.stderr
-}
-
-/// A fresh development PKI from `rstmdb --gen-dev-certs`.
-fn dev_certs(name: &str) -> tempfile::TempDir {
-    let dir = common::data_dir(name);
-    let out = Command::new(env!("CARGO_BIN_EXE_rstmdb"))
-        .arg("--gen-dev-certs")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    dir
 }
 
 fn path(dir: &Path, file: &str) -> String {

@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// A fresh development PKI (a CA, a server certificate for 127.0.0.1 and
+/// localhost, a client certificate) from the server's own `--gen-dev-certs`.
+pub fn dev_certs(name: &str) -> tempfile::TempDir {
+    let dir = data_dir(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_rstmdb"))
+        .arg("--gen-dev-certs")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    dir
+}
+
 /// A data directory on a real disk (target/tmp), never tmpfs: O_DIRECT must
 /// really be exercised.
 pub fn data_dir(name: &str) -> tempfile::TempDir {
