@@ -173,3 +173,40 @@ fn group_commit_syncs_far_fewer_times_than_it_writes() {
         "64 records took {fsyncs} fdatasyncs: group commit is not grouping"
     );
 }
+
+/// A WAL that has lost its first segment, with no snapshot to start from,
+/// is refused: replaying what is left would build a state with a hole in
+/// its history (what a cluster replica's restarted WAL looks like without
+/// its snapshot, or a hand-deleted segment).
+#[test]
+fn a_wal_without_its_beginning_and_no_snapshot_refuses_to_start() {
+    let dir = common::data_dir("headless");
+    let opts = Opts {
+        segment_mb: 1,
+        ..one_shard()
+    };
+    let mut server = Server::start(dir.path(), opts.clone());
+    common::setup_orders(&server, 1);
+    let filler = "x".repeat(8 * 1024);
+    let mut c = server.client();
+    for _ in 0..300 {
+        c.ok(
+            "APPLY_EVENT",
+            json!({"instance_id": "i0", "event": "TICK", "payload": {"filler": filler}}),
+        );
+    }
+    server.stop();
+    let wal = dir.path().join("shard-000").join("wal");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 3, "the log spans segments: {segs:?}");
+    std::fs::remove_file(&segs[0]).unwrap();
+    let mut s = Server::spawn(dir.path(), opts);
+    let (code, log) = s.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("starts at segment 2, not 1"), "{log}");
+}

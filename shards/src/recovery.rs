@@ -31,6 +31,17 @@ pub enum RecoveryError {
         /// What was tried and why it failed.
         tried: String,
     },
+    /// The WAL lost its first segments and no snapshot covers them.
+    #[error(
+        "the WAL in {dir} starts at segment {segment}, not 1, and no intact snapshot is left to \
+         start from: its beginning is gone; refusing to start with missing data"
+    )]
+    MissingBeginning {
+        /// The oldest segment left.
+        segment: u64,
+        /// The WAL directory.
+        dir: PathBuf,
+    },
     /// The snapshot directory could not be listed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
@@ -198,13 +209,19 @@ fn below_floor(path: &Path, start: u64, wal_floor: u64) -> String {
 /// A WAL whose first segment is not the log's first lost its beginning
 /// (compaction, or a cluster replica restarted above a leader's snapshot):
 /// without a snapshot, replaying what is left would build a state with a
-/// hole in its history.
-fn refuse_headless_wal(wal: &Recovered, snapshot_dir: &Path) -> Result<(), RecoveryError> {
-    match wal.segments.first() {
-        Some(&first) if first != 1 => Err(RecoveryError::NoUsableSnapshot {
-            floor: wal.first_offsets.first().copied().unwrap_or(0).max(2),
-            dir: snapshot_dir.to_path_buf(),
-            tried: format!(" (the WAL starts at segment {first}, not 1)"),
+/// hole in its history. Checked before anything is replayed.
+fn refuse_headless_wal<S: Storage>(
+    storage: &S,
+    opts: &RecoveryOptions,
+) -> Result<(), RecoveryError> {
+    if !storage.exists(&opts.dir) {
+        return Ok(()); // a new log
+    }
+    let segments = rstmdb_wal::segment::list_on(storage, &opts.dir, false)?;
+    match segments.first() {
+        Some(&first) if first != 1 => Err(RecoveryError::MissingBeginning {
+            segment: first,
+            dir: opts.dir.clone(),
         }),
         _ => Ok(()),
     }
@@ -236,6 +253,9 @@ fn replay_after<S: Storage>(
         }
         None => (Engine::new(limits), None, 0),
     };
+    if start.is_none() {
+        refuse_headless_wal(storage, opts)?;
+    }
     let below = start.unwrap_or(0);
     let wal = recover_on(storage, opts, |r| {
         if r.offset < below {
@@ -253,9 +273,6 @@ fn replay_after<S: Storage>(
         }
         engine.replay(r.offset, entry)
     })?;
-    if start.is_none() {
-        refuse_headless_wal(&wal, snapshot_dir)?;
-    }
     Ok(RecoveredShard {
         engine,
         wal,
